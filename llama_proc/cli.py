@@ -1,0 +1,73 @@
+"""The ``llama-proc`` command line.
+
+Each command lives in a module of :mod:`llama_proc._cli` exposing ``register(subparsers)``;
+those modules import only :mod:`argparse` at load time so ``llama-proc --help`` stays fast.
+Every :class:`~llama_proc.errors.LlamaProcError` becomes one line on stderr and exit code 1;
+usage errors exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from llama_proc._cli import COMMAND_MODULES
+from llama_proc._version import __version__
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand registered."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="llama-proc",
+        description=(
+            "Get a verified llama.cpp llama-server for this host (prebuilt download or source "
+            "build) and run it."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"llama-proc {__version__}")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only print results and errors (no progress)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of llama-proc's log messages on stderr (default: WARNING)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"llama_proc._cli.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code."""
+    from llama_proc.errors import LlamaProcError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="llama-proc: %(levelname)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args))
+    except LlamaProcError as err:
+        text = str(err)
+        print(f"llama-proc: error: {text}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("llama-proc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,278 @@
+"""Provisioning settings, resolved at call time from an injectable environment.
+
+Precedence, highest first: explicit keyword arguments / CLI flags, PEP 517 ``config_settings``
+(``llama-proc.<name>``, build backend only), ``LLAMA_PROC_*`` environment variables, defaults.
+
+=============================  ==========================================================
+Environment variable           Meaning
+=============================  ==========================================================
+LLAMA_PROC_CACHE_DIR           root of the per-user cache (default: platformdirs cache)
+LLAMA_PROC_VARIANT             auto, cpu, cuda, metal, vulkan, rpc (default: auto)
+LLAMA_PROC_BUILD               llama.cpp build tag to use instead of the pinned one (bNNNN)
+LLAMA_PROC_PREFER              prebuilt or source: which provisioning path is tried first
+LLAMA_PROC_NO_BUILD            1 = never compile from source (fail if no prebuilt fits)
+LLAMA_PROC_NO_PREBUILT         1 = never download a prebuilt archive (compile instead)
+LLAMA_PROC_SERVER_BIN          use this llama-server and skip provisioning entirely
+LLAMA_PROC_OFFLINE             1 = never touch the network; use only what is cached
+LLAMA_PROC_MIRROR              base URL that mirrors GitHub release listings and assets
+LLAMA_PROC_INDEX_URL           package index (PEP 691 JSON) for source sdists and models
+LLAMA_PROC_BUILD_SOURCE        llama.cpp source for builds: a folder, an archive URL, "release"
+                               (pinned source archive) or "index" (package-index sdist)
+LLAMA_PROC_CUDA_ARCH           CMAKE_CUDA_ARCHITECTURES for CUDA builds (default: native)
+LLAMA_PROC_JOBS                parallel compile jobs (default: CPU count)
+LLAMA_PROC_DOWNLOAD_TIMEOUT    seconds for connect/read on each HTTP request (default 60)
+LLAMA_PROC_LOCK_TIMEOUT        seconds to wait for another process's install (default 3600)
+LLAMA_PROC_PROGRESS            1 / 0 to force progress bars on / off (default: on a TTY)
+LLAMA_PROC_GITHUB_TOKEN        token sent to the GitHub API to lift anonymous rate limits
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from llama_proc.errors import ConfigError
+
+__all__ = [
+    "BACKENDS",
+    "ENV_PREFIX",
+    "Settings",
+    "default_cache_dir",
+    "parse_bool",
+]
+
+ENV_PREFIX: Final = "LLAMA_PROC_"
+CONFIG_SETTINGS_PREFIX: Final = "llama-proc."
+BACKENDS: Final = ("cpu", "cuda", "metal", "vulkan", "rpc")
+_VARIANT_CHOICES: Final = ("auto", *BACKENDS)
+_PREFER_CHOICES: Final = ("prebuilt", "source")
+_TRUTHY: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSY: Final = frozenset({"", "0", "false", "f", "no", "n", "off"})
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """Parse a boolean setting the same way everywhere.
+
+    Raises:
+        ConfigError: the value is neither truthy nor falsy.
+    """
+    text = value.strip().lower()
+    if text in _TRUTHY:
+        return True
+    if text in _FALSY:
+        return False
+    msg = f"{name}={value!r} is not a boolean; use 1/0, true/false, yes/no or on/off"
+    raise ConfigError(msg)
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache root when ``LLAMA_PROC_CACHE_DIR`` is not set."""
+    from platformdirs import user_cache_path
+
+    return user_cache_path("llama-proc", appauthor=False)
+
+
+def _meta(env: str, parse: str) -> dict[str, str]:
+    return {"env": env, "parse": parse}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Where and how llama-proc provisions llama-server. Build one with :meth:`from_env`."""
+
+    cache_dir: Path = field(metadata=_meta("CACHE_DIR", "path"))
+    """Root of the per-user cache. Env: LLAMA_PROC_CACHE_DIR."""
+    variant: str = field(default="auto", metadata=_meta("VARIANT", "variant"))
+    """Backend variant: auto, cpu, cuda, metal, vulkan or rpc. Env: LLAMA_PROC_VARIANT."""
+    build: str | None = field(default=None, metadata=_meta("BUILD", "build"))
+    """llama.cpp build tag (``bNNNN``); None = the manifest's pinned build. Env: LLAMA_PROC_BUILD."""
+    prefer: Literal["prebuilt", "source"] = field(
+        default="prebuilt", metadata=_meta("PREFER", "prefer")
+    )
+    """Which provisioning path is tried first. Env: LLAMA_PROC_PREFER."""
+    no_build: bool = field(default=False, metadata=_meta("NO_BUILD", "bool"))
+    """Never compile from source. Env: LLAMA_PROC_NO_BUILD."""
+    no_prebuilt: bool = field(default=False, metadata=_meta("NO_PREBUILT", "bool"))
+    """Never download a prebuilt archive. Env: LLAMA_PROC_NO_PREBUILT."""
+    server_binary: Path | None = field(default=None, metadata=_meta("SERVER_BIN", "path"))
+    """Use this llama-server and skip provisioning. Env: LLAMA_PROC_SERVER_BIN."""
+    offline: bool = field(default=False, metadata=_meta("OFFLINE", "bool"))
+    """Never touch the network; fail if nothing usable is cached. Env: LLAMA_PROC_OFFLINE."""
+    mirror: str | None = field(default=None, metadata=_meta("MIRROR", "url"))
+    """Base URL mirroring GitHub's release API and downloads. Env: LLAMA_PROC_MIRROR."""
+    index_url: str = field(default="https://pypi.org/simple", metadata=_meta("INDEX_URL", "url"))
+    """Package index (PEP 691 JSON) for source sdists and models. Env: LLAMA_PROC_INDEX_URL."""
+    build_source: str | None = field(default=None, metadata=_meta("BUILD_SOURCE", "str"))
+    """llama.cpp source: folder, archive URL, "release" or "index". Env: LLAMA_PROC_BUILD_SOURCE."""
+    cuda_arch: str | None = field(default=None, metadata=_meta("CUDA_ARCH", "str"))
+    """CMAKE_CUDA_ARCHITECTURES for CUDA builds; None = native. Env: LLAMA_PROC_CUDA_ARCH."""
+    jobs: int | None = field(default=None, metadata=_meta("JOBS", "int"))
+    """Parallel compile jobs; None = CPU count. Env: LLAMA_PROC_JOBS."""
+    download_timeout: float = field(default=60.0, metadata=_meta("DOWNLOAD_TIMEOUT", "float"))
+    """Connect/read timeout in seconds for each HTTP request. Env: LLAMA_PROC_DOWNLOAD_TIMEOUT."""
+    lock_timeout: float = field(default=3600.0, metadata=_meta("LOCK_TIMEOUT", "float"))
+    """Seconds to wait for another process's install. Env: LLAMA_PROC_LOCK_TIMEOUT."""
+    progress: bool | None = field(default=None, metadata=_meta("PROGRESS", "bool"))
+    """Force progress bars on/off; None = only on a TTY. Env: LLAMA_PROC_PROGRESS."""
+    github_token: str | None = field(
+        default=None, repr=False, metadata=_meta("GITHUB_TOKEN", "str")
+    )
+    """Token for the GitHub API (rate limits). Env: LLAMA_PROC_GITHUB_TOKEN."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in _VARIANT_CHOICES:
+            msg = f"unknown variant {self.variant!r}; choose one of {', '.join(_VARIANT_CHOICES)}"
+            raise ConfigError(msg)
+        if self.prefer not in _PREFER_CHOICES:
+            msg = f"prefer={self.prefer!r} is invalid; choose prebuilt or source"
+            raise ConfigError(msg)
+        if self.no_build and self.no_prebuilt:
+            msg = "no_build and no_prebuilt together leave no way to provision llama-server"
+            raise ConfigError(msg)
+        if self.jobs is not None and self.jobs < 1:
+            msg = f"jobs={self.jobs} must be at least 1"
+            raise ConfigError(msg)
+        for name in ("download_timeout", "lock_timeout"):
+            if getattr(self, name) <= 0:
+                msg = f"{name} must be a positive number of seconds"
+                raise ConfigError(msg)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``LLAMA_PROC_*`` variables; keyword overrides win.
+
+        Args:
+            env: the environment to read; ``os.environ`` when None.
+            **overrides: field values that take precedence (None values are ignored).
+
+        Raises:
+            ConfigError: a variable or override has an invalid value.
+        """
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = ENV_PREFIX + f.metadata["env"]
+            raw = source.get(var)
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(var, f.metadata["parse"], raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            msg = f"unknown setting(s): {', '.join(sorted(unknown))}"
+            raise ConfigError(msg)
+        if values.get("cache_dir") is None:
+            values["cache_dir"] = default_cache_dir()
+        values["cache_dir"] = Path(values["cache_dir"]).expanduser()
+        if values.get("server_binary") is not None:
+            values["server_binary"] = Path(values["server_binary"]).expanduser()
+        return cls(**values)
+
+    @classmethod
+    def from_config_settings(
+        cls,
+        config_settings: Mapping[str, str | list[str]] | None,
+        env: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Build-backend entry: ``llama-proc.*`` keys from PEP 517 config_settings over env.
+
+        Keys use the CLI spelling (``llama-proc.variant``, ``llama-proc.cuda-arch``,
+        ``llama-proc.mirror``...). ``llama-proc.source`` (prebuilt|build|none|auto) is a
+        backend-only key and is read by the backend itself, not here.
+
+        Raises:
+            ConfigError: an unknown ``llama-proc.*`` key or an invalid value.
+        """
+        by_key = {f.metadata["env"].lower().replace("_", "-"): f for f in dataclasses.fields(cls)}
+        overrides: dict[str, Any] = {}
+        for key, raw in (config_settings or {}).items():
+            if not key.startswith(CONFIG_SETTINGS_PREFIX):
+                continue
+            name = key[len(CONFIG_SETTINGS_PREFIX) :]
+            if name in BACKEND_ONLY_KEYS:
+                continue
+            f = by_key.get(name)
+            if f is None:
+                known = ", ".join(sorted([*by_key, *BACKEND_ONLY_KEYS]))
+                msg = f"unknown config setting {key!r}; known: {known}"
+                raise ConfigError(msg)
+            value = raw[-1] if isinstance(raw, list) else raw
+            overrides[f.name] = _parse(key, f.metadata["parse"], value)
+        return cls.from_env(env, **overrides)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+BACKEND_ONLY_KEYS: Final = frozenset({"source"})
+
+
+def _parse_variant(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _VARIANT_CHOICES:
+        msg = f"{name}={raw!r} is not a variant; choose one of {', '.join(_VARIANT_CHOICES)}"
+        raise ConfigError(msg)
+    return value
+
+
+def _parse_prefer(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in _PREFER_CHOICES:
+        msg = f"{name}={raw!r} is invalid; choose prebuilt or source"
+        raise ConfigError(msg)
+    return value
+
+
+def _parse_build(name: str, raw: str) -> str:
+    value = raw.strip()
+    digits = value[1:] if value.startswith("b") else value
+    if not digits.isdigit():
+        msg = f"{name}={raw!r} is not a llama.cpp build tag; use the form b1234"
+        raise ConfigError(msg)
+    return f"b{int(digits)}"
+
+
+def _parse_int(name: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        msg = f"{name}={raw!r} is not an integer"
+        raise ConfigError(msg) from None
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        msg = f"{name}={raw!r} is not a number of seconds"
+        raise ConfigError(msg) from None
+
+
+def _parse_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not value.startswith(("http://", "https://", "file://")):
+        msg = f"{name}={raw!r} is not an http(s):// or file:// URL"
+        raise ConfigError(msg)
+    return value
+
+
+_PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
+    "path": lambda _name, raw: Path(raw).expanduser(),
+    "str": lambda _name, raw: raw.strip(),
+    "bool": parse_bool,
+    "int": _parse_int,
+    "float": _parse_float,
+    "url": _parse_url,
+    "variant": _parse_variant,
+    "prefer": _parse_prefer,
+    "build": _parse_build,
+}
+
+
+def _parse(name: str, kind: str, raw: str) -> object:
+    return cast("object", _PARSERS[kind](name, raw))

