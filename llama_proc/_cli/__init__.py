@@ -5,4 +5,4 @@ from __future__ import annotations
 from typing import Final
 
 #: Command modules in ``--help`` order.
-COMMAND_MODULES: Final = ("provision", "build", "serve", "rpc", "smoke")
+COMMAND_MODULES: Final = ("provision", "build", "serve", "rpc")

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import llama_proc
+import llama_proc.provision
+import llama_proc.runtime
+
+
+def test_all_is_sorted():
+    for module in (llama_proc, llama_proc.provision, llama_proc.runtime):
+        names = list(module.__all__)
+        assert names == sorted(names), module.__name__
+
+
+def test_all_imports_are_exported():
+    for module in (llama_proc, llama_proc.provision, llama_proc.runtime):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"
+
+
+def test_public_errors_share_one_root():
+    for name in llama_proc.__all__:
+        if name.endswith("Error"):
+            assert issubclass(getattr(llama_proc, name), llama_proc.LlamaProcError)
+
+
+def test_import_is_cheap_and_side_effect_free(tmp_path):
+    code = (
+        "import sys, llama_proc, llama_proc.provision, llama_proc.runtime, llama_proc.cli\n"
+        "heavy = [m for m in ('requests', 'tqdm', 'aiohttp', 'filelock', 'platformdirs', "
+        "'urllib3') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert out.stdout.strip() == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_help_is_fast_and_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "llama_proc", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for command in ("fetch", "build", "which", "list", "doctor", "serve", "cache", "rpc-worker"):
+        assert command in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+    assert "llama_proc.cli" in imported
+    assert not imported & {"requests", "aiohttp", "tqdm", "urllib3"}
