@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 from llama_proc.errors import ConfigError
 
@@ -279,4 +279,4 @@ _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
 
 
 def _parse(name: str, kind: str, raw: str) -> object:
-    return cast("object", _PARSERS[kind](name, raw))
+    return _PARSERS[kind](name, raw)

@@ -172,7 +172,9 @@ class _Ctx:
         self.lines = text.splitlines()
         self.origin = origin
 
-    def line_of(self, key: str, table: str | None = None, nth: int = 0) -> int:
+    def line_of(
+        self, key: str, table: str | None = None, nth: int = 0, *, strict: bool = False
+    ) -> int:
         start = 0
         if table is not None:
             seen = -1
@@ -190,10 +192,14 @@ class _Ctx:
                 break
             if pattern.match(self.lines[i]):
                 return i + 1
-        return start + 1 if table is not None else 0
+        return start + 1 if table is not None and not strict else 0
 
     def fail(self, key: str, problem: str, table: str | None = None, nth: int = 0) -> ManifestError:
-        line = self.line_of(key.rsplit(".", 1)[-1], table, nth)
+        parts = key.split(".")
+        line = self.line_of(parts[-1], table, nth, strict=True)
+        if not line:
+            # Keys of inline tables (requires = { glibc = ... }) sit on their parent's line.
+            line = self.line_of(parts[-2] if len(parts) > 1 else parts[-1], table, nth)
         where = f"{self.origin}:{line}" if line else self.origin
         return ManifestError(f"{where}: {key}: {problem}")
 

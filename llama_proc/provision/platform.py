@@ -1,14 +1,209 @@
 """Host detection: OS, arch, libc, CPU features, GPUs.
 
-Detection never hangs (every probe has a timeout) and never raises: what cannot be found is
-reported as unknown.
+Detection never hangs (every probe that could block runs in a child process with a timeout) and
+never raises: what cannot be found is reported as unknown, with a note saying why.
+
+The probes are thin; the parsing lives in pure functions (:func:`parse_cpuinfo`,
+:func:`parse_nvidia_smi`, :func:`parse_driver_version_file`, ...) that are tested against
+recorded text from Linux x86_64/aarch64, macOS and Windows hosts.
+
+NVIDIA: the driver's CUDA version comes from ``cuDriverGetVersion`` on libcuda (callable before
+``cuInit``, so no CUDA context is ever created in the caller's process); the driver version
+string from ``/proc/driver/nvidia/version`` or ``nvidia-smi``; GPU names and compute
+capabilities (``gpu_details=True``) from a short-lived child process that calls ``cuInit`` and
+``cuDeviceGetAttribute``, falling back to ``nvidia-smi --query-gpu``. Running ``cuInit`` in a
+child keeps a forking caller's CUDA usable and lets a wedged driver time out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import functools
+import logging
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
-__all__ = ["HostInfo", "detect_host"]
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable, Mapping, Sequence
+
+__all__ = [
+    "LLAMA_CPU_FEATURES",
+    "CudaProbe",
+    "HostInfo",
+    "NvidiaSmiInfo",
+    "cuda_version_from_int",
+    "detect_host",
+    "macos_cpu_features",
+    "normalize_arch",
+    "normalize_os",
+    "parse_cpuinfo",
+    "parse_cuda_probe",
+    "parse_driver_version_file",
+    "parse_glibc_confstr",
+    "parse_musl_version",
+    "parse_nvidia_smi",
+    "parse_nvidia_smi_banner",
+    "windows_cpu_features",
+]
+
+logger = logging.getLogger(__name__)
+
+NVIDIA_SMI_TIMEOUT: Final = 5.0
+"""Seconds one ``nvidia-smi`` call may take (a hung driver must not hang detection)."""
+CUDA_PROBE_TIMEOUT: Final = 15.0
+"""Seconds the ``cuInit`` child may take (initialising many GPUs is slow, not infinite)."""
+MUSL_PROBE_TIMEOUT: Final = 2.0
+SW_VERS_TIMEOUT: Final = 2.0
+_TEXT_LIMIT: Final = 1 << 20
+"""Read at most this many bytes of /proc files (cpuinfo on a 512-core box is ~1 MB)."""
+CUDA_LIBRARIES: Final = {
+    "linux": ("libcuda.so.1", "libcuda.so", "/usr/lib/wsl/lib/libcuda.so.1"),
+    "windows": ("nvcuda.dll",),
+}
+NVIDIA_SMI_FALLBACKS: Final = {
+    "linux": ("/usr/bin/nvidia-smi", "/usr/lib/wsl/lib/nvidia-smi"),
+    "windows": (
+        r"C:\Windows\System32\nvidia-smi.exe",
+        r"C:\Program Files\NVIDIA Corporation\NVSMI\nvidia-smi.exe",
+    ),
+}
+VULKAN_LIBRARIES: Final = {
+    "linux": ("libvulkan.so.1", "libvulkan.so"),
+    "macos": (
+        "libvulkan.1.dylib",
+        "/usr/local/lib/libvulkan.1.dylib",
+        "/opt/homebrew/lib/libvulkan.1.dylib",
+    ),
+}
+DRIVER_VERSION_FILE: Final = "/proc/driver/nvidia/version"
+NVIDIA_EVIDENCE: Final = {
+    # Kernel driver, its control device, WSL2's GPU bridge, Jetson (Tegra) boards.
+    "linux": (
+        "/proc/driver/nvidia",
+        "/dev/nvidiactl",
+        "/dev/dxg",
+        "/etc/nv_tegra_release",
+        "/dev/nvhost-ctrl-gpu",
+    ),
+}
+"""Paths of which at least one exists on any Linux host an NVIDIA GPU can be used from; with
+none of them the CUDA probes are skipped (most hosts: no library loading, no processes)."""
+LD_SO_CACHE: Final = "/etc/ld.so.cache"
+LLAMA_CPU_FEATURES: Final = (
+    "sse3", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f",
+    "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+    "neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme",
+)  # fmt: skip
+"""The CPU features llama.cpp's CPU backends select on, in a stable order for reports."""
+_CU_ATTR_CC_MAJOR: Final = 75
+_CU_ATTR_CC_MINOR: Final = 76
+
+# Aliases so manifest requirements can use the names llama.cpp's CMake options use.
+_CPU_ALIASES: Final = {
+    "pni": "sse3",
+    "asimd": "neon",
+    "asimddp": "dotprod",
+    "asimdhp": "fp16",
+    "svei8mm": "sve_i8mm",
+}
+
+# winnt.h PF_* constants for IsProcessorFeaturePresent.
+_WINDOWS_PF: Final = {
+    "sse": 6,
+    "sse2": 10,
+    "sse3": 13,
+    "neon": 19,
+    "rdrand": 28,
+    "ssse3": 36,
+    "sse4_1": 37,
+    "sse4_2": 38,
+    "avx": 39,
+    "avx2": 40,
+    "avx512f": 41,
+    "dotprod": 43,
+}
+
+# sysctl hw.optional.* keys on macOS -> our feature names.
+_MACOS_OPTIONAL: Final = {
+    "hw.optional.sse3": "sse3",
+    "hw.optional.supplementalsse3": "ssse3",
+    "hw.optional.sse4_1": "sse4_1",
+    "hw.optional.sse4_2": "sse4_2",
+    "hw.optional.avx1_0": "avx",
+    "hw.optional.avx2_0": "avx2",
+    "hw.optional.fma": "fma",
+    "hw.optional.f16c": "f16c",
+    "hw.optional.avx512f": "avx512f",
+    "hw.optional.avx512bw": "avx512bw",
+    "hw.optional.avx512vl": "avx512vl",
+    "hw.optional.avx512vnni": "avx512_vnni",
+    "hw.optional.neon": "neon",
+    "hw.optional.neon_fp16": "fp16",
+    "hw.optional.arm.FEAT_DotProd": "dotprod",
+    "hw.optional.arm.FEAT_I8MM": "i8mm",
+    "hw.optional.arm.FEAT_BF16": "bf16",
+    "hw.optional.arm.FEAT_FP16": "fp16",
+    "hw.optional.arm.FEAT_SME": "sme",
+}
+# machdep.cpu.features / leaf7_features tokens (upper case, Intel Macs) -> our names.
+_MACOS_TOKENS: Final = {
+    "SSE3": "sse3",
+    "SSSE3": "ssse3",
+    "SSE4.1": "sse4_1",
+    "SSE4.2": "sse4_2",
+    "AVX1.0": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "AVX512F": "avx512f",
+    "AVX512BW": "avx512bw",
+    "AVX512VL": "avx512vl",
+    "AVX512VNNI": "avx512_vnni",
+    "BMI2": "bmi2",
+    "POPCNT": "popcnt",
+}
+
+_CUDA_PROBE_SCRIPT: Final = """
+import ctypes, json, sys
+lib = None
+for name in sys.argv[1:]:
+    try:
+        lib = ctypes.CDLL(name)
+        break
+    except OSError:
+        pass
+out = {}
+if lib is None:
+    out["error"] = "libcuda not found"
+else:
+    v = ctypes.c_int()
+    if lib.cuDriverGetVersion(ctypes.byref(v)) == 0:
+        out["cuda"] = v.value
+    rc = lib.cuInit(0)
+    out["init"] = rc
+    if rc == 0:
+        n = ctypes.c_int()
+        devices = []
+        if lib.cuDeviceGetCount(ctypes.byref(n)) == 0:
+            for i in range(n.value):
+                d = ctypes.c_int()
+                if lib.cuDeviceGet(ctypes.byref(d), i) != 0:
+                    continue
+                ma, mi = ctypes.c_int(), ctypes.c_int()
+                lib.cuDeviceGetAttribute(ctypes.byref(ma), @MAJOR@, d)
+                lib.cuDeviceGetAttribute(ctypes.byref(mi), @MINOR@, d)
+                buf = ctypes.create_string_buffer(256)
+                lib.cuDeviceGetName(buf, 256, d)
+                devices.append([buf.value.decode("utf-8", "replace"), f"{ma.value}.{mi.value}"])
+        out["devices"] = devices
+print(json.dumps(out))
+""".replace("@MAJOR@", str(_CU_ATTR_CC_MAJOR)).replace("@MINOR@", str(_CU_ATTR_CC_MINOR))
 
 
 @dataclass(frozen=True)
@@ -40,6 +235,10 @@ class HostInfo:
     rosetta: bool = False
     """This process is an x86_64 process translated by Rosetta 2."""
     cpu_count: int = 1
+    wsl: bool = False
+    """Linux running under Windows Subsystem for Linux."""
+    notes: tuple[str, ...] = ()
+    """What a probe could not find out, and why (for ``llama-proc doctor``)."""
 
     @property
     def platform(self) -> str:
@@ -56,14 +255,607 @@ class HostInfo:
             parts.append(simd[0])
         if self.nvidia_driver:
             cc = f", sm {','.join(self.compute_capabilities)}" if self.compute_capabilities else ""
-            parts.append(f"NVIDIA driver {self.nvidia_driver} (CUDA {self.cuda_version or '?'}{cc})")
+            parts.append(
+                f"NVIDIA driver {self.nvidia_driver} (CUDA {self.cuda_version or '?'}{cc})"
+            )
         if self.apple_silicon:
             parts.append("Apple silicon" + (" under Rosetta" if self.rosetta else ""))
         if self.vulkan:
             parts.append("Vulkan loader")
         return ", ".join(parts)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields for ``install.json`` (CPU features: those llama.cpp uses)."""
+        return {
+            "platform": self.platform,
+            "os_version": self.os_version,
+            "libc": self.libc,
+            "libc_version": self.libc_version,
+            "cpu_features": [f for f in LLAMA_CPU_FEATURES if f in self.cpu_features],
+            "nvidia_driver": self.nvidia_driver,
+            "cuda_version": self.cuda_version,
+            "gpus": list(self.gpus),
+            "compute_capabilities": list(self.compute_capabilities),
+            "vulkan": self.vulkan,
+            "apple_silicon": self.apple_silicon,
+            "rosetta": self.rosetta,
+            "wsl": self.wsl,
+            "cpu_count": self.cpu_count,
+            "summary": self.summary(),
+        }
 
-def detect_host() -> HostInfo:
-    """Detect this host. Never raises; unknown facts are left empty."""
-    raise NotImplementedError
+
+# ----------------------------------------------------------------------------- pure parsing
+def normalize_os(sys_platform: str) -> str:
+    """``sys.platform`` -> ``linux``, ``macos``, ``windows`` (others pass through)."""
+    if sys_platform.startswith("linux"):
+        return "linux"
+    if sys_platform == "darwin":
+        return "macos"
+    if sys_platform in ("win32", "cygwin"):
+        return "windows"
+    return sys_platform
+
+
+def normalize_arch(machine: str, os_name: str, *, is_64bit: bool = True) -> str:
+    """``platform.machine()`` -> the manifest's arch names.
+
+    ``AMD64``/``x64`` become ``x86_64``; 64-bit Arm is ``arm64`` on macOS and Windows and
+    ``aarch64`` on Linux. A 32-bit interpreter on a 64-bit OS reports its own (32-bit) arch,
+    since that is what it can load.
+    """
+    m = machine.strip().lower()
+    if m in ("x86_64", "amd64", "x64", "em64t"):
+        return "x86_64" if is_64bit else "x86"
+    if m in ("i386", "i486", "i586", "i686", "x86"):
+        return "x86"
+    if m in ("aarch64", "arm64", "armv8", "armv8l", "aarch64_be"):
+        if not is_64bit:
+            return "arm"
+        return "aarch64" if os_name == "linux" else "arm64"
+    return m or "unknown"
+
+
+def parse_cpuinfo(text: str) -> frozenset[str]:
+    """CPU features from Linux ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features`` lines).
+
+    Heterogeneous cores may differ, so only features every core lists are kept. Kernel names are
+    kept and a few aliases are added (``pni`` -> ``sse3``, ``asimd`` -> ``neon``, ``asimddp`` ->
+    ``dotprod``).
+    """
+    sets: list[set[str]] = []
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            sets.append({tok.lower() for tok in value.split()})
+    if not sets:
+        return frozenset()
+    common = set.intersection(*sets)
+    common |= {_CPU_ALIASES[f] for f in common if f in _CPU_ALIASES}
+    return frozenset(common)
+
+
+def parse_glibc_confstr(text: str | None) -> tuple[str, str] | None:
+    """``os.confstr("CS_GNU_LIBC_VERSION")`` (``"glibc 2.36"``) -> ``("glibc", "2.36")``."""
+    if not text:
+        return None
+    match = re.match(r"^\s*glibc\s+([0-9]+\.[0-9]+(?:\.[0-9]+)?)", text)
+    return ("glibc", match.group(1)) if match else None
+
+
+def parse_musl_version(text: str) -> str | None:
+    """The version from musl's loader banner (``musl libc (x86_64)`` / ``Version 1.2.4``)."""
+    if "musl" not in text.lower():
+        return None
+    match = re.search(r"^Version\s+([0-9][0-9.]*)", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def parse_driver_version_file(text: str) -> str | None:
+    """The NVIDIA driver version from ``/proc/driver/nvidia/version``.
+
+    Handles the proprietary (``Kernel Module  550.54.15``) and the open
+    (``Open Kernel Module for x86_64  550.54.15``) modules.
+    """
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+([0-9]+\.[0-9]+(?:\.[0-9]+)?)\b", text)
+    return match.group(1) if match else None
+
+
+@dataclass(frozen=True)
+class NvidiaSmiInfo:
+    """What ``nvidia-smi --query-gpu=driver_version,name,compute_cap`` said."""
+
+    driver: str | None
+    gpus: tuple[str, ...]
+    compute_capabilities: tuple[str, ...]
+
+
+def parse_nvidia_smi(text: str) -> NvidiaSmiInfo | None:
+    """Parse ``--format=csv,noheader`` lines: ``550.54.15, NVIDIA H100 80GB HBM3, 9.0``.
+
+    Two columns (driver, name) are accepted for drivers too old to know ``compute_cap``.
+    Returns None when no line has that shape (an error message, an empty answer).
+    """
+    driver: str | None = None
+    gpus: list[str] = []
+    caps: list[str] = []
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.split(",")]
+        if len(cols) < 2 or not re.match(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$", cols[0]):
+            continue
+        driver = driver or cols[0]
+        # GPU names may hold commas in theory; the compute capability is always last.
+        has_cap = len(cols) >= 3 and re.match(r"^[0-9]+\.[0-9]+$", cols[-1]) is not None
+        name = ", ".join(cols[1:-1] if has_cap or len(cols) >= 3 else cols[1:])
+        if name and name != "[N/A]":
+            gpus.append(name)
+        if has_cap:
+            caps.append(cols[-1])
+    if driver is None:
+        return None
+    return NvidiaSmiInfo(driver, tuple(gpus), tuple(caps))
+
+
+def parse_nvidia_smi_banner(text: str) -> str | None:
+    """The ``CUDA Version: 12.4`` from plain ``nvidia-smi`` output."""
+    match = re.search(r"CUDA Version\s*:\s*([0-9]+\.[0-9]+)", text)
+    return match.group(1) if match else None
+
+
+def cuda_version_from_int(value: int) -> str | None:
+    """``cuDriverGetVersion``'s integer (``12040``) -> ``"12.4"``."""
+    if value <= 0:
+        return None
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+@dataclass(frozen=True)
+class CudaProbe:
+    """What the ``cuInit`` child process found."""
+
+    cuda_version: str | None
+    gpus: tuple[str, ...]
+    compute_capabilities: tuple[str, ...]
+    error: str | None = None
+
+
+def parse_cuda_probe(text: str) -> CudaProbe:
+    """Parse the JSON line the CUDA probe child prints (never raises)."""
+    import json
+
+    try:
+        data = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
+    except (json.JSONDecodeError, IndexError):
+        return CudaProbe(None, (), (), f"unreadable probe output: {text.strip()[:200]!r}")
+    if not isinstance(data, dict):
+        return CudaProbe(None, (), (), "unreadable probe output")
+    cuda = data.get("cuda")
+    version = cuda_version_from_int(cuda) if isinstance(cuda, int) else None
+    devices = data.get("devices") or []
+    names = tuple(str(d[0]) for d in devices if isinstance(d, list) and len(d) == 2)
+    caps = tuple(str(d[1]) for d in devices if isinstance(d, list) and len(d) == 2)
+    error = data.get("error")
+    if error is None and data.get("init", 0) != 0:
+        error = f"cuInit failed with CUresult {data['init']}"
+    return CudaProbe(version, names, caps, str(error) if error else None)
+
+
+def windows_cpu_features(is_present: Callable[[int], bool], arch: str) -> frozenset[str]:
+    """CPU features from ``IsProcessorFeaturePresent`` (``is_present(PF_*)``).
+
+    Windows has no PF_ constants for FMA and F16C; every CPU with AVX2 has both (Haswell,
+    Excavator and later), so they are implied by AVX2.
+    """
+    found: set[str] = set()
+    for name, code in _WINDOWS_PF.items():
+        with contextlib.suppress(Exception):
+            if is_present(code):
+                found.add(name)
+    if "avx2" in found:
+        found |= {"fma", "f16c"}
+    if arch in ("arm64", "aarch64"):
+        found.add("neon")
+    return frozenset(found)
+
+
+def macos_cpu_features(
+    optional: Mapping[str, int], features: str = "", leaf7_features: str = ""
+) -> frozenset[str]:
+    """CPU features from macOS sysctls.
+
+    Args:
+        optional: ``hw.optional.*`` values that were readable (1 = present).
+        features: ``machdep.cpu.features`` (Intel only).
+        leaf7_features: ``machdep.cpu.leaf7_features`` (Intel only; AVX2, AVX512*).
+    """
+    found = {name for key, name in _MACOS_OPTIONAL.items() if optional.get(key, 0) == 1}
+    for token in f"{features} {leaf7_features}".upper().split():
+        if token in _MACOS_TOKENS:
+            found.add(_MACOS_TOKENS[token])
+    if optional.get("hw.optional.arm64", 0) == 1 and optional.get("hw.optional.neon", 1) != 0:
+        found.add("neon")
+    return frozenset(found)
+
+
+# ----------------------------------------------------------------------------- probes
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:  # noqa: PTH123
+            return fh.read(_TEXT_LIMIT)
+    except OSError:
+        return None
+
+
+def _run(cmd: Sequence[str], timeout: float) -> tuple[int, str] | None:
+    """Run a probe command; ``(returncode, stdout+stderr)`` or None if it could not run.
+
+    The child gets its own session so a timeout kills everything it started and nothing can
+    keep our pipes open.
+    """
+    import subprocess
+
+    popen_kw: dict[str, Any] = {}
+    if os.name == "posix":
+        popen_kw["start_new_session"] = True
+    else:
+        popen_kw["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    try:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **popen_kw,
+        )
+    except (OSError, ValueError):
+        return None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+            proc.communicate(timeout=1.0)
+        return None
+    except OSError:
+        return None
+    return proc.returncode, out.decode("utf-8", errors="replace")
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, 9)
+        else:
+            proc.kill()
+    except OSError:
+        pass
+
+
+def _libc(notes: list[str]) -> tuple[str | None, str | None]:
+    try:
+        confstr = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        confstr = None
+    parsed = parse_glibc_confstr(confstr)
+    if parsed:
+        return parsed
+    # musl has no confstr; its dynamic loader prints a banner (and exits 1) when run bare.
+    machine = platform.machine()
+    for loader in (f"/lib/ld-musl-{machine}.so.1", *sorted(_glob("/lib", "ld-musl-*.so.1"))):
+        if Path(loader).is_file():
+            result = _run([loader], MUSL_PROBE_TIMEOUT)
+            version = parse_musl_version(result[1]) if result else None
+            return "musl", version
+    name, version = platform.libc_ver()
+    if name == "glibc" and version:
+        return "glibc", version
+    notes.append("could not determine the C library (neither glibc nor musl found)")
+    return None, None
+
+
+def _glob(folder: str, pattern: str) -> list[str]:
+    try:
+        return [str(p) for p in Path(folder).glob(pattern)]
+    except OSError:
+        return []
+
+
+def _linux_cpu_features(arch: str) -> frozenset[str]:
+    text = _read_text("/proc/cpuinfo") or ""
+    found = set(parse_cpuinfo(text))
+    # Advanced SIMD is mandatory in AArch64, whatever /proc/cpuinfo (or a container) shows.
+    if arch in ("aarch64", "arm64"):
+        found.add("neon")
+    return frozenset(found)
+
+
+def _sysctl(name: str, *, as_int: bool) -> int | str | None:
+    """``sysctlbyname`` through ctypes (macOS); None when the key does not exist."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sysctlbyname
+    except (OSError, AttributeError):
+        return None
+    size = ctypes.c_size_t(0)
+    if fn(name.encode(), None, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        return None
+    if as_int:
+        value = ctypes.c_int64(0)
+        size = ctypes.c_size_t(ctypes.sizeof(value))
+        if fn(name.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)):
+            return None
+        # 4-byte sysctls fill only the low half of the little-endian int64.
+        return int(value.value)
+    buf = ctypes.create_string_buffer(size.value + 1)
+    if fn(name.encode(), buf, ctypes.byref(size), None, ctypes.c_size_t(0)) != 0:
+        return None
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _macos_facts() -> tuple[frozenset[str], bool, bool, str | None]:
+    optional: dict[str, int] = {}
+    for key in (*_MACOS_OPTIONAL, "hw.optional.arm64"):
+        value = _sysctl(key, as_int=True)
+        if isinstance(value, int):
+            optional[key] = value
+    features = _sysctl("machdep.cpu.features", as_int=False)
+    leaf7 = _sysctl("machdep.cpu.leaf7_features", as_int=False)
+    cpu = macos_cpu_features(
+        optional,
+        features if isinstance(features, str) else "",
+        leaf7 if isinstance(leaf7, str) else "",
+    )
+    translated = _sysctl("sysctl.proc_translated", as_int=True) == 1
+    apple = optional.get("hw.optional.arm64", 0) == 1 or platform.machine() == "arm64"
+    version = platform.mac_ver()[0] or None
+    if version is None or version.startswith("10.16"):
+        # Interpreters built against an old SDK see the compatibility version 10.16.
+        product = _sysctl("kern.osproductversion", as_int=False)
+        if isinstance(product, str) and product:
+            version = product
+    return cpu, apple, translated, version
+
+
+def _windows_cpu_features(arch: str) -> frozenset[str]:
+    import ctypes
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined,unused-ignore]
+        fn = kernel32.IsProcessorFeaturePresent
+    except (OSError, AttributeError):
+        return frozenset()
+    return windows_cpu_features(lambda code: bool(fn(code)), arch)
+
+
+def _os_version(os_name: str) -> str | None:
+    if os_name == "windows":
+        try:
+            v = sys.getwindowsversion()  # type: ignore[attr-defined,unused-ignore]
+        except AttributeError:
+            return platform.version() or None
+        return f"{v.major}.{v.minor}.{v.build}"
+    return platform.release() or None
+
+
+def _load_library(names: Sequence[str]) -> Any:
+    import ctypes
+
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _cuda_driver_version(os_name: str) -> str | None:
+    """CUDA version the driver supports, via ``cuDriverGetVersion`` (no ``cuInit``)."""
+    import ctypes
+
+    lib = _load_library(CUDA_LIBRARIES.get(os_name, ()))
+    if lib is None:
+        return None
+    value = ctypes.c_int(0)
+    try:
+        rc = lib.cuDriverGetVersion(ctypes.byref(value))
+    except (AttributeError, OSError):
+        return None
+    return cuda_version_from_int(value.value) if rc == 0 else None
+
+
+def _cuda_devices(os_name: str, notes: list[str]) -> CudaProbe | None:
+    """GPU names and compute capabilities from a ``cuInit`` child process."""
+    names = CUDA_LIBRARIES.get(os_name, ())
+    if not names:
+        return None
+    result = _run([sys.executable, "-I", "-c", _CUDA_PROBE_SCRIPT, *names], CUDA_PROBE_TIMEOUT)
+    if result is None:
+        notes.append(f"the CUDA device probe did not answer within {CUDA_PROBE_TIMEOUT:g}s")
+        return None
+    probe = parse_cuda_probe(result[1])
+    if probe.error:
+        notes.append(f"CUDA device probe: {probe.error}")
+    return probe
+
+
+def _nvidia_smi_path(os_name: str) -> str | None:
+    import shutil
+
+    found = shutil.which("nvidia-smi")
+    if found:
+        return found
+    for candidate in NVIDIA_SMI_FALLBACKS.get(os_name, ()):
+        if Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def _nvidia_smi(smi: str, notes: list[str]) -> NvidiaSmiInfo | None:
+    base = [smi, "--format=csv,noheader"]
+    for query in ("driver_version,name,compute_cap", "driver_version,name"):
+        result = _run([*base, f"--query-gpu={query}"], NVIDIA_SMI_TIMEOUT)
+        if result is None:
+            notes.append(f"nvidia-smi did not answer within {NVIDIA_SMI_TIMEOUT:g}s")
+            return None
+        rc, out = result
+        info = parse_nvidia_smi(out) if rc == 0 else None
+        if info is not None:
+            return info
+    notes.append(f"nvidia-smi failed: {out.strip().splitlines()[-1] if out.strip() else rc}")
+    return None
+
+
+@dataclass
+class _Nvidia:
+    driver: str | None = None
+    cuda: str | None = None
+    gpus: tuple[str, ...] = ()
+    caps: tuple[str, ...] = ()
+
+
+def _nvidia(os_name: str, notes: list[str], *, gpu_details: bool) -> _Nvidia:
+    info = _Nvidia()
+    if os_name not in CUDA_LIBRARIES:
+        return info
+    evidence = NVIDIA_EVIDENCE.get(os_name)
+    if evidence is not None and not any(Path(p).exists() for p in evidence):
+        return info  # no NVIDIA driver: the common fast path
+    if os_name == "linux":
+        text = _read_text(DRIVER_VERSION_FILE)
+        info.driver = parse_driver_version_file(text) if text else None
+    info.cuda = _cuda_driver_version(os_name)
+    smi = _nvidia_smi_path(os_name)
+    if info.driver is None and info.cuda is None and smi is None:
+        return info
+    if gpu_details and info.cuda is not None:
+        probe = _cuda_devices(os_name, notes)
+        if probe is not None:
+            info.gpus, info.caps = probe.gpus, probe.compute_capabilities
+            info.cuda = info.cuda or probe.cuda_version
+    if smi is not None and (info.driver is None or (gpu_details and not info.gpus)):
+        smi_info = _nvidia_smi(smi, notes)
+        if smi_info is not None:
+            info.driver = info.driver or smi_info.driver
+            if not info.gpus:
+                info.gpus, info.caps = smi_info.gpus, smi_info.compute_capabilities
+    if smi is not None and info.cuda is None and info.driver is not None and gpu_details:
+        result = _run([smi], NVIDIA_SMI_TIMEOUT)
+        info.cuda = parse_nvidia_smi_banner(result[1]) if result else None
+    if info.driver is None and info.cuda is not None:
+        notes.append(
+            "libcuda answered but the driver version is unknown (no "
+            f"{DRIVER_VERSION_FILE} and no working nvidia-smi)"
+        )
+    return info
+
+
+def _linux_has_library(names: Sequence[str]) -> bool | None:
+    """Whether the dynamic loader would find one of ``names``; None = cannot tell cheaply.
+
+    Looks in ``LD_LIBRARY_PATH`` and in the loader's cache (the names are stored there as
+    NUL-terminated strings), which is what ``ldconfig -p`` reads, without loading anything.
+    """
+    for folder in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
+        if folder and any(Path(folder, name).exists() for name in names):
+            return True
+    try:
+        cache = Path(LD_SO_CACHE).read_bytes()
+    except OSError:
+        return None
+    return any(name.encode() + b"\0" in cache for name in names)
+
+
+def _vulkan(os_name: str) -> bool:
+    if os_name == "windows":
+        root = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        return Path(root, "System32", "vulkan-1.dll").is_file()
+    names = VULKAN_LIBRARIES.get(os_name, ())
+    if os_name == "linux":
+        found = _linux_has_library(names)
+        if found is not None:
+            return found
+    # Loading the loader library creates no Vulkan instance and enumerates no ICDs.
+    return _load_library(names) is not None
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _safe(probe: Callable[[], Any], default: Any, what: str, notes: list[str]) -> Any:
+    try:
+        return probe()
+    except Exception as err:  # detection must never raise
+        logger.debug("host probe %s failed", what, exc_info=True)
+        notes.append(f"{what} probe failed: {err}")
+        return default
+
+
+def detect_host(*, gpu_details: bool = True, refresh: bool = False) -> HostInfo:
+    """Detect this host. Never raises and never hangs; unknown facts are left empty.
+
+    The result is cached for the life of the process (pass ``refresh=True`` to probe again).
+
+    Args:
+        gpu_details: also list GPU names and compute capabilities (runs ``cuInit`` in a child
+            process, or ``nvidia-smi``; adds tens to hundreds of milliseconds on NVIDIA hosts).
+            Variant selection does not need them (the resolution ladder passes False); CUDA
+            builds and ``doctor`` do.
+        refresh: ignore the cached result.
+    """
+    if refresh:
+        _detect.cache_clear()
+    return _detect(gpu_details=gpu_details)
+
+
+@functools.cache
+def _detect(*, gpu_details: bool) -> HostInfo:
+    notes: list[str] = []
+    os_name = normalize_os(sys.platform)
+    arch = normalize_arch(platform.machine(), os_name, is_64bit=sys.maxsize > 2**32)
+    host = HostInfo(
+        os=os_name,
+        arch=arch,
+        os_version=_safe(lambda: _os_version(os_name), None, "OS version", notes),
+        cpu_count=_safe(_cpu_count, 1, "CPU count", notes),
+    )
+    if os_name == "linux":
+        libc, libc_version = _safe(lambda: _libc(notes), (None, None), "libc", notes)
+        release = (host.os_version or "").lower()
+        host = replace(
+            host,
+            libc=libc,
+            libc_version=libc_version,
+            cpu_features=_safe(lambda: _linux_cpu_features(arch), frozenset(), "CPU", notes),
+            wsl="microsoft" in release or "wsl" in release,
+        )
+    elif os_name == "macos":
+        cpu, apple, translated, version = _safe(
+            _macos_facts, (frozenset(), False, False, host.os_version), "macOS sysctl", notes
+        )
+        host = replace(
+            host, cpu_features=cpu, apple_silicon=apple, rosetta=translated, os_version=version
+        )
+    elif os_name == "windows":
+        host = replace(
+            host,
+            cpu_features=_safe(lambda: _windows_cpu_features(arch), frozenset(), "CPU", notes),
+        )
+    nvidia = _safe(
+        lambda: _nvidia(os_name, notes, gpu_details=gpu_details), _Nvidia(), "NVIDIA", notes
+    )
+    vulkan = _safe(lambda: _vulkan(os_name), False, "Vulkan", notes)  # noqa: FBT003
+    return replace(
+        host,
+        nvidia_driver=nvidia.driver,
+        cuda_version=nvidia.cuda,
+        gpus=nvidia.gpus,
+        compute_capabilities=nvidia.caps,
+        vulkan=vulkan,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,295 @@
+"""``llama-proc fetch / which / list / cache / doctor``, in-process against a local mirror.
+
+These run the real host detection and the shipped manifest; the mirror serves fake archives of
+the pinned build in this host's flavor, so nothing is downloaded from the internet and, with
+the build step replaced, nothing is ever compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from http_server import FileServer
+from release_fixtures import ReleaseFixture, make_release, serve_release, shim_script
+
+import llama_proc
+from llama_proc import cli
+from llama_proc.config import Settings
+from llama_proc.provision import build as build_module
+from llama_proc.provision import bundle, download
+from llama_proc.provision.cache import install_atomically, install_dir
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.platform import detect_host
+from llama_proc.provision.selection import select_variant
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims")
+
+REPO_ROOT = Path(llama_proc.__file__).resolve().parents[1]
+COMMANDS = ("fetch", "which", "list", "cache", "doctor")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "_sleep", lambda _s: None)
+    monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
+
+    def no_builds(*_a: Any, **_k: Any) -> Any:
+        pytest.fail("the CLI tests must never compile llama.cpp")
+
+    monkeypatch.setattr(build_module, "build_variant", no_builds)
+
+
+@pytest.fixture(scope="module")
+def cpu_variant() -> str:
+    manifest = load_manifest()
+    host = detect_host(gpu_details=False)
+    try:
+        selection = select_variant(manifest, host, "cpu")
+    except llama_proc.NoMatchingVariantError:
+        pytest.skip(f"the manifest has no cpu variant for {host.platform}")
+    if selection.blockers:
+        pytest.skip(f"the cpu prebuilt does not fit this host: {selection.blockers}")
+    return selection.variant.id
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def release(tmp_path: Path, server: FileServer) -> ReleaseFixture:
+    fixture = make_release(tmp_path, load_manifest().build)
+    serve_release(server, fixture)
+    return fixture
+
+
+@pytest.fixture
+def cache_dir() -> Path:
+    return Path(os.environ["LLAMA_PROC_CACHE_DIR"])
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fetch_which_list_cache_doctor(
+    capsys: pytest.CaptureFixture[str],
+    server: FileServer,
+    release: ReleaseFixture,
+    cache_dir: Path,
+    cpu_variant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    build = release.tag
+    expected = install_dir(Settings(cache_dir=cache_dir), build, cpu_variant) / "llama-server"
+
+    code, out, err = run(capsys, "fetch", "--variant", "cpu", "--mirror", server.url)
+    assert code == 0, err
+    assert out == f"{expected}\n"
+    assert "  cache: miss" in err
+    assert f"  prebuilt: installed {build}/{cpu_variant}" in err
+    assert server.hits(release.download_path(release.main_asset)) == 1
+
+    code, out, err = run(capsys, "which", "--variant", "cpu")
+    assert (code, out, err) == (0, f"{expected}\n", "")
+    code, out, err = run(capsys, "which", "-v", "--variant", "cpu")
+    assert out == f"{expected}\n"
+    assert f"  cache: hit {build}/{cpu_variant} (prebuilt, version: " in err
+
+    code, out, _ = run(capsys, "list", "--variant", "cpu")
+    assert code == 0
+    assert f"* {cpu_variant}" in out
+    assert f"installed: {build}/{cpu_variant} (prebuilt" in out
+
+    code, out, _ = run(capsys, "cache", "path")
+    assert out == f"{cache_dir}\n"
+    code, out, _ = run(capsys, "cache", "ls")
+    [line] = out.splitlines()
+    assert line.startswith(f"{build}/{cpu_variant}  prebuilt")
+    assert line.endswith(f"version: {build.removeprefix('b')} (abcdef0)")
+
+    code, out, _ = run(capsys, "doctor", "--variant", "cpu")
+    assert code == 0
+    assert out.startswith(f"llama-proc {llama_proc.__version__} (Python ")
+    assert f"host: {detect_host().summary()}" in out
+    assert f"  => {expected}" in out
+    assert f"cache: {cache_dir} (1 installs" in out
+
+    seen: list[argparse.Namespace] = []
+
+    def fake_smoke(args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    from llama_proc._cli import smoke
+
+    monkeypatch.setattr(smoke, "run_smoke", fake_smoke)
+    code, _, _ = run(capsys, "doctor", "--smoke", "--variant", "cpu")
+    assert code == 0
+    assert len(seen) == 1
+    assert seen[0].smoke is True
+
+    code, out, _ = run(capsys, "cache", "rm", f"{build}/{cpu_variant}")
+    assert out == f"removed {expected.parent}\n"
+    code, out, err = run(capsys, "which", "--variant", "cpu")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("llama-proc: error: no ")
+    assert "llama-proc fetch" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_fetch_force_and_quiet(
+    capsys: pytest.CaptureFixture[str],
+    server: FileServer,
+    release: ReleaseFixture,
+    cpu_variant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLAMA_PROC_MIRROR", server.url)
+    monkeypatch.setenv("LLAMA_PROC_VARIANT", "cpu")
+    code, first, _ = run(capsys, "-q", "fetch")
+    assert code == 0
+    code, again, err = run(capsys, "-q", "fetch")
+    assert (again, err) == (first, "")
+    assert server.hits(release.download_path(release.main_asset)) == 1
+    code, forced, err = run(capsys, "fetch", "--force")
+    assert forced == first
+    assert "cache: skipped (--force)" in err
+    assert server.hits(release.download_path(release.main_asset)) == 2
+
+
+def test_fetch_offline_without_cache_is_one_line(
+    capsys: pytest.CaptureFixture[str], server: FileServer, cpu_variant: str
+) -> None:
+    code, out, err = run(capsys, "-q", "fetch", "--offline", "--variant", "cpu")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("llama-proc: error: offline mode")
+    assert len(err.strip().splitlines()) == 1
+    assert server.hits() == 0
+
+
+def test_fetch_no_build_reports_why(
+    capsys: pytest.CaptureFixture[str], server: FileServer, cpu_variant: str, tmp_path: Path
+) -> None:
+    # A release without this host's asset: the prebuilt fails and builds are off.
+    tag = load_manifest().build
+    fixture = make_release(tmp_path, tag, ["win-cpu-x64"])
+    serve_release(server, fixture)
+    code, _, err = run(capsys, "fetch", "--no-build", "--variant", "cpu", "--mirror", server.url)
+    assert code == 1
+    assert "llama-proc: error: no asset of release" in err
+    assert "prebuilt: failed" in err
+
+
+def test_cache_prune_and_rm_errors(capsys: pytest.CaptureFixture[str], cache_dir: Path) -> None:
+    settings = Settings(cache_dir=cache_dir)
+
+    def populate(staging: Path) -> dict[str, Any]:
+        (staging / "llama-server").write_text(shim_script("b100"))
+        (staging / "llama-server").chmod(0o755)
+        return {"variant_id": "linux-x86_64-cpu", "build": "b100", "source": "prebuilt"}
+
+    old = install_atomically(
+        install_dir(settings, "b100", "linux-x86_64-cpu"),
+        populate,
+        settings=settings,
+        binaries=["llama-server"],
+        os_name="linux" if sys.platform.startswith("linux") else "other",
+    )
+    code, out, _ = run(capsys, "cache", "prune", "--dry-run")
+    assert f"would remove {old.path}" in out.splitlines()
+    assert old.path.exists()
+    code, out, _ = run(capsys, "cache", "prune", "--keep", "b100")
+    assert old.path.exists()
+    code, out, _ = run(capsys, "cache", "prune")
+    assert f"removed {old.path}" in out.splitlines()
+    assert not old.path.exists()
+    code, out, err = run(capsys, "cache", "prune")
+    assert (code, out, err) == (0, "", "nothing to prune\n")
+    code, _, err = run(capsys, "cache", "rm", "b100/linux-x86_64-cpu")
+    assert code == 1
+    assert err.startswith("llama-proc: error: ")
+    code, out, err = run(capsys, "cache", "ls")
+    assert (code, out) == (0, "")
+    assert err.startswith("no installs in ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fetch", "--build", "latest"],
+        ["fetch", "--mirror", "ftp://example"],
+        ["fetch", "--variant", "rocm"],
+        ["fetch", "--prefer", "wheel"],
+        ["cache"],
+        ["cache", "prune", "--keep", "x1"],
+    ],
+)
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_build_flag_is_normalised(
+    capsys: pytest.CaptureFixture[str], cache_dir: Path, cpu_variant: str
+) -> None:
+    code, _, err = run(capsys, "which", "-v", "--build", "123", "--variant", "cpu")
+    assert code == 1
+    assert "for build b123 is installed" in err
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_option_has_help() -> None:
+    commands = _subparsers(cli.build_parser())
+    parsers = [commands[name] for name in COMMANDS]
+    parsers.extend(_subparsers(commands["cache"]).values())
+    checked = 0
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{parser.prog} {choice.dest} has no help"
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+            checked += 1
+    assert checked >= 20
+
+
+def test_command_module_imports_only_argparse() -> None:
+    code = (
+        "import sys, json; import llama_proc._cli.provision; "
+        "heavy = ['requests', 'filelock', 'tqdm', 'platformdirs', 'aiohttp', 'packaging', "
+        "'llama_proc.config', 'llama_proc.provision', 'ctypes']; "
+        "print(json.dumps([m for m in heavy if m in sys.modules]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert json.loads(out) == []
