@@ -297,10 +297,12 @@ def test_windows_driver_too_old_for_the_cuda_build(manifest: Manifest) -> None:
     assert any("CUDA 12.1; the build needs 12.4" in line for line in selection.why)
 
 
-def test_rosetta_python_is_told_to_use_arm64(manifest: Manifest) -> None:
+def test_rosetta_python_gets_the_native_arm64_server(manifest: Manifest) -> None:
     host = HostInfo(os="macos", arch="x86_64", os_version="14.4", apple_silicon=True, rosetta=True)
-    with pytest.raises(NoMatchingVariantError, match="Rosetta"):
-        select_variant(manifest, host)
+    selection = select_variant(manifest, host)
+    assert selection.variant.id == "macos-arm64-metal"
+    assert selection.prebuilt_ok
+    assert any("Rosetta" in line for line in selection.why)
 
 
 @pytest.mark.parametrize(

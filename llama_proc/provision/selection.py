@@ -85,8 +85,6 @@ def runtime_blockers(variant: Variant, host: HostInfo) -> list[str]:
         out.append("no Vulkan loader (libvulkan) found")
     if req.apple_silicon and not host.apple_silicon:
         out.append("Metal builds need native Apple silicon")
-    if host.rosetta and variant.arch == "x86_64":
-        out.append("this Python runs under Rosetta; use an arm64 Python for Metal")
     return out
 
 
@@ -104,20 +102,27 @@ def select_variant(manifest: Manifest, host: HostInfo, requested: str = "auto") 
     Raises:
         NoMatchingVariantError: nothing in the manifest fits.
     """
-    candidates = manifest.for_platform(host.os, host.arch)
+    arch = host.arch
+    notes: list[str] = []
+    if host.os == "macos" and host.rosetta:
+        # llama-server is a process of its own: an x86_64 Python under Rosetta can still run the
+        # native arm64 build (and Metal) instead of a translated x86_64 one.
+        arch = "arm64"
+        notes.append("this Python runs under Rosetta; choosing native arm64 builds for the server")
+    candidates = manifest.for_platform(host.os, arch)
     if not candidates:
         msg = (
-            f"llama-proc has no variants for {host.os}-{host.arch}; build llama-server yourself "
+            f"llama-proc has no variants for {host.os}-{arch}; build llama-server yourself "
             "and point LLAMA_PROC_SERVER_BIN at it"
         )
         raise NoMatchingVariantError(msg)
     by_backend = {v.backend: v for v in candidates}
-    why: list[str] = [f"host: {host.summary()}"]
+    why: list[str] = [f"host: {host.summary()}", *notes]
     if requested != "auto":
         variant = by_backend.get(requested)
         if variant is None:
             have = ", ".join(sorted(by_backend))
-            msg = f"no {requested} variant for {host.os}-{host.arch}; available: {have}"
+            msg = f"no {requested} variant for {host.os}-{arch}; available: {have}"
             raise NoMatchingVariantError(msg)
         why.append(f"{variant.id}: requested explicitly")
         problems = runtime_blockers(variant, host)
@@ -133,5 +138,5 @@ def select_variant(manifest: Manifest, host: HostInfo, requested: str = "auto") 
             continue
         why.append(f"{variant.id}: best backend this host can run")
         return Selection(variant, tuple(why), tuple(prebuilt_blockers(variant, host)))
-    msg = f"no variant for {host.os}-{host.arch} can run here: " + "; ".join(why[1:])
+    msg = f"no variant for {host.os}-{arch} can run here: " + "; ".join(why[1:])
     raise NoMatchingVariantError(msg)
