@@ -20,6 +20,7 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
     * InvalidArgumentError (also ValueError) a server option or extra flag was refused
     * ModelFileError (also ValueError)       model file missing or not GGUF
     * ServerStartError                       process exited before becoming healthy
+      * RpcWorkerError                       an RPC worker is unreachable, busy or another build
     * ServerNotReadyError (also TimeoutError)  /health did not return 200 in time
     * ServerRequestError                     an HTTP call to a running server failed
 """
@@ -43,6 +44,7 @@ __all__ = [
     "NoMatchingVariantError",
     "OfflineError",
     "ProvisionError",
+    "RpcWorkerError",
     "ServerError",
     "ServerNotReadyError",
     "ServerRequestError",
@@ -223,3 +225,11 @@ class ServerRequestError(ServerError):
         if self.status is None:
             return self.message
         return f"{self.message} (HTTP {self.status})"
+
+
+class RpcWorkerError(ServerStartError):
+    """An RPC worker given to llama-server is unreachable, busy, or runs another build.
+
+    Raised before llama-server is spawned; the message names the worker (``host:port``) and
+    the cause names what was wrong (connection refused, no handshake answer, protocol version).
+    """
