@@ -24,6 +24,9 @@ LLAMA_PROC_DOWNLOAD_TIMEOUT    seconds for connect/read on each HTTP request (de
 LLAMA_PROC_LOCK_TIMEOUT        seconds to wait for another process's install (default 3600)
 LLAMA_PROC_PROGRESS            1 / 0 to force progress bars on / off (default: on a TTY)
 LLAMA_PROC_GITHUB_TOKEN        token sent to the GitHub API to lift anonymous rate limits
+LLAMA_PROC_SOURCE              build backend only: auto, prebuilt, build or none (what the
+                               wheel bundles; ``-C llama-proc.source=...``)
+LLAMA_PROC_PORTABLE            build backend only: 1 = compile for any CPU of the arch
 =============================  ==========================================================
 """
 
