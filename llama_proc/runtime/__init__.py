@@ -1,0 +1,72 @@
+"""Runtime: run llama-server well once you have one (no provisioning in here).
+
+* :class:`ServerArgs` -- typed options, mapped to flags the installed binary accepts.
+* :func:`validate_extra_args` -- the allowlist for flags from untrusted sources.
+* :func:`check_gguf` -- refuse a missing or non-GGUF model before spawning.
+* :class:`ServerProcess` -- spawn, wait for ``/health``, keep logs, stop; dies with its owner.
+* :class:`LlamaClient` / :class:`AsyncLlamaClient` -- the HTTP API.
+
+Names are loaded on first use so that importing the package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from llama_proc.runtime.args import ServerArgs, validate_extra_args
+    from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient, parse_metrics
+    from llama_proc.runtime.diagnose import Cause, diagnose
+    from llama_proc.runtime.flags import BinaryFlags, probe_flags
+    from llama_proc.runtime.gguf import GgufHeader, check_gguf
+    from llama_proc.runtime.health import probe_health
+    from llama_proc.runtime.process import ServerProcess, child_environment
+
+__all__ = [
+    "AsyncLlamaClient",
+    "BinaryFlags",
+    "Cause",
+    "GgufHeader",
+    "LlamaClient",
+    "ServerArgs",
+    "ServerProcess",
+    "check_gguf",
+    "child_environment",
+    "diagnose",
+    "parse_metrics",
+    "probe_flags",
+    "probe_health",
+    "validate_extra_args",
+]
+
+_WHERE: Final = {
+    "AsyncLlamaClient": "client",
+    "BinaryFlags": "flags",
+    "Cause": "diagnose",
+    "GgufHeader": "gguf",
+    "LlamaClient": "client",
+    "ServerArgs": "args",
+    "ServerProcess": "process",
+    "check_gguf": "gguf",
+    "child_environment": "process",
+    "diagnose": "diagnose",
+    "parse_metrics": "client",
+    "probe_flags": "flags",
+    "probe_health": "health",
+    "validate_extra_args": "args",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,532 @@
+"""HTTP clients for llama-server's API: :class:`LlamaClient` (requests) and :class:`AsyncLlamaClient` (aiohttp).
+
+Both speak the OpenAI-compatible routes (``/v1/chat/completions``, ``/v1/completions``,
+``/v1/embeddings``, ``/v1/models``) and llama-server's own (``/tokenize``, ``/detokenize``,
+``/metrics``, ``/slots``, ``/props``, ``/health``). The ``openai`` SDK works against
+``client.openai_base_url`` (the server URL + ``/v1``) just as well; these clients exist so the
+common calls need no extra dependency and so errors arrive as
+:class:`~llama_proc.errors.ServerRequestError`.
+
+Streaming: llama-server sends server-sent events, one ``data: {json}`` line per chunk, then
+``data: [DONE]``. With ``stream_options.include_usage`` (set by default here) the last chunk
+has empty ``choices`` and carries ``usage`` and ``timings``. An error in mid-stream arrives as
+``data: {"error": ...}`` and is raised. Chunks are yielded as they arrive: the HTTP body is read
+chunk by chunk, never buffered to a fixed size. llama-server closes the connection after each
+stream, so streams are sent with ``Connection: close``.
+
+``requests`` and ``aiohttp`` are imported when a client is first used, not at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from llama_proc.errors import ServerRequestError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+    from types import TracebackType
+
+    import aiohttp
+    import requests
+
+__all__ = [
+    "REQUEST_TIMEOUT",
+    "AsyncLlamaClient",
+    "LlamaClient",
+    "parse_metrics",
+    "parse_sse_line",
+]
+
+REQUEST_TIMEOUT: Final = 600.0
+"""Default seconds to wait for a response (generation can be slow on CPU)."""
+CONNECT_TIMEOUT: Final = 10.0
+"""Seconds to establish a connection."""
+KEEPALIVE_TIMEOUT: Final = 3.0
+"""Seconds an idle pooled connection is reused; below llama-server's own 5 s limit."""
+_ERROR_BODY_LIMIT: Final = 2000
+_STREAM_HEADERS: Final = {"Connection": "close"}
+"""llama-server closes the connection after every streamed response without saying so;
+asking for ``Connection: close`` makes it say so, so no client pool reuses a dead socket."""
+
+Message = dict[str, Any]
+_DONE: Final = object()
+
+
+def parse_sse_line(line: bytes | str) -> Any:
+    """Decode one server-sent-events line.
+
+    Returns:
+        The JSON payload of a ``data:`` line, ``None`` for lines to skip (blank, comments,
+        other fields), or a sentinel for ``data: [DONE]`` (check with :func:`is_done`).
+
+    Raises:
+        ServerRequestError: the line is an error event or not valid JSON.
+    """
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    text = text.strip()
+    if not text.startswith("data:"):
+        return None
+    data = text[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as err:
+        msg = f"malformed stream event from llama-server: {data[:200]!r}"
+        raise ServerRequestError(msg) from err
+    if isinstance(payload, dict) and "error" in payload:
+        error = payload["error"]
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        status = error.get("code") if isinstance(error, dict) else None
+        msg = f"llama-server reported an error mid-stream: {message}"
+        raise ServerRequestError(
+            msg,
+            status if isinstance(status, int) else None,
+            json.dumps(payload)[:_ERROR_BODY_LIMIT],
+        )
+    return payload
+
+
+def is_done(event: object) -> bool:
+    """Whether :func:`parse_sse_line` returned the end-of-stream marker."""
+    return event is _DONE
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Parse Prometheus text exposition (``/metrics``) into ``{name: value}``.
+
+    Series with labels keep them in the key (``name{label="x"}``); comments are skipped.
+    llama-server's metrics are named ``llamacpp:<name>``.
+    """
+    metrics: dict[str, float] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "}" in line:
+            name, _, rest = line.rpartition("}")
+            name += "}"
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            metrics[name.strip()] = float(fields[0])
+        except ValueError:
+            metrics[name.strip()] = math.nan
+    return metrics
+
+
+def _error_message(body: str) -> str:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body.strip()[:200]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and "message" in error:
+        return str(error["message"])
+    return body.strip()[:200]
+
+
+def _chat_body(
+    messages: Sequence[Message], params: Mapping[str, Any], *, stream: bool
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": list(messages), **params}
+    if stream:
+        body["stream"] = True
+        body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
+def _completion_body(prompt: Any, params: Mapping[str, Any], *, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, **params}
+    if stream:
+        body["stream"] = True
+        body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
+def _vectors(response: Mapping[str, Any]) -> list[list[float]]:
+    data = sorted(response.get("data", []), key=lambda d: d.get("index", 0))
+    return [list(d["embedding"]) for d in data]
+
+
+class LlamaClient:
+    """Blocking client for one llama-server.
+
+    Args:
+        base_url: the server root, e.g. ``http://127.0.0.1:8080`` (no ``/v1``).
+        api_key: sent as ``Authorization: Bearer`` when the server requires a key.
+        timeout: seconds to wait for each response; None = forever.
+        session: a ``requests.Session`` to use (default: a new one, closed by :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self._session = session
+        self._owns_session = session is None
+
+    @property
+    def openai_base_url(self) -> str:
+        """``base_url`` for the ``openai`` SDK: the server URL + ``/v1``."""
+        return f"{self.base_url}/v1"
+
+    @property
+    def session(self) -> requests.Session:
+        """The underlying ``requests.Session`` (created on first use)."""
+        if self._session is None:
+            import requests
+
+            self._session = requests.Session()
+            self._session.trust_env = False  # a local server: never route it through a proxy
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        """Send a request and return the response after checking its status.
+
+        Raises:
+            ServerRequestError: the server is unreachable, timed out, or answered >= 400.
+        """
+        import requests
+
+        url = f"{self.base_url}{path}"
+        try:
+            response = self.session.request(
+                method,
+                url,
+                json=json_body,
+                headers={**self._headers(), **(headers or {})},
+                stream=stream,
+                timeout=(CONNECT_TIMEOUT, self.timeout),
+            )
+        except requests.RequestException as err:
+            msg = f"{method} {url} failed: {err}"
+            raise ServerRequestError(msg) from err
+        if response.status_code >= 400:
+            body = response.text
+            response.close()
+            msg = f"{method} {path} failed: {_error_message(body)}"
+            raise ServerRequestError(msg, response.status_code, body[:_ERROR_BODY_LIMIT])
+        return response
+
+    def _json(self, method: str, path: str, body: Any = None) -> Any:
+        response = self.request(method, path, json_body=body)
+        try:
+            return response.json()
+        except ValueError as err:
+            msg = f"{method} {path} returned invalid JSON"
+            raise ServerRequestError(msg, response.status_code, response.text[:200]) from err
+
+    def _stream(self, path: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        import requests
+
+        response = self.request("POST", path, json_body=body, stream=True, headers=_STREAM_HEADERS)
+        with response:
+            try:
+                # chunk_size=None: hand over each HTTP chunk as it arrives (no fixed buffer).
+                for line in response.iter_lines(chunk_size=None):
+                    event = parse_sse_line(line)
+                    if is_done(event):
+                        return
+                    if event is not None:
+                        yield event
+            except requests.RequestException as err:
+                msg = f"POST {path}: the stream broke: {err}"
+                raise ServerRequestError(msg) from err
+
+    # -- API -----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health`` (no API key needed); raises while the model is loading (503)."""
+        result: dict[str, Any] = self._json("GET", "/health")
+        return result
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = self._json("GET", "/v1/models")
+        return result
+
+    def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``; ``params`` are OpenAI fields (max_tokens, temperature...)."""
+        result: dict[str, Any] = self._json(
+            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
+        )
+        return result
+
+    def chat_stream(self, messages: Sequence[Message], **params: Any) -> Iterator[dict[str, Any]]:
+        """Stream a chat completion: one dict per chunk; the last one carries ``usage``."""
+        return self._stream("/v1/chat/completions", _chat_body(messages, params, stream=True))
+
+    def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = self._json(
+            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
+        )
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Stream a text completion chunk by chunk."""
+        return self._stream("/v1/completions", _completion_body(prompt, params, stream=True))
+
+    def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings`` (the server must run with ``embeddings=True``)."""
+        result: dict[str, Any] = self._json("POST", "/v1/embeddings", {"input": input, **params})
+        return result
+
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``, in order."""
+        return _vectors(self.embeddings(texts))
+
+    def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """``POST /tokenize``: token ids for ``content``."""
+        result = self._json("POST", "/tokenize", {"content": content, "add_special": add_special})
+        return [int(t) for t in result["tokens"]]
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        """``POST /detokenize``: text for token ids."""
+        result = self._json("POST", "/detokenize", {"tokens": list(tokens)})
+        return str(result["content"])
+
+    def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed (the server must run with ``metrics=True``)."""
+        return parse_metrics(self.request("GET", "/metrics").text)
+
+    def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``: per-slot state."""
+        result: list[dict[str, Any]] = self._json("GET", "/slots")
+        return result
+
+    def props(self) -> dict[str, Any]:
+        """``GET /props``: server properties (model path, context size, chat template...)."""
+        result: dict[str, Any] = self._json("GET", "/props")
+        return result
+
+    def close(self) -> None:
+        """Close the HTTP session if this client created it."""
+        if self._session is not None and self._owns_session:
+            self._session.close()
+            self._session = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncLlamaClient:
+    """asyncio client for one llama-server (aiohttp); the same calls as :class:`LlamaClient`.
+
+    Args:
+        base_url: the server root (no ``/v1``).
+        api_key: sent as ``Authorization: Bearer`` when set.
+        timeout: seconds to wait for each response; None = forever.
+    """
+
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout: float | None = REQUEST_TIMEOUT
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def openai_base_url(self) -> str:
+        """``base_url`` for the ``openai`` SDK: the server URL + ``/v1``."""
+        return f"{self.base_url}/v1"
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s;
+                # aiohttp would reuse them for 15 s and fail with "Can not write request body".
+                connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_TIMEOUT),
+                timeout=aiohttp.ClientTimeout(total=self.timeout, connect=CONNECT_TIMEOUT),
+                headers={} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"},
+            )
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; the caller must release the response.
+
+        Raises:
+            ServerRequestError: the server is unreachable, timed out, or answered >= 400.
+        """
+        import aiohttp
+
+        url = f"{self.base_url}{path}"
+        try:
+            response = await self._get_session().request(
+                method, url, json=json_body, headers=headers
+            )
+        except (aiohttp.ClientError, TimeoutError) as err:
+            msg = f"{method} {url} failed: {err!r}"
+            raise ServerRequestError(msg) from err
+        if response.status >= 400:
+            body = await response.text()
+            response.release()
+            msg = f"{method} {path} failed: {_error_message(body)}"
+            raise ServerRequestError(msg, response.status, body[:_ERROR_BODY_LIMIT])
+        return response
+
+    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+        response = await self.request(method, path, json_body=body)
+        async with response:
+            try:
+                return await response.json(content_type=None)
+            except ValueError as err:
+                msg = f"{method} {path} returned invalid JSON"
+                raise ServerRequestError(msg, response.status) from err
+
+    async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        import aiohttp
+
+        response = await self.request("POST", path, json_body=body, headers=_STREAM_HEADERS)
+        async with response:
+            pending = b""
+            try:
+                # iter_any(): whatever bytes arrived, with no line-length limit of readline().
+                async for data in response.content.iter_any():
+                    *lines, pending = (pending + data).split(b"\n")
+                    for line in lines:
+                        event = parse_sse_line(line)
+                        if is_done(event):
+                            return
+                        if event is not None:
+                            yield event
+            except (aiohttp.ClientError, TimeoutError) as err:
+                msg = f"POST {path}: the stream broke: {err!r}"
+                raise ServerRequestError(msg) from err
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        result: dict[str, Any] = await self._json("GET", "/health")
+        return result
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = await self._json("GET", "/v1/models")
+        return result
+
+    async def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``."""
+        result: dict[str, Any] = await self._json(
+            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
+        )
+        return result
+
+    def chat_stream(
+        self, messages: Sequence[Message], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a chat completion (``async for chunk in client.chat_stream(...)``)."""
+        return self._stream("/v1/chat/completions", _chat_body(messages, params, stream=True))
+
+    async def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = await self._json(
+            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
+        )
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a text completion."""
+        return self._stream("/v1/completions", _completion_body(prompt, params, stream=True))
+
+    async def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings``."""
+        result: dict[str, Any] = await self._json(
+            "POST", "/v1/embeddings", {"input": input, **params}
+        )
+        return result
+
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``, in order."""
+        return _vectors(await self.embeddings(texts))
+
+    async def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """``POST /tokenize``."""
+        result = await self._json(
+            "POST", "/tokenize", {"content": content, "add_special": add_special}
+        )
+        return [int(t) for t in result["tokens"]]
+
+    async def detokenize(self, tokens: Iterable[int]) -> str:
+        """``POST /detokenize``."""
+        result = await self._json("POST", "/detokenize", {"tokens": list(tokens)})
+        return str(result["content"])
+
+    async def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed."""
+        response = await self.request("GET", "/metrics")
+        async with response:
+            return parse_metrics(await response.text())
+
+    async def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``."""
+        result: list[dict[str, Any]] = await self._json("GET", "/slots")
+        return result
+
+    async def props(self) -> dict[str, Any]:
+        """``GET /props``."""
+        result: dict[str, Any] = await self._json("GET", "/props")
+        return result
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,684 @@
+"""The facade: provision a llama-server if needed, run it, and talk to it.
+
+This is the only module that combines :mod:`llama_proc.provision` (where the binary comes from)
+and :mod:`llama_proc.runtime` (how it runs)::
+
+    from llama_proc import LlamaServer
+
+    with LlamaServer("model.gguf", ctx_size=4096) as server:
+        reply = server.chat([{"role": "user", "content": "Hello"}], max_tokens=32)
+        for chunk in server.chat_stream([{"role": "user", "content": "Count to 5"}]):
+            ...
+        openai_client = server.openai_client()      # the openai SDK on server.base_url
+
+``start()`` checks the model's GGUF header, resolves the binary (``binary=``, else
+``ensure_server(settings)``: explicit, bundled, cache, download, build), reads which flags that
+binary accepts, picks a free port (retrying with another one if a different process takes it
+first), spawns the server tied to this process's life and waits for ``/health``.
+:class:`AsyncLlamaServer` is the asyncio twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from llama_proc.errors import (
+    BinaryNotFoundError,
+    InvalidArgumentError,
+    ServerError,
+    ServerRequestError,
+    ServerStartError,
+)
+from llama_proc.runtime.args import ServerArgs
+from llama_proc.runtime.client import REQUEST_TIMEOUT, AsyncLlamaClient, LlamaClient
+from llama_proc.runtime.flags import probe_flags
+from llama_proc.runtime.gguf import check_gguf
+from llama_proc.runtime.process import (
+    LOG_CAPACITY,
+    STALL_TIMEOUT,
+    STOP_GRACE,
+    ServerProcess,
+    child_environment,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+    from types import TracebackType
+
+    from llama_proc.config import Settings
+    from llama_proc.runtime.flags import BinaryFlags
+    from llama_proc.runtime.lifetime import Lifetime
+
+__all__ = ["PORT_ATTEMPTS", "AsyncLlamaServer", "LlamaServer", "reserve_port"]
+
+logger = logging.getLogger(__name__)
+
+PORT_ATTEMPTS: Final = 3
+"""Starts tried with a fresh free port when another process takes the chosen one first."""
+_NO_KEY: Final = "sk-no-key-required"
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` right now (bind to port 0, read it, close).
+
+    Another process can take it before llama-server binds it; :class:`LlamaServer` detects
+    that ("couldn't bind") and retries with a new port.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host.strip("[]"), 0))
+        return int(sock.getsockname()[1])
+
+
+class LlamaServer:
+    """A llama-server process for one model, with the API client on the same object.
+
+    Args:
+        model: path of the GGUF model (or set ``args.model``).
+        args: base options; keyword ``options`` and ``host``/``port``/``api_key`` override it.
+        binary: the llama-server to run; None = ``llama_proc.provision.ensure_server(settings)``.
+        settings: provisioning settings used when ``binary`` is None (default: from env).
+        host: address to listen on (default 127.0.0.1).
+        port: TCP port; None = a free one; 0 = let llama-server choose (learned from its log).
+        api_key: require this key from clients; passed to the child in its environment.
+        start_timeout: default total seconds for ``start()``; None = no total limit.
+        stall_timeout: default seconds without server output before a start counts as stalled.
+        stop_grace: seconds between SIGTERM and SIGKILL when stopping.
+        env: base environment for the child (default ``os.environ``); ``LLAMA_ARG_*`` and
+            ``LLAMA_API_KEY`` are always removed from it (see
+            :func:`~llama_proc.runtime.process.child_environment`).
+        lifetime: how the child is tied to this process ("auto" = the platform's way).
+        request_timeout: seconds the client waits for each response.
+        log_capacity: lines of server output kept.
+        check_rpc_workers: probe ``rpc`` workers before spawning, for a clear error.
+        **options: :class:`~llama_proc.runtime.args.ServerArgs` fields (ctx_size, threads...).
+
+    Raises:
+        InvalidArgumentError: an unknown option or an invalid value.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        args: ServerArgs | None = None,
+        binary: str | os.PathLike[str] | None = None,
+        settings: Settings | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        api_key: str | None = None,
+        start_timeout: float | None = None,
+        stall_timeout: float | None = STALL_TIMEOUT,
+        stop_grace: float = STOP_GRACE,
+        env: Mapping[str, str] | None = None,
+        lifetime: Lifetime = "auto",
+        request_timeout: float | None = REQUEST_TIMEOUT,
+        log_capacity: int = LOG_CAPACITY,
+        check_rpc_workers: bool = True,
+        **options: Any,
+    ) -> None:
+        named = {"model": model, "host": host, "port": port, "api_key": api_key}
+        overrides = {**options, **{k: v for k, v in named.items() if v is not None}}
+        base = args if args is not None else ServerArgs()
+        self.args: ServerArgs = base.replace(**overrides) if overrides else base
+        if self.args.model is None:
+            msg = "no model given: pass the path of a .gguf file as the first argument"
+            raise InvalidArgumentError(msg)
+        self.binary: Path | None = None if binary is None else Path(binary).expanduser()
+        self.settings = settings
+        self.start_timeout = start_timeout
+        self.stall_timeout = stall_timeout
+        self.stop_grace = stop_grace
+        self.env = None if env is None else dict(env)
+        self.lifetime: Lifetime = lifetime
+        self.request_timeout = request_timeout
+        self.log_capacity = log_capacity
+        self.check_rpc_workers = check_rpc_workers
+        self.flags: BinaryFlags | None = None
+        """What the binary accepts (after start; None if its --help could not be read)."""
+        self._proc: ServerProcess | None = None
+        self._client: LlamaClient | None = None
+        self._lock = threading.RLock()
+        self._abort = threading.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None, stall_timeout: float | None = None) -> Self:
+        """Start the server and wait until it is ready; a no-op when it already runs.
+
+        ``stop()`` or :meth:`abort_start` from another thread abandons a start in progress
+        (the half-started child is stopped and ``start()`` raises ServerStartError).
+
+        Args:
+            timeout: total seconds allowed (default: ``start_timeout``; None = no limit).
+            stall_timeout: seconds without server output (default: ``stall_timeout``).
+
+        Raises:
+            ModelFileError: the model is missing or not GGUF (nothing is spawned).
+            BinaryNotFoundError: ``binary`` does not exist or is not executable.
+            ProvisionError: provisioning a binary failed (when ``binary`` is None).
+            InvalidArgumentError: an option this binary does not accept.
+            ServerStartError: the server exited before it was ready; ``cause`` says why (bad
+                flag, bad model, port in use, out of memory) and ``log_tail`` shows its output.
+            ServerNotReadyError: the total or stall timeout passed (the child is stopped).
+        """
+        timeout = self.start_timeout if timeout is None else timeout
+        stall = self.stall_timeout if stall_timeout is None else stall_timeout
+        with self._lock:
+            if self._proc is not None and self._proc.is_running:
+                return self
+            self._abort.clear()
+            self._stop_locked(self.stop_grace)
+            assert self.args.model is not None  # noqa: S101 - checked in __init__
+            check_gguf(self.args.model)
+            binary = self._resolve_binary()
+            env = child_environment(self.env, extra=self.args.to_env())
+            self.flags = probe_flags(binary, env)
+            if self.args.rpc and self.check_rpc_workers:
+                from llama_proc.runtime.rpc import check_workers, local_rpc_version
+
+                # Workers must speak this build's protocol: llama-server itself would abort
+                # with a backtrace on a mismatch, or hang on a busy worker.
+                check_workers(self.args.rpc, expected=local_rpc_version(binary))
+            auto_port = self.args.port is None
+            attempts = PORT_ATTEMPTS if auto_port else 1
+            for attempt in range(1, attempts + 1):
+                port = reserve_port(self.args.host) if auto_port else self.args.port
+                assert port is not None  # noqa: S101 - reserve_port or explicit
+                argv = [str(binary), *self.args.replace(port=port).to_argv(self.flags)]
+                proc = ServerProcess(
+                    argv,
+                    env=env,
+                    host=self.args.host,
+                    port=port,
+                    lifetime=self.lifetime,
+                    stop_grace=self.stop_grace,
+                    log_capacity=self.log_capacity,
+                )
+                proc.start()
+                self._proc = proc  # pid, logs() and returncode are visible while it loads
+                try:
+                    proc.wait_ready(timeout, stall, cancel=self._abort)
+                except ServerStartError:
+                    proc.stop(self.stop_grace)
+                    failure = proc.failure
+                    if failure is not None and failure.kind == "port_in_use" and attempt < attempts:
+                        logger.info(
+                            "port %d was taken before llama-server bound it; retrying", port
+                        )
+                        continue
+                    raise
+                except BaseException:
+                    proc.stop(self.stop_grace)
+                    raise
+                self._client = LlamaClient(
+                    proc.url, api_key=self.args.api_key, timeout=self.request_timeout
+                )
+                return self
+            msg = "could not find a free port"  # pragma: no cover - the loop returns or raises
+            raise ServerStartError(msg)
+
+    def _resolve_binary(self) -> Path:
+        if self.binary is not None:
+            if not self.binary.is_file():
+                msg = f"llama-server binary {self.binary} does not exist"
+                raise BinaryNotFoundError(msg)
+            if os.name == "posix" and not os.access(self.binary, os.X_OK):
+                msg = f"llama-server binary {self.binary} is not executable (chmod +x it)"
+                raise BinaryNotFoundError(msg)
+            return self.binary
+        from llama_proc.config import Settings
+        from llama_proc.provision import ensure_server
+
+        install = ensure_server(self.settings if self.settings is not None else Settings.from_env())
+        self.binary = install.server_binary
+        return self.binary
+
+    def abort_start(self) -> None:
+        """Make a ``start()`` running in another thread give up (it stops its child)."""
+        self._abort.set()
+
+    def stop(self, grace: float | None = None) -> int | None:
+        """Stop the server (SIGTERM to its group, then SIGKILL after ``grace``); idempotent.
+
+        Also abandons a ``start()`` in progress in another thread.
+
+        Returns:
+            Its exit status, or None if it was never started.
+        """
+        self._abort.set()
+        with self._lock:
+            return self._stop_locked(self.stop_grace if grace is None else grace)
+
+    def _stop_locked(self, grace: float) -> int | None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        proc = self._proc
+        return None if proc is None else proc.stop(grace)
+
+    def restart(self, timeout: float | None = None, stall_timeout: float | None = None) -> Self:
+        """Stop and start again with the same options (a new free port if none was fixed).
+
+        Raises:
+            ServerStartError: as :meth:`start`.
+            ServerNotReadyError: as :meth:`start`.
+        """
+        with self._lock:
+            self.stop()
+            return self.start(timeout, stall_timeout)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def process(self) -> ServerProcess:
+        """The running :class:`~llama_proc.runtime.process.ServerProcess`.
+
+        Raises:
+            ServerError: the server was never started.
+        """
+        if self._proc is None:
+            msg = "the server was not started; call start() or use it as a context manager"
+            raise ServerError(msg)
+        return self._proc
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the child process is alive (False after a crash or stop())."""
+        return self._proc is not None and self._proc.is_running
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid (None before start)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once it exited."""
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on.
+
+        Raises:
+            ServerError: the server was never started.
+        """
+        return self.process.port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the server.
+
+        Raises:
+            ServerError: the server was never started.
+        """
+        return self.process.url
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-compatible base URL (``url`` + ``/v1``) for the ``openai`` SDK."""
+        return f"{self.url}/v1"
+
+    @property
+    def api_key(self) -> str | None:
+        """The key clients must send, if any."""
+        return self.args.api_key
+
+    @property
+    def ready_after(self) -> float | None:
+        """Seconds from spawn to ready for the current process."""
+        return None if self._proc is None else self._proc.ready_after
+
+    def logs(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines the server printed (all kept when None)."""
+        return [] if self._proc is None else self._proc.logs(n)
+
+    @property
+    def client(self) -> LlamaClient:
+        """The HTTP client for the running server.
+
+        Raises:
+            ServerError: the server is not started.
+        """
+        if self._client is None:
+            msg = "the server is not running; call start() first"
+            raise ServerError(msg)
+        return self._client
+
+    def openai_client(self, **kwargs: Any) -> Any:
+        """An ``openai.OpenAI`` client pointed at this server (needs the ``openai`` package)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=self.api_key or _NO_KEY, **kwargs)
+
+    # -- API -----------------------------------------------------------------------------
+
+    def _crash_check(self, err: ServerRequestError) -> None:
+        """Turn a connection failure into the child's exit status, if it died."""
+        if err.status is None and self._proc is not None:
+            self._proc.check_alive()
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except ServerRequestError as err:
+            self._crash_check(err)
+            raise
+
+    def _iterate(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        try:
+            yield from chunks
+        except ServerRequestError as err:
+            self._crash_check(err)
+            raise
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        result: dict[str, Any] = self._call("health")
+        return result
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = self._call("models")
+        return result
+
+    def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``; ``params`` are OpenAI request fields."""
+        result: dict[str, Any] = self._call("chat", messages, **params)
+        return result
+
+    def chat_stream(
+        self, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Stream a chat completion as chunks; the last chunk carries ``usage``."""
+        return self._iterate(self.client.chat_stream(messages, **params))
+
+    def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = self._call("complete", prompt, **params)
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Stream a text completion as chunks."""
+        return self._iterate(self.client.complete_stream(prompt, **params))
+
+    def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings`` (start the server with ``embeddings=True``)."""
+        result: dict[str, Any] = self._call("embeddings", input, **params)
+        return result
+
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``."""
+        result: list[list[float]] = self._call("embed", texts)
+        return result
+
+    def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """Token ids for ``content``."""
+        result: list[int] = self._call("tokenize", content, add_special=add_special)
+        return result
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        """Text for token ids."""
+        result: str = self._call("detokenize", tokens)
+        return result
+
+    def metrics(self) -> dict[str, float]:
+        """Parsed ``/metrics`` (start the server with ``metrics=True``)."""
+        result: dict[str, float] = self._call("metrics")
+        return result
+
+    def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``."""
+        result: list[dict[str, Any]] = self._call("slots")
+        return result
+
+    def props(self) -> dict[str, Any]:
+        """``GET /props``."""
+        result: dict[str, Any] = self._call("props")
+        return result
+
+    # -- context manager -----------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self._proc.url if self._proc is not None else "not started"
+        state = "running" if self.is_running else "stopped"
+        return f"<LlamaServer {self.args.model} {state} {where}>"
+
+
+class AsyncLlamaServer:
+    """The asyncio twin of :class:`LlamaServer` (same arguments).
+
+    Process management runs in a worker thread (the child itself is forked by the runtime's
+    long-lived spawner thread, so it does not die with that worker); API calls use aiohttp.
+    Cancelling ``start()`` stops the half-started child before the cancellation propagates.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        self._server = LlamaServer(model, **kwargs)
+        self._client: AsyncLlamaClient | None = None
+
+    @property
+    def server(self) -> LlamaServer:
+        """The underlying synchronous :class:`LlamaServer`."""
+        return self._server
+
+    @property
+    def args(self) -> ServerArgs:
+        """The server's options."""
+        return self._server.args
+
+    async def start(self, timeout: float | None = None, stall_timeout: float | None = None) -> Self:
+        """Start the server and wait until ready (see :meth:`LlamaServer.start`).
+
+        Raises:
+            ModelFileError: as :meth:`LlamaServer.start`.
+            ServerStartError: as :meth:`LlamaServer.start`.
+            ServerNotReadyError: as :meth:`LlamaServer.start`.
+        """
+        import asyncio
+
+        task = asyncio.ensure_future(asyncio.to_thread(self._server.start, timeout, stall_timeout))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._server.abort_start()
+            with contextlib.suppress(BaseException):
+                await task
+            await asyncio.to_thread(self._server.stop)
+            raise
+        self._client = AsyncLlamaClient(
+            self._server.url, api_key=self._server.api_key, timeout=self._server.request_timeout
+        )
+        return self
+
+    async def stop(self, grace: float | None = None) -> int | None:
+        """Stop the server; idempotent."""
+        import asyncio
+
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+        return await asyncio.to_thread(self._server.stop, grace)
+
+    async def restart(
+        self, timeout: float | None = None, stall_timeout: float | None = None
+    ) -> Self:
+        """Stop and start again."""
+        await self.stop()
+        return await self.start(timeout, stall_timeout)
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the child process is alive."""
+        return self._server.is_running
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid."""
+        return self._server.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once it exited."""
+        return self._server.returncode
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the server."""
+        return self._server.url
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-compatible base URL."""
+        return self._server.base_url
+
+    @property
+    def ready_after(self) -> float | None:
+        """Seconds from spawn to ready."""
+        return self._server.ready_after
+
+    def logs(self, n: int | None = None) -> list[str]:
+        """The last ``n`` lines the server printed."""
+        return self._server.logs(n)
+
+    @property
+    def client(self) -> AsyncLlamaClient:
+        """The aiohttp client for the running server.
+
+        Raises:
+            ServerError: the server is not started.
+        """
+        if self._client is None:
+            msg = "the server is not running; await start() first"
+            raise ServerError(msg)
+        return self._client
+
+    def openai_client(self, **kwargs: Any) -> Any:
+        """An ``openai.AsyncOpenAI`` client pointed at this server."""
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(
+            base_url=self.base_url, api_key=self._server.api_key or _NO_KEY, **kwargs
+        )
+
+    def _crash_check(self, err: ServerRequestError) -> None:
+        if err.status is None and self._server._proc is not None:
+            self._server._proc.check_alive()
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self.client, method)(*args, **kwargs)
+        except ServerRequestError as err:
+            self._crash_check(err)
+            raise
+
+    async def _iterate(
+        self, chunks: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ServerRequestError as err:
+            self._crash_check(err)
+            raise
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        result: dict[str, Any] = await self._call("health")
+        return result
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = await self._call("models")
+        return result
+
+    async def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``."""
+        result: dict[str, Any] = await self._call("chat", messages, **params)
+        return result
+
+    def chat_stream(
+        self, messages: Sequence[dict[str, Any]], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a chat completion (``async for``); the last chunk carries ``usage``."""
+        return self._iterate(self.client.chat_stream(messages, **params))
+
+    async def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = await self._call("complete", prompt, **params)
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a text completion."""
+        return self._iterate(self.client.complete_stream(prompt, **params))
+
+    async def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings``."""
+        result: dict[str, Any] = await self._call("embeddings", input, **params)
+        return result
+
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``."""
+        result: list[list[float]] = await self._call("embed", texts)
+        return result
+
+    async def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """Token ids for ``content``."""
+        result: list[int] = await self._call("tokenize", content, add_special=add_special)
+        return result
+
+    async def detokenize(self, tokens: Iterable[int]) -> str:
+        """Text for token ids."""
+        result: str = await self._call("detokenize", tokens)
+        return result
+
+    async def metrics(self) -> dict[str, float]:
+        """Parsed ``/metrics``."""
+        result: dict[str, float] = await self._call("metrics")
+        return result
+
+    async def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``."""
+        result: list[dict[str, Any]] = await self._call("slots")
+        return result
+
+    async def props(self) -> dict[str, Any]:
+        """``GET /props``."""
+        result: dict[str, Any] = await self._call("props")
+        return result
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __repr__(self) -> str:
+        return "<Async" + repr(self._server)[1:]

@@ -1,0 +1,143 @@
+"""A stand-in for llama-server, only for faults a real server cannot be made to produce.
+
+Run as ``[sys.executable, fake_llama_server.py, --port N, --mode M, ...]``. It logs in
+llama.cpp's format (``0.00.012.345 I srv ...``) to stderr and serves:
+
+* ``/health``: 503 ``Loading model`` until ready, then 200 (or never, by mode);
+* ``/argv``: its command line; ``/env``: its environment (to check what the runtime passes);
+* ``/v1/models``: a model list, or a hang (mode ``hang-after-health``).
+
+Modes: ``ready`` (after ``--delay`` s), ``never-ready`` (503 forever, keeps logging),
+``silent`` (503 forever, prints nothing: a stalled load), ``exit`` (prints a load error and
+exits with ``--exit-code``), ``hang-after-health`` (healthy, then every other route hangs),
+``ignore-term`` (ready, ignores SIGTERM so only SIGKILL stops it), ``lose-first-term`` (ready,
+loses the first SIGTERM and exits on the second, like llama-server's shutdown race), ``dots`` (like never-ready
+but only prints progress dots without newlines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+START = time.monotonic()
+
+
+def log(level: str, text: str) -> None:
+    elapsed = time.monotonic() - START
+    minutes, seconds = divmod(elapsed, 60)
+    stamp = f"{int(minutes) // 60}.{int(minutes) % 60:02d}.{seconds:06.3f}"
+    sys.stderr.write(f"{stamp} {level} srv  {text}\n")
+    sys.stderr.flush()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--mode", default="ready")
+    parser.add_argument("--delay", type=float, default=0.2)
+    parser.add_argument("--exit-code", type=int, default=1)
+    parser.add_argument("--no-listening-line", action="store_true")
+    args, _unknown = parser.parse_known_args()
+
+    if args.mode in ("ignore-term",):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.mode == "lose-first-term":
+        # llama-server's race: the first SIGTERM is lost, a second one exits at once
+        terms: list[int] = []
+
+        def on_term(signum: int, frame: object) -> None:
+            terms.append(signum)
+            if len(terms) > 1:
+                os._exit(1)
+
+        signal.signal(signal.SIGTERM, on_term)
+
+    log("I", "llama_server: initializing ...")
+    if args.mode == "exit":
+        time.sleep(args.delay)
+        log("E", "gguf_init_from_reader: invalid magic characters: 'abcd', expected 'GGUF'")
+        log("E", "load_model: failed to load model, 'fake.gguf'")
+        return int(args.exit_code)
+
+    ready = threading.Event()
+    hang = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *a: object) -> None:
+            pass
+
+        def _send(self, status: int, payload: object) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                if ready.is_set():
+                    self._send(200, {"status": "ok"})
+                else:
+                    self._send(503, {"error": {"code": 503, "message": "Loading model"}})
+            elif self.path == "/argv":
+                self._send(200, sys.argv)
+            elif self.path == "/env":
+                self._send(200, dict(os.environ))
+            elif hang.is_set():
+                time.sleep(3600)
+            else:
+                self._send(200, {"object": "list", "data": [{"id": "fake"}]})
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    ThreadingHTTPServer.address_family = family
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), Handler)
+    except OSError:
+        log(
+            "E",
+            f"start: couldn't bind HTTP server socket, hostname: {args.host}, port: {args.port}",
+        )
+        log("E", "llama_server: exiting due to HTTP server error")
+        return 1
+    server.daemon_threads = True
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log("I", "load_model: loading model 'fake.gguf'")
+
+    if args.mode in ("ready", "hang-after-health", "ignore-term", "lose-first-term"):
+        time.sleep(args.delay)
+        ready.set()
+        if args.mode == "hang-after-health":
+            hang.set()
+        log("I", "llama_server: model loaded")
+        if not args.no_listening_line:
+            log("I", f"llama_server: listening on http://{args.host}:{port}")
+    elif args.mode == "never-ready":
+        while True:
+            time.sleep(0.1)
+            log("I", "load_tensors: still loading")
+    elif args.mode == "dots":
+        while True:
+            time.sleep(0.1)
+            sys.stderr.write(".")
+            sys.stderr.flush()
+    elif args.mode == "silent":
+        pass
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
