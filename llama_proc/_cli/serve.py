@@ -1,0 +1,277 @@
+"""``llama-proc serve``: the OpenAI-compatible proxy over a pool of llama-servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import argparse
+
+API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8000
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` command."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run an OpenAI-compatible proxy that starts llama-servers on demand",
+        description=(
+            "Serve /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models for "
+            "the models in a config file or folder. Each (model, X-Llama-Flags) pair gets its "
+            "own llama-server, started on first use, evicted least-recently-used beyond "
+            "--max-servers and unloaded after --idle-ttl seconds idle."
+        ),
+    )
+    src = p.add_argument_group("models")
+    src.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="models config (TOML: [defaults] and [models.<id>] tables with path = ...); "
+        "default: $LLAMA_PROC_CONFIG",
+    )
+    src.add_argument(
+        "--models-dir",
+        type=Path,
+        metavar="DIR",
+        help="also offer every .gguf file under DIR, named by its relative path without .gguf",
+    )
+    src.add_argument(
+        "--server-bin",
+        type=Path,
+        metavar="PATH",
+        help="run this llama-server instead of a provisioned one (default: $LLAMA_PROC_SERVER_BIN "
+        "or the provisioning ladder)",
+    )
+    net = p.add_argument_group("network and security")
+    net.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})"
+    )
+    net.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to bind; 0 picks a free one (default: {DEFAULT_PORT})",
+    )
+    net.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow binding an address other than loopback (use with API keys)",
+    )
+    net.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="F",
+        help=f"file with accepted API keys, one per line ('#' comments); also ${API_KEYS_ENV} "
+        "(comma-separated). Without any key the proxy needs none",
+    )
+    net.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest request body accepted (default: 16 MiB)",
+    )
+    pool = p.add_argument_group("server pool")
+    pool.add_argument(
+        "--max-servers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most llama-servers up at once; the least recently used idle one is stopped to "
+        "make room, a busy one only after its requests end (default: 1)",
+    )
+    pool.add_argument(
+        "--idle-ttl",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a server idle for S seconds; 0 = never (default: 600; a model's idle_ttl wins)",
+    )
+    pool.add_argument(
+        "--start-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a server may take to load its model (default: the runtime's)",
+    )
+    pool.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a request waits for a free server slot before a 503 (default: 600)",
+    )
+    tmo = p.add_argument_group("request timeouts")
+    tmo.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds until llama-server's first response byte; a non-streamed answer is "
+        "generated before it (default: 600)",
+    )
+    tmo.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a stream may go without a byte before it is cut off (default: 120)",
+    )
+    tmo.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds running requests get to finish on shutdown (default: 30)",
+    )
+    p.set_defaults(handler=run)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback address (``localhost``, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
+    """API keys from a file (one per line, ``#`` comments) and a comma-separated variable.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    from llama_proc.errors import ConfigError
+
+    keys: list[str] = []
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            msg = f"cannot read --api-key-file {path}: {err.strerror or err}"
+            raise ConfigError(msg) from err
+        for line in text.splitlines():
+            line = line.strip()  # noqa: PLW2901 - the stripped line is the key
+            if line and not line.startswith("#"):
+                keys.append(line)
+    if env_value:
+        keys.extend(k.strip() for k in env_value.split(",") if k.strip())
+    return tuple(dict.fromkeys(keys))
+
+
+def _positive(name: str, value: float | None) -> None:
+    from llama_proc.errors import ConfigError
+
+    if value is not None and value <= 0:
+        msg = f"{name} must be a positive number"
+        raise ConfigError(msg)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the proxy until SIGINT/SIGTERM."""
+    import asyncio
+    import logging
+    import os
+    import sys
+
+    from llama_proc.config import Settings
+    from llama_proc.errors import ConfigError
+    from llama_proc.proxy.config import load_models
+    from llama_proc.proxy.pool import (
+        DEFAULT_IDLE_TTL,
+        DEFAULT_MAX_SERVERS,
+        DEFAULT_QUEUE_TIMEOUT,
+        LlamaServerFactory,
+        ServerPool,
+    )
+
+    log = logging.getLogger("llama_proc.proxy")
+    if not args.allow_remote and not is_loopback(args.host):
+        msg = (
+            f"refusing to bind {args.host}: it is not a loopback address; pass --allow-remote "
+            "(and set API keys) to serve other machines"
+        )
+        raise ConfigError(msg)
+    if not 0 <= args.port <= 65535:
+        msg = f"--port {args.port} is not a port number (0-65535)"
+        raise ConfigError(msg)
+    for name in ("first_byte_timeout", "stall_timeout", "start_timeout", "queue_timeout"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.max_servers is not None and args.max_servers < 1:
+        msg = "--max-servers must be at least 1"
+        raise ConfigError(msg)
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        msg = "--max-body-bytes must be at least 1024"
+        raise ConfigError(msg)
+    if args.idle_ttl is not None and args.idle_ttl < 0:
+        msg = "--idle-ttl must be >= 0 (0 = never unload)"
+        raise ConfigError(msg)
+    api_keys = read_api_keys(args.api_key_file, os.environ.get(API_KEYS_ENV))
+    if args.allow_remote and not is_loopback(args.host) and not api_keys:
+        log.warning("serving %s without API keys: anyone who can reach it can use it", args.host)
+    models = load_models(args.config, args.models_dir)
+
+    # Resolve the binary once, up front: a provisioning problem shows now, not on the first
+    # request, and every server in the pool runs the same build.
+    from llama_proc.provision import ensure_server
+
+    settings = Settings.from_env(server_binary=args.server_bin)
+    binary = ensure_server(settings).server_binary
+
+    from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+
+    defaults = ProxyOptions()
+    options = ProxyOptions(
+        api_keys=api_keys,
+        max_body_bytes=args.max_body_bytes or defaults.max_body_bytes,
+        first_byte_timeout=args.first_byte_timeout or defaults.first_byte_timeout,
+        stall_timeout=args.stall_timeout or defaults.stall_timeout,
+        drain_timeout=args.drain_timeout if args.drain_timeout is not None else 30.0,
+    )
+    # With proxy keys, the servers get a key of their own too: they listen on loopback ports
+    # any local user could reach, and the proxy's keys must not be that easy to go around.
+    import secrets
+
+    factory = LlamaServerFactory(
+        binary=binary,
+        settings=settings,
+        start_timeout=args.start_timeout,
+        api_key=secrets.token_urlsafe(32) if api_keys else None,
+    )
+
+    def ready(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        names = ", ".join(spec.id for spec in models)
+        print(
+            f"llama-proc serve: listening on http://{shown}:{port} "
+            f"({len(models)} model(s): {names}; llama-server {binary})",
+            flush=True,
+        )
+
+    async def main() -> None:
+        pool = ServerPool(
+            factory,
+            max_servers=args.max_servers or DEFAULT_MAX_SERVERS,
+            idle_ttl=DEFAULT_IDLE_TTL if args.idle_ttl is None else args.idle_ttl,
+            queue_timeout=args.queue_timeout or DEFAULT_QUEUE_TIMEOUT,
+        )
+        app = create_app(models, pool, options)
+        await run_proxy(
+            app, host=args.host, port=args.port, drain_timeout=options.drain_timeout, ready=ready
+        )
+
+    try:
+        asyncio.run(main())
+    except OSError as err:
+        msg = f"cannot serve on {args.host}:{args.port}: {err.strerror or err}"
+        raise ConfigError(msg) from err
+    print("llama-proc serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,81 @@
+"""``llama-proc serve``: an OpenAI-compatible proxy over a pool of llama-servers.
+
+The pool (:class:`ServerPool`) keys servers on (model, normalized flags), starts them on
+demand, evicts the least recently used one when ``max_servers`` is reached (never mid-request),
+unloads idle ones and restarts crashed ones. The aiohttp app (:func:`create_app`) routes
+OpenAI requests to the right server and streams responses through.
+
+Names are loaded on first use: importing this package does not import aiohttp.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+    from llama_proc.proxy.config import (
+        ModelsConfig,
+        ModelSpec,
+        load_models,
+        load_models_config,
+        scan_models_dir,
+    )
+    from llama_proc.proxy.flags import normalize_flags, parse_flags_header
+    from llama_proc.proxy.pool import (
+        LlamaServerFactory,
+        PoolBusyError,
+        PoolClosedError,
+        ServerFactory,
+        ServerHandle,
+        ServerInfo,
+        ServerPool,
+        server_key,
+    )
+
+__all__ = [
+    "LlamaServerFactory",
+    "ModelSpec",
+    "ModelsConfig",
+    "PoolBusyError",
+    "PoolClosedError",
+    "ProxyOptions",
+    "ServerFactory",
+    "ServerHandle",
+    "ServerInfo",
+    "ServerPool",
+    "create_app",
+    "load_models",
+    "load_models_config",
+    "normalize_flags",
+    "parse_flags_header",
+    "run_proxy",
+    "scan_models_dir",
+    "server_key",
+]
+
+_MODULES: Final = {
+    "app": ("ProxyOptions", "create_app", "run_proxy"),
+    "config": ("ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir"),
+    "flags": ("normalize_flags", "parse_flags_header"),
+    "pool": (
+        "LlamaServerFactory", "PoolBusyError", "PoolClosedError", "ServerFactory",
+        "ServerHandle", "ServerInfo", "ServerPool", "server_key",
+    ),
+}  # fmt: skip
+_WHERE: Final = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,0 +1,328 @@
+"""The proxy's models config: which model ids exist, their GGUF files and server options.
+
+A TOML file (``llama-proc serve --config FILE`` or ``LLAMA_PROC_CONFIG``)::
+
+    [defaults]                  # llama-server options for every model (ServerArgs fields)
+    ctx_size = 4096
+    threads = 4
+    idle_ttl = 600              # seconds an idle server stays loaded (proxy option)
+
+    [models.smollm2]
+    path = "SmolLM2-135M-Instruct.Q4_1.gguf"   # relative paths: relative to this file
+    ctx_size = 2048
+    extra_args = ["--temp", "0.7"]             # passed verbatim (trusted: it is your file)
+    aliases = ["smol"]
+
+Keys in a model table other than ``path``, ``extra_args``, ``aliases`` and ``idle_ttl`` are
+:class:`~llama_proc.runtime.ServerArgs` fields. ``model``, ``host`` and ``port`` are chosen by
+the pool and refused here.
+
+A models directory (``--models-dir DIR``) adds every ``*.gguf`` under it, named by its path
+relative to the directory without the suffix (``sub/Model.Q4_K_M``); the first shard of a split
+model (``-00001-of-00003``) stands for the whole model and ``mmproj*`` projector files are
+skipped. Ids from the config file win over scanned ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from llama_proc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Mapping
+
+__all__ = [
+    "CONFIG_ENV",
+    "ModelSpec",
+    "ModelsConfig",
+    "load_models",
+    "load_models_config",
+    "scan_models_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ENV: Final = "LLAMA_PROC_CONFIG"
+"""Environment variable naming the models config file when ``--config`` is not given."""
+
+_MODEL_KEYS: Final = frozenset({"path", "extra_args", "aliases", "idle_ttl"})
+_DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl"})
+_POOL_OWNED: Final = frozenset({"model", "host", "port"})
+_SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})$")
+_ID_RE: Final = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One model the proxy can serve.
+
+    Attributes:
+        id: the name clients put in ``model``.
+        path: the GGUF file (first shard for split models).
+        options: :class:`~llama_proc.runtime.ServerArgs` keyword arguments.
+        extra_args: trusted extra llama-server flags from the config, placed before per-request
+            flags.
+        aliases: other names that resolve to this model.
+        idle_ttl: seconds an idle server stays up; None = the pool default, 0 = never unload.
+        source: where the entry came from (for ``/v1/models`` and error messages).
+    """
+
+    id: str
+    path: Path
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    extra_args: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    idle_ttl: float | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The set of models the proxy serves, by id, with alias lookup."""
+
+    models: Mapping[str, ModelSpec]
+    _names: Mapping[str, str] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        names: dict[str, str] = {model_id: model_id for model_id in self.models}
+        for spec in self.models.values():
+            for alias in spec.aliases:
+                if names.setdefault(alias, spec.id) != spec.id:
+                    msg = (
+                        f"model alias {alias!r} of {spec.id!r} is already used by "
+                        f"{names[alias]!r}; give it a different name"
+                    )
+                    raise ConfigError(msg)
+        object.__setattr__(self, "_names", MappingProxyType(names))
+
+    def resolve(self, name: str) -> ModelSpec | None:
+        """The model called ``name`` (an id or an alias), or None."""
+        model_id = self._names.get(name)
+        return None if model_id is None else self.models[model_id]
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __iter__(self) -> Iterator[ModelSpec]:
+        return iter(self.models.values())
+
+
+def load_models_config(path: Path) -> ModelsConfig:
+    """Read a models config TOML file.
+
+    Args:
+        path: the file; relative model paths in it are taken relative to its folder.
+
+    Raises:
+        ConfigError: the file is missing, not valid TOML, or an entry is invalid (the message
+            names the table and key).
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        msg = f"cannot read models config {path}: {err.strerror or err}"
+        raise ConfigError(msg) from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        msg = f"models config {path} is not valid TOML: {err}"
+        raise ConfigError(msg) from err
+    return _models_from_mapping(data, base=path.parent, where=str(path))
+
+
+def scan_models_dir(directory: Path, *, defaults: Mapping[str, Any] | None = None) -> ModelsConfig:
+    """Offer every GGUF file under ``directory`` as a model.
+
+    Args:
+        directory: folder to scan recursively (hidden folders and files are skipped).
+        defaults: a ``[defaults]``-style table applied to every scanned model.
+
+    Raises:
+        ConfigError: the folder does not exist.
+    """
+    if not directory.is_dir():
+        msg = f"models directory {directory} does not exist or is not a folder"
+        raise ConfigError(msg)
+    base_options, base_extra, base_ttl = _split_defaults(defaults or {}, where=str(directory))
+    models: dict[str, ModelSpec] = {}
+    for gguf in sorted(_iter_gguf(directory)):
+        rel = gguf.relative_to(directory).with_suffix("").as_posix()
+        shard = _SHARD_RE.search(rel)
+        if shard is not None:
+            if int(shard.group(1)) != 1:
+                continue
+            rel = rel[: shard.start()]
+        models[rel] = ModelSpec(
+            id=rel,
+            path=gguf,
+            options=MappingProxyType(dict(base_options)),
+            extra_args=base_extra,
+            idle_ttl=base_ttl,
+            source=f"dir:{directory}",
+        )
+    if not models:
+        logger.warning("no .gguf files found under %s", directory)
+    return ModelsConfig(models)
+
+
+def load_models(
+    config: Path | None = None,
+    models_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ModelsConfig:
+    """Build the served model set from a config file and/or a models directory.
+
+    Args:
+        config: the TOML file; when None, ``LLAMA_PROC_CONFIG`` from ``env`` is used if set.
+        models_dir: a folder to scan; its ``[defaults]`` come from the config file.
+        env: environment to read; ``os.environ`` when None.
+
+    Raises:
+        ConfigError: neither source was given, one is invalid, or no model was found.
+    """
+    source_env = os.environ if env is None else env
+    if config is None and source_env.get(CONFIG_ENV, "").strip():
+        config = Path(source_env[CONFIG_ENV].strip()).expanduser()
+    if config is None and models_dir is None:
+        msg = f"no models: pass --config FILE (or set {CONFIG_ENV}) or --models-dir DIR"
+        raise ConfigError(msg)
+    models: dict[str, ModelSpec] = {}
+    defaults: Mapping[str, Any] = {}
+    if config is not None:
+        configured = load_models_config(config)
+        defaults = _read_defaults(config)
+        models.update(configured.models)
+    if models_dir is not None:
+        for spec in scan_models_dir(models_dir, defaults=defaults):
+            models.setdefault(spec.id, spec)
+    if not models:
+        msg = "no models configured: the config file and models directory list none"
+        raise ConfigError(msg)
+    return ModelsConfig(models)
+
+
+def _read_defaults(config: Path) -> Mapping[str, Any]:
+    data = tomllib.loads(config.read_text(encoding="utf-8"))
+    defaults = data.get("defaults", {})
+    return defaults if isinstance(defaults, dict) else {}
+
+
+def _iter_gguf(directory: Path) -> Iterable[Path]:
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or not name.lower().endswith(".gguf"):
+                continue
+            if name.lower().startswith("mmproj"):
+                continue
+            yield Path(root) / name
+
+
+def _models_from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> ModelsConfig:
+    unknown = set(data) - {"defaults", "models"}
+    if unknown:
+        msg = f"{where}: unknown top-level table(s) {', '.join(sorted(unknown))}; use [defaults] and [models.<id>]"
+        raise ConfigError(msg)
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        msg = f"{where}: [defaults] must be a table"
+        raise ConfigError(msg)
+    base_options, base_extra, base_ttl = _split_defaults(defaults, where=where)
+    tables = data.get("models", {})
+    if not isinstance(tables, dict):
+        msg = f"{where}: [models] must be a table of [models.<id>] tables"
+        raise ConfigError(msg)
+    models: dict[str, ModelSpec] = {}
+    for model_id, table in tables.items():
+        ctx = f"{where}: [models.{_quote(model_id)}]"
+        if not _ID_RE.match(model_id):
+            msg = f"{ctx}: a model id must be non-empty and contain no spaces or control characters"
+            raise ConfigError(msg)
+        if not isinstance(table, dict):
+            msg = f"{ctx} must be a table with at least a path key"
+            raise ConfigError(msg)
+        raw_path = table.get("path")
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            msg = f"{ctx}: path is required and must be the GGUF file's path as a string"
+            raise ConfigError(msg)
+        model_path = Path(raw_path).expanduser()
+        if not model_path.is_absolute():
+            model_path = base / model_path
+        options = dict(base_options)
+        options.update({k: v for k, v in table.items() if k not in _MODEL_KEYS})
+        extra = (*base_extra, *_str_list(table.get("extra_args", []), f"{ctx}: extra_args"))
+        _check_options(options, ctx, extra)
+        aliases = _str_list(table.get("aliases", []), f"{ctx}: aliases")
+        ttl = _ttl(table["idle_ttl"], ctx) if "idle_ttl" in table else base_ttl
+        models[model_id] = ModelSpec(
+            id=model_id,
+            path=model_path,
+            options=MappingProxyType(options),
+            extra_args=extra,
+            aliases=aliases,
+            idle_ttl=ttl,
+            source=f"config:{where}",
+        )
+    try:
+        return ModelsConfig(models)
+    except ConfigError as err:
+        msg = f"{where}: {err}"
+        raise ConfigError(msg) from None
+
+
+def _split_defaults(
+    defaults: Mapping[str, Any], *, where: str
+) -> tuple[dict[str, Any], tuple[str, ...], float | None]:
+    ctx = f"{where}: [defaults]"
+    if "path" in defaults or "aliases" in defaults:
+        msg = f"{ctx}: path and aliases belong in a [models.<id>] table"
+        raise ConfigError(msg)
+    options = {k: v for k, v in defaults.items() if k not in _DEFAULT_KEYS}
+    extra = _str_list(defaults.get("extra_args", []), f"{ctx}: extra_args")
+    _check_options(options, ctx, extra)
+    ttl = _ttl(defaults["idle_ttl"], ctx) if "idle_ttl" in defaults else None
+    return options, extra, ttl
+
+
+def _check_options(options: Mapping[str, Any], ctx: str, extra: tuple[str, ...] = ()) -> None:
+    """Refuse bad options now rather than when a request first starts the model."""
+    owned = sorted(set(options) & _POOL_OWNED)
+    if owned:
+        msg = f"{ctx}: {', '.join(owned)} cannot be set here; the proxy chooses them"
+        raise ConfigError(msg)
+    from llama_proc.errors import InvalidArgumentError
+    from llama_proc.runtime import ServerArgs
+
+    try:
+        ServerArgs.from_options(**options, extra_args=extra)
+    except InvalidArgumentError as err:
+        msg = f"{ctx}: {err}"
+        raise ConfigError(msg) from None
+
+
+def _str_list(value: object, ctx: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        msg = f"{ctx} must be a list of strings"
+        raise ConfigError(msg)
+    return tuple(value)
+
+
+def _ttl(value: object, ctx: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = f"{ctx}: idle_ttl must be a number of seconds (0 = never unload)"
+        raise ConfigError(msg)
+    if value < 0 or not math.isfinite(value):
+        msg = f"{ctx}: idle_ttl must be a finite number >= 0"
+        raise ConfigError(msg)
+    return float(value)
+
+
+def _quote(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
