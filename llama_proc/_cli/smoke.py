@@ -6,12 +6,13 @@ package index, start a real server, ask it one question and print the answer and
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    import argparse
+
     from llama_proc.config import Settings
 
 __all__ = ["SMOKE_PROMPT", "run_smoke"]

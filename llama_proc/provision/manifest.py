@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ManifestError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 __all__ = [
     "IndexFile",
@@ -218,7 +220,9 @@ def _opt_str(ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any
     return value
 
 
-def _str_list(ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any) -> tuple[str, ...]:
+def _str_list(
+    ctx: _Ctx, data: Mapping[str, Any], key: str, name: str, **loc: Any
+) -> tuple[str, ...]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise ctx.fail(name, "must be a list of non-empty strings", **loc)
@@ -260,7 +264,9 @@ def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
         raise ctx.fail(name, "must be an inline table", **loc)
     for key in data:
         if key not in _REQUIREMENT_KEYS:
-            raise ctx.fail(f"{name}.{key}", f"unknown requirement; expected {sorted(_REQUIREMENT_KEYS)}", **loc)
+            raise ctx.fail(
+                f"{name}.{key}", f"unknown requirement; expected {sorted(_REQUIREMENT_KEYS)}", **loc
+            )
     versions: dict[str, str | None] = {}
     for key in ("glibc", "nvidia_driver", "cuda", "macos"):
         value = data.get(key)
@@ -300,7 +306,9 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
         raise ctx.fail(name, "must be a table", **loc)
     for key in data:
         if key not in _VARIANT_KEYS:
-            raise ctx.fail(f"{name}.{key}", f"unknown key; expected one of {sorted(_VARIANT_KEYS)}", **loc)
+            raise ctx.fail(
+                f"{name}.{key}", f"unknown key; expected one of {sorted(_VARIANT_KEYS)}", **loc
+            )
     vid = _str(ctx, data, "id", f"{name}.id", **loc)
     name = f"variant {vid!r}"
     if not _ID_RE.match(vid):
@@ -308,7 +316,11 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
     os_name = _str(ctx, data, "os", f"{name}.os", **loc)
     arch = _str(ctx, data, "arch", f"{name}.arch", **loc)
     backend = _str(ctx, data, "backend", f"{name}.backend", **loc)
-    for key, value, allowed in (("os", os_name, OSES), ("arch", arch, ARCHES), ("backend", backend, BACKENDS)):
+    for key, value, allowed in (
+        ("os", os_name, OSES),
+        ("arch", arch, ARCHES),
+        ("backend", backend, BACKENDS),
+    ):
         if value not in allowed:
             raise ctx.fail(f"{name}.{key}", f"{value!r} is not one of {', '.join(allowed)}", **loc)
     asset = data.get("asset")
@@ -334,7 +346,9 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
     portable = _str_list(ctx, data, "portable_cmake_flags", f"{name}.portable_cmake_flags", **loc)
     for flag in (*cmake_flags, *portable):
         if not flag.startswith("-D"):
-            raise ctx.fail(f"{name}.cmake_flags", f"{flag!r} is not a -DNAME=VALUE definition", **loc)
+            raise ctx.fail(
+                f"{name}.cmake_flags", f"{flag!r} is not a -DNAME=VALUE definition", **loc
+            )
     return Variant(
         id=vid,
         os=os_name,
@@ -370,7 +384,9 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
     ctx = _Ctx(text, origin)
     schema = data.get("schema")
     if schema != SCHEMA_VERSION:
-        raise ctx.fail("schema", f"unsupported schema {schema!r}; this llama-proc reads {SCHEMA_VERSION}")
+        raise ctx.fail(
+            "schema", f"unsupported schema {schema!r}; this llama-proc reads {SCHEMA_VERSION}"
+        )
     llama = data.get("llama_cpp")
     if not isinstance(llama, dict):
         raise ctx.fail("llama_cpp", "missing [llama_cpp] table")
@@ -385,10 +401,14 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
     source = SourceSpec(
         release_url=_str(ctx, source_data, "release_url", "source.release_url", **sloc),
         release_sha256=_check_sha(
-            ctx, _opt_str(ctx, source_data, "release_sha256", "source.release_sha256", **sloc),
-            "source.release_sha256", **sloc,
+            ctx,
+            _opt_str(ctx, source_data, "release_sha256", "source.release_sha256", **sloc),
+            "source.release_sha256",
+            **sloc,
         ),
-        index=_index_file(ctx, source_data["index"], "source.index") if "index" in source_data else None,
+        index=_index_file(ctx, source_data["index"], "source.index")
+        if "index" in source_data
+        else None,
     )
     build_table = data.get("build", {})
     if not isinstance(build_table, dict):
@@ -400,7 +420,9 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
     seen: set[str] = set()
     for i, v in enumerate(variants):
         if v.id in seen:
-            raise ctx.fail(f"variant {v.id!r}.id", "duplicate variant id", table="[[variant]]", nth=i)
+            raise ctx.fail(
+                f"variant {v.id!r}.id", "duplicate variant id", table="[[variant]]", nth=i
+            )
         seen.add(v.id)
     smoke = data.get("smoke_model")
     return Manifest(
@@ -409,7 +431,9 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
         build=build,
         commit=_opt_str(ctx, llama, "commit", "llama_cpp.commit", **loc),
         source=source,
-        cmake_flags=_str_list(ctx, build_table, "cmake_flags", "build.cmake_flags", table="[build]"),
+        cmake_flags=_str_list(
+            ctx, build_table, "cmake_flags", "build.cmake_flags", table="[build]"
+        ),
         smoke_model=_index_file(ctx, smoke, "smoke_model") if smoke is not None else None,
         variants=variants,
         path=origin,
@@ -449,4 +473,3 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
 def split_alternatives(name: str) -> Sequence[str]:
     """``"ggml-rpc-server|rpc-server"`` -> ``["ggml-rpc-server", "rpc-server"]``."""
     return [n for n in name.split("|") if n]
-

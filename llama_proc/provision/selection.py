@@ -57,7 +57,9 @@ def prebuilt_blockers(variant: Variant, host: HostInfo) -> list[str]:
         if host.libc != "glibc":
             out.append(f"the prebuilt needs glibc; this host has {host.libc or 'an unknown libc'}")
         elif _older(host.libc_version, req.glibc):
-            out.append(f"the prebuilt needs glibc >= {req.glibc}; this host has {host.libc_version}")
+            out.append(
+                f"the prebuilt needs glibc >= {req.glibc}; this host has {host.libc_version}"
+            )
     missing = [f for f in req.cpu_features if f not in host.cpu_features]
     if missing:
         out.append(f"the prebuilt needs CPU features {', '.join(missing)} that this CPU lacks")
