@@ -12,9 +12,9 @@ Names are loaded on first use, so ``import llama_proc`` is cheap and has no side
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
+from llama_proc._lazy import lazy_exports
 from llama_proc._version import __version__
 
 if TYPE_CHECKING:
@@ -95,39 +95,20 @@ __all__ = [
     "validate_extra_args",
 ]
 
-_PROVISION: Final = frozenset(
-    {
-        "HostInfo", "Install", "Manifest", "Variant", "build_variant", "detect_host",
-        "ensure_server", "fetch_smoke_model", "load_manifest", "select_variant",
-    }
-)  # fmt: skip
-_RUNTIME: Final = frozenset({"LlamaClient", "ServerArgs", "ServerProcess", "validate_extra_args"})
-_SERVER: Final = frozenset({"AsyncLlamaServer", "LlamaServer"})
+_WHERE: Final = {
+    **dict.fromkeys(
+        (
+            "HostInfo", "Install", "Manifest", "Variant", "build_variant", "detect_host",
+            "ensure_server", "fetch_smoke_model", "load_manifest", "select_variant",
+        ),
+        "llama_proc.provision",
+    ),
+    **dict.fromkeys(
+        ("LlamaClient", "ServerArgs", "ServerProcess", "validate_extra_args"), "llama_proc.runtime"
+    ),
+    **dict.fromkeys(("AsyncLlamaServer", "LlamaServer"), "llama_proc.server"),
+    "Settings": "llama_proc.config",
+    **{name: "llama_proc.errors" for name in __all__ if name.endswith("Error")},
+}  # fmt: skip
 
-
-def _module_for(name: str) -> str | None:
-    if name in _PROVISION:
-        return "llama_proc.provision"
-    if name in _RUNTIME:
-        return "llama_proc.runtime"
-    if name in _SERVER:
-        return "llama_proc.server"
-    if name == "Settings":
-        return "llama_proc.config"
-    if name in __all__ and name.endswith("Error"):
-        return "llama_proc.errors"
-    return None
-
-
-def __getattr__(name: str) -> Any:
-    module = _module_for(name)
-    if module is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals(), __all__)

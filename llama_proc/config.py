@@ -218,7 +218,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-BACKEND_ONLY_KEYS: Final = frozenset({"source"})
+BACKEND_ONLY_KEYS: Final = frozenset({"source", "portable"})
+"""``llama-proc.*`` config settings that only the build backend reads."""
+BACKEND_ENV_VARS: Final = ("LLAMA_PROC_SOURCE", "LLAMA_PROC_PORTABLE")
+"""Environment variables that only the build backend reads (documented in the table above)."""
 
 
 def _parse_variant(name: str, raw: str) -> str:

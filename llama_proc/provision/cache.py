@@ -62,7 +62,6 @@ SMOKE_TIMEOUT: Final = 60.0
 """Seconds ``llama-server --version`` may take (first runs on slow disks load many libraries)."""
 _OUTPUT_LIMIT: Final = 4000
 """Characters of ``--version`` output kept in install.json."""
-_HASH_CHUNK: Final = 1 << 20
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _VERSION_LINE_RE: Final = re.compile(r"^\s*version:\s*(.+?)\s*$", re.MULTILINE)
 _BUILD_NUMBER_RE: Final = re.compile(
@@ -360,14 +359,6 @@ def smoke_check(binary: Path, *, timeout: float = SMOKE_TIMEOUT) -> str:
 
 
 # ----------------------------------------------------------------------------- installing
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tree_size(root: Path) -> int:
@@ -393,6 +384,7 @@ def _record(
     version_output: str | None,
 ) -> dict[str, Any]:
     from llama_proc._version import __version__
+    from llama_proc.provision.download import file_sha256
 
     missing = [k for k in ("variant_id", "build", "source") if not metadata.get(k)]
     if missing:
@@ -401,7 +393,7 @@ def _record(
     record: dict[str, Any] = {"schema": INSTALL_SCHEMA}
     record.update(metadata)
     record["binaries"] = {
-        name: {"path": path.relative_to(staging).as_posix(), "sha256": _sha256(path)}
+        name: {"path": path.relative_to(staging).as_posix(), "sha256": file_sha256(path)}
         for name, path in found.items()
     }
     record["os"] = os_name

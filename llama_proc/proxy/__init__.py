@@ -10,8 +10,9 @@ Names are loaded on first use: importing this package does not import aiohttp.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
+
+from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
@@ -67,15 +68,4 @@ _MODULES: Final = {
 _WHERE: Final = {name: module for module, names in _MODULES.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals(), __all__)
