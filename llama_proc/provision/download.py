@@ -47,6 +47,10 @@ USER_AGENT: Final = f"llama-proc/{__version__}"
 GITHUB_API_HOST: Final = "api.github.com"
 ATTEMPTS: Final = 5
 """Consecutive failed requests (no new bytes) before giving up."""
+DNS_ATTEMPTS: Final = 2
+"""Tries for a host name that does not resolve: it rarely starts resolving within seconds, and
+an offline host would otherwise wait out the whole backoff before falling back."""
+HOST_NOT_FOUND: Final = "host name not found"
 MAX_REQUESTS: Final = 30
 """Hard cap on requests for one download, even when each one makes progress."""
 BACKOFF_BASE: Final = 0.5
@@ -60,6 +64,10 @@ _CONTENT_RANGE_RE: Final = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 def _sleep(seconds: float) -> None:
     # One indirection so tests can record (and skip) backoff waits.
     time.sleep(seconds)
+
+
+def _attempts_for(reason: str) -> int:
+    return DNS_ATTEMPTS if reason == HOST_NOT_FOUND else ATTEMPTS
 
 
 def _retryable_status(status: int) -> bool:
@@ -352,7 +360,7 @@ def _stream_with_retries(job: _Job) -> None:
             except _RetryableError as err:
                 progressed = part.size > before
                 failures = 1 if progressed else failures + 1
-                if failures >= ATTEMPTS or requests_made >= MAX_REQUESTS:
+                if failures >= _attempts_for(err.reason) or requests_made >= MAX_REQUESTS:
                     msg = (
                         f"download of {url} failed after {requests_made} attempts: "
                         f"{err.reason}; check the network (or LLAMA_PROC_MIRROR) and try again"
@@ -510,7 +518,7 @@ def _describe(err: BaseException) -> str:
         if "Connection refused" in text:
             return "connection refused"
         if "Name or service not known" in text or "getaddrinfo" in text:
-            return "host name not found"
+            return HOST_NOT_FOUND
         return "connection error"
     return f"{type(err).__name__}: {err}"
 
@@ -598,7 +606,7 @@ def fetch_page(
                     msg = f"fetching {_safe_url(url)} failed: {reason}"
                     raise DownloadError(msg + (f"; {hint}" if hint else ""))
                 retry_after = _parse_retry_after(response.headers.get("Retry-After"))
-            if attempt == ATTEMPTS:
+            if attempt >= _attempts_for(reason):
                 msg = f"fetching {_safe_url(url)} failed after {attempt} attempts: {reason}"
                 raise DownloadError(msg + "; check the network and try again") from cause
             delay = _backoff(attempt, retry_after)

@@ -427,3 +427,18 @@ def test_fetch_page_file_url(tmp_path: Path, settings: Settings) -> None:
     assert page.content_type == "application/json"
     with pytest.raises(DownloadError):
         fetch_page((tmp_path / "nope").as_uri(), settings)
+
+
+# ------------------------------------------------------------------------- unresolvable hosts
+UNRESOLVABLE = "http://llama-proc-test.invalid/f.bin"  # .invalid never resolves (RFC 2606)
+
+
+def test_unresolvable_host_gives_up_after_two_tries(
+    settings: Settings, tmp_path: Path, waits: list[float]
+) -> None:
+    with pytest.raises(DownloadError, match="host name not found"):
+        fetch_page(UNRESOLVABLE, settings)
+    assert len(waits) == download.DNS_ATTEMPTS - 1
+    with pytest.raises(DownloadError, match="host name not found"):
+        download_file(UNRESOLVABLE, _dest(tmp_path), sha256=SHA, settings=settings)
+    assert len(waits) == 2 * (download.DNS_ATTEMPTS - 1)
