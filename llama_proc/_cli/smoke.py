@@ -53,6 +53,10 @@ def run_smoke(args: argparse.Namespace, settings: Settings | None = None) -> int
 
     explain: list[str] = []
     started = time.perf_counter()
+    _say(
+        "smoke: provisioning llama-server (a cache hit is instant; a source build takes minutes, "
+        "with a progress bar on a terminal)"
+    )
     install = ensure_server(settings, explain=explain)
     if getattr(args, "verbose", False):
         for line in explain:
