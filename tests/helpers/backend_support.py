@@ -1,4 +1,4 @@
-"""Helpers for the build-backend tests: open wheels, make throwaway venvs (owned by helper E)."""
+"""Helpers for the build-backend tests: open wheels, make throwaway venvs."""
 
 from __future__ import annotations
 

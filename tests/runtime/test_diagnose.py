@@ -8,7 +8,7 @@ import pytest
 
 from llama_proc.runtime.diagnose import diagnose
 
-# Captured from /tmp/devbuild/bin/llama-server runs on this project's pinned build.
+# Captured from real llama-server runs of this project's pinned build (b11434).
 BAD_FLAG = ["error: invalid argument: --bogus-flag"]
 BAD_VALUE = [
     'error while handling argument "-c": stoi',
