@@ -43,6 +43,7 @@ from llama_proc.errors import (
     ProvisionError,
     ToolNotFoundError,
 )
+from llama_proc.provision.platform import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -633,16 +634,6 @@ class BuildPlan:
         ]
 
 
-def _host_os() -> str:
-    if sys.platform.startswith("linux"):
-        return "linux"
-    if sys.platform == "darwin":
-        return "macos"
-    if sys.platform in ("win32", "cygwin"):
-        return "windows"
-    return sys.platform
-
-
 def _detect(host: HostInfo | None) -> HostInfo | None:
     if host is not None:
         return host
@@ -689,7 +680,7 @@ def plan_build(
         ConfigError: bad CMake arguments or CUDA architectures.
         ProvisionError: the variant is for another OS, or its targets are not in the tree.
     """
-    os_name = os_name or _host_os()
+    os_name = os_name or host_os()
     if variant.os != os_name:
         msg = (
             f"variant {variant.id} is for {variant.os}; this host is {os_name} and "
@@ -1306,7 +1297,7 @@ def build_variant(
     from llama_proc.provision.sources import obtain_source, tree_fingerprint
 
     manifest = manifest or load_manifest()
-    os_name = _host_os()
+    os_name = host_os()
     if variant.os != os_name:
         msg = (
             f"variant {variant.id} is for {variant.os}; this host is {os_name} and "

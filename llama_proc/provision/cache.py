@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import BinaryNotFoundError, CacheLockTimeoutError, ProvisionError
+from llama_proc.provision.platform import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -74,14 +75,6 @@ _SIGILL: Final = 4
 
 def _suffix(os_name: str) -> str:
     return ".exe" if os_name == "windows" else ""
-
-
-def _host_os() -> str:
-    if sys.platform == "darwin":
-        return "macos"
-    if sys.platform in ("win32", "cygwin"):
-        return "windows"
-    return "linux" if sys.platform.startswith("linux") else sys.platform
 
 
 @dataclass(frozen=True)
@@ -402,7 +395,7 @@ def _record(
     record["llama_proc_version"] = __version__
     if version_output is None:
         record["version"] = None
-        record["smoke_check"] = f"skipped: {os_name} binaries cannot run on {_host_os()}"
+        record["smoke_check"] = f"skipped: {os_name} binaries cannot run on {host_os()}"
     else:
         record.update(parse_version_output(version_output))
         record["version_output"] = version_output.strip()[-_OUTPUT_LIMIT:]
@@ -504,7 +497,7 @@ def install_atomically(
             metadata = populate(staging)
             found = find_binaries(staging, binaries, os_name)
             server = next(p for k, p in found.items() if "llama-server" in _alternatives(k))
-            output = smoke_check(server) if os_name == _host_os() else None
+            output = smoke_check(server) if os_name == host_os() else None
             record = _record(metadata, staging, found, os_name, output)
             (staging / INSTALL_JSON).write_text(
                 json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"

@@ -39,6 +39,7 @@ __all__ = [
     "NvidiaSmiInfo",
     "cuda_version_from_int",
     "detect_host",
+    "host_os",
     "macos_cpu_features",
     "normalize_arch",
     "normalize_os",
@@ -295,6 +296,11 @@ def normalize_os(sys_platform: str) -> str:
     if sys_platform in ("win32", "cygwin"):
         return "windows"
     return sys_platform
+
+
+def host_os() -> str:
+    """This process's OS as the manifest names it (``linux``, ``macos``, ``windows``)."""
+    return normalize_os(sys.platform)
 
 
 def normalize_arch(machine: str, os_name: str, *, is_64bit: bool = True) -> str:
@@ -816,7 +822,7 @@ def detect_host(*, gpu_details: bool = True, refresh: bool = False) -> HostInfo:
 @functools.cache
 def _detect(*, gpu_details: bool) -> HostInfo:
     notes: list[str] = []
-    os_name = normalize_os(sys.platform)
+    os_name = host_os()
     arch = normalize_arch(platform.machine(), os_name, is_64bit=sys.maxsize > 2**32)
     host = HostInfo(
         os=os_name,
