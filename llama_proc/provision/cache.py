@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc._childenv import child_environment
 from llama_proc.errors import BinaryNotFoundError, CacheLockTimeoutError, ProvisionError
 from llama_proc.provision.platform import host_os
 
@@ -307,11 +308,6 @@ def parse_version_output(text: str) -> dict[str, Any]:
     return {"version": f"version: {line}", "build_number": number, "commit": commit}
 
 
-def _child_env() -> dict[str, str]:
-    # A malformed inherited LLAMA_ARG_* variable makes llama-server abort before --version.
-    return {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_ARG_")}
-
-
 def smoke_check(binary: Path, *, timeout: float = SMOKE_TIMEOUT) -> str:
     """Run ``binary --version`` and return its output (llama-server prints it to stderr).
 
@@ -328,7 +324,7 @@ def smoke_check(binary: Path, *, timeout: float = SMOKE_TIMEOUT) -> str:
             stderr=subprocess.STDOUT,
             timeout=timeout,
             cwd=binary.parent,
-            env=_child_env(),
+            env=child_environment(),
             check=False,
         )
     except subprocess.TimeoutExpired:

@@ -42,6 +42,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, Self
 
+from llama_proc._childenv import DROPPED_ENV, child_environment
 from llama_proc.errors import ServerNotReadyError, ServerStartError
 from llama_proc.runtime import lifetime as _lifetime
 from llama_proc.runtime.diagnose import Cause, diagnose
@@ -83,37 +84,11 @@ MAX_LINE: Final = 16384
 """Longest line kept; longer output is split."""
 _READ_CHUNK: Final = 65536
 
-DROPPED_ENV: Final = frozenset(
-    {"LLAMA_API_KEY", "AIP_MODE", "AIP_HTTP_PORT", "AIP_HEALTH_ROUTE", "AIP_PREDICT_ROUTE"}
-)
-"""Inherited variables removed from the child's environment (plus every ``LLAMA_ARG_*``)."""
-
 _LISTENING: Final = re.compile(
     r"listening on (?:https?://)?\[?(?P<host>[^\s\]]*?)\]?:(?P<port>\d+)"
 )
 _LEVEL: Final = re.compile(r"^\d+\.\d+\.\d+\.\d+ (?P<level>[A-Z]) ")
 _LEVELS: Final = {"E": logging.WARNING, "W": logging.INFO}
-
-
-def child_environment(
-    base: Mapping[str, str] | None = None, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The environment for a llama-server child.
-
-    Args:
-        base: the environment to start from (default: ``os.environ``).
-        extra: variables to add after cleaning (e.g. ``LLAMA_API_KEY``).
-
-    Returns:
-        ``base`` without ``LLAMA_ARG_*`` and :data:`DROPPED_ENV`, plus ``extra``. PATH, HOME,
-        locale, ``LD_LIBRARY_PATH``, ``CUDA_VISIBLE_DEVICES`` and the rest are kept.
-    """
-    source = os.environ if base is None else base
-    env = {
-        k: v for k, v in source.items() if not k.startswith("LLAMA_ARG_") and k not in DROPPED_ENV
-    }
-    env.update(extra or {})
-    return env
 
 
 class LogBuffer:
