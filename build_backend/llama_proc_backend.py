@@ -193,7 +193,7 @@ def _obtain(request: Request) -> tuple[Install, Variant, HostInfo]:
         from llama_proc.provision.build import build_variant
         from llama_proc.provision.selection import select_variant
 
-        variant = select_variant(manifest, host, settings.variant).variant
+        variant = select_variant(manifest, host, settings.backend).variant
         install = build_variant(
             variant,
             settings.replace(no_build=False, no_prebuilt=True),

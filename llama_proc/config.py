@@ -7,7 +7,7 @@ Precedence, highest first: explicit keyword arguments / CLI flags, PEP 517 ``con
 Environment variable           Meaning
 =============================  ==========================================================
 LLAMA_PROC_CACHE_DIR           root of the per-user cache (default: platformdirs cache)
-LLAMA_PROC_VARIANT             auto, cpu, cuda, metal, vulkan, rpc (default: auto)
+LLAMA_PROC_VARIANT             backend: auto, cpu, cuda, rocm, metal, vulkan, rpc (default: auto)
 LLAMA_PROC_BUILD               llama.cpp build tag to use instead of the pinned one (bNNNN)
 LLAMA_PROC_PREFER              prebuilt or source: which provisioning path is tried first
 LLAMA_PROC_NO_BUILD            1 = never compile from source (fail if no prebuilt fits)
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import ConfigError
+from llama_proc.vocab import BACKEND_CHOICES, PREFER_CHOICES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 __all__ = [
-    "BACKENDS",
     "ENV_PREFIX",
     "Settings",
     "default_cache_dir",
@@ -53,9 +53,6 @@ __all__ = [
 
 ENV_PREFIX: Final = "LLAMA_PROC_"
 CONFIG_SETTINGS_PREFIX: Final = "llama-proc."
-BACKENDS: Final = ("cpu", "cuda", "metal", "vulkan", "rpc")
-_VARIANT_CHOICES: Final = ("auto", *BACKENDS)
-_PREFER_CHOICES: Final = ("prebuilt", "source")
 _TRUTHY: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
 _FALSY: Final = frozenset({"", "0", "false", "f", "no", "n", "off"})
 
@@ -92,8 +89,8 @@ class Settings:
 
     cache_dir: Path = field(metadata=_meta("CACHE_DIR", "path"))
     """Root of the per-user cache. Env: LLAMA_PROC_CACHE_DIR."""
-    variant: str = field(default="auto", metadata=_meta("VARIANT", "variant"))
-    """Backend variant: auto, cpu, cuda, metal, vulkan or rpc. Env: LLAMA_PROC_VARIANT."""
+    backend: str = field(default="auto", metadata=_meta("VARIANT", "backend"))
+    """Backend (``--variant``): auto or one of ``vocab.BACKENDS``. Env: LLAMA_PROC_VARIANT."""
     build: str | None = field(default=None, metadata=_meta("BUILD", "build"))
     """llama.cpp build tag (``bNNNN``); None = the manifest's pinned build. Env: LLAMA_PROC_BUILD."""
     prefer: Literal["prebuilt", "source"] = field(
@@ -134,10 +131,10 @@ class Settings:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
         if self.server_binary is not None:
             object.__setattr__(self, "server_binary", Path(self.server_binary).expanduser())
-        if self.variant not in _VARIANT_CHOICES:
-            msg = f"unknown variant {self.variant!r}; choose one of {', '.join(_VARIANT_CHOICES)}"
+        if self.backend not in BACKEND_CHOICES:
+            msg = f"unknown variant {self.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}"
             raise ConfigError(msg)
-        if self.prefer not in _PREFER_CHOICES:
+        if self.prefer not in PREFER_CHOICES:
             msg = f"prefer={self.prefer!r} is invalid; choose prebuilt or source"
             raise ConfigError(msg)
         if self.no_build and self.no_prebuilt:
@@ -224,17 +221,17 @@ BACKEND_ENV_VARS: Final = ("LLAMA_PROC_SOURCE", "LLAMA_PROC_PORTABLE")
 """Environment variables that only the build backend reads (documented in the table above)."""
 
 
-def _parse_variant(name: str, raw: str) -> str:
+def _parse_backend(name: str, raw: str) -> str:
     value = raw.strip().lower()
-    if value not in _VARIANT_CHOICES:
-        msg = f"{name}={raw!r} is not a variant; choose one of {', '.join(_VARIANT_CHOICES)}"
+    if value not in BACKEND_CHOICES:
+        msg = f"{name}={raw!r} is not a variant; choose one of {', '.join(BACKEND_CHOICES)}"
         raise ConfigError(msg)
     return value
 
 
 def _parse_prefer(name: str, raw: str) -> str:
     value = raw.strip().lower()
-    if value not in _PREFER_CHOICES:
+    if value not in PREFER_CHOICES:
         msg = f"{name}={raw!r} is invalid; choose prebuilt or source"
         raise ConfigError(msg)
     return value
@@ -280,7 +277,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "int": _parse_int,
     "float": _parse_float,
     "url": _parse_url,
-    "variant": _parse_variant,
+    "backend": _parse_backend,
     "prefer": _parse_prefer,
     "build": _parse_build,
 }

@@ -55,7 +55,7 @@ def llama_server_bin(real_settings: Settings) -> Path:
         return Path(explicit)
     from llama_proc.provision import ensure_server
 
-    install = ensure_server(real_settings.replace(variant="cpu"))
+    install = ensure_server(real_settings.replace(backend="cpu"))
     return install.server_binary
 
 
@@ -69,7 +69,7 @@ def rpc_install(real_settings: Settings) -> Install:
         from llama_proc.provision import Install as _Install
 
         return _Install.from_dir(Path(explicit))
-    return ensure_server(real_settings.replace(variant="rpc"))
+    return ensure_server(real_settings.replace(backend="rpc"))
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**overrides)
     manifest = load_manifest()
     host = detect_host()
-    requested = args.variant or settings.variant
+    requested = args.variant or settings.backend
     selection = select_variant(manifest, host, requested)
     explain: list[str] = []
     install = build_variant(

@@ -286,7 +286,7 @@ def _list(args: argparse.Namespace) -> int:
     build = settings.build or manifest.build
     variants = manifest.for_platform(host.os, host.arch)
     try:
-        chosen: str | None = select_variant(manifest, host, settings.variant).variant.id
+        chosen: str | None = select_variant(manifest, host, settings.backend).variant.id
     except NoMatchingVariantError as err:
         chosen = None
         _err(f"no variant is chosen: {err}")
@@ -311,7 +311,7 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{mark} {v.id:<{width}}  {fits}; {prebuilt}")
         for install in installed.get(v.id, []):
             print(f"  {'':<{width}}  installed: {install.id} ({install.source}, {install.version})")
-    print("(* = what --variant " + settings.variant + " picks)")
+    print("(* = what --variant " + settings.backend + " picks)")
     return 0
 
 
@@ -469,14 +469,14 @@ def _doctor(args: argparse.Namespace) -> int:
         f"{len(manifest.for_platform(host.os, host.arch))} variants for {host.platform})"
     )
     print(
-        f"settings: variant={settings.variant} build={settings.build or manifest.build} "
+        f"settings: variant={settings.backend} build={settings.build or manifest.build} "
         f"prefer={settings.prefer} no_build={settings.no_build} "
         f"no_prebuilt={settings.no_prebuilt} offline={settings.offline} "
         f"mirror={settings.mirror or '-'} server_bin={settings.server_binary or '-'}"
     )
     print("selection:")
     try:
-        selection = select_variant(manifest, host, settings.variant)
+        selection = select_variant(manifest, host, settings.backend)
     except LlamaProcError as err:
         print(f"  error: {err}")
     else:

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         from llama_proc.config import Settings
         from llama_proc.provision import ensure_server
 
-        install = ensure_server(Settings.from_env(variant=args.variant))
+        install = ensure_server(Settings.from_env(backend=args.variant))
         binary = install.binary("rpc-server")
 
     def on_signal(_signum: int, _frame: object) -> None:

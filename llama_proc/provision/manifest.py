@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ManifestError
+from llama_proc.vocab import BACKENDS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -32,7 +33,6 @@ __all__ = [
 SCHEMA_VERSION: Final = 1
 OSES: Final = ("linux", "macos", "windows")
 ARCHES: Final = ("x86_64", "aarch64", "arm64")
-BACKENDS: Final = ("cpu", "cuda", "metal", "vulkan", "rpc", "rocm")
 _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _BUILD_RE: Final = re.compile(r"^b[0-9]+$")
 _ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")

@@ -93,7 +93,7 @@ def plan(
     manifest = manifest or load_manifest()
     # Selection needs the driver and CUDA versions, not the GPU list: skip the cuInit probe.
     host = host or detect_host(gpu_details=False)
-    selection = select_variant(manifest, host, settings.variant)
+    selection = select_variant(manifest, host, settings.backend)
     return Resolution(selection, settings.build or manifest.build, host, manifest)
 
 

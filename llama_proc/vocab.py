@@ -1,0 +1,41 @@
+"""The project's closed vocabularies, defined once and imported everywhere.
+
+Backends, the ``auto`` choice, install sources and the provisioning preference are spelled here
+and nowhere else: argparse ``choices``, ``Settings`` validation, the manifest's schema and the
+resolver all read these names, so adding a backend is one edit.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "PREFER_CHOICES",
+    "InstallSource",
+]
+
+BACKENDS: Final = ("cpu", "cuda", "rocm", "metal", "vulkan", "rpc")
+"""Every llama.cpp backend the manifest can name (``--variant``, ``LLAMA_PROC_VARIANT``)."""
+AUTO: Final = "auto"
+"""The backend choice that lets host detection decide."""
+BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
+"""What ``--variant`` and ``Settings.backend`` accept."""
+PREFER_CHOICES: Final = ("prebuilt", "source")
+"""Which provisioning path is tried first (``--prefer``, ``LLAMA_PROC_PREFER``)."""
+
+
+class InstallSource(StrEnum):
+    """Where an install came from; recorded as ``source`` in ``install.json``."""
+
+    EXPLICIT = "explicit"
+    """A binary the caller named (``LLAMA_PROC_SERVER_BIN``); never copied."""
+    BUNDLED = "bundled"
+    """Shipped inside the wheel by the build backend."""
+    PREBUILT = "prebuilt"
+    """An upstream release archive, downloaded and verified."""
+    BUILT = "built"
+    """Compiled here from llama.cpp source."""
