@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._childenv import child_environment
-from llama_proc.errors import BinaryNotFoundError, CacheLockTimeoutError, ProvisionError
+from llama_proc.errors import BinaryNotFoundError, ProvisionError
+from llama_proc.provision.locking import LOCK_SUFFIX, cache_lock, try_lock
+from llama_proc.provision.locking import lock_path as _lock_path
 from llama_proc.provision.platform import host_os
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from llama_proc.config import Settings
 
@@ -56,7 +58,6 @@ INSTALL_JSON: Final = "install.json"
 INSTALL_SCHEMA: Final = 1
 SERVERS_DIR: Final = "servers"
 DOWNLOADS_DIR: Final = "downloads"
-LOCK_SUFFIX: Final = ".lock"
 PART_SUFFIX: Final = ".part"
 STAGING_MARK: Final = ".incoming-"
 OLD_MARK: Final = ".old-"
@@ -205,59 +206,6 @@ def install_dir(settings: Settings, build: str, variant_id: str, flavor: str = "
     if flavor:
         name += "+" + _check_name("flavor", flavor)
     return servers_dir(settings) / _check_name("build", build) / name
-
-
-def _lock_path(target: Path) -> Path:
-    return target.parent / f"{target.name}{LOCK_SUFFIX}"
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path, timeout: float) -> Iterator[None]:
-    """Hold the file lock at ``path`` (created with its folder).
-
-    Args:
-        path: the lock file.
-        timeout: seconds to wait; 0 tries once.
-
-    Raises:
-        CacheLockTimeoutError: another process held it for ``timeout`` seconds.
-        ProvisionError: the lock file cannot be created.
-    """
-    from filelock import FileLock, Timeout
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), timeout=timeout)
-        lock.acquire()
-    except Timeout as err:
-        raise CacheLockTimeoutError(str(path), timeout) from err
-    except OSError as err:
-        msg = f"cannot create the lock {path}: {err.strerror or err}; check LLAMA_PROC_CACHE_DIR"
-        raise ProvisionError(msg) from err
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _try_lock(path: Path) -> contextlib.AbstractContextManager[None] | None:
-    """The lock at ``path`` if it is free right now, else None (for pruning)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except (Timeout, OSError):
-        return None
-
-    @contextlib.contextmanager
-    def held() -> Iterator[None]:
-        try:
-            yield
-        finally:
-            lock.release()
-
-    return held()
 
 
 def _leftovers(target: Path) -> list[Path]:
@@ -712,7 +660,7 @@ def _iterdir(folder: Path) -> list[Path]:
 
 def _prune_target(target: Path, *, drop: bool, running: set[Path], dry: bool) -> list[Path]:
     lock = _lock_path(target)
-    held = _try_lock(lock)
+    held = try_lock(lock)
     if held is None:
         logger.info("leaving %s alone: it is being installed", target)
         return []
@@ -754,7 +702,7 @@ def _prune_downloads(settings: Settings, *, dry_run: bool) -> list[Path]:
     out: list[Path] = []
     for name in sorted(names):
         lock = folder / f"{name}{LOCK_SUFFIX}"
-        held = _try_lock(lock)
+        held = try_lock(lock)
         if held is None:
             continue
         with held:
