@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from llama_proc.config import Settings
-from llama_proc.provision.build import BuildPlan, Run, plan_build, run_build
+from llama_proc.provision.build_plan import BuildPlan, check_request, plan_build
+from llama_proc.provision.build_run import Run, run_build
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.platform import detect_host
 from llama_proc.provision.selection import select_variant
@@ -76,14 +77,15 @@ def main() -> int:
     host = detect_host()
     variant = select_variant(manifest, host, "cpu").variant
     tree = _smoke_tree(work) if args.smoke else obtain_source(settings, manifest, args.source)
-    plan = plan_build(variant, tree, settings, manifest=manifest, host=host, jobs=args.jobs)
+    plan = plan_build(check_request(variant, host=host), tree, settings, manifest=manifest)
     plan = dataclasses.replace(plan, env={**plan.env, "CCACHE_DISABLE": "1"})
     if plan.build_dir.exists():
         msg = f"{plan.build_dir} exists; use a fresh --cache-dir so the build starts cold"
         raise SystemExit(msg)
 
-    first = run_build(plan, progress=None, lock_timeout=60)
-    noop = run_build(plan, progress=None, lock_timeout=60)
+    run_settings = settings.replace(progress=None, lock_timeout=60)
+    first = run_build(plan, run_settings)
+    noop = run_build(plan, run_settings)
     result: dict[str, object] = {
         "host": f"{platform.machine()} {host.summary()}, {os.cpu_count()} CPUs",
         "source": tree.origin,

@@ -10,6 +10,12 @@ llama-server's own clock at its "listening on" line (its log timestamps count fr
 wall time minus that is what the launcher itself costs (spawn, polling, detection latency),
 independent of how long the load took.
 
+Each run also starts both in a fresh interpreter (``first_start``): the first start in a
+process is the one that pays for one-time work (reading which flags the binary accepts,
+starting helper threads), which a warm loop hides. Only ``start()`` is timed, not imports.
+``--tree`` imports llama_proc from another source tree (an older checkout) for a before/after
+comparison in the same run.
+
     python bench/runtime_start.py --binary /path/llama-server --model model.gguf --runs 7
 """
 
@@ -26,9 +32,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_proc.runtime.flags import clear_flags_cache, probe_flags
+def _use_tree(argv: list[str]) -> None:
+    """Import llama_proc from ``--tree`` (default: this checkout), even over an editable install."""
+    tree = Path(__file__).resolve().parents[1]
+    if "--tree" in argv:
+        tree = Path(argv[argv.index("--tree") + 1]).resolve()
+        # An editable install's import hook would win over sys.path: drop it.
+        sys.meta_path[:] = [
+            f for f in sys.meta_path if not type(f).__module__.startswith("_editable")
+        ]
+    sys.path.insert(0, str(tree))
+
+
+_use_tree(sys.argv)
+
 from llama_proc.runtime.health import probe_health
 from llama_proc.server import LlamaServer, reserve_port
 
@@ -82,30 +100,53 @@ def with_llama_proc(binary: str, model: str, ctx: int) -> tuple[float, float]:
     return elapsed, internal_ready(lines)
 
 
+def first_start(args: argparse.Namespace, name: str) -> tuple[float, float]:
+    """One start of ``name`` ("hand" or "llama_proc") in a fresh interpreter."""
+    cmd = [sys.executable, __file__, "--one", name, "--binary", args.binary,
+           "--model", args.model, "--ctx", str(args.ctx)]  # fmt: skip
+    if args.tree:
+        cmd += ["--tree", args.tree]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=args.env).stdout
+    wall, internal = json.loads(out.splitlines()[-1])
+    return wall, internal
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", default=os.environ.get("LLAMA_PROC_TEST_SERVER_BIN"))
     parser.add_argument("--model", default=os.environ.get("LLAMA_PROC_TEST_MODEL"))
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--tree", help="import llama_proc from this source tree")
+    parser.add_argument("--one", choices=["hand", "llama_proc"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.binary or not args.model:
         parser.error("pass --binary and --model (or set LLAMA_PROC_TEST_SERVER_BIN/_MODEL)")
+    if args.one:
+        fn = by_hand if args.one == "hand" else with_llama_proc
+        print(json.dumps(fn(args.binary, args.model, args.ctx)))
+        return 0
 
-    clear_flags_cache()
+    # The fresh interpreters share one throw-away cache: the first pays for probing the
+    # binary, the later ones find what it remembered, as repeated runs of a program would.
+    cache = tempfile.TemporaryDirectory(prefix="llama-proc-bench-")
+    args.env = {**os.environ, "LLAMA_PROC_CACHE_DIR": cache.name}
     t = time.perf_counter()
-    probe_flags(args.binary)
+    subprocess.run([args.binary, "--help"], capture_output=True, check=False)
     help_ms = (time.perf_counter() - t) * 1000
     by_hand(args.binary, args.model, args.ctx)  # warm the page cache for both sides
 
     hand: list[tuple[float, float]] = []
     ours: list[tuple[float, float]] = []
+    first_hand: list[tuple[float, float]] = []
+    first_ours: list[tuple[float, float]] = []
     for i in range(args.runs):
         pair = [("hand", by_hand), ("llama_proc", with_llama_proc)]
         if i % 2:
             pair.reverse()
         for name, fn in pair:
             (hand if name == "hand" else ours).append(fn(args.binary, args.model, args.ctx))
+            (first_hand if name == "hand" else first_ours).append(first_start(args, name))
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values) * 1000, 1)
@@ -128,7 +169,19 @@ def main() -> int:
             "by_hand": [round(i * 1000, 1) for _, i in hand],
             "llama_proc": [round(i * 1000, 1) for _, i in ours],
         },
-        "first_start_help_probe_ms": round(help_ms, 1),
+        "first_start": {
+            "by_hand_ms_median": med([w for w, _ in first_hand]),
+            "llama_proc_ms_median": med([w for w, _ in first_ours]),
+            "launcher_overhead_ms_median": {
+                "by_hand": med([w - i for w, i in first_hand]),
+                "llama_proc": med([w - i for w, i in first_ours]),
+            },
+            "launcher_added_ms": round(
+                med([w - i for w, i in first_ours]) - med([w - i for w, i in first_hand]), 1
+            ),
+        },
+        "help_probe_ms": round(help_ms, 1),
+        "tree": args.tree or "this checkout",
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
     }

@@ -31,7 +31,8 @@ SHIM = (
 
 def make_cache(cache: Path) -> Path:
     from llama_proc.config import Settings
-    from llama_proc.provision.cache import install_atomically, install_dir
+    from llama_proc.provision.installer import install_atomically
+    from llama_proc.provision.layout import install_dir
     from llama_proc.provision.resolve import plan
 
     settings = Settings(cache_dir=cache)

@@ -50,7 +50,7 @@ import scikit_build_core.build as _skbuild
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
-    from llama_proc.provision.cache import Install
+    from llama_proc.provision.install import Install
     from llama_proc.provision.manifest import Variant
     from llama_proc.provision.platform import HostInfo
 
@@ -197,9 +197,8 @@ def _obtain(request: Request) -> tuple[Install, Variant, HostInfo]:
         install = build_variant(
             variant,
             settings.replace(no_build=False, no_prebuilt=True),
+            host=host,
             manifest=manifest,
-            cuda_arch=settings.cuda_arch,
-            jobs=settings.jobs,
             portable=True,
         )
     elif request.source == "build":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from llama_proc import _logging  # noqa: F401 - installs the package logger's NullHandler
 from llama_proc._lazy import lazy_exports
 from llama_proc._version import __version__
 

@@ -1,42 +1,50 @@
 """The ``llama-proc`` command line.
 
 Each command lives in a module of :mod:`llama_proc._cli` exposing ``register(subparsers)``;
-those modules import only :mod:`argparse` at load time so ``llama-proc --help`` stays fast.
+those modules import only :mod:`argparse` and :mod:`llama_proc._cli.common` (flags, choices from
+:mod:`llama_proc.vocab`) at load time so ``llama-proc --help`` stays fast. No parser takes an
+abbreviated flag, and flags that would put a key or token on the command line are refused.
 Every :class:`~llama_proc.errors.LlamaProcError` becomes one line on stderr and exit code 1;
 usage errors exit 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import TYPE_CHECKING, Final
 
 from llama_proc._cli import COMMAND_MODULES
+from llama_proc._cli.common import EXIT_USAGE, StrictArgumentParser, refuse_secret_flags
+from llama_proc._logging import LOGGER_NAME
 from llama_proc._version import __version__
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_ERROR: Final = 1
-EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand registered."""
+    """Build the argument parser with every subcommand registered.
+
+    No parser accepts an abbreviated flag (``--api-key`` must never reach ``--api-key-file``),
+    and every parser refuses the flags that would put a secret on the command line.
+    """
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = StrictArgumentParser(
         prog="llama-proc",
         description=(
             "Get a verified llama.cpp llama-server for this host (prebuilt download or source "
             "build) and run it."
         ),
     )
+    refuse_secret_flags(parser)
     parser.add_argument("--version", action="version", version=f"llama-proc {__version__}")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="only print results and errors (no progress)"
@@ -47,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="level of llama-proc's log messages on stderr (default: WARNING)",
     )
+    # Commands add themselves through _cli.common.add_command (no abbreviations, no secrets).
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -61,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="llama-proc: %(levelname)s: %(message)s"
-    )
+    # --log-level is about llama-proc's own messages; other libraries keep warnings and above.
+    logging.basicConfig(level=logging.WARNING, format="llama-proc: %(levelname)s: %(message)s")
+    logging.getLogger(LOGGER_NAME).setLevel(args.log_level)
     try:
         return int(args.handler(args))
     except LlamaProcError as err:

@@ -49,6 +49,7 @@ __all__ = [
     "Settings",
     "default_cache_dir",
     "parse_bool",
+    "parse_field",
 ]
 
 ENV_PREFIX: Final = "LLAMA_PROC_"
@@ -68,13 +69,13 @@ def parse_bool(name: str, value: str) -> bool:
         return True
     if text in _FALSY:
         return False
-    msg = f"{name}={value!r} is not a boolean; use 1/0, true/false, yes/no or on/off"
+    msg = f"{_shown(name, value)} is not a boolean; use 1/0, true/false, yes/no or on/off"
     raise ConfigError(msg)
 
 
 def default_cache_dir() -> Path:
     """The per-user cache root when ``LLAMA_PROC_CACHE_DIR`` is not set."""
-    from platformdirs import user_cache_path
+    from platformdirs import user_cache_path  # noqa: PLC0415 - keeps `import llama_proc` cheap
 
     return user_cache_path("llama-proc", appauthor=False)
 
@@ -135,7 +136,7 @@ class Settings:
             msg = f"unknown variant {self.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}"
             raise ConfigError(msg)
         if self.prefer not in PREFER_CHOICES:
-            msg = f"prefer={self.prefer!r} is invalid; choose prebuilt or source"
+            msg = f"prefer={self.prefer!r} is invalid; choose {' or '.join(PREFER_CHOICES)}"
             raise ConfigError(msg)
         if self.no_build and self.no_prebuilt:
             msg = "no_build and no_prebuilt together leave no way to provision llama-server"
@@ -224,7 +225,7 @@ BACKEND_ENV_VARS: Final = ("LLAMA_PROC_SOURCE", "LLAMA_PROC_PORTABLE")
 def _parse_backend(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in BACKEND_CHOICES:
-        msg = f"{name}={raw!r} is not a variant; choose one of {', '.join(BACKEND_CHOICES)}"
+        msg = f"{_shown(name, raw)} is not a variant; choose one of {', '.join(BACKEND_CHOICES)}"
         raise ConfigError(msg)
     return value
 
@@ -232,7 +233,7 @@ def _parse_backend(name: str, raw: str) -> str:
 def _parse_prefer(name: str, raw: str) -> str:
     value = raw.strip().lower()
     if value not in PREFER_CHOICES:
-        msg = f"{name}={raw!r} is invalid; choose prebuilt or source"
+        msg = f"{_shown(name, raw)} is invalid; choose {' or '.join(PREFER_CHOICES)}"
         raise ConfigError(msg)
     return value
 
@@ -241,7 +242,7 @@ def _parse_build(name: str, raw: str) -> str:
     value = raw.strip()
     digits = value.removeprefix("b")
     if not digits.isdigit():
-        msg = f"{name}={raw!r} is not a llama.cpp build tag; use the form b1234"
+        msg = f"{_shown(name, raw)} is not a llama.cpp build tag; use the form b1234"
         raise ConfigError(msg)
     return f"b{int(digits)}"
 
@@ -250,7 +251,7 @@ def _parse_int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        msg = f"{name}={raw!r} is not an integer"
+        msg = f"{_shown(name, raw)} is not an integer"
         raise ConfigError(msg) from None
 
 
@@ -258,14 +259,14 @@ def _parse_float(name: str, raw: str) -> float:
     try:
         return float(raw)
     except ValueError:
-        msg = f"{name}={raw!r} is not a number of seconds"
+        msg = f"{_shown(name, raw)} is not a number of seconds"
         raise ConfigError(msg) from None
 
 
 def _parse_url(name: str, raw: str) -> str:
     value = raw.strip().rstrip("/")
     if not value.startswith(("http://", "https://", "file://")):
-        msg = f"{name}={raw!r} is not an http(s):// or file:// URL"
+        msg = f"{_shown(name, raw)} is not an http(s):// or file:// URL"
         raise ConfigError(msg)
     return value
 
@@ -285,3 +286,30 @@ _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
 
 def _parse(name: str, kind: str, raw: str) -> object:
     return _PARSERS[kind](name, raw)
+
+
+def _shown(name: str, raw: str) -> str:
+    """How a bad value is named in a message: ``NAME='raw'``, or ``'raw'`` without a name."""
+    return f"{name}={raw!r}" if name else repr(raw)
+
+
+def parse_field(field_name: str, raw: str, *, name: str = "") -> object:
+    """Parse text as the value of ``Settings.<field_name>``, exactly as the environment is parsed.
+
+    The CLI uses this for its flags, so a flag and its ``LLAMA_PROC_*`` variable accept the same
+    spellings and normalise them the same way.
+
+    Args:
+        field_name: a :class:`Settings` field (``"build"``, ``"mirror"``...).
+        raw: the text to parse.
+        name: what the text is called in an error message (a variable or flag); "" shows only
+            the value, for callers that name the source themselves (argparse does).
+
+    Raises:
+        ConfigError: the text is not a valid value for that field.
+    """
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    if field_name not in fields:
+        msg = f"unknown setting {field_name!r}; choose one of {', '.join(fields)}"
+        raise ConfigError(msg)
+    return _parse(name, fields[field_name].metadata["parse"], raw)

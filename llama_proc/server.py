@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Self
 
+from llama_proc._proc import free_port
 from llama_proc.errors import (
     BinaryNotFoundError,
     InvalidArgumentError,
@@ -36,7 +36,13 @@ from llama_proc.errors import (
     ServerStartError,
 )
 from llama_proc.runtime.args import ServerArgs
-from llama_proc.runtime.client import REQUEST_TIMEOUT, AsyncLlamaClient, LlamaClient
+from llama_proc.runtime.client import (
+    REQUEST_TIMEOUT,
+    AsyncLlamaClient,
+    AsyncLlamaEndpoints,
+    LlamaClient,
+    LlamaEndpoints,
+)
 from llama_proc.runtime.flags import probe_flags
 from llama_proc.runtime.gguf import check_gguf
 from llama_proc.runtime.process import (
@@ -46,9 +52,10 @@ from llama_proc.runtime.process import (
     ServerProcess,
     child_environment,
 )
+from llama_proc.runtime.rpc import check_workers, local_rpc_version
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Mapping
     from types import TracebackType
 
     from llama_proc.config import Settings
@@ -70,13 +77,10 @@ def reserve_port(host: str = "127.0.0.1") -> int:
     Another process can take it before llama-server binds it; :class:`LlamaServer` detects
     that ("couldn't bind") and retries with a new port.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host.strip("[]"), 0))
-        return int(sock.getsockname()[1])
+    return free_port(host.strip("[]"))
 
 
-class LlamaServer:
+class LlamaServer(LlamaEndpoints):
     """A llama-server process for one model, with the API client on the same object.
 
     Args:
@@ -179,10 +183,8 @@ class LlamaServer:
             check_gguf(self.args.model)
             binary = self._resolve_binary()
             env = child_environment(self.env, extra=self.args.to_env())
-            self.flags = probe_flags(binary, env)
+            self.flags = probe_flags(binary, env, settings=self.settings)
             if self.args.rpc and self.check_rpc_workers:
-                from llama_proc.runtime.rpc import check_workers, local_rpc_version
-
                 # Workers must speak this build's protocol: llama-server itself would abort
                 # with a backtrace on a mismatch, or hang on a busy worker.
                 check_workers(self.args.rpc, expected=local_rpc_version(binary))
@@ -218,11 +220,20 @@ class LlamaServer:
                     proc.stop(self.stop_grace)
                     raise
                 self._client = LlamaClient(
-                    proc.url, api_key=self.args.api_key, timeout=self.request_timeout
+                    proc.url,
+                    api_key=self.args.api_key,
+                    timeout=self.request_timeout,
+                    on_connection_error=self._connection_failed,
                 )
                 return self
             msg = "could not find a free port"  # pragma: no cover - the loop returns or raises
             raise ServerStartError(msg)
+
+    def _connection_failed(self, _err: ServerRequestError) -> None:
+        # A request without an HTTP answer: report the crash, if the child died.
+        proc = self._proc
+        if proc is not None:
+            proc.check_alive()
 
     def _resolve_binary(self) -> Path:
         if self.binary is not None:
@@ -233,8 +244,10 @@ class LlamaServer:
                 msg = f"llama-server binary {self.binary} is not executable (chmod +x it)"
                 raise BinaryNotFoundError(msg)
             return self.binary
-        from llama_proc.config import Settings
-        from llama_proc.provision import ensure_server
+        # Provisioning (and config, which reads platformdirs) costs tens of ms to import and
+        # is not needed at all when a binary is given.
+        from llama_proc.config import Settings  # noqa: PLC0415 - see above
+        from llama_proc.provision import ensure_server  # noqa: PLC0415 - see above
 
         install = ensure_server(self.settings if self.settings is not None else Settings.from_env())
         self.binary = install.server_binary
@@ -354,97 +367,24 @@ class LlamaServer:
 
     def openai_client(self, **kwargs: Any) -> Any:
         """An ``openai.OpenAI`` client pointed at this server (needs the ``openai`` package)."""
-        from openai import OpenAI
+        from openai import OpenAI  # noqa: PLC0415 - optional dependency
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key or _NO_KEY, **kwargs)
 
-    # -- API -----------------------------------------------------------------------------
+    def check_alive(self) -> None:
+        """Raise if the server process has exited since it became ready (a crash).
 
-    def _crash_check(self, err: ServerRequestError) -> None:
-        """Turn a connection failure into the child's exit status, if it died."""
-        if err.status is None and self._proc is not None:
-            self._proc.check_alive()
+        The API methods call it when a request fails without an HTTP answer, so a crash
+        surfaces as the exit status and decoded cause rather than "connection refused".
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except ServerRequestError as err:
-            self._crash_check(err)
-            raise
+        Raises:
+            ServerError: the server was never started.
+            ServerStartError: the process is not running; carries exit code, cause and log.
+        """
+        self.process.check_alive()
 
-    def _iterate(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        try:
-            yield from chunks
-        except ServerRequestError as err:
-            self._crash_check(err)
-            raise
-
-    def health(self) -> dict[str, Any]:
-        """``GET /health``."""
-        result: dict[str, Any] = self._call("health")
-        return result
-
-    def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        result: dict[str, Any] = self._call("models")
-        return result
-
-    def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> dict[str, Any]:
-        """``POST /v1/chat/completions``; ``params`` are OpenAI request fields."""
-        result: dict[str, Any] = self._call("chat", messages, **params)
-        return result
-
-    def chat_stream(
-        self, messages: Sequence[dict[str, Any]], **params: Any
-    ) -> Iterator[dict[str, Any]]:
-        """Stream a chat completion as chunks; the last chunk carries ``usage``."""
-        return self._iterate(self.client.chat_stream(messages, **params))
-
-    def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
-        """``POST /v1/completions``."""
-        result: dict[str, Any] = self._call("complete", prompt, **params)
-        return result
-
-    def complete_stream(
-        self, prompt: str | Sequence[int], **params: Any
-    ) -> Iterator[dict[str, Any]]:
-        """Stream a text completion as chunks."""
-        return self._iterate(self.client.complete_stream(prompt, **params))
-
-    def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
-        """``POST /v1/embeddings`` (start the server with ``embeddings=True``)."""
-        result: dict[str, Any] = self._call("embeddings", input, **params)
-        return result
-
-    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
-        """Embedding vectors for ``texts``."""
-        result: list[list[float]] = self._call("embed", texts)
-        return result
-
-    def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
-        """Token ids for ``content``."""
-        result: list[int] = self._call("tokenize", content, add_special=add_special)
-        return result
-
-    def detokenize(self, tokens: Iterable[int]) -> str:
-        """Text for token ids."""
-        result: str = self._call("detokenize", tokens)
-        return result
-
-    def metrics(self) -> dict[str, float]:
-        """Parsed ``/metrics`` (start the server with ``metrics=True``)."""
-        result: dict[str, float] = self._call("metrics")
-        return result
-
-    def slots(self) -> list[dict[str, Any]]:
-        """``GET /slots``."""
-        result: list[dict[str, Any]] = self._call("slots")
-        return result
-
-    def props(self) -> dict[str, Any]:
-        """``GET /props``."""
-        result: dict[str, Any] = self._call("props")
-        return result
+    def _api(self) -> LlamaClient:
+        return self.client
 
     # -- context manager -----------------------------------------------------------------
 
@@ -465,7 +405,7 @@ class LlamaServer:
         return f"<LlamaServer {self.args.model} {state} {where}>"
 
 
-class AsyncLlamaServer:
+class AsyncLlamaServer(AsyncLlamaEndpoints):
     """The asyncio twin of :class:`LlamaServer` (same arguments).
 
     Process management runs in a worker thread (the child itself is forked by the runtime's
@@ -495,7 +435,7 @@ class AsyncLlamaServer:
             ServerStartError: as :meth:`LlamaServer.start`.
             ServerNotReadyError: as :meth:`LlamaServer.start`.
         """
-        import asyncio
+        import asyncio  # noqa: PLC0415 - ~50 ms to import; only the async twin needs it
 
         task = asyncio.ensure_future(asyncio.to_thread(self._server.start, timeout, stall_timeout))
         try:
@@ -507,13 +447,16 @@ class AsyncLlamaServer:
             await asyncio.to_thread(self._server.stop)
             raise
         self._client = AsyncLlamaClient(
-            self._server.url, api_key=self._server.api_key, timeout=self._server.request_timeout
+            self._server.url,
+            api_key=self._server.api_key,
+            timeout=self._server.request_timeout,
+            on_connection_error=self._connection_failed,
         )
         return self
 
     async def stop(self, grace: float | None = None) -> int | None:
         """Stop the server; idempotent."""
-        import asyncio
+        import asyncio  # noqa: PLC0415 - ~50 ms to import; only the async twin needs it
 
         client, self._client = self._client, None
         if client is not None:
@@ -575,99 +518,17 @@ class AsyncLlamaServer:
 
     def openai_client(self, **kwargs: Any) -> Any:
         """An ``openai.AsyncOpenAI`` client pointed at this server."""
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI  # noqa: PLC0415 - optional dependency
 
         return AsyncOpenAI(
             base_url=self.base_url, api_key=self._server.api_key or _NO_KEY, **kwargs
         )
 
-    def _crash_check(self, err: ServerRequestError) -> None:
-        if err.status is None and self._server._proc is not None:
-            self._server._proc.check_alive()
+    def _connection_failed(self, _err: ServerRequestError) -> None:
+        self._server.check_alive()
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await getattr(self.client, method)(*args, **kwargs)
-        except ServerRequestError as err:
-            self._crash_check(err)
-            raise
-
-    async def _iterate(
-        self, chunks: AsyncIterator[dict[str, Any]]
-    ) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except ServerRequestError as err:
-            self._crash_check(err)
-            raise
-
-    async def health(self) -> dict[str, Any]:
-        """``GET /health``."""
-        result: dict[str, Any] = await self._call("health")
-        return result
-
-    async def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        result: dict[str, Any] = await self._call("models")
-        return result
-
-    async def chat(self, messages: Sequence[dict[str, Any]], **params: Any) -> dict[str, Any]:
-        """``POST /v1/chat/completions``."""
-        result: dict[str, Any] = await self._call("chat", messages, **params)
-        return result
-
-    def chat_stream(
-        self, messages: Sequence[dict[str, Any]], **params: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a chat completion (``async for``); the last chunk carries ``usage``."""
-        return self._iterate(self.client.chat_stream(messages, **params))
-
-    async def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
-        """``POST /v1/completions``."""
-        result: dict[str, Any] = await self._call("complete", prompt, **params)
-        return result
-
-    def complete_stream(
-        self, prompt: str | Sequence[int], **params: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a text completion."""
-        return self._iterate(self.client.complete_stream(prompt, **params))
-
-    async def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
-        """``POST /v1/embeddings``."""
-        result: dict[str, Any] = await self._call("embeddings", input, **params)
-        return result
-
-    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
-        """Embedding vectors for ``texts``."""
-        result: list[list[float]] = await self._call("embed", texts)
-        return result
-
-    async def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
-        """Token ids for ``content``."""
-        result: list[int] = await self._call("tokenize", content, add_special=add_special)
-        return result
-
-    async def detokenize(self, tokens: Iterable[int]) -> str:
-        """Text for token ids."""
-        result: str = await self._call("detokenize", tokens)
-        return result
-
-    async def metrics(self) -> dict[str, float]:
-        """Parsed ``/metrics``."""
-        result: dict[str, float] = await self._call("metrics")
-        return result
-
-    async def slots(self) -> list[dict[str, Any]]:
-        """``GET /slots``."""
-        result: list[dict[str, Any]] = await self._call("slots")
-        return result
-
-    async def props(self) -> dict[str, Any]:
-        """``GET /props``."""
-        result: dict[str, Any] = await self._call("props")
-        return result
+    def _api(self) -> AsyncLlamaClient:
+        return self.client
 
     async def __aenter__(self) -> Self:
         return await self.start()

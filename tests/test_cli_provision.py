@@ -24,7 +24,8 @@ from llama_proc import cli
 from llama_proc.config import Settings
 from llama_proc.provision import build as build_module
 from llama_proc.provision import bundle, download
-from llama_proc.provision.cache import install_atomically, install_dir
+from llama_proc.provision.installer import install_atomically
+from llama_proc.provision.layout import install_dir
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.platform import detect_host
 from llama_proc.provision.selection import select_variant
@@ -235,7 +236,7 @@ def test_cache_prune_and_rm_errors(capsys: pytest.CaptureFixture[str], cache_dir
     [
         ["fetch", "--build", "latest"],
         ["fetch", "--mirror", "ftp://example"],
-        ["fetch", "--variant", "rocm"],
+        ["fetch", "--variant", "tpu"],  # rocm is a backend now (vocab.BACKENDS)
         ["fetch", "--prefer", "wheel"],
         ["cache"],
         ["cache", "prune", "--keep", "x1"],
@@ -293,3 +294,121 @@ def test_command_module_imports_only_argparse() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert json.loads(out) == []
+
+
+# ----------------------------------------------------------------------------- one route to Settings
+RESOLVING_COMMANDS = ("fetch", "which", "list", "doctor", "build", "serve", "rpc-worker")
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("command", RESOLVING_COMMANDS)
+def test_every_command_fills_settings_from_the_same_flags(command: str, tmp_path: Path) -> None:
+    from llama_proc._cli.common import settings_from_args
+
+    args = _parse(
+        "-q", command, "--cache-dir", str(tmp_path), "--variant", "cpu", "--build", "42",
+        "--offline", "--mirror", "file:///srv/mirror/",
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert settings.cache_dir == tmp_path
+    assert (settings.backend, settings.build, settings.offline) == ("cpu", "b42", True)
+    assert settings.mirror == "file:///srv/mirror"
+    assert settings.progress is False
+
+
+@pytest.mark.parametrize("command", RESOLVING_COMMANDS)
+def test_an_absent_flag_leaves_the_environment_alone(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_proc._cli.common import settings_from_args
+
+    monkeypatch.setenv("LLAMA_PROC_OFFLINE", "1")
+    monkeypatch.setenv("LLAMA_PROC_BUILD", "b7")
+    monkeypatch.setenv("LLAMA_PROC_VARIANT", "vulkan")
+    settings = settings_from_args(_parse(command))
+    assert (settings.offline, settings.build) == (True, "b7")
+    # rpc-worker picks the rpc build unless told otherwise; the others follow the environment.
+    assert settings.backend == ("rpc" if command == "rpc-worker" else "vulkan")
+    assert settings.progress is None
+
+
+def test_build_options_travel_in_settings(tmp_path: Path) -> None:
+    from llama_proc._cli.common import settings_from_args
+
+    args = _parse("build", "--source", str(tmp_path), "--cuda-arch", "86;90", "-j", "3")
+    settings = settings_from_args(args)
+    assert (settings.build_source, settings.cuda_arch, settings.jobs) == (str(tmp_path), "86;90", 3)
+
+
+def test_serve_server_bin_is_the_settings_field(tmp_path: Path) -> None:
+    from llama_proc._cli.common import settings_from_args
+
+    args = _parse("serve", "--server-bin", str(tmp_path / "llama-server"))
+    assert settings_from_args(args).server_binary == tmp_path / "llama-server"
+
+
+def test_choices_come_from_the_vocabulary() -> None:
+    from llama_proc.vocab import BACKEND_CHOICES, BACKENDS, PREFER_CHOICES
+
+    commands = _subparsers(cli.build_parser())
+    for name in RESOLVING_COMMANDS:
+        [variant] = [a for a in commands[name]._actions if "--variant" in a.option_strings]
+        expected = BACKENDS if name == "rpc-worker" else BACKEND_CHOICES
+        assert tuple(variant.choices or ()) == expected, name
+    [prefer] = [a for a in commands["fetch"]._actions if "--prefer" in a.option_strings]
+    assert tuple(prefer.choices or ()) == PREFER_CHOICES
+
+
+def test_cli_modules_import_each_other_without_cycles() -> None:
+    import ast
+
+    package = REPO_ROOT / "llama_proc" / "_cli"
+    names = {p.stem for p in package.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        graph[name] = {
+            module.removeprefix("llama_proc._cli.")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (module := node.module or "")
+            if module.startswith("llama_proc._cli.")
+        }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, set()) - seen:
+            if nxt == goal or reaches(nxt, goal, seen | {nxt}):
+                return True
+        return False
+
+    assert [n for n in sorted(names) if reaches(n, n, set())] == []
+
+
+def test_doctor_shows_the_selection_once(
+    capsys: pytest.CaptureFixture[str], cpu_variant: str
+) -> None:
+    # The resolver's select steps repeat the selection block; doctor leaves them out by their
+    # step field (provision.explain.Step), not by the wording of the line.
+    code, out, _ = run(capsys, "doctor", "--variant", "cpu", "--offline")
+    assert code == 0
+    selection = out.split("selection:\n", 1)[1].split("resolution", 1)[0]
+    assert selection.strip()
+    assert "select: " not in out
+
+
+def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from llama_proc._cli.provision import _explain
+    from llama_proc.provision.explain import Outcome, Step, StepName
+
+    lines = [
+        Step(StepName.SELECT, Outcome.NOTE, "cpu: no NVIDIA driver"),
+        Step(StepName.CACHE, Outcome.USED, "hit b1/linux-x86_64-cpu"),
+        "select: a plain line from another producer is printed as it is",
+    ]
+    _explain(lines, skip=(StepName.SELECT,))
+    assert capsys.readouterr().err.splitlines() == [
+        "  cache: hit b1/linux-x86_64-cpu",
+        "  select: a plain line from another producer is printed as it is",
+    ]

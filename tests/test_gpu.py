@@ -44,7 +44,7 @@ def test_cuda_variant_serves_with_all_layers_on_the_gpu(
 
     with LlamaServer(smol_model, binary=install.server_binary, n_gpu_layers=99) as server:
         reply = server.chat(
-            [{"role": "user", "content": "Which city is the capital of France?"}],
+            [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
             temperature=0,
             max_tokens=32,
         )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import llama_proc
 import llama_proc.provision
@@ -52,3 +53,34 @@ def test_cli_help_is_fast_and_lists_commands():
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
     assert "llama_proc.cli" in imported
     assert not imported & {"requests", "aiohttp", "tqdm", "urllib3"}
+
+
+def test_proxy_exports_resolve_after_the_module_renames():
+    import llama_proc.proxy
+
+    names = list(llama_proc.proxy.__all__)
+    assert names == sorted(names)
+    for name in names:
+        assert getattr(llama_proc.proxy, name) is not None, name
+
+
+def test_no_two_library_modules_share_a_name():
+    # llama_proc.config vs proxy.config, runtime.flags vs proxy.flags said two things at once.
+    # Command modules (_cli) are named after their commands and stay out of this.
+    root = Path(llama_proc.__file__).parent
+    seen: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py") or "_cli" in path.parts:
+            continue
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
+        seen[path.name] = path
+
+
+def test_import_installs_only_a_null_handler():
+    code = (
+        "import logging, llama_proc\n"
+        "log = logging.getLogger('llama_proc')\n"
+        "print([type(h).__name__ for h in log.handlers], logging.getLogger().handlers)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['NullHandler'] []"

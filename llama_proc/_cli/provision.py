@@ -1,86 +1,39 @@
 """``llama-proc fetch | which | list | cache | doctor``: provisioning from the command line.
 
-Only :mod:`argparse` is imported at load time; each handler imports what it needs.
+Only :mod:`argparse` and the shared flags (:mod:`llama_proc._cli.common`) are imported at load
+time; each handler imports what it needs.
 """
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TextIO
+
+from llama_proc._cli.common import (
+    PROVISION_FLAGS,
+    add_command,
+    add_settings_flags,
+    field_type,
+    settings_from_args,
+)
 
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Collection, Sequence
+
     from llama_proc.config import Settings
-    from llama_proc.provision.cache import Install
+    from llama_proc.provision.install import Install
     from llama_proc.provision.platform import HostInfo
 
-VARIANT_CHOICES = ("auto", "cpu", "cuda", "metal", "vulkan", "rpc")
-_BUILD_RE = re.compile(r"^b?([0-9]+)$")
-_MB = 1024 * 1024
-
-
-def _build_tag(text: str) -> str:
-    match = _BUILD_RE.match(text.strip())
-    if match is None:
-        msg = f"{text!r} is not a llama.cpp build tag; use the form b1234"
-        raise argparse.ArgumentTypeError(msg)
-    return f"b{int(match.group(1))}"
-
-
-def _url(text: str) -> str:
-    value = text.strip().rstrip("/")
-    if not value.startswith(("http://", "https://", "file://")):
-        msg = f"{text!r} is not an http(s):// or file:// URL"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _common(p: argparse.ArgumentParser, *, selection: bool = True) -> None:
-    """Options every provisioning command shares (each overrides its LLAMA_PROC_* variable)."""
-    p.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        default=None,
-        help="cache root (default: $LLAMA_PROC_CACHE_DIR, else the per-user cache folder)",
-    )
-    if not selection:
-        return
-    p.add_argument(
-        "--variant",
-        choices=VARIANT_CHOICES,
-        default=None,
-        help="backend: auto picks CUDA with an NVIDIA driver, Metal on Apple silicon, else CPU; "
-        "rpc is cpu plus the ggml-rpc-server worker (default: $LLAMA_PROC_VARIANT or auto)",
-    )
-    p.add_argument(
-        "--build",
-        type=_build_tag,
-        metavar="bNNNN",
-        default=None,
-        help="llama.cpp build tag instead of the pinned one (default: $LLAMA_PROC_BUILD, else "
-        "the build pinned in variants.toml)",
-    )
-    p.add_argument(
-        "--offline",
-        action="store_true",
-        help="never touch the network: use only the explicit, bundled or cached binary "
-        "(default: $LLAMA_PROC_OFFLINE)",
-    )
-    p.add_argument(
-        "--mirror",
-        type=_url,
-        metavar="URL",
-        default=None,
-        help="base URL mirroring GitHub's release API (URL/repos/<repo>/releases/tags/<tag>) and "
-        "downloads (URL/<repo>/releases/download/<tag>/<asset>); file:// works offline "
-        "(default: $LLAMA_PROC_MIRROR)",
-    )
+_MB: Final = 1024 * 1024
+#: Tools ``doctor`` looks for on PATH (and in this interpreter's scripts folder).
+BUILD_TOOLS: Final = ("cmake", "ninja", "cc", "c++", "cl", "nvcc", "ccache", "git")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``fetch``, ``which``, ``list``, ``cache`` and ``doctor`` commands."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "fetch",
         help="make sure a verified llama-server for this host is installed; print its path",
         description=(
@@ -90,26 +43,16 @@ def register(subparsers: Any) -> None:
             "llama-server path on stdout and one line per ladder step on stderr."
         ),
     )
-    _common(p)
+    add_settings_flags(p, *PROVISION_FLAGS, "prefer", "no_build")
     p.add_argument(
         "--force",
         action="store_true",
         help="install again even if a usable install is bundled or cached (replaces it)",
     )
-    p.add_argument(
-        "--prefer",
-        choices=("prebuilt", "source"),
-        default=None,
-        help="which provisioning path is tried first (default: $LLAMA_PROC_PREFER, else prebuilt)",
-    )
-    p.add_argument(
-        "--no-build",
-        action="store_true",
-        help="never compile from source; fail if no prebuilt fits (default: $LLAMA_PROC_NO_BUILD)",
-    )
     p.set_defaults(handler=_fetch)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "which",
         help="print the path of the llama-server that would run (no download, no build)",
         description=(
@@ -117,7 +60,7 @@ def register(subparsers: Any) -> None:
             "Fails (exit 1) when none is installed; `llama-proc fetch` installs one."
         ),
     )
-    _common(p)
+    add_settings_flags(p, *PROVISION_FLAGS)
     p.add_argument(
         "-v",
         "--verbose",
@@ -127,7 +70,8 @@ def register(subparsers: Any) -> None:
     )
     p.set_defaults(handler=_which)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "list",
         help="list the variants for this host: which fit, why not, what is installed",
         description=(
@@ -135,24 +79,25 @@ def register(subparsers: Any) -> None:
             "(and why not), whether its prebuilt archive fits, and which builds are installed."
         ),
     )
-    _common(p)
+    add_settings_flags(p, *PROVISION_FLAGS)
     p.set_defaults(handler=_list)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "cache",
         help="inspect and clean the install cache",
         description="Show, list and clean llama-proc's cache of llama-server installs.",
     )
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
     cache_sub.required = True
-    c = cache_sub.add_parser("path", help="print the cache root folder")
-    _common(c, selection=False)
+    c = add_command(cache_sub, "path", help="print the cache root folder")
+    add_settings_flags(c, "cache_dir")
     c.set_defaults(handler=_cache_path)
-    c = cache_sub.add_parser("ls", help="list installs: id, source, version, size, date")
-    _common(c, selection=False)
+    c = add_command(cache_sub, "ls", help="list installs: id, source, version, size, date")
+    add_settings_flags(c, "cache_dir")
     c.set_defaults(handler=_cache_ls)
-    c = cache_sub.add_parser("rm", help="remove one install")
-    _common(c, selection=False)
+    c = add_command(cache_sub, "rm", help="remove one install")
+    add_settings_flags(c, "cache_dir")
     c.add_argument(
         "install_id",
         metavar="ID",
@@ -160,7 +105,8 @@ def register(subparsers: Any) -> None:
         "folder name that only one build has",
     )
     c.set_defaults(handler=_cache_rm)
-    c = cache_sub.add_parser(
+    c = add_command(
+        cache_sub,
         "prune",
         help="remove installs of other builds, interrupted installs and partial downloads",
         description=(
@@ -169,11 +115,11 @@ def register(subparsers: Any) -> None:
             "folders of interrupted installs, partial downloads and orphaned lock files."
         ),
     )
-    _common(c, selection=False)
+    add_settings_flags(c, "cache_dir")
     c.add_argument(
         "--keep",
         action="append",
-        type=_build_tag,
+        type=field_type("build"),
         default=[],
         metavar="bNNNN",
         help="also keep this build; repeatable",
@@ -181,7 +127,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     c.set_defaults(handler=_cache_prune)
 
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "doctor",
         help="report the host, what would be chosen and why, and the cache state",
         description=(
@@ -191,7 +138,7 @@ def register(subparsers: Any) -> None:
             "the cache contents and the build tools on PATH."
         ),
     )
-    _common(p)
+    add_settings_flags(p, *PROVISION_FLAGS)
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -202,21 +149,22 @@ def register(subparsers: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    from llama_proc.config import Settings
+def _explain(
+    lines: Sequence[str], *, skip: Collection[str] = (), out: TextIO | None = None
+) -> None:
+    """Print explanation lines, indented, to ``out`` (stderr).
 
-    overrides: dict[str, Any] = {
-        "cache_dir": getattr(args, "cache_dir", None),
-        "variant": getattr(args, "variant", None),
-        "build": getattr(args, "build", None),
-        "mirror": getattr(args, "mirror", None),
-    }
-    if getattr(args, "offline", False):
-        overrides["offline"] = True
-    if getattr(args, "quiet", False):
-        overrides["progress"] = False
-    overrides.update(extra)
-    return Settings.from_env(**overrides)
+    Args:
+        lines: what the resolver explained; its rungs are
+            :class:`~llama_proc.provision.explain.Step` objects, read by field, never by text.
+        skip: rungs (:class:`~llama_proc.provision.explain.StepName`) to leave out.
+        out: where to print; stderr when None.
+    """
+    from llama_proc.provision.explain import Step
+
+    for line in lines:
+        if not (isinstance(line, Step) and line.step in skip):
+            print(f"  {line}", file=out or sys.stderr)
 
 
 def _err(line: str) -> None:
@@ -231,17 +179,13 @@ def _size(num: object) -> str:
 def _fetch(args: argparse.Namespace) -> int:
     from llama_proc.provision.resolve import ensure_server
 
-    extra: dict[str, Any] = {"prefer": args.prefer}
-    if args.no_build:
-        extra["no_build"] = True
-    settings = _settings(args, **extra)
+    settings = settings_from_args(args)
     explain: list[str] = []
     try:
         install = ensure_server(settings, force=args.force, explain=explain)
     finally:
         if not args.quiet:
-            for line in explain:
-                _err(f"  {line}")
+            _explain(explain)
     print(install.server_binary)
     return 0
 
@@ -249,20 +193,19 @@ def _fetch(args: argparse.Namespace) -> int:
 def _which(args: argparse.Namespace) -> int:
     from llama_proc.provision.resolve import resolve_server
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     explain: list[str] = []
     try:
         install = resolve_server(settings, explain=explain, provision=False)
     finally:
         if args.verbose:
-            for line in explain:
-                _err(f"  {line}")
+            _explain(explain)
     print(install.server_binary)
     return 0
 
 
 def _installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
-    from llama_proc.provision.cache import list_installs
+    from llama_proc.provision.inventory import list_installs
 
     out: dict[str, list[Install]] = {}
     for install in list_installs(settings):
@@ -280,7 +223,7 @@ def _list(args: argparse.Namespace) -> int:
         select_variant,
     )
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     manifest = load_manifest()
     host = detect_host(gpu_details=False)
     build = settings.build or manifest.build
@@ -316,14 +259,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _cache_path(args: argparse.Namespace) -> int:
-    print(_settings(args).cache_dir)
+    print(settings_from_args(args).cache_dir)
     return 0
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
-    from llama_proc.provision.cache import list_installs
+    from llama_proc.provision.inventory import list_installs
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     installs = list_installs(settings)
     if not installs:
         _err(f"no installs in {settings.cache_dir}")
@@ -339,16 +282,16 @@ def _cache_ls(args: argparse.Namespace) -> int:
 
 
 def _cache_rm(args: argparse.Namespace) -> int:
-    from llama_proc.provision.cache import remove
+    from llama_proc.provision.inventory import remove
 
-    print(f"removed {remove(_settings(args), args.install_id)}")
+    print(f"removed {remove(settings_from_args(args), args.install_id)}")
     return 0
 
 
 def _cache_prune(args: argparse.Namespace) -> int:
-    from llama_proc.provision.cache import prune
+    from llama_proc.provision.inventory import prune
 
-    removed = prune(_settings(args), keep_builds=args.keep, dry_run=args.dry_run)
+    removed = prune(settings_from_args(args), keep_builds=args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")
@@ -393,7 +336,7 @@ def _tool_lines() -> list[str]:
 
     scripts = sysconfig.get_path("scripts")
     found: list[str] = []
-    for tool in ("cmake", "ninja", "cc", "c++", "cl", "nvcc", "ccache", "git"):
+    for tool in BUILD_TOOLS:
         path = shutil.which(tool) or shutil.which(tool, path=scripts)
         if path:
             found.append(f"{tool}={path}")
@@ -401,15 +344,10 @@ def _tool_lines() -> list[str]:
 
 
 def _cache_lines(settings: Settings) -> list[str]:
-    from llama_proc.provision.cache import (
-        LOCK_SUFFIX,
-        OLD_MARK,
-        PART_SUFFIX,
-        STAGING_MARK,
-        downloads_dir,
-        list_installs,
-        servers_dir,
-    )
+    from llama_proc.provision.download import PART_SUFFIX
+    from llama_proc.provision.inventory import list_installs
+    from llama_proc.provision.layout import downloads_dir, servers_dir
+    from llama_proc.provision.locking import LOCK_SUFFIX, OLD_MARK, STAGING_MARK
 
     installs = list_installs(settings)
     total = sum(
@@ -449,12 +387,13 @@ def _doctor(args: argparse.Namespace) -> int:
 
     from llama_proc._version import __version__
     from llama_proc.errors import LlamaProcError
+    from llama_proc.provision.explain import StepName
     from llama_proc.provision.manifest import load_manifest
     from llama_proc.provision.platform import detect_host
     from llama_proc.provision.resolve import resolve_server
     from llama_proc.provision.selection import select_variant
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     print(f"llama-proc {__version__} (Python {pyplatform.python_version()}, {sys.executable})")
     host = detect_host(gpu_details=True)
     for line in _host_lines(host):
@@ -498,9 +437,7 @@ def _doctor(args: argparse.Namespace) -> int:
         result = f"=> not ready: {err}"
     else:
         result = f"=> {install.server_binary}"
-    for line in explain:
-        if not line.startswith("select: "):  # printed above
-            print(f"  {line}")
+    _explain(explain, skip=(StepName.SELECT,), out=sys.stdout)  # the selection is printed above
     print(f"  {result}")
     for line in _cache_lines(settings):
         print(line)

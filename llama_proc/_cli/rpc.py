@@ -6,6 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any, Final
 
+from llama_proc._cli.common import (
+    PROVISION_FLAGS,
+    add_command,
+    add_settings_flags,
+    positive_int,
+    settings_from_args,
+)
+from llama_proc.vocab import BACKENDS
+
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 50052
 DEFAULT_READY_TIMEOUT: Final = 120.0
@@ -20,19 +29,8 @@ firewall that admits just the llama-server host(s).
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"{text!r} is not a positive whole number"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         msg = f"{text!r} is not a port number (1-65535)"
         raise argparse.ArgumentTypeError(msg)
@@ -52,7 +50,8 @@ def _seconds(text: str) -> float:
 
 def register(subparsers: Any) -> None:
     """Add the ``rpc-worker`` command."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "rpc-worker",
         help="run a llama.cpp RPC worker (rpc-server) that llama-server --rpc can use",
         description=(
@@ -86,14 +85,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="threads for the CPU device (default: rpc-server's, half the cores)",
     )
     p.add_argument(
         "--mem",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="MB",
         help="memory to advertise, in MiB; only builds whose rpc-server has --mem accept it "
@@ -111,12 +110,15 @@ def register(subparsers: Any) -> None:
         help="allow binding an address other than loopback; the RPC protocol has no "
         "authentication or encryption, so only do this on a private, firewalled network",
     )
-    p.add_argument(
-        "--variant",
-        default="rpc",
-        choices=("rpc", "cpu", "cuda", "metal", "vulkan"),
-        help="which provisioned build provides the worker (default: rpc); it must be the same "
-        "build as the llama-server that connects to it",
+    add_settings_flags(
+        p,
+        *PROVISION_FLAGS,
+        backend={
+            "default": "rpc",
+            "choices": BACKENDS,
+            "help": "which provisioned build provides the worker (default: rpc); it must be the "
+            "same build as the llama-server that connects to it",
+        },
     )
     p.add_argument(
         "--binary",
@@ -159,10 +161,9 @@ def run(args: argparse.Namespace) -> int:
 
     binary: Path = args.binary
     if binary is None:
-        from llama_proc.config import Settings
         from llama_proc.provision import ensure_server
 
-        install = ensure_server(Settings.from_env(backend=args.variant))
+        install = ensure_server(settings_from_args(args))
         binary = install.binary("rpc-server")
 
     def on_signal(_signum: int, _frame: object) -> None:

@@ -5,17 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc._cli.common import (
+    API_KEYS_ENV,
+    PROVISION_FLAGS,
+    add_command,
+    add_settings_flags,
+    settings_from_args,
+)
+
 if TYPE_CHECKING:
     import argparse
 
-API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
+__all__ = ["API_KEYS_ENV", "is_loopback", "read_api_keys", "register", "run"]
+
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
 
 
 def register(subparsers: Any) -> None:
     """Add the ``serve`` command."""
-    p: argparse.ArgumentParser = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "serve",
         help="run an OpenAI-compatible proxy that starts llama-servers on demand",
         description=(
@@ -39,13 +49,8 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="also offer every .gguf file under DIR, named by its relative path without .gguf",
     )
-    src.add_argument(
-        "--server-bin",
-        type=Path,
-        metavar="PATH",
-        help="run this llama-server instead of a provisioned one (default: $LLAMA_PROC_SERVER_BIN "
-        "or the provisioning ladder)",
-    )
+    provisioning = p.add_argument_group("llama-server provisioning")
+    add_settings_flags(provisioning, "server_binary", *PROVISION_FLAGS)
     net = p.add_argument_group("network and security")
     net.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST})"
@@ -158,6 +163,10 @@ def read_api_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
         except OSError as err:
             msg = f"cannot read --api-key-file {path}: {err.strerror or err}"
             raise ConfigError(msg) from err
+        except UnicodeDecodeError:
+            # The decoder's own message quotes bytes of the file, which are key material.
+            msg = f"--api-key-file {path} is not UTF-8 text; write one key per line"
+            raise ConfigError(msg) from None
         for line in text.splitlines():
             line = line.strip()  # noqa: PLW2901 - the stripped line is the key
             if line and not line.startswith("#"):
@@ -182,9 +191,8 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from llama_proc.config import Settings
     from llama_proc.errors import ConfigError
-    from llama_proc.proxy.config import load_models
+    from llama_proc.proxy.models_config import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
         DEFAULT_MAX_SERVERS,
@@ -223,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     # request, and every server in the pool runs the same build.
     from llama_proc.provision import ensure_server
 
-    settings = Settings.from_env(server_binary=args.server_bin)
+    settings = settings_from_args(args)
     binary = ensure_server(settings).server_binary
 
     from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy

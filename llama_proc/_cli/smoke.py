@@ -10,15 +10,16 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc._cli.common import settings_from_args
+
 if TYPE_CHECKING:
     import argparse
 
-    from llama_proc.config import Settings
-
 __all__ = ["SMOKE_PROMPT", "run_smoke"]
 
-# SmolLM2-135M answers this one reliably at temperature 0 ("The capital of France is Paris.").
-SMOKE_PROMPT: Final = "Which city is the capital of France?"
+# SmolLM2-135M answers this one with "Paris" at temperature 0 on every CPU build measured so far
+# (AVX2 and AVX-512 kernels); "Which city is ...?" flips to a wrong answer on AVX-512 builds.
+SMOKE_PROMPT: Final = "What is the capital of France? Answer in one word."
 SMOKE_MAX_TOKENS: Final = 32
 SMOKE_CTX: Final = 2048
 SMOKE_READY_TIMEOUT: Final = 300.0
@@ -33,12 +34,11 @@ def _rate(timings: dict[str, Any], key: str) -> str:
     return f"{value:.1f}" if isinstance(value, int | float) else "?"
 
 
-def run_smoke(args: argparse.Namespace, settings: Settings | None = None) -> int:
+def run_smoke(args: argparse.Namespace) -> int:
     """Run the smoke test; return the exit code.
 
     Args:
-        args: the parsed ``doctor`` arguments.
-        settings: resolved settings; built from ``args`` and the environment when None.
+        args: the parsed ``doctor`` arguments (its flags and the environment give the settings).
 
     Raises:
         LlamaProcError: any step failed (the CLI prints it as one line).
@@ -46,11 +46,7 @@ def run_smoke(args: argparse.Namespace, settings: Settings | None = None) -> int
     from llama_proc.provision import ensure_server, fetch_smoke_model
     from llama_proc.server import LlamaServer
 
-    if settings is None:
-        from llama_proc._cli.provision import _settings
-
-        settings = _settings(args)
-
+    settings = settings_from_args(args)
     explain: list[str] = []
     started = time.perf_counter()
     _say(

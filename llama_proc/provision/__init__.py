@@ -11,12 +11,14 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.provision.build import build_variant
-    from llama_proc.provision.cache import Install, install_atomically, list_installs
+    from llama_proc.provision.install import Install
+    from llama_proc.provision.installer import install_atomically
+    from llama_proc.provision.inventory import list_installs
     from llama_proc.provision.manifest import Manifest, Variant, load_manifest
-    from llama_proc.provision.models import fetch_smoke_model
     from llama_proc.provision.platform import HostInfo, detect_host
     from llama_proc.provision.resolve import ensure_server, resolve_server
     from llama_proc.provision.selection import Selection, select_variant
+    from llama_proc.provision.smoke_model import fetch_smoke_model
 
 __all__ = [
     "HostInfo",
@@ -37,16 +39,16 @@ __all__ = [
 
 _WHERE: Final = {
     "HostInfo": "platform",
-    "Install": "cache",
+    "Install": "install",
     "Manifest": "manifest",
     "Selection": "selection",
     "Variant": "manifest",
     "build_variant": "build",
     "detect_host": "platform",
     "ensure_server": "resolve",
-    "fetch_smoke_model": "models",
-    "install_atomically": "cache",
-    "list_installs": "cache",
+    "fetch_smoke_model": "smoke_model",
+    "install_atomically": "installer",
+    "list_installs": "inventory",
     "load_manifest": "manifest",
     "resolve_server": "resolve",
     "select_variant": "selection",

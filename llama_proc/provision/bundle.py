@@ -2,7 +2,7 @@
 
 A wheel built by the in-tree backend (``build_backend/``) with a binary inside carries a complete
 install at ``llama_proc/_bundled/``: the same files and the same ``install.json`` as an install in
-the cache (written by :func:`~llama_proc.provision.cache.install_atomically`, ``source =
+the cache (written by :func:`~llama_proc.provision.install.install_atomically`, ``source =
 "bundled"``). The resolution ladder looks there right after an explicit binary
 (:func:`find_bundled`); the backend makes one from a verified cache install with
 :func:`stage_bundle` and names the wheel's platform with :func:`wheel_tag`.
@@ -18,22 +18,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
+from llama_proc.errors import ConfigError, ProvisionError
+from llama_proc.provision.install import Install
+from llama_proc.provision.layout import INSTALL_JSON
+from llama_proc.vocab import InstallSource
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from llama_proc.config import Settings
-    from llama_proc.provision.cache import Install
     from llama_proc.provision.manifest import Variant
 
 __all__ = [
     "BUNDLE_DIRNAME",
-    "BUNDLE_SOURCE",
     "ElfInfo",
     "bundled_dir",
     "copy_install_tree",
@@ -47,9 +49,6 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_DIRNAME: Final = "_bundled"
 """Folder inside the ``llama_proc`` package that holds a wheel's bundled install."""
-BUNDLE_SOURCE: Final = "bundled"
-"""``Install.source`` of a bundled install."""
-INSTALL_JSON: Final = "install.json"
 _SKIP_SUFFIXES: Final = (".lock", ".part")
 _LIBRARY_RE: Final = re.compile(r"\.so(\.[0-9]+)*$|\.dylib$")
 _GLIBC_RE: Final = re.compile(r"^GLIBC_([0-9]+)\.([0-9]+)(?:\.[0-9]+)?$")
@@ -83,8 +82,6 @@ def find_bundled(root: Path | None = None) -> Install | None:
     path = bundled_dir() if root is None else root
     if not (path / INSTALL_JSON).is_file():
         return None
-    from llama_proc.provision.cache import Install
-
     return Install.from_dir(path)
 
 
@@ -218,8 +215,6 @@ def copy_install_tree(src: Path, dst: Path) -> list[str]:
     Raises:
         ProvisionError: a symlink points outside the install or at nothing.
     """
-    from llama_proc.errors import ProvisionError
-
     src = src.resolve()
     files, links = _walk(src)
     files = [p for p in files if p != Path(INSTALL_JSON) and not p.name.endswith(_SKIP_SUFFIXES)]
@@ -252,6 +247,9 @@ def copy_install_tree(src: Path, dst: Path) -> list[str]:
             and _LIBRARY_RE.search(rel.name)
         )
     ]
+    # shutil imports bz2 and lzma; find_bundled (this module) runs on every cache hit.
+    import shutil  # noqa: PLC0415  kept off the cache-hit path
+
     dst.mkdir(parents=True, exist_ok=True)
     for rel in kept_files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +286,9 @@ def stage_bundle(
     Raises:
         ProvisionError: copying or the smoke check failed.
     """
-    from llama_proc.provision.cache import install_atomically
+    # The installer imports the download and archive stack; find_bundled runs on every
+    # resolution (a cache hit too) and must not pay for it.
+    from llama_proc.provision.installer import install_atomically  # noqa: PLC0415
 
     def populate(staging: Path) -> dict[str, Any]:
         left_out = copy_install_tree(install.path, staging)
@@ -298,7 +298,7 @@ def stage_bundle(
         metadata.update(
             variant_id=install.variant_id,
             build=install.build,
-            source=BUNDLE_SOURCE,
+            source=InstallSource.BUNDLED,
             bundled_from={"source": install.source, "path": str(install.path)},
         )
         metadata.update(extra_metadata or {})
@@ -371,7 +371,5 @@ def wheel_tag(
         return f"py3-none-macosx_{version}_{arch}"
     if os_name == "windows" and arch in _WINDOWS_PLATFORMS:
         return f"py3-none-{_WINDOWS_PLATFORMS[arch]}"
-    from llama_proc.errors import ConfigError
-
     msg = f"cannot name a wheel platform for {os_name}-{arch}; build a pure wheel instead"
     raise ConfigError(msg)

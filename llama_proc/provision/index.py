@@ -16,7 +16,10 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from llama_proc.errors import CacheLockTimeoutError, OfflineError, ProvisionError
+from llama_proc.errors import OfflineError, ProvisionError
+from llama_proc.provision.download import download_file, fetch_page, file_sha256
+from llama_proc.provision.layout import downloads_dir
+from llama_proc.provision.locking import create_once
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -39,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 PEP691_JSON: Final = "application/vnd.pypi.simple.v1+json"
 ACCEPT: Final = f"{PEP691_JSON}, application/vnd.pypi.simple.v1+html;q=0.2, text/html;q=0.1"
-DOWNLOADS_DIR: Final = "downloads"
 _NORMALIZE_RE: Final = re.compile(r"[-_.]+")
 
 
@@ -140,8 +142,6 @@ def find_index_file(
         DownloadError: the index could not be reached or refused the request.
         ProvisionError: the file is not on the index, or the index's sha256 differs from the pin.
     """
-    from llama_proc.provision.download import fetch_page
-
     project = normalize_project(spec.project)
     page_url = f"{settings.index_url.rstrip('/')}/{project}/"
     hints = {404: f"project {spec.project!r} is not on {settings.index_url} (LLAMA_PROC_INDEX_URL)"}
@@ -164,7 +164,7 @@ def find_index_file(
 
 def index_cache_path(spec: IndexFile, settings: Settings) -> Path:
     """Where :func:`fetch_index_file` keeps ``spec``'s file."""
-    return settings.cache_dir / DOWNLOADS_DIR / spec.filename
+    return downloads_dir(settings) / spec.filename
 
 
 def fetch_index_file(
@@ -190,38 +190,32 @@ def fetch_index_file(
         CacheLockTimeoutError: another process held the download lock too long.
         ProvisionError: the index does not list the file or lists another hash.
     """
-    from filelock import FileLock, Timeout
-
-    from llama_proc.provision.download import download_file
-
     dest = index_cache_path(spec, settings)
-    if _is_valid(dest, spec.sha256):
-        return dest
-    if settings.offline:
-        msg = (
-            f"offline mode (LLAMA_PROC_OFFLINE) and {spec.filename} is not cached; put the "
-            f"file (sha256 {spec.sha256}) at {dest} or run once online"
-        )
-        raise OfflineError(msg)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = dest.parent / f"{dest.name}.lock"
-    try:
-        with FileLock(lock_path, timeout=settings.lock_timeout):
-            # Another process may have finished the download while we waited.
-            if _is_valid(dest, spec.sha256):
-                return dest
-            if dest.exists():
-                logger.warning("cached %s fails its sha256; downloading it again", dest)
-                dest.unlink()
-            url = find_index_file(spec, settings, session)
-            return download_file(url, dest, sha256=spec.sha256, settings=settings, session=session)
-    except Timeout as err:
-        raise CacheLockTimeoutError(str(lock_path), settings.lock_timeout) from err
+
+    def make(path: Path) -> None:
+        if settings.offline:
+            msg = (
+                f"offline mode (LLAMA_PROC_OFFLINE) and {spec.filename} is not cached; put the "
+                f"file (sha256 {spec.sha256}) at {dest} or run once online"
+            )
+            raise OfflineError(msg)
+        if path.exists():
+            logger.warning("cached %s fails its sha256; downloading it again", path)
+            path.unlink()
+        url = find_index_file(spec, settings, session)
+        download_file(url, path, sha256=spec.sha256, settings=settings, session=session)
+
+    # download_file stages in its own resumable <dest>.part and renames it when verified.
+    return create_once(
+        dest,
+        make,
+        ready=lambda: dest if _is_valid(dest, spec.sha256) else None,
+        timeout=settings.lock_timeout,
+        staging="none",
+    )
 
 
 def _is_valid(path: Path, sha256: str) -> bool:
-    from llama_proc.provision.download import file_sha256
-
     try:
         return path.is_file() and file_sha256(path) == sha256
     except OSError:

@@ -28,17 +28,19 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import (
-    CacheLockTimeoutError,
     DownloadError,
     OfflineError,
     ProvisionError,
 )
+from llama_proc.provision import archive
+from llama_proc.provision.download import download_file, file_sha256
+from llama_proc.provision.index import fetch_index_file
+from llama_proc.provision.locking import create_once
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -471,8 +473,6 @@ def _index_tree(settings: Settings, manifest: Manifest) -> SourceTree:
 
 
 def _fetch_index(settings: Settings, spec: IndexFile) -> Path:
-    from llama_proc.provision.index import fetch_index_file
-
     return fetch_index_file(spec, settings)
 
 
@@ -501,8 +501,6 @@ def _archive_tree(
             )
             raise ProvisionError(msg)
         # A file the user handed us directly: nothing to verify against, but record its hash.
-        from llama_proc.provision.download import file_sha256
-
         sha = file_sha256(local)
 
     def fetch() -> Path:
@@ -562,8 +560,6 @@ def _archive_filename(location: str) -> str:
 
 
 def _download(settings: Settings, url: str, filename: str, sha: str) -> Path:
-    from llama_proc.provision.download import download_file, file_sha256
-
     dest = settings.cache_dir / DOWNLOADS_DIR / f"{sha[:12]}-{filename}"
     if dest.is_file() and file_sha256(dest) == sha:
         return dest
@@ -583,34 +579,20 @@ def _unpacked_dir(settings: Settings, filename: str, sha: str) -> Path:
 
 
 def _unpacked(settings: Settings, filename: str, sha: str, fetch: Callable[[], Path]) -> Path:
-    """Unpack an archive once into ``sources/<name>``: staging folder + rename, under a lock."""
-    from filelock import FileLock, Timeout
-
-    from llama_proc.provision.archive import extract_archive
-
+    """Unpack an archive once into ``sources/<name>`` (:func:`~.locking.create_once`)."""
     target = _unpacked_dir(settings, filename, sha)
-    if target.is_dir():
-        return _archive_root(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f"{target.name}.lock"
-    try:
-        with FileLock(lock_path, timeout=settings.lock_timeout):
-            if target.is_dir():  # another process unpacked it while we waited
-                return _archive_root(target)
-            for stale in target.parent.glob(f".{target.name}.incoming-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            archive = fetch()
-            staging = target.parent / f".{target.name}.incoming-{uuid.uuid4().hex[:8]}"
-            try:
-                logger.info("unpacking %s into %s", archive.name, target)
-                extract_archive(archive, staging)
-                # The rename is the commit point: a folder under the final name is complete.
-                staging.replace(target)
-            finally:
-                if staging.exists():
-                    shutil.rmtree(staging, ignore_errors=True)
-    except Timeout as err:
-        raise CacheLockTimeoutError(str(lock_path), settings.lock_timeout) from err
+
+    def make(staging: Path) -> None:
+        path = fetch()
+        logger.info("unpacking %s into %s", path.name, target)
+        archive.extract_archive(path, staging)
+
+    create_once(
+        target,
+        make,
+        ready=lambda: target if target.is_dir() else None,
+        timeout=settings.lock_timeout,
+    )
     return _archive_root(target)
 
 

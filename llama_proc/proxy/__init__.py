@@ -16,14 +16,14 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
-    from llama_proc.proxy.config import (
+    from llama_proc.proxy.flag_policy import normalize_flags, parse_flags_header
+    from llama_proc.proxy.models_config import (
         ModelsConfig,
         ModelSpec,
         load_models,
         load_models_config,
         scan_models_dir,
     )
-    from llama_proc.proxy.flags import normalize_flags, parse_flags_header
     from llama_proc.proxy.pool import (
         LlamaServerFactory,
         PoolBusyError,
@@ -58,8 +58,10 @@ __all__ = [
 
 _MODULES: Final = {
     "app": ("ProxyOptions", "create_app", "run_proxy"),
-    "config": ("ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir"),
-    "flags": ("normalize_flags", "parse_flags_header"),
+    "models_config": (
+        "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",
+    ),
+    "flag_policy": ("normalize_flags", "parse_flags_header"),
     "pool": (
         "LlamaServerFactory", "PoolBusyError", "PoolClosedError", "ServerFactory",
         "ServerHandle", "ServerInfo", "ServerPool", "server_key",

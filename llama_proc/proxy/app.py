@@ -19,7 +19,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
@@ -27,14 +27,14 @@ from aiohttp import web
 from yarl import URL
 
 from llama_proc.errors import InvalidArgumentError, LlamaProcError
-from llama_proc.proxy.flags import FLAGS_HEADER, parse_flags_header
+from llama_proc.proxy.flag_policy import FLAGS_HEADER, parse_flags_header
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
 from llama_proc.proxy.pool import Lease, PoolBusyError, PoolClosedError, ServerPool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from llama_proc.proxy.config import ModelsConfig, ModelSpec
+    from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 
 __all__ = [
     "DEFAULT_FIRST_BYTE_TIMEOUT",
@@ -82,7 +82,7 @@ class ProxyOptions:
         drain_timeout: seconds in-flight requests get to finish at shutdown.
     """
 
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self, runtime_checkable
 
 from llama_proc.errors import ServerError, ServerStartError
+from llama_proc.server import AsyncLlamaServer
 
 if TYPE_CHECKING:
     from pathlib import Path
     from types import TracebackType
 
     from llama_proc.config import Settings
-    from llama_proc.proxy.config import ModelSpec
-    from llama_proc.server import AsyncLlamaServer
+    from llama_proc.proxy.models_config import ModelSpec
 
 __all__ = [
     "Lease",
@@ -727,8 +727,6 @@ class LlamaServerFactory:
             ModelFileError: the model file is missing or not GGUF.
             InvalidArgumentError: an option was refused.
         """
-        from llama_proc.server import AsyncLlamaServer
-
         options: dict[str, Any] = {"metrics": True, **self.common_options, **spec.options}
         extra = (*tuple(options.pop("extra_args", ())), *spec.extra_args, *flags)
         server = AsyncLlamaServer(

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Final
 from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from llama_proc.diagnosis import Cause, diagnose
     from llama_proc.runtime.args import ServerArgs, validate_extra_args
     from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient, parse_metrics
-    from llama_proc.runtime.diagnose import Cause, diagnose
     from llama_proc.runtime.flags import BinaryFlags, probe_flags
     from llama_proc.runtime.gguf import GgufHeader, check_gguf
     from llama_proc.runtime.health import probe_health
@@ -44,14 +44,14 @@ __all__ = [
 _WHERE: Final = {
     "AsyncLlamaClient": "client",
     "BinaryFlags": "flags",
-    "Cause": "diagnose",
+    "Cause": "llama_proc.diagnosis",
     "GgufHeader": "gguf",
     "LlamaClient": "client",
     "ServerArgs": "args",
     "ServerProcess": "process",
     "check_gguf": "gguf",
     "child_environment": "process",
-    "diagnose": "diagnose",
+    "diagnose": "llama_proc.diagnosis",
     "parse_metrics": "client",
     "probe_flags": "flags",
     "probe_health": "health",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.runtime.flags import normalize_flag
+from llama_proc.runtime.rpc_protocol import parse_endpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -287,8 +288,11 @@ def _template(name: str, value: object) -> None:
 
 
 def _api_key(name: str, value: object) -> None:
-    _no_control(name, value)
     text = str(value)
+    # Never quote the key in a message: errors end up in logs and on screens.
+    if not text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        msg = f"{name} is empty or contains control characters"
+        raise InvalidArgumentError(msg)
     # llama-server splits LLAMA_API_KEY as a CSV row: "a,b" would accept "a" and "b" alone.
     if "," in text or '"' in text or text != text.strip():
         msg = (
@@ -346,8 +350,6 @@ def _onoff(name: str, value: object) -> None:
 
 
 def _rpc(name: str, value: object) -> None:
-    from llama_proc.runtime.rpc import parse_endpoint
-
     for endpoint in value:  # type: ignore[attr-defined]
         _no_control(name, endpoint)
         parse_endpoint(str(endpoint))

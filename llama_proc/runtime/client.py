@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 from llama_proc.errors import ServerRequestError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
     from types import TracebackType
 
     import aiohttp
@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 __all__ = [
     "REQUEST_TIMEOUT",
     "AsyncLlamaClient",
+    "AsyncLlamaEndpoints",
     "LlamaClient",
+    "LlamaEndpoints",
     "parse_metrics",
     "parse_sse_line",
 ]
@@ -155,7 +157,177 @@ def _vectors(response: Mapping[str, Any]) -> list[list[float]]:
     return [list(d["embedding"]) for d in data]
 
 
-class LlamaClient:
+class LlamaEndpoints:
+    """llama-server's HTTP API for blocking code, written once.
+
+    :class:`LlamaClient` and :class:`~llama_proc.server.LlamaServer` both inherit these
+    methods; each supplies the client that carries the requests (:meth:`_api`).
+    """
+
+    def _api(self) -> LlamaClient:
+        raise NotImplementedError
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health`` (no API key needed); raises while the model is loading (503)."""
+        result: dict[str, Any] = self._api()._json("GET", "/health")
+        return result
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = self._api()._json("GET", "/v1/models")
+        return result
+
+    def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``; ``params`` are OpenAI fields (max_tokens, temperature...)."""
+        result: dict[str, Any] = self._api()._json(
+            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
+        )
+        return result
+
+    def chat_stream(self, messages: Sequence[Message], **params: Any) -> Iterator[dict[str, Any]]:
+        """Stream a chat completion: one dict per chunk; the last one carries ``usage``."""
+        return self._api()._stream(
+            "/v1/chat/completions", _chat_body(messages, params, stream=True)
+        )
+
+    def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = self._api()._json(
+            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
+        )
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Stream a text completion chunk by chunk."""
+        return self._api()._stream("/v1/completions", _completion_body(prompt, params, stream=True))
+
+    def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings`` (the server must run with ``embeddings=True``)."""
+        result: dict[str, Any] = self._api()._json(
+            "POST", "/v1/embeddings", {"input": input, **params}
+        )
+        return result
+
+    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``, in order."""
+        return _vectors(self.embeddings(texts))
+
+    def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """``POST /tokenize``: token ids for ``content``."""
+        result = self._api()._json(
+            "POST", "/tokenize", {"content": content, "add_special": add_special}
+        )
+        return [int(t) for t in result["tokens"]]
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        """``POST /detokenize``: text for token ids."""
+        result = self._api()._json("POST", "/detokenize", {"tokens": list(tokens)})
+        return str(result["content"])
+
+    def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed (the server must run with ``metrics=True``)."""
+        return parse_metrics(self._api()._text("GET", "/metrics"))
+
+    def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``: per-slot state."""
+        result: list[dict[str, Any]] = self._api()._json("GET", "/slots")
+        return result
+
+    def props(self) -> dict[str, Any]:
+        """``GET /props``: server properties (model path, context size, chat template...)."""
+        result: dict[str, Any] = self._api()._json("GET", "/props")
+        return result
+
+
+class AsyncLlamaEndpoints:
+    """llama-server's HTTP API for asyncio, written once (the twin of :class:`LlamaEndpoints`).
+
+    :class:`AsyncLlamaClient` and :class:`~llama_proc.server.AsyncLlamaServer` both inherit
+    these methods; each supplies the client that carries the requests (:meth:`_api`).
+    """
+
+    def _api(self) -> AsyncLlamaClient:
+        raise NotImplementedError
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        result: dict[str, Any] = await self._api()._json("GET", "/health")
+        return result
+
+    async def models(self) -> dict[str, Any]:
+        """``GET /v1/models``."""
+        result: dict[str, Any] = await self._api()._json("GET", "/v1/models")
+        return result
+
+    async def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions``."""
+        result: dict[str, Any] = await self._api()._json(
+            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
+        )
+        return result
+
+    def chat_stream(
+        self, messages: Sequence[Message], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a chat completion (``async for chunk in client.chat_stream(...)``)."""
+        return self._api()._stream(
+            "/v1/chat/completions", _chat_body(messages, params, stream=True)
+        )
+
+    async def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
+        """``POST /v1/completions``."""
+        result: dict[str, Any] = await self._api()._json(
+            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
+        )
+        return result
+
+    def complete_stream(
+        self, prompt: str | Sequence[int], **params: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream a text completion."""
+        return self._api()._stream("/v1/completions", _completion_body(prompt, params, stream=True))
+
+    async def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
+        """``POST /v1/embeddings``."""
+        result: dict[str, Any] = await self._api()._json(
+            "POST", "/v1/embeddings", {"input": input, **params}
+        )
+        return result
+
+    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
+        """Embedding vectors for ``texts``, in order."""
+        return _vectors(await self.embeddings(texts))
+
+    async def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
+        """``POST /tokenize``."""
+        result = await self._api()._json(
+            "POST", "/tokenize", {"content": content, "add_special": add_special}
+        )
+        return [int(t) for t in result["tokens"]]
+
+    async def detokenize(self, tokens: Iterable[int]) -> str:
+        """``POST /detokenize``."""
+        result = await self._api()._json("POST", "/detokenize", {"tokens": list(tokens)})
+        return str(result["content"])
+
+    async def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed."""
+        return parse_metrics(await self._api()._text("GET", "/metrics"))
+
+    async def slots(self) -> list[dict[str, Any]]:
+        """``GET /slots``."""
+        result: list[dict[str, Any]] = await self._api()._json("GET", "/slots")
+        return result
+
+    async def props(self) -> dict[str, Any]:
+        """``GET /props``."""
+        result: dict[str, Any] = await self._api()._json("GET", "/props")
+        return result
+
+
+class LlamaClient(LlamaEndpoints):
     """Blocking client for one llama-server.
 
     Args:
@@ -163,6 +335,9 @@ class LlamaClient:
         api_key: sent as ``Authorization: Bearer`` when the server requires a key.
         timeout: seconds to wait for each response; None = forever.
         session: a ``requests.Session`` to use (default: a new one, closed by :meth:`close`).
+        on_connection_error: called with every error that has no HTTP status (unreachable,
+            timed out, broken stream) before it is raised; it may raise a better error instead
+            (a server's owner checks whether its process crashed).
     """
 
     def __init__(
@@ -172,12 +347,17 @@ class LlamaClient:
         api_key: str | None = None,
         timeout: float | None = REQUEST_TIMEOUT,
         session: requests.Session | None = None,
+        on_connection_error: Callable[[ServerRequestError], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.on_connection_error = on_connection_error
         self._session = session
         self._owns_session = session is None
+
+    def _api(self) -> LlamaClient:
+        return self
 
     @property
     def openai_base_url(self) -> str:
@@ -188,7 +368,7 @@ class LlamaClient:
     def session(self) -> requests.Session:
         """The underlying ``requests.Session`` (created on first use)."""
         if self._session is None:
-            import requests
+            import requests  # noqa: PLC0415 - heavy; loaded on first use (cheap package import)
 
             self._session = requests.Session()
             self._session.trust_env = False  # a local server: never route it through a proxy
@@ -211,7 +391,7 @@ class LlamaClient:
         Raises:
             ServerRequestError: the server is unreachable, timed out, or answered >= 400.
         """
-        import requests
+        import requests  # noqa: PLC0415 - heavy; loaded on first use (cheap package import)
 
         url = f"{self.base_url}{path}"
         try:
@@ -233,99 +413,51 @@ class LlamaClient:
             raise ServerRequestError(msg, response.status_code, body[:_ERROR_BODY_LIMIT])
         return response
 
+    def _failed(self, err: ServerRequestError) -> None:
+        if err.status is None and self.on_connection_error is not None:
+            self.on_connection_error(err)
+
     def _json(self, method: str, path: str, body: Any = None) -> Any:
-        response = self.request(method, path, json_body=body)
         try:
-            return response.json()
-        except ValueError as err:
-            msg = f"{method} {path} returned invalid JSON"
-            raise ServerRequestError(msg, response.status_code, response.text[:200]) from err
+            response = self.request(method, path, json_body=body)
+            try:
+                return response.json()
+            except ValueError as err:
+                msg = f"{method} {path} returned invalid JSON"
+                raise ServerRequestError(msg, response.status_code, response.text[:200]) from err
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
+
+    def _text(self, method: str, path: str) -> str:
+        try:
+            return self.request(method, path).text
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
 
     def _stream(self, path: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-        import requests
+        import requests  # noqa: PLC0415 - heavy; loaded on first use (cheap package import)
 
-        response = self.request("POST", path, json_body=body, stream=True, headers=_STREAM_HEADERS)
-        with response:
-            try:
-                # chunk_size=None: hand over each HTTP chunk as it arrives (no fixed buffer).
-                for line in response.iter_lines(chunk_size=None):
-                    event = parse_sse_line(line)
-                    if is_done(event):
-                        return
-                    if event is not None:
-                        yield event
-            except requests.RequestException as err:
-                msg = f"POST {path}: the stream broke: {err}"
-                raise ServerRequestError(msg) from err
-
-    # -- API -----------------------------------------------------------------------------
-
-    def health(self) -> dict[str, Any]:
-        """``GET /health`` (no API key needed); raises while the model is loading (503)."""
-        result: dict[str, Any] = self._json("GET", "/health")
-        return result
-
-    def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        result: dict[str, Any] = self._json("GET", "/v1/models")
-        return result
-
-    def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
-        """``POST /v1/chat/completions``; ``params`` are OpenAI fields (max_tokens, temperature...)."""
-        result: dict[str, Any] = self._json(
-            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
-        )
-        return result
-
-    def chat_stream(self, messages: Sequence[Message], **params: Any) -> Iterator[dict[str, Any]]:
-        """Stream a chat completion: one dict per chunk; the last one carries ``usage``."""
-        return self._stream("/v1/chat/completions", _chat_body(messages, params, stream=True))
-
-    def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
-        """``POST /v1/completions``."""
-        result: dict[str, Any] = self._json(
-            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
-        )
-        return result
-
-    def complete_stream(
-        self, prompt: str | Sequence[int], **params: Any
-    ) -> Iterator[dict[str, Any]]:
-        """Stream a text completion chunk by chunk."""
-        return self._stream("/v1/completions", _completion_body(prompt, params, stream=True))
-
-    def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
-        """``POST /v1/embeddings`` (the server must run with ``embeddings=True``)."""
-        result: dict[str, Any] = self._json("POST", "/v1/embeddings", {"input": input, **params})
-        return result
-
-    def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
-        """Embedding vectors for ``texts``, in order."""
-        return _vectors(self.embeddings(texts))
-
-    def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
-        """``POST /tokenize``: token ids for ``content``."""
-        result = self._json("POST", "/tokenize", {"content": content, "add_special": add_special})
-        return [int(t) for t in result["tokens"]]
-
-    def detokenize(self, tokens: Iterable[int]) -> str:
-        """``POST /detokenize``: text for token ids."""
-        result = self._json("POST", "/detokenize", {"tokens": list(tokens)})
-        return str(result["content"])
-
-    def metrics(self) -> dict[str, float]:
-        """``GET /metrics`` parsed (the server must run with ``metrics=True``)."""
-        return parse_metrics(self.request("GET", "/metrics").text)
-
-    def slots(self) -> list[dict[str, Any]]:
-        """``GET /slots``: per-slot state."""
-        result: list[dict[str, Any]] = self._json("GET", "/slots")
-        return result
-
-    def props(self) -> dict[str, Any]:
-        """``GET /props``: server properties (model path, context size, chat template...)."""
-        result: dict[str, Any] = self._json("GET", "/props")
-        return result
+        try:
+            response = self.request(
+                "POST", path, json_body=body, stream=True, headers=_STREAM_HEADERS
+            )
+            with response:
+                try:
+                    # chunk_size=None: hand over each HTTP chunk as it arrives (no fixed buffer).
+                    for line in response.iter_lines(chunk_size=None):
+                        event = parse_sse_line(line)
+                        if is_done(event):
+                            return
+                        if event is not None:
+                            yield event
+                except requests.RequestException as err:
+                    msg = f"POST {path}: the stream broke: {err}"
+                    raise ServerRequestError(msg) from err
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
 
     def close(self) -> None:
         """Close the HTTP session if this client created it."""
@@ -345,22 +477,32 @@ class LlamaClient:
         self.close()
 
 
-class AsyncLlamaClient:
+class AsyncLlamaClient(AsyncLlamaEndpoints):
     """asyncio client for one llama-server (aiohttp); the same calls as :class:`LlamaClient`.
 
     Args:
         base_url: the server root (no ``/v1``).
         api_key: sent as ``Authorization: Bearer`` when set.
         timeout: seconds to wait for each response; None = forever.
+        on_connection_error: as for :class:`LlamaClient`.
     """
 
     def __init__(
-        self, base_url: str, *, api_key: str | None = None, timeout: float | None = REQUEST_TIMEOUT
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float | None = REQUEST_TIMEOUT,
+        on_connection_error: Callable[[ServerRequestError], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.on_connection_error = on_connection_error
         self._session: aiohttp.ClientSession | None = None
+
+    def _api(self) -> AsyncLlamaClient:
+        return self
 
     @property
     def openai_base_url(self) -> str:
@@ -369,7 +511,7 @@ class AsyncLlamaClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            import aiohttp
+            import aiohttp  # noqa: PLC0415 - heavy optional dependency, loaded on first use
 
             self._session = aiohttp.ClientSession(
                 # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s;
@@ -393,7 +535,7 @@ class AsyncLlamaClient:
         Raises:
             ServerRequestError: the server is unreachable, timed out, or answered >= 400.
         """
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 - heavy optional dependency, loaded on first use
 
         url = f"{self.base_url}{path}"
         try:
@@ -410,109 +552,55 @@ class AsyncLlamaClient:
             raise ServerRequestError(msg, response.status, body[:_ERROR_BODY_LIMIT])
         return response
 
+    def _failed(self, err: ServerRequestError) -> None:
+        if err.status is None and self.on_connection_error is not None:
+            self.on_connection_error(err)
+
     async def _json(self, method: str, path: str, body: Any = None) -> Any:
-        response = await self.request(method, path, json_body=body)
-        async with response:
-            try:
-                return await response.json(content_type=None)
-            except ValueError as err:
-                msg = f"{method} {path} returned invalid JSON"
-                raise ServerRequestError(msg, response.status) from err
+        try:
+            response = await self.request(method, path, json_body=body)
+            async with response:
+                try:
+                    return await response.json(content_type=None)
+                except ValueError as err:
+                    msg = f"{method} {path} returned invalid JSON"
+                    raise ServerRequestError(msg, response.status) from err
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
+
+    async def _text(self, method: str, path: str) -> str:
+        try:
+            response = await self.request(method, path)
+            async with response:
+                return await response.text()
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
 
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 - heavy optional dependency, loaded on first use
 
-        response = await self.request("POST", path, json_body=body, headers=_STREAM_HEADERS)
-        async with response:
-            pending = b""
-            try:
-                # iter_any(): whatever bytes arrived, with no line-length limit of readline().
-                async for data in response.content.iter_any():
-                    *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
-                        event = parse_sse_line(line)
-                        if is_done(event):
-                            return
-                        if event is not None:
-                            yield event
-            except (aiohttp.ClientError, TimeoutError) as err:
-                msg = f"POST {path}: the stream broke: {err!r}"
-                raise ServerRequestError(msg) from err
-
-    async def health(self) -> dict[str, Any]:
-        """``GET /health``."""
-        result: dict[str, Any] = await self._json("GET", "/health")
-        return result
-
-    async def models(self) -> dict[str, Any]:
-        """``GET /v1/models``."""
-        result: dict[str, Any] = await self._json("GET", "/v1/models")
-        return result
-
-    async def chat(self, messages: Sequence[Message], **params: Any) -> dict[str, Any]:
-        """``POST /v1/chat/completions``."""
-        result: dict[str, Any] = await self._json(
-            "POST", "/v1/chat/completions", _chat_body(messages, params, stream=False)
-        )
-        return result
-
-    def chat_stream(
-        self, messages: Sequence[Message], **params: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a chat completion (``async for chunk in client.chat_stream(...)``)."""
-        return self._stream("/v1/chat/completions", _chat_body(messages, params, stream=True))
-
-    async def complete(self, prompt: str | Sequence[int], **params: Any) -> dict[str, Any]:
-        """``POST /v1/completions``."""
-        result: dict[str, Any] = await self._json(
-            "POST", "/v1/completions", _completion_body(prompt, params, stream=False)
-        )
-        return result
-
-    def complete_stream(
-        self, prompt: str | Sequence[int], **params: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream a text completion."""
-        return self._stream("/v1/completions", _completion_body(prompt, params, stream=True))
-
-    async def embeddings(self, input: str | Sequence[str], **params: Any) -> dict[str, Any]:
-        """``POST /v1/embeddings``."""
-        result: dict[str, Any] = await self._json(
-            "POST", "/v1/embeddings", {"input": input, **params}
-        )
-        return result
-
-    async def embed(self, texts: str | Sequence[str]) -> list[list[float]]:
-        """Embedding vectors for ``texts``, in order."""
-        return _vectors(await self.embeddings(texts))
-
-    async def tokenize(self, content: str, *, add_special: bool = False) -> list[int]:
-        """``POST /tokenize``."""
-        result = await self._json(
-            "POST", "/tokenize", {"content": content, "add_special": add_special}
-        )
-        return [int(t) for t in result["tokens"]]
-
-    async def detokenize(self, tokens: Iterable[int]) -> str:
-        """``POST /detokenize``."""
-        result = await self._json("POST", "/detokenize", {"tokens": list(tokens)})
-        return str(result["content"])
-
-    async def metrics(self) -> dict[str, float]:
-        """``GET /metrics`` parsed."""
-        response = await self.request("GET", "/metrics")
-        async with response:
-            return parse_metrics(await response.text())
-
-    async def slots(self) -> list[dict[str, Any]]:
-        """``GET /slots``."""
-        result: list[dict[str, Any]] = await self._json("GET", "/slots")
-        return result
-
-    async def props(self) -> dict[str, Any]:
-        """``GET /props``."""
-        result: dict[str, Any] = await self._json("GET", "/props")
-        return result
+        try:
+            response = await self.request("POST", path, json_body=body, headers=_STREAM_HEADERS)
+            async with response:
+                pending = b""
+                try:
+                    # iter_any(): whatever bytes arrived, no line-length limit of readline().
+                    async for data in response.content.iter_any():
+                        *lines, pending = (pending + data).split(b"\n")
+                        for line in lines:
+                            event = parse_sse_line(line)
+                            if is_done(event):
+                                return
+                            if event is not None:
+                                yield event
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    msg = f"POST {path}: the stream broke: {err!r}"
+                    raise ServerRequestError(msg) from err
+        except ServerRequestError as err:
+            self._failed(err)
+            raise
 
     async def close(self) -> None:
         """Close the HTTP session."""

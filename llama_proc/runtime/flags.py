@@ -15,22 +15,32 @@ flags separated by ``", "``, then the value hint after one space, then the descr
 at least three spaces (or on the next line, indented). Description lines are always indented,
 so every line that starts with ``-`` is an option.
 
-The parsed result is cached in memory per (path, mtime, size): ``--help`` is cheap (tens of ms)
-but a pool starting many servers should not pay it each time.
+``--help`` costs tens of milliseconds, most of a server's start-up overhead, so the parsed
+result is remembered per binary identity (resolved path, size, mtime, inode): in memory, and on
+disk under the user cache (``<cache_dir>/flags/``, see :attr:`~llama_proc.config.Settings.cache_dir`),
+so even the first start in a new process skips it. A binary replaced in place has a new
+identity and is probed again; an unwritable cache only costs the probe.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import re
-import subprocess
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+
+from llama_proc._proc import run_with_timeout
+from llama_proc.config import Settings
+from llama_proc.errors import ConfigError
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Iterable, Mapping
 
 __all__ = ["BinaryFlags", "clear_flags_cache", "parse_help", "probe_flags"]
@@ -39,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 HELP_TIMEOUT: Final = 30.0
 """Seconds ``llama-server --help`` may take before the probe gives up."""
+FLAGS_CACHE_SCHEMA: Final = 1
+"""Version of the on-disk record; a record of another version is ignored."""
+FLAGS_CACHE_FOLDER: Final = "flags"
+"""Folder under the user cache that holds one record per probed binary."""
 
 _OPTION_LINE: Final = re.compile(
     r"^(?P<flags>-[^\s,]+(?:,\s+-[^\s,]+)*)(?: (?P<hint>\S.*?))?(?:\s{2,}|\s*$)"
@@ -103,20 +117,25 @@ def parse_help(text: str, source: str = "") -> BinaryFlags:
     return BinaryFlags(hints, envs, source)
 
 
-_CACHE: dict[tuple[str, int, int], BinaryFlags | None] = {}
+_Identity = tuple[str, int, int, int]
+"""(resolved path, size, mtime in ns, inode): a binary replaced in place gets a new one."""
+_CACHE: dict[_Identity, BinaryFlags | None] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def clear_flags_cache() -> None:
-    """Forget every probed binary (tests; or after replacing a binary in place)."""
+    """Forget every probed binary in memory (tests); on-disk records check identity anyway."""
     with _CACHE_LOCK:
         _CACHE.clear()
 
 
 def probe_flags(
-    binary: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    binary: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> BinaryFlags | None:
-    """Run ``binary --help`` once per (path, mtime, size) and parse it.
+    """Run ``binary --help`` once per binary identity and parse it.
 
     Returns None when the binary cannot be run or prints nothing that looks like llama.cpp's
     option list (a wrapper script, a fake server in tests): callers then pass options
@@ -126,37 +145,87 @@ def probe_flags(
         binary: the llama-server executable.
         env: environment for the probe; llama-server parses ``LLAMA_ARG_*`` variables even
             for ``--help``, so pass the same cleaned environment the server will get.
+        settings: where the on-disk record lives (``settings.cache_dir``); None =
+            :meth:`Settings.from_env <llama_proc.config.Settings.from_env>`.
     """
     path = Path(binary)
     try:
         st = path.stat()
+        resolved = str(path.resolve())
     except OSError:
         return None
-    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    key: _Identity = (resolved, st.st_size, st.st_mtime_ns, st.st_ino)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
-    flags = _run_help(path, env)
+    record = _record_path(resolved, settings)
+    flags = _load(record, key, str(path)) if record is not None else None
+    if flags is None:
+        flags = _run_help(path, env)
+        if flags is not None and record is not None:
+            _save(record, key, flags)
     with _CACHE_LOCK:
         _CACHE[key] = flags
     return flags
 
 
-def _run_help(path: Path, env: Mapping[str, str] | None) -> BinaryFlags | None:
+def _record_path(resolved: str, settings: Settings | None) -> Path | None:
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except ConfigError as err:
+            logger.debug("no on-disk flags cache: %s", err)
+            return None
+    digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return settings.cache_dir / FLAGS_CACHE_FOLDER / f"{digest}.json"
+
+
+def _load(record: Path, key: _Identity, source: str) -> BinaryFlags | None:
     try:
-        proc = subprocess.run(
-            [str(path), "--help"],
-            capture_output=True,
-            timeout=HELP_TIMEOUT,
-            env=None if env is None else dict(env),
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as err:
-        logger.warning("could not run %s --help (%s); passing options without checking", path, err)
+        data: Any = json.loads(record.read_bytes())
+    except (OSError, ValueError):
         return None
-    text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-    flags = parse_help(text, str(path))
+    if (
+        not isinstance(data, dict)
+        or data.get("schema") != FLAGS_CACHE_SCHEMA
+        or data.get("identity") != list(key)
+        or not isinstance(data.get("hints"), dict)
+        or not isinstance(data.get("envs"), dict)
+    ):
+        return None
+    return BinaryFlags(data["hints"], data["envs"], source)
+
+
+def _save(record: Path, key: _Identity, flags: BinaryFlags) -> None:
+    data = {
+        "schema": FLAGS_CACHE_SCHEMA,
+        "identity": list(key),
+        "hints": dict(flags.hints),
+        "envs": dict(flags.envs),
+    }
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the record and rename: a concurrent reader sees the old or the new one.
+        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+            Path(tmp).replace(record)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink()
+            raise
+    except OSError as err:
+        logger.debug("cannot remember the flags of %s in %s: %s", key[0], record, err)
+
+
+def _run_help(path: Path, env: Mapping[str, str] | None) -> BinaryFlags | None:
+    ran = run_with_timeout([str(path), "--help"], HELP_TIMEOUT, env=env)
+    if ran is None or ran.timed_out:
+        why = "it could not be started" if ran is None else f"it hung for {HELP_TIMEOUT:g}s"
+        logger.warning("could not run %s --help (%s); passing options without checking", path, why)
+        return None
+    flags = parse_help(ran.output, str(path))
     if "--port" not in flags or "--host" not in flags:
         logger.warning(
             "%s --help does not list --host/--port; passing options without checking", path

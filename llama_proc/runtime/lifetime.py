@@ -262,7 +262,7 @@ def assign_to_job(process: subprocess.Popen[bytes]) -> bool:
     """
     if sys.platform != "win32":
         return False
-    from ctypes import wintypes
+    from ctypes import wintypes  # noqa: PLC0415 - Windows only
 
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
 

@@ -34,18 +34,17 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, Self
 
 from llama_proc._childenv import DROPPED_ENV, child_environment
+from llama_proc._proc import group_popen_kwargs, stop_tree
+from llama_proc.diagnosis import Cause, diagnose
 from llama_proc.errors import ServerNotReadyError, ServerStartError
 from llama_proc.runtime import lifetime as _lifetime
-from llama_proc.runtime.diagnose import Cause, diagnose
 from llama_proc.runtime.health import HEALTH_PATH, POLL_INTERVAL, format_url, probe_health
 
 if TYPE_CHECKING:
@@ -296,11 +295,8 @@ class ServerProcess:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = self.env if self.env is not None else child_environment()
-        posix = os.name == "posix"
         preexec = _lifetime.pdeathsig_preexec() if self.lifetime == "pdeathsig" else None
-        creationflags = 0
-        if sys.platform == "win32":
-            creationflags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        group = group_popen_kwargs()
 
         def popen() -> subprocess.Popen[bytes]:
             return subprocess.Popen(
@@ -311,9 +307,8 @@ class ServerProcess:
                 env=env,
                 cwd=self.cwd,
                 close_fds=True,
-                start_new_session=posix,
                 preexec_fn=preexec,  # noqa: PLW1509 - see lifetime: only prctl + getppid
-                creationflags=creationflags,
+                **group,
             )
 
         if preexec is not None:
@@ -466,8 +461,7 @@ class ServerProcess:
         exits at once on a second one.
 
         Idempotent; safe to call from several threads, after a crash and at exit. On Windows
-        the child is terminated at once: llama-server only handles CTRL_C, which cannot be
-        delivered to a process in its own process group.
+        the group gets ``CTRL_BREAK_EVENT`` instead of SIGTERM (:func:`~llama_proc._proc.stop_tree`).
 
         Returns:
             The exit status, or None if it was never started.
@@ -478,44 +472,13 @@ class ServerProcess:
             if proc is None:
                 return None
             if proc.poll() is None:
-                self._terminate(proc, grace)
+                # A SIGTERM that lands between llama-server installing its handler and
+                # entering its main loop is lost (start_loop() sets running=true again); its
+                # handler treats a second signal as "exit now".
+                stop_tree(proc, grace, repeat_after=min(TERM_REPEAT, grace))
                 logger.debug("stopped %s pid %d (exit %s)", self.name, proc.pid, proc.returncode)
             self._cleanup()
             return proc.returncode
-
-    def _terminate(self, proc: subprocess.Popen[bytes], grace: float) -> None:
-        first = min(TERM_REPEAT, grace)
-        self._signal(proc, signal.SIGTERM)
-        try:
-            proc.wait(first)
-        except subprocess.TimeoutExpired:
-            # A SIGTERM that lands between llama-server installing its handler and entering
-            # its main loop is lost (start_loop() sets running=true again); its handler
-            # treats a second signal as "exit now".
-            self._signal(proc, signal.SIGTERM)
-        else:
-            return
-        try:
-            proc.wait(max(grace - first, 0.0))
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "%s pid %d ignored SIGTERM for %gs; killing it", self.name, proc.pid, grace
-            )
-            self._signal(proc, signal.SIGKILL)
-            proc.wait()
-
-    def _signal(self, proc: subprocess.Popen[bytes], sig: int) -> None:
-        if os.name == "posix":
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            except PermissionError:
-                proc.send_signal(sig)
-        elif sig == signal.SIGTERM:
-            proc.terminate()
-        else:
-            proc.kill()
 
     def _cleanup(self) -> None:
         proc = self._proc

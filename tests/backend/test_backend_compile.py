@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from backend_support import Wheel, load_backend, make_venv
 
+from llama_proc.vocab import InstallSource
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -52,7 +54,9 @@ def cache_with_the_runs_build(
     llama_server_bin: Path, real_settings: Settings, tmp_path: Path
 ) -> tuple[Path, Path]:
     """A cache dir holding the run's CPU build as a ``built`` install; and that install's path."""
-    from llama_proc.provision.cache import Install, install_atomically, install_dir
+    from llama_proc.provision.install import Install
+    from llama_proc.provision.installer import install_atomically
+    from llama_proc.provision.layout import install_dir
     from llama_proc.provision.manifest import load_manifest
 
     for parent in llama_server_bin.parents:
@@ -70,7 +74,7 @@ def cache_with_the_runs_build(
         return {
             "variant_id": variant.id,
             "build": manifest.build,
-            "source": "built",
+            "source": InstallSource.BUILT,
             "portable": False,
         }
 
@@ -112,14 +116,14 @@ def test_build_source_bundles_the_cached_build_and_it_serves(
     real_settings: Settings,
     smol_model: Path,
 ) -> None:
-    from llama_proc.provision.cache import Install
+    from llama_proc.provision.install import Install
 
     cache, origin = cache_with_the_runs_build(llama_server_bin, real_settings, tmp_path)
     run_install = Install.from_dir(origin)
     monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(cache))
     settings = {
         # A run whose shared install is a download (GitHub reachable) bundles that instead.
-        "llama-proc.source": "build" if run_install.source == "built" else "auto",
+        "llama-proc.source": "build" if run_install.source == InstallSource.BUILT else "auto",
         "llama-proc.variant": "cpu",
         "llama-proc.build": run_install.build,
         # Offline, a cache miss fails at once instead of compiling or downloading again.
@@ -135,7 +139,7 @@ def test_build_source_bundles_the_cached_build_and_it_serves(
     assert record["bundled_from"]["path"] == str(origin)
     assert record["variant_id"] == f"linux-{ARCH}-cpu"
     assert record["source"] == "bundled"
-    if record["bundled_from"]["source"] == "built" and not record.get("portable"):
+    if record["bundled_from"]["source"] == InstallSource.BUILT and not record.get("portable"):
         # Tuned to this CPU: a host-only tag that PyPI refuses, not a manylinux promise.
         assert wheel.tag == f"py3-none-linux_{ARCH}"
     else:

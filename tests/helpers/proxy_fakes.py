@@ -18,7 +18,7 @@ from aiohttp import web
 from llama_proc.errors import ServerStartError
 
 if TYPE_CHECKING:
-    from llama_proc.proxy.config import ModelSpec
+    from llama_proc.proxy.models_config import ModelSpec
 
 
 @dataclass

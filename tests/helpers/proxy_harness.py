@@ -18,7 +18,7 @@ from llama_proc.proxy.pool import ServerPool
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from llama_proc.proxy.config import ModelsConfig
+    from llama_proc.proxy.models_config import ModelsConfig
     from llama_proc.proxy.pool import ServerFactory
 
 

@@ -23,31 +23,40 @@ import pytest
 from build_fixtures import can_build_c, fake_variant, host_os, make_fake_llama_tree
 
 from llama_proc.config import Settings
-from llama_proc.errors import BuildError, ConfigError, ProvisionError, ToolNotFoundError
-from llama_proc.provision import build
-from llama_proc.provision.build import (
-    BuildPlan,
-    Run,
-    Toolchain,
-    build_into,
+from llama_proc.errors import (
+    BuildError,
+    CacheLockTimeoutError,
+    ConfigError,
+    ProvisionError,
+    ToolNotFoundError,
+)
+from llama_proc.provision import (
+    build,
+    build_diagnosis,
+    build_plan,
+    build_run,
+    cmake_flags,
+    toolchain,
+)
+from llama_proc.provision import platform as platform_module
+from llama_proc.provision.build import build_into, build_variant, copy_outputs
+from llama_proc.provision.build_diagnosis import diagnose
+from llama_proc.provision.build_plan import BuildPlan, check_request, plan_build
+from llama_proc.provision.build_run import Run, parse_progress, run_build
+from llama_proc.provision.cmake_flags import (
     build_key,
-    build_variant,
     compose_cmake_flags,
-    copy_outputs,
     defined_targets,
-    diagnose,
-    find_toolchain,
     install_flavor,
-    parse_progress,
-    plan_build,
     resolve_cuda_arch,
     resolve_targets,
-    run_build,
     validate_cmake_args,
 )
+from llama_proc.provision.locking import cache_lock, lock_path
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.platform import HostInfo
 from llama_proc.provision.sources import SourceTree, obtain_source
+from llama_proc.provision.toolchain import Toolchain, find_toolchain
 
 MANIFEST = load_manifest()
 FAKE_TOOLS = Toolchain(cmake="cmake", cmake_version=(3, 28, 0), ninja="/usr/bin/ninja")
@@ -71,6 +80,21 @@ def _tree(path: Path, **changes: Any) -> SourceTree:
         identity=f"local:{path}",
     )
     return dataclasses.replace(base, **changes)
+
+
+def _plan(
+    variant: Any,
+    source: SourceTree,
+    settings: Settings,
+    *,
+    manifest: Any = MANIFEST,
+    toolchain: Toolchain | None = None,
+    **request: Any,
+) -> BuildPlan:
+    """Check the request, then plan it (what build_variant does, without the install)."""
+    return plan_build(
+        check_request(variant, **request), source, settings, manifest=manifest, toolchain=toolchain
+    )
 
 
 # ------------------------------------------------------------------ flag composition
@@ -207,7 +231,7 @@ def test_cuda_plan_targets_detected_gpu(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "t")
     tools = dataclasses.replace(FAKE_TOOLS, nvcc="/cuda/bin/nvcc", nvcc_version=(12, 4))
     host = HostInfo(os="linux", arch="x86_64", compute_capabilities=("9.0",))
-    plan = plan_build(
+    plan = _plan(
         MANIFEST.get("linux-x86_64-cuda"),
         _tree(tree),
         settings,
@@ -219,7 +243,7 @@ def test_cuda_plan_targets_detected_gpu(tmp_path, settings):
     assert plan.cuda_arch == "90"
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in plan.flags
     assert "-DCMAKE_CUDA_COMPILER=/cuda/bin/nvcc" in plan.flags
-    explicit = plan_build(
+    explicit = _plan(
         MANIFEST.get("linux-x86_64-cuda"),
         _tree(tree),
         settings.replace(cuda_arch="86"),
@@ -237,7 +261,7 @@ def test_cuda_plan_targets_detected_gpu(tmp_path, settings):
 
 def test_build_key_ignores_launcher_make_program_and_targets(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "t")
-    cpu = plan_build(
+    cpu = _plan(
         fake_variant("cpu", os_name="linux"),
         _tree(tree),
         settings,
@@ -245,7 +269,7 @@ def test_build_key_ignores_launcher_make_program_and_targets(tmp_path, settings)
         os_name="linux",
         toolchain=FAKE_TOOLS,
     )
-    rpc = plan_build(
+    rpc = _plan(
         fake_variant("rpc", os_name="linux"),
         _tree(tree),
         settings,
@@ -269,13 +293,12 @@ def test_build_key_ignores_launcher_make_program_and_targets(tmp_path, settings)
 
 def test_plan_commands(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "t")
-    plan = plan_build(
+    plan = _plan(
         fake_variant("rpc", os_name="linux"),
         _tree(tree),
-        settings,
+        settings.replace(jobs=3),
         manifest=MANIFEST,
         os_name="linux",
-        jobs=3,
         cmake_args=["-DFOO=1"],
         toolchain=FAKE_TOOLS,
     )
@@ -297,7 +320,7 @@ def test_plan_commands(tmp_path, settings):
         "llama-server",
         "ggml-rpc-server",
     ]
-    default_gen = plan_build(
+    default_gen = _plan(
         fake_variant("cpu", os_name="linux"),
         _tree(tree),
         settings,
@@ -313,7 +336,7 @@ def test_plan_commands(tmp_path, settings):
 def test_plan_refuses_other_os_and_bad_args(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "t")
     with pytest.raises(ProvisionError, match="cross-compiling"):
-        plan_build(
+        _plan(
             MANIFEST.get("macos-arm64-metal"),
             _tree(tree),
             settings,
@@ -322,7 +345,7 @@ def test_plan_refuses_other_os_and_bad_args(tmp_path, settings):
             toolchain=FAKE_TOOLS,
         )
     with pytest.raises(ConfigError):
-        plan_build(
+        _plan(
             fake_variant("cpu", os_name="linux"),
             _tree(tree),
             settings,
@@ -501,7 +524,7 @@ posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell sta
 
 @posix_only
 def test_no_cmake_anywhere(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_scripts_dirs", list)
+    monkeypatch.setattr(toolchain, "_scripts_dirs", list)
     env = {"PATH": str(_bin_dir(tmp_path))}
     with pytest.raises(ToolNotFoundError, match="pip install cmake ninja"):
         find_toolchain("cpu", "linux", env=env)
@@ -509,7 +532,7 @@ def test_no_cmake_anywhere(tmp_path, monkeypatch):
 
 @posix_only
 def test_cmake_too_old(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_scripts_dirs", list)
+    monkeypatch.setattr(toolchain, "_scripts_dirs", list)
     folder = _bin_dir(tmp_path, cmake="echo 'cmake version 3.10.2'")
     with pytest.raises(ToolNotFoundError, match=r"too old|3\.10\.2.*pip install -U cmake"):
         find_toolchain("cpu", "linux", env={"PATH": str(folder)})
@@ -519,7 +542,7 @@ def test_cmake_too_old(tmp_path, monkeypatch):
 def test_cmake_from_the_interpreter_scripts_folder(tmp_path, monkeypatch):
     """A venv's pip-installed cmake/ninja work without activating the venv."""
     scripts = _bin_dir(tmp_path, cmake="echo 'cmake version 3.31.6'", ninja="exit 0")
-    monkeypatch.setattr(build, "_scripts_dirs", lambda: [str(scripts)])
+    monkeypatch.setattr(toolchain, "_scripts_dirs", lambda: [str(scripts)])
     empty = tmp_path / "empty"
     empty.mkdir()
     # Compilers still come from PATH: give it just those.
@@ -535,13 +558,13 @@ def test_cmake_from_the_interpreter_scripts_folder(tmp_path, monkeypatch):
 def test_missing_compiler_is_reported_before_anything_runs(tmp_path, monkeypatch, settings):
     """PATH without compilers -> ToolNotFoundError with what to install; nothing is built."""
     cmake = _bin_dir(tmp_path, cmake="echo 'cmake version 3.28.0'")
-    monkeypatch.setattr(build, "_scripts_dirs", list)
+    monkeypatch.setattr(toolchain, "_scripts_dirs", list)
     monkeypatch.setenv("PATH", str(cmake))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     tree = make_fake_llama_tree(tmp_path / "t")
     with pytest.raises(ToolNotFoundError, match=r"no C compiler found.*build-essential"):
-        plan_build(
+        _plan(
             fake_variant("cpu", os_name="linux"),
             _tree(tree),
             settings,
@@ -553,7 +576,7 @@ def test_missing_compiler_is_reported_before_anything_runs(tmp_path, monkeypatch
 
 @posix_only
 def test_compiler_from_cc_variable(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_scripts_dirs", list)
+    monkeypatch.setattr(toolchain, "_scripts_dirs", list)
     folder = _bin_dir(tmp_path, cmake="echo 'cmake version 3.28.0'", mycc="exit 0")
     env = {"PATH": str(folder), "CC": "mycc -m64", "CXX": str(folder / "mycc")}
     tools = find_toolchain("cpu", "linux", env=env)
@@ -564,8 +587,8 @@ def test_compiler_from_cc_variable(tmp_path, monkeypatch):
 
 @posix_only
 def test_gpu_toolkits(tmp_path, monkeypatch):
-    monkeypatch.setattr(build, "_scripts_dirs", list)
-    monkeypatch.setattr(build, "CUDA_DEFAULT_DIRS", ())
+    monkeypatch.setattr(toolchain, "_scripts_dirs", list)
+    monkeypatch.setattr(toolchain, "CUDA_DEFAULT_DIRS", ())
     folder = _bin_dir(tmp_path, cmake="echo 'cmake version 3.28.0'", cc="", **{"c++": ""})
     env = {"PATH": str(folder)}
     with pytest.raises(ToolNotFoundError, match="nvcc"):
@@ -642,7 +665,7 @@ def test_run_tail_keeps_the_first_error(tmp_path):
 
 
 def _real_plan(tmp_path: Path, settings: Settings, tree: Path, backend: str = "cpu") -> BuildPlan:
-    return plan_build(
+    return _plan(
         fake_variant(backend),
         _tree(tree),
         settings,
@@ -660,7 +683,7 @@ def _run_binary(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_real_build_of_tiny_tree(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "src")
     plan = _real_plan(tmp_path, settings, tree)
-    result = run_build(plan, progress=False, lock_timeout=30)
+    result = run_build(plan, settings)
     assert result.configured
     log = plan.log_path.read_text()
     assert log.count("\n$ ") == 2  # configure + build, each logged
@@ -692,7 +715,7 @@ def test_real_build_of_tiny_tree(tmp_path, settings):
     assert "version: 4242 (abc1234)" in version.stderr
     # Same inputs again: configure is skipped and nothing is recompiled.
     started = time.monotonic()
-    again = run_build(plan, progress=False, lock_timeout=30)
+    again = run_build(plan, settings)
     assert not again.configured
     assert time.monotonic() - started < 30
     if plan.generator == "Ninja":
@@ -706,7 +729,7 @@ def test_real_configure_error_raises_build_error(tmp_path, settings):
     top.write_text(top.read_text() + "add_executable(broken\n")  # unbalanced parenthesis
     plan = _real_plan(tmp_path, settings, tree)
     with pytest.raises(BuildError) as info:
-        run_build(plan, progress=False, lock_timeout=30)
+        run_build(plan, settings)
     err = info.value
     assert err.returncode != 0
     assert err.cmd[:2] == [plan.toolchain.cmake, "-S"]
@@ -716,7 +739,7 @@ def test_real_configure_error_raises_build_error(tmp_path, settings):
     assert not (plan.build_dir / "CMakeCache.txt").exists()  # next attempt starts clean
     # Fixed: the next run configures again and succeeds.
     make_fake_llama_tree(tree)
-    assert run_build(plan, progress=False, lock_timeout=30).configured
+    assert run_build(plan, settings).configured
 
 
 @needs_cmake
@@ -725,7 +748,7 @@ def test_real_compile_error_raises_build_error(tmp_path, settings):
     (tree / "tools" / "server" / "server.c").write_text("int main(void) { return nope; }\n")
     plan = _real_plan(tmp_path, settings, tree)
     with pytest.raises(BuildError) as info:
-        run_build(plan, progress=False, lock_timeout=30)
+        run_build(plan, settings)
     err = info.value
     assert err.cmd[1] == "--build"
     assert any("nope" in ln for ln in err.log_tail)
@@ -740,7 +763,7 @@ def test_real_missing_compiler_diagnosed_by_cmake(tmp_path, settings, monkeypatc
     plan = _real_plan(tmp_path, settings, tree)
     monkeypatch.setenv("CC", "/nonexistent/bin/cc")
     with pytest.raises(BuildError) as info:
-        run_build(plan, progress=False, lock_timeout=30)
+        run_build(plan, settings)
     assert "no working C/C++ compiler" in info.value.hint
 
 
@@ -748,9 +771,8 @@ def test_real_missing_compiler_diagnosed_by_cmake(tmp_path, settings, monkeypatc
 def test_build_into_metadata(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "src")
     staging = tmp_path / "staging"
-    meta = build_into(
-        staging, fake_variant("cpu"), _tree(tree), settings=settings, manifest=MANIFEST
-    )
+    plan = _plan(fake_variant("cpu"), _tree(tree), settings)
+    meta = build_into(staging, plan, settings=settings)
     assert meta["variant_id"] == fake_variant("cpu").id
     assert meta["build"] == "b4242"
     assert meta["source"] == "built"
@@ -770,10 +792,9 @@ def test_build_into_metadata(tmp_path, settings):
 @needs_cmake
 def test_build_variant_installs_and_caches(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "src")
+    local = settings.replace(build_source=str(tree))
     explain: list[str] = []
-    install = build_variant(
-        fake_variant("cpu"), settings, source=tree, source_build="b4242", explain=explain
-    )
+    install = build_variant(fake_variant("cpu"), local, source_build="b4242", explain=explain)
     assert install.source == "built"
     assert install.build == "b4242"
     assert install.metadata["source_origin"] == f"local folder {tree}"
@@ -785,15 +806,13 @@ def test_build_variant_installs_and_caches(tmp_path, settings):
 
     explain.clear()
     started = time.monotonic()
-    again = build_variant(
-        fake_variant("cpu"), settings, source=tree, source_build="b4242", explain=explain
-    )
+    again = build_variant(fake_variant("cpu"), local, source_build="b4242", explain=explain)
     assert time.monotonic() - started < 2
     assert again.path == install.path
     assert any(line.startswith("cache hit") for line in explain)
 
     # The rpc variant reuses the cpu build folder: only the worker target is compiled.
-    rpc = build_variant(fake_variant("rpc"), settings, source=tree, source_build="b4242")
+    rpc = build_variant(fake_variant("rpc"), local, source_build="b4242")
     assert rpc.metadata["build_dir"] == install.metadata["build_dir"]
     assert rpc.metadata["configured"] is False
     assert rpc.binary("rpc-server").name.startswith("ggml-rpc-server")
@@ -802,7 +821,7 @@ def test_build_variant_installs_and_caches(tmp_path, settings):
     # Editing the local tree makes a new install; the rebuild is incremental.
     server_c = tree / "tools" / "server" / "server.c"
     server_c.write_text(server_c.read_text().replace("hello", "hi"))
-    edited = build_variant(fake_variant("cpu"), settings, source=tree, source_build="b4242")
+    edited = build_variant(fake_variant("cpu"), local, source_build="b4242")
     assert edited.path != install.path
     assert edited.metadata["configured"] is False
     assert _run_binary(edited.server_binary).stdout.strip() == "hi 42"
@@ -811,12 +830,11 @@ def test_build_variant_installs_and_caches(tmp_path, settings):
 @needs_cmake
 def test_build_variant_force_rebuilds_in_place(tmp_path, settings):
     tree = make_fake_llama_tree(tmp_path / "src")
-    first = build_variant(fake_variant("cpu"), settings, source=tree, source_build="b1")
+    local = settings.replace(build_source=str(tree))
+    first = build_variant(fake_variant("cpu"), local, source_build="b1")
     created = first.metadata["created"]
     time.sleep(1.1)
-    forced = build_variant(
-        fake_variant("cpu"), settings, source=tree, source_build="b1", force=True
-    )
+    forced = build_variant(fake_variant("cpu"), local, source_build="b1", force=True)
     assert forced.path == first.path
     assert forced.metadata["created"] != created
 
@@ -827,7 +845,7 @@ def test_build_variant_refuses_unverified_release(settings):
         MANIFEST, source=dataclasses.replace(MANIFEST.source, release_sha256="")
     )
     with pytest.raises(ProvisionError, match="never builds unverified"):
-        build_variant(variant, settings, manifest=manifest, source="release")
+        build_variant(variant, settings.replace(build_source="release"), manifest=manifest)
 
 
 # ------------------------------------------------------------------ the run's real build
@@ -836,7 +854,7 @@ def test_build_variant_refuses_unverified_release(settings):
 @pytest.mark.compile
 def test_real_llama_cpp_build(llama_server_bin, real_settings):
     """The run's one shared CPU build: inspect it, then building again must be a cache hit."""
-    from llama_proc.provision.cache import Install
+    from llama_proc.provision.install import Install
 
     version = _run_binary(llama_server_bin, "--version")
     assert "build 11434" in version.stderr + version.stdout
@@ -875,7 +893,7 @@ def test_obtain_then_plan_real_tree_layout(tmp_path, settings):
     """The real sdist layout (llama.cpp/ with tools/server and tools/rpc) is what we scan."""
     tree = make_fake_llama_tree(tmp_path / "sdist" / "llama.cpp")
     got = obtain_source(settings, MANIFEST, tmp_path / "sdist", build="b11434")
-    plan = plan_build(
+    plan = _plan(
         fake_variant("rpc", os_name="linux"),
         got,
         settings,
@@ -888,9 +906,15 @@ def test_obtain_then_plan_real_tree_layout(tmp_path, settings):
     assert "-DLLAMA_BUILD_NUMBER=11434" in plan.flags
 
 
-def test_build_module_exports():
-    assert sorted(build.__all__) == build.__all__
-    assert os.fspath(build.BUILD_DIR) == "build"
+@pytest.mark.parametrize(
+    "module",
+    [build, build_diagnosis, build_plan, build_run, cmake_flags, toolchain],
+    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
+)
+def test_build_module_exports(module):
+    assert sorted(module.__all__) == module.__all__
+    assert all(hasattr(module, name) for name in module.__all__)
+    assert os.fspath(build_plan.BUILD_DIR) == "build"
 
 
 # ------------------------------------------------------------------ CLI
@@ -966,7 +990,7 @@ def test_pinned_builds_never_fetch_the_web_ui(tmp_path, settings):
     manifest = load_manifest()
     for variant in manifest.variants:
         for offline in (False, True):
-            plan = plan_build(
+            plan = _plan(
                 variant,
                 _tree(tree),
                 settings.replace(offline=offline, cuda_arch="90"),
@@ -997,7 +1021,7 @@ def test_run_interrupt_stops_the_whole_build_tree(tmp_path, monkeypatch):
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         run([sys.executable, "-c", child], show_progress=True)
-    assert time.monotonic() - started < build.STOP_GRACE + 5
+    assert time.monotonic() - started < build_run.STOP_GRACE + 5
     grandchild = int(pidfile.read_text())
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -1036,7 +1060,114 @@ def test_cuda_native_without_a_gpu_fails_before_configuring(tmp_path, settings):
     kwargs["toolchain"] = tools
     variant = MANIFEST.get("linux-x86_64-cuda")
     with pytest.raises(ConfigError, match="no NVIDIA GPU is visible"):
-        plan_build(variant, _tree(tree), settings, **kwargs)
+        _plan(variant, _tree(tree), settings, **kwargs)
     # Building for other machines' GPUs is fine without one.
-    assert plan_build(variant, _tree(tree), settings, cuda_arch="86", **kwargs).cuda_arch == "86"
-    assert plan_build(variant, _tree(tree), settings, portable=True, **kwargs).cuda_arch is None
+    arch = settings.replace(cuda_arch="86")
+    assert _plan(variant, _tree(tree), arch, **kwargs).cuda_arch == "86"
+    assert _plan(variant, _tree(tree), settings, portable=True, **kwargs).cuda_arch is None
+
+
+# ------------------------------------------------------------------ one route per fact
+
+
+def test_plan_never_detects_the_host(tmp_path, settings, monkeypatch):
+    """Planning uses the host it is given; without one it knows no GPUs and probes nothing."""
+    calls: list[object] = []
+    monkeypatch.setattr(platform_module, "detect_host", lambda **kw: calls.append(kw))
+    tree = make_fake_llama_tree(tmp_path / "t")
+    tools = dataclasses.replace(FAKE_TOOLS, nvcc="/cuda/bin/nvcc", nvcc_version=(12, 4))
+    variant = MANIFEST.get("linux-x86_64-cuda")
+    plan = _plan(variant, _tree(tree), settings, os_name="linux", toolchain=tools)
+    assert plan.cuda_arch == "native"
+    assert calls == []
+
+
+def test_request_is_checked_once_before_the_source_is_fetched(settings, monkeypatch):
+    """Bad CMake arguments fail before any source is obtained, and are checked only once."""
+    checked: list[list[str]] = []
+    real = cmake_flags.validate_cmake_args
+
+    def counting(args):
+        checked.append(list(args))
+        return real(args)
+
+    def no_source(*_a, **_k):
+        pytest.fail("the source was fetched before the request was checked")
+
+    monkeypatch.setattr(build_plan, "validate_cmake_args", counting)
+    monkeypatch.setattr(build, "obtain_source", no_source)
+    with pytest.raises(ConfigError, match="-DNAME=VALUE"):
+        build_variant(fake_variant("cpu"), settings, cmake_args=["-GNinja"])
+    assert checked == [["-GNinja"]]
+
+
+@needs_cmake
+def test_build_variant_takes_the_callers_host_and_detects_only_without_one(
+    tmp_path, settings, monkeypatch
+):
+    """A CUDA build's architectures follow the caller's host; without one it detects once."""
+    tree = make_fake_llama_tree(tmp_path / "src")
+    gpu = HostInfo(os=host_os(), arch="x86_64", nvidia_driver="550", compute_capabilities=("8.6",))
+    detected: list[object] = []
+
+    def fake_detect(**kw):
+        detected.append(kw)
+        return gpu
+
+    monkeypatch.setattr(build, "detect_host", fake_detect)
+    monkeypatch.setattr(platform_module, "detect_host", fake_detect)
+    # The tiny tree is C only: CMake ignores the CUDA definitions, the plan still records them.
+    tools = dataclasses.replace(
+        find_toolchain("cpu", host_os()), nvcc="/cuda/bin/nvcc", nvcc_version=(12, 4)
+    )
+    local = settings.replace(build_source=str(tree))
+    cuda = fake_variant("cuda")
+    first = build_variant(cuda, local, source_build="b1", toolchain=tools)
+    assert len(detected) == 1
+    assert first.metadata["cuda_architectures"] == "86"
+    detected.clear()
+    caller = dataclasses.replace(gpu, compute_capabilities=("9.0",))
+    again = build_variant(cuda, local, host=caller, source_build="b1", toolchain=tools, force=True)
+    assert detected == []
+    assert again.metadata["cuda_architectures"] == "90"
+
+
+def test_run_build_waits_for_the_build_folder_lock(tmp_path, settings):
+    """The build folder's lock is the cache's lock: held elsewhere, nothing runs."""
+    tree = make_fake_llama_tree(tmp_path / "t")
+    plan = _plan(
+        fake_variant("cpu", os_name="linux"),
+        _tree(tree),
+        settings,
+        os_name="linux",
+        toolchain=FAKE_TOOLS,
+    )
+    with cache_lock(lock_path(plan.build_dir), 1), pytest.raises(CacheLockTimeoutError):
+        run_build(plan, settings.replace(lock_timeout=0.2))
+    assert not plan.log_path.exists()
+
+
+@posix_only
+def test_run_interrupt_sends_sigint_first(tmp_path, monkeypatch):
+    """An interrupted build gets SIGINT, as after Ctrl-C, so cmake and Ninja stop cleanly."""
+    marker = tmp_path / "signal"
+    child = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(marker)!r}, 'w').write('SIGINT')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "print('[1/2] compiling', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    run = Run(tmp_path / "log", progress=False)
+
+    def interrupt(bar, line):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_advance", interrupt)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run([sys.executable, "-c", child], show_progress=True)
+    assert time.monotonic() - started < build_run.STOP_GRACE
+    assert marker.read_text() == "SIGINT"

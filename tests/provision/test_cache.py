@@ -22,18 +22,12 @@ from llama_proc.errors import (
     CacheLockTimeoutError,
     ProvisionError,
 )
-from llama_proc.provision.cache import (
-    INSTALL_JSON,
-    Install,
-    downloads_dir,
-    install_atomically,
-    install_dir,
-    list_installs,
-    parse_version_output,
-    prune,
-    remove,
-    smoke_check,
-)
+from llama_proc.provision.install import Install
+from llama_proc.provision.installer import install_atomically
+from llama_proc.provision.inventory import list_installs, prune, remove
+from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.locking import STAGING_MARK, create_once
+from llama_proc.provision.verify import parse_version_output, smoke_check
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -566,3 +560,62 @@ def test_cache_lock_timeout_is_reported_for_an_unwritable_cache(tmp_path):
             _install(Settings(cache_dir=ro / "cache"))
     finally:
         ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- create_once
+def test_complete_install_is_found_without_the_lock(settings):
+    first = _install(settings)
+    quick = settings.replace(lock_timeout=0.2)
+    with FileLock(str(first.path.parent / f"{first.path.name}.lock")):
+        again = _install(quick)  # a finished install costs no lock, so a holder cannot block it
+    assert again.path == first.path
+
+
+def test_our_own_errors_from_populate_are_not_rewrapped(settings):
+    # CacheLockTimeoutError is also a TimeoutError, hence an OSError: it must keep its type.
+    def waits(_staging: Path) -> dict[str, Any]:
+        lock = "/elsewhere/asset.lock"
+        raise CacheLockTimeoutError(lock, 1.0)
+
+    with pytest.raises(CacheLockTimeoutError):
+        _install(settings, waits)
+    assert _leftovers(settings) == []
+
+
+def test_create_once_stages_a_file_and_cleans_up(tmp_path):
+    target = tmp_path / "dir" / "thing.bin"
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        made.append(path)
+        assert path.parent == target.parent
+        assert path.name.startswith(f".{target.name}{STAGING_MARK}")
+        path.write_bytes(b"data")
+
+    def ready() -> Path | None:
+        return target if target.is_file() else None
+
+    crashed = target.parent / f".{target.name}{STAGING_MARK}old"
+    crashed.parent.mkdir(parents=True)
+    crashed.write_bytes(b"half")
+    assert create_once(target, make, ready=ready, timeout=5, staging="file") == target
+    assert target.read_bytes() == b"data"
+    assert not crashed.exists()
+    assert create_once(target, make, ready=ready, timeout=5, staging="file") == target
+    assert len(made) == 1
+
+    def fails(path: Path) -> None:
+        path.write_bytes(b"partial")
+        msg = "disk full"
+        raise OSError(28, msg)
+
+    with pytest.raises(ProvisionError, match="disk full"):
+        create_once(target, fails, ready=ready, timeout=5, force=True, staging="file")
+    assert target.read_bytes() == b"data"  # the old one is kept
+    assert sorted(p.name for p in target.parent.iterdir()) == ["thing.bin", "thing.bin.lock"]
+
+
+def test_create_once_reports_a_target_still_incomplete(tmp_path):
+    target = tmp_path / "thing"
+    with pytest.raises(ProvisionError, match="incomplete"):
+        create_once(target, lambda _p: None, ready=lambda: None, timeout=5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -41,21 +42,22 @@ from llama_proc.errors import (
     ProvisionError,
 )
 from llama_proc.provision import build as build_module
-from llama_proc.provision import bundle, download
-from llama_proc.provision.cache import (
-    INSTALL_JSON,
-    Install,
-    downloads_dir,
-    install_atomically,
-    install_dir,
-    list_installs,
-)
+from llama_proc.provision import bundle, download, memo
+from llama_proc.provision import manifest as manifest_module
+from llama_proc.provision import platform as platform_module
+from llama_proc.provision import resolve as resolve_module
+from llama_proc.provision.explain import Outcome, Step, StepName, steps
+from llama_proc.provision.installer import install_atomically
+from llama_proc.provision.inventory import list_installs, remove
+from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
 from llama_proc.provision.manifest import Manifest, Variant, load_manifest
 from llama_proc.provision.platform import HostInfo
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from llama_proc.provision.install import Install
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims")
 
@@ -680,3 +682,151 @@ def test_kill_during_extraction_then_recover(
     assert install.server_binary.is_file()
     # The verified archive survived the crash, so recovery needed no second download.
     assert served.hits(release.download_path(ASSET)) == 1
+
+
+# ----------------------------------------------------------------------------- remembered plans
+@pytest.fixture
+def host_install(tmp_path: Path) -> tuple[Settings, Install]:
+    """An install of the variant this host would pick from the shipped manifest (a shim)."""
+    settings = Settings(cache_dir=tmp_path / "cache", progress=False)
+    res = resolve_module.plan(settings)
+    shim = shim_script(res.build)
+
+    def populate(staging: Path) -> dict[str, Any]:
+        for name in ("llama-server", "ggml-rpc-server"):
+            (staging / name).write_text(shim)
+            (staging / name).chmod(0o755)
+        return {"variant_id": res.variant.id, "build": res.build, "source": "prebuilt"}
+
+    install = install_atomically(
+        install_dir(settings, res.build, res.variant.id),
+        populate,
+        settings=settings,
+        binaries=res.variant.binaries,
+        os_name=res.variant.os,
+    )
+    return settings, install
+
+
+def _no_planning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        pytest.fail("a remembered plan must not parse the manifest or probe the host")
+
+    monkeypatch.setattr(platform_module, "detect_host", refuse)
+    monkeypatch.setattr(manifest_module, "load_manifest", refuse)
+
+
+@needs_linux
+def test_cache_hit_uses_the_remembered_plan(
+    host_install: tuple[Settings, Install], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, install = host_install
+    first: list[str] = []
+    assert resolve_server(settings, explain=first, provision=False) == install
+    assert (settings.cache_dir / "servers" / memo.MEMO_FILE).is_file()
+    _no_planning(monkeypatch)
+    again: list[str] = []
+    assert resolve_server(settings, explain=again, provision=False) == install
+    assert again == first  # the same lines, select steps included
+    assert [(s.step, s.outcome) for s in steps(again)][-2:] == [
+        (StepName.BUNDLED, Outcome.SKIPPED),
+        (StepName.CACHE, Outcome.USED),
+    ]
+
+
+@needs_linux
+def test_remembered_plan_never_answers_for_a_removed_install(
+    host_install: tuple[Settings, Install], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, install = host_install
+    resolve_server(settings, provision=False)
+    remove(settings, install)
+    _no_planning(monkeypatch)
+    with pytest.raises(BinaryNotFoundError, match="llama-proc fetch"):
+        resolve_server(settings, provision=False)
+
+
+@needs_linux
+def test_remembered_plan_is_keyed_by_host_and_settings(
+    host_install: tuple[Settings, Install], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, _install = host_install
+    resolve_server(settings, provision=False)
+    calls: list[dict[str, Any]] = []
+    real = platform_module.detect_host
+
+    def counting(**kw: Any) -> HostInfo:
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(platform_module, "detect_host", counting)
+    resolve_server(settings, provision=False)
+    assert calls == []
+    monkeypatch.setattr(memo, "host_fingerprint", lambda: "another host")
+    resolve_server(settings, provision=False)
+    assert len(calls) == 1  # a new driver, boot or library set: detect again
+    with pytest.raises(BinaryNotFoundError):
+        resolve_server(settings.replace(build="b1"), provision=False)
+    assert len(calls) == 2
+
+
+def test_given_host_or_manifest_is_never_remembered(
+    manifest: Manifest, settings: Settings, tmp_path: Path
+) -> None:
+    (settings.cache_dir / "servers").mkdir(parents=True)
+    with pytest.raises(BinaryNotFoundError):
+        resolve_server(settings, provision=False, host=LINUX, manifest=manifest)
+    assert not (settings.cache_dir / "servers" / memo.MEMO_FILE).exists()
+
+
+def test_no_fingerprint_means_no_memo(
+    host_install: tuple[Settings, Install], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, install = host_install
+    monkeypatch.setattr(memo, "host_fingerprint", lambda: None)
+    assert resolve_server(settings, provision=False) == install
+    assert not (settings.cache_dir / "servers" / memo.MEMO_FILE).exists()
+
+
+@needs_linux
+def test_cache_hit_imports_no_download_manifest_or_probe_code(
+    host_install: tuple[Settings, Install],
+) -> None:
+    settings, install = host_install
+    code = textwrap.dedent(
+        """
+        import sys
+        from llama_proc import cli
+        assert cli.main(["which"]) == 0
+        heavy = ("requests", "tqdm", "filelock", "tomllib", "packaging", "ctypes", "subprocess",
+                 "tarfile", "zipfile", "llama_proc.provision.manifest",
+                 "llama_proc.provision.platform", "llama_proc.provision.download")
+        print(sorted(m for m in sys.modules if m.startswith(heavy)))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_PROC_")}
+    env["LLAMA_PROC_CACHE_DIR"] = str(settings.cache_dir)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    for _ in range(2):  # the first run plans and remembers; the second is the hit path
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+    first_line, modules = out.stdout.splitlines()
+    assert first_line == str(install.server_binary)
+    assert modules == "[]"
+
+
+def test_step_is_its_line_and_carries_its_fields() -> None:
+    step = Step(StepName.CACHE, Outcome.USED, "hit b1/x (prebuilt, ?)")
+    assert step == "cache: hit b1/x (prebuilt, ?)"
+    assert f"  {step}" == "  cache: hit b1/x (prebuilt, ?)"
+    assert (step.step, step.outcome, step.reason) == ("cache", "used", "hit b1/x (prebuilt, ?)")
+    assert type(step.text) is str
+    assert json.loads(json.dumps([step])) == [step.text]
+    again = pickle.loads(pickle.dumps(step))
+    assert isinstance(again, Step)
+    assert (again.step, again.outcome, again.reason) == (step.step, step.outcome, step.reason)
+    with pytest.raises(AttributeError):
+        step.reason = "changed"
+    assert steps([step, "a plain line"]) == [step]

@@ -15,7 +15,7 @@ import pytest
 from proxy_fakes import FakeFactory, UpstreamBehaviour
 
 from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
-from llama_proc.proxy.config import ModelsConfig, ModelSpec
+from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import ServerPool
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc._cli.serve import is_loopback, read_api_keys
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.config import load_models, load_models_config, scan_models_dir
+from llama_proc.proxy.models_config import load_models, load_models_config, scan_models_dir
 
 
 def write(path: Path, text: str) -> Path:
@@ -226,7 +226,7 @@ def test_serve_help_documents_every_flag() -> None:
 
 def test_importing_the_proxy_package_does_not_import_aiohttp() -> None:
     code = (
-        "import sys, llama_proc.proxy, llama_proc.proxy.pool, llama_proc.proxy.config\n"
+        "import sys, llama_proc.proxy, llama_proc.proxy.pool, llama_proc.proxy.models_config\n"
         "import llama_proc._cli.serve\n"
         "print('aiohttp' in sys.modules)"
     )

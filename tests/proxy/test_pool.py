@@ -10,8 +10,8 @@ import pytest
 from proxy_fakes import FakeFactory
 
 from llama_proc.errors import InvalidArgumentError, ServerStartError
-from llama_proc.proxy.config import ModelSpec
-from llama_proc.proxy.flags import normalize_flags
+from llama_proc.proxy.flag_policy import normalize_flags
+from llama_proc.proxy.models_config import ModelSpec
 from llama_proc.proxy.pool import PoolBusyError, PoolClosedError, ServerPool, server_key
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ import pytest
 from proxy_harness import ProxyThread, pid_alive, running_proxy, wait_until
 
 from llama_proc.proxy.app import ProxyOptions
-from llama_proc.proxy.config import ModelsConfig, ModelSpec
+from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import LlamaServerFactory
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from llama_proc.runtime.diagnose import diagnose
+from llama_proc.diagnosis import diagnose
 
 # Captured from real llama-server runs of this project's pinned build (b11434).
 BAD_FLAG = ["error: invalid argument: --bogus-flag"]
@@ -93,3 +93,41 @@ def test_rpc_failure_beats_generic_model_errors() -> None:
     cause = diagnose(lines, 1)
     assert cause.kind == "rpc"
     assert "10.0.0.9:50052" in cause.text
+
+
+# Causes the provisioning smoke check used to decode on its own; one decoder knows them now.
+GLIBC = [
+    (
+        "./llama-server: /lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.38' not found "
+        "(required by ./llama-server)"
+    )
+]
+DYLD = [
+    "dyld[4242]: Library not loaded: @rpath/libggml.dylib",
+    "  Referenced from: <ABC> /tmp/llama-server",
+]
+SHELL_SIGILL = ["/bin/sh: line 1:  4242 Illegal instruction     (core dumped) ./llama-server"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "code", "kind", "text"),
+    [
+        pytest.param(GLIBC, 1, "libc_too_old", "GLIBC_2.38", id="glibc"),
+        pytest.param(DYLD, -signal.SIGABRT, "missing_library", "@rpath/libggml.dylib", id="dyld"),
+        pytest.param(SHELL_SIGILL, 132, "illegal_instruction", "CPU features", id="sh-sigill"),
+        pytest.param([], 128 + signal.SIGILL, "illegal_instruction", "CPU features", id="132"),
+        pytest.param([], 0xC000001D, "illegal_instruction", "CPU features", id="win-sigill"),
+    ],
+)
+def test_diagnose_smoke_check_causes(lines: list[str], code: int, kind: str, text: str) -> None:
+    cause = diagnose(lines, code)
+    assert cause.kind == kind
+    assert text in cause.summary
+    assert cause.is_known
+
+
+def test_diagnose_accepts_one_text() -> None:
+    cause = diagnose("\n".join(MISSING_LIB), 127)
+    assert cause.kind == "missing_library"
+    assert str(cause) == cause.summary
+    assert not diagnose("", 1).is_known

@@ -331,16 +331,16 @@ def test_port_in_use_is_a_clear_start_error(worker_bin):
 
 
 def test_free_port_taken_before_bind_is_retried(worker_bin, monkeypatch):
-    from llama_proc.runtime import rpc
+    from llama_proc._proc import free_port as real_free_port
+    from llama_proc.runtime import rpc_worker as rpc
 
-    real_free_port = rpc._free_port
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen(1)
         taken = squatter.getsockname()[1]
         ports = iter([taken])
         monkeypatch.setattr(
-            rpc, "_free_port", lambda host: next(ports, None) or real_free_port(host)
+            rpc, "free_port", lambda host: next(ports, None) or real_free_port(host)
         )
         with started(RpcWorker(worker_bin, threads=1)) as worker:
             assert worker.port == taken

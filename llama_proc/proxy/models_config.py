@@ -35,7 +35,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import ConfigError
+from llama_proc.errors import ConfigError, InvalidArgumentError
+from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
@@ -297,9 +298,6 @@ def _check_options(options: Mapping[str, Any], ctx: str, extra: tuple[str, ...] 
     if owned:
         msg = f"{ctx}: {', '.join(owned)} cannot be set here; the proxy chooses them"
         raise ConfigError(msg)
-    from llama_proc.errors import InvalidArgumentError
-    from llama_proc.runtime import ServerArgs
-
     try:
         ServerArgs.from_options(**options, extra_args=extra)
     except InvalidArgumentError as err:

@@ -1,0 +1,271 @@
+"""The build tools of a source build: find cmake, compilers, nvcc and glslc, or say what to install.
+
+:func:`find_toolchain` looks for everything a backend's build needs before anything runs and
+raises :class:`~llama_proc.errors.ToolNotFoundError` naming the package to install. CMake and
+Ninja may come from PyPI (``pip install cmake ninja``): the running interpreter's scripts folder
+is searched after ``PATH``, so a venv that is not activated still works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from llama_proc._proc import run_with_timeout
+from llama_proc.errors import ToolNotFoundError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+__all__ = [
+    "MIN_CMAKE",
+    "MIN_CMAKE_CUDA",
+    "Toolchain",
+    "compiler_info",
+    "find_tool",
+    "find_toolchain",
+    "version_text",
+]
+
+MIN_CMAKE: Final = (3, 15)
+"""``cmake --build --target a b`` (several targets) needs 3.15."""
+MIN_CMAKE_CUDA: Final = (3, 18)
+"""llama.cpp's CUDA backend needs CMAKE_CUDA_ARCHITECTURES support."""
+TOOL_PROBE_TIMEOUT: Final = 30.0
+"""Seconds for ``cmake --version``, ``nvcc --version`` and the like."""
+C_COMPILERS: Final = ("cc", "gcc", "clang")
+CXX_COMPILERS: Final = ("c++", "g++", "clang++")
+CUDA_HOME_VARS: Final = ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "CUDAToolkit_ROOT")
+CUDA_DEFAULT_DIRS: Final = ("/usr/local/cuda/bin", "/opt/cuda/bin")
+_VERSION_RE: Final = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
+_NVCC_VERSION_RE: Final = re.compile(r"release (\d+)\.(\d+)")
+_COMPILER_INFO_RE: Final = re.compile(r'set\(CMAKE_(?:CXX|C)_COMPILER_(ID|VERSION) "([^"]*)"\)')
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """The build tools found on this host."""
+
+    cmake: str
+    cmake_version: tuple[int, ...]
+    ninja: str | None = None
+    """Ninja (on PATH or from the ``ninja`` package); None = CMake's default generator."""
+    ccache: str | None = None
+    c_compiler: str | None = None
+    cxx_compiler: str | None = None
+    nvcc: str | None = None
+    nvcc_version: tuple[int, ...] | None = None
+    glslc: str | None = None
+
+    @property
+    def generator(self) -> str | None:
+        """``Ninja`` when ninja is available, else None (CMake picks)."""
+        return "Ninja" if self.ninja else None
+
+
+def version_text(version: Sequence[int] | None) -> str:
+    """``3.28.1`` from ``(3, 28, 1)``; ``unknown`` for None or an empty version."""
+    return ".".join(str(v) for v in version) if version else "unknown"
+
+
+def _scripts_dirs() -> list[str]:
+    """The running interpreter's scripts folder: ``pip install cmake ninja`` puts them there."""
+    dirs: list[str] = []
+    for candidate in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        if candidate and candidate not in dirs:
+            dirs.append(candidate)
+    return dirs
+
+
+def find_tool(
+    name: str, *, env: Mapping[str, str] | None = None, extra_dirs: Iterable[str] = ()
+) -> str | None:
+    """Find an executable on PATH, then in the interpreter's scripts folder, then ``extra_dirs``.
+
+    Args:
+        name: program name (``.exe`` is added on Windows by :func:`shutil.which`).
+        env: environment whose ``PATH`` is searched (default: ``os.environ``).
+        extra_dirs: more folders to look in, in order.
+    """
+    environ = os.environ if env is None else env
+    found = shutil.which(name, path=environ.get("PATH", os.defpath))
+    if found:
+        return found
+    for folder in [*_scripts_dirs(), *extra_dirs]:
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    return None
+
+
+def _probe_version(cmd: Sequence[str]) -> tuple[int, ...] | None:
+    ran = run_with_timeout(cmd, TOOL_PROBE_TIMEOUT)
+    if ran is None or ran.timed_out:
+        return None
+    if "nvcc" in Path(cmd[0]).name:
+        match = _NVCC_VERSION_RE.search(ran.output)
+        return (int(match.group(1)), int(match.group(2))) if match else None
+    match = _VERSION_RE.search(ran.output)
+    if match is None:
+        return None
+    return tuple(int(g) for g in match.groups() if g is not None)
+
+
+def _find_cmake(env: Mapping[str, str]) -> tuple[str, tuple[int, ...]]:
+    """The first cmake that is new enough: PATH first, then the interpreter's scripts."""
+    candidates: list[str] = []
+    on_path = shutil.which("cmake", path=env.get("PATH", os.defpath))
+    if on_path:
+        candidates.append(on_path)
+    for folder in _scripts_dirs():
+        found = shutil.which("cmake", path=folder)
+        if found and found not in candidates:
+            candidates.append(found)
+    too_old: list[str] = []
+    for cmake in candidates:
+        version = _probe_version([cmake, "--version"])
+        if version is not None and version >= MIN_CMAKE:
+            return cmake, version
+        too_old.append(f"{cmake} ({version_text(version)})")
+    if too_old:
+        msg = (
+            f"cmake >= {version_text(MIN_CMAKE)} is needed to build llama-server; found only "
+            f"{', '.join(too_old)}: run `pip install -U cmake ninja`"
+        )
+    else:
+        msg = (
+            "cmake is needed to build llama-server and was not found on PATH: run "
+            "`pip install cmake ninja` (or `pip install 'llama-proc[build]'`)"
+        )
+    raise ToolNotFoundError(msg)
+
+
+def _find_compiler(env: Mapping[str, str], var: str, names: Sequence[str]) -> str | None:
+    explicit = env.get(var, "").strip()
+    if explicit:
+        first = shlex.split(explicit)[0] if explicit else ""
+        return find_tool(first, env=env) or (first if Path(first).is_file() else None)
+    for name in names:
+        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        if found:
+            return found
+    return None
+
+
+def _find_nvcc(env: Mapping[str, str]) -> str | None:
+    explicit = env.get("CUDACXX", "").strip()
+    if explicit and Path(explicit).is_file():
+        return explicit
+    homes = [str(Path(env[v]) / "bin") for v in CUDA_HOME_VARS if env.get(v)]
+    return find_tool("nvcc", env=env, extra_dirs=[*homes, *CUDA_DEFAULT_DIRS])
+
+
+def _find_glslc(env: Mapping[str, str]) -> str | None:
+    sdk = env.get("VULKAN_SDK")
+    extra = [str(Path(sdk) / "bin"), str(Path(sdk) / "Bin")] if sdk else []
+    return find_tool("glslc", env=env, extra_dirs=extra)
+
+
+def find_toolchain(
+    backend: str, os_name: str, *, env: Mapping[str, str] | None = None
+) -> Toolchain:
+    """Find the tools a build of ``backend`` needs, or say exactly what to install.
+
+    Args:
+        backend: the variant's backend (cpu, cuda, metal, vulkan, rpc).
+        os_name: ``linux``, ``macos`` or ``windows``.
+        env: environment to search (default: ``os.environ``).
+
+    Raises:
+        ToolNotFoundError: cmake missing or too old, no C/C++ compiler, no nvcc for CUDA,
+            no glslc for Vulkan, or Metal requested off macOS.
+    """
+    environ = dict(os.environ if env is None else env)
+    if backend == "metal" and os_name != "macos":
+        msg = "Metal builds need macOS (Apple's Metal framework); build the cpu or vulkan variant"
+        raise ToolNotFoundError(msg)
+    cmake, cmake_version = _find_cmake(environ)
+    cc = cxx = None
+    if os_name != "windows":  # CMake finds Visual Studio itself; cl.exe need not be on PATH
+        cc = _find_compiler(environ, "CC", C_COMPILERS)
+        cxx = _find_compiler(environ, "CXX", CXX_COMPILERS)
+        if cc is None or cxx is None:
+            missing = "C" if cc is None else "C++"
+            install = (
+                "run `xcode-select --install`"
+                if os_name == "macos"
+                else "install build-essential (Debian/Ubuntu) or gcc-c++ (Fedora/RHEL)"
+            )
+            msg = (
+                f"no {missing} compiler found (looked for CC/CXX, "
+                f"{', '.join(C_COMPILERS if cc is None else CXX_COMPILERS)} on PATH): {install}"
+            )
+            raise ToolNotFoundError(msg)
+    nvcc = nvcc_version = glslc = None
+    if backend == "cuda":
+        if cmake_version < MIN_CMAKE_CUDA:
+            msg = (
+                f"CUDA builds need cmake >= {version_text(MIN_CMAKE_CUDA)}; {cmake} is "
+                f"{version_text(cmake_version)}: run `pip install -U cmake ninja`"
+            )
+            raise ToolNotFoundError(msg)
+        nvcc = _find_nvcc(environ)
+        if nvcc is None:
+            msg = (
+                "CUDA builds need nvcc from the CUDA toolkit and none was found (PATH, CUDACXX, "
+                "CUDA_HOME, /usr/local/cuda): install the toolkit (with cuBLAS), e.g. "
+                "`apt install cuda-toolkit-12-8`, or set CUDA_HOME"
+            )
+            raise ToolNotFoundError(msg)
+        nvcc_version = _probe_version([nvcc, "--version"])
+    if backend == "vulkan":
+        glslc = _find_glslc(environ)
+        if glslc is None:
+            msg = (
+                "Vulkan builds need the glslc shader compiler and Vulkan headers: install the "
+                "Vulkan SDK (set VULKAN_SDK) or `apt install glslc libvulkan-dev`"
+            )
+            raise ToolNotFoundError(msg)
+    ninja = find_tool("ninja", env=environ)
+    ccache = find_tool("ccache", env=environ) or find_tool("sccache", env=environ)
+    return Toolchain(
+        cmake=cmake,
+        cmake_version=cmake_version,
+        ninja=ninja,
+        ccache=ccache,
+        c_compiler=cc,
+        cxx_compiler=cxx,
+        nvcc=nvcc,
+        nvcc_version=nvcc_version,
+        glslc=glslc,
+    )
+
+
+def compiler_info(build_dir: Path, toolchain: Toolchain) -> dict[str, str]:
+    """The compiler a build used: id and version from CMake's own detection in ``build_dir``.
+
+    Falls back to the first line of ``<c++> --version``, then to ``unknown``.
+    """
+    for name in ("CMakeCXXCompiler.cmake", "CMakeCCompiler.cmake"):
+        for path in sorted(build_dir.glob(f"CMakeFiles/*/{name}")):
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            found = {m.group(1): m.group(2) for m in _COMPILER_INFO_RE.finditer(text)}
+            if found.get("ID"):
+                return {"id": found["ID"], "version": found.get("VERSION", "")}
+    compiler = toolchain.cxx_compiler or toolchain.c_compiler
+    if compiler:
+        ran = run_with_timeout([compiler, "--version"], TOOL_PROBE_TIMEOUT)
+        if ran is not None and not ran.timed_out:
+            first = ran.output.strip().splitlines()
+            return {"id": Path(compiler).name, "version": first[0] if first else ""}
+    return {"id": "unknown", "version": ""}
