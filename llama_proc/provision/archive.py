@@ -1,40 +1,126 @@
 """Safe extraction of release archives (tar.gz / zip) and finding the executables inside.
 
-Every member is checked before anything is written: absolute paths, ``..`` components, links
-that leave the destination and device/fifo members raise
-:class:`~llama_proc.errors.ArchiveError`. In-tree symlink chains (``libllama.so ->
-libllama.so.0 -> libllama.so.0.0.1``) and executable bits survive, for tar and for zip (whose
-Unix mode lives in ``external_attr``).
+Every member is checked before anything is written, against a model of the finished tree (what
+the destination already holds plus the archive): absolute paths, ``..`` components, device and
+fifo members, members below a symlink, and symlinks whose target, followed through any chain of
+other links, leaves the destination raise :class:`~llama_proc.errors.ArchiveError`. In-tree
+chains (``libllama.so -> libllama.so.0 -> libllama.so.0.0.1``) and executable bits survive, for
+tar and for zip (whose Unix mode lives in ``external_attr``); setuid and ownership do not.
+
+Members are written by this module, never by ``tarfile``'s extraction, so Python versions
+without tarfile's ``data`` filter get the same checks. Writing never follows a symlink: a file
+replaces a link of the same name instead of writing through it, and a member below a link is
+refused, which is what makes merging several archives into one folder safe (``merge=True``).
+Data is streamed to disk with a running count of the real bytes; past
+:data:`MAX_EXTRACT_BYTES` or :data:`MAX_COMPRESSION_RATIO` times the archive's size the
+extraction stops and removes what it wrote (an archive bomb).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import gzip
 import logging
 import os
-import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Final, Literal
 
 from llama_proc.errors import ArchiveError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["archive_kind", "extract_archive", "find_binaries"]
+__all__ = [
+    "MAX_COMPRESSION_RATIO",
+    "MAX_EXTRACT_BYTES",
+    "MAX_MEMBERS",
+    "archive_kind",
+    "extract_archive",
+    "find_binaries",
+]
 
 logger = logging.getLogger(__name__)
 
+MAX_EXTRACT_BYTES: Final = 16 << 30
+"""Default cap on the bytes one archive may unpack to (the largest real release unpacks to a
+few GB)."""
+MAX_COMPRESSION_RATIO: Final = 100.0
+"""Default cap on unpacked size / archive size (real releases stay under 10; bombs reach 1000)."""
+MAX_MEMBERS: Final = 100_000
+"""Cap on the members of one archive (real releases hold a few hundred)."""
+
+_RATIO_FLOOR: Final = 4 << 20
+"""Any archive may unpack to this much, whatever its ratio (tiny archives compress oddly)."""
 _TAR_SUFFIXES: Final = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar")
 _ZIP_SUFFIXES: Final = (".zip", ".whl")
 _COPY_CHUNK: Final = 1 << 20
+_MAX_LINK_TARGET: Final = 4096
+_MAX_LINK_HOPS: Final = 40
 _EXEC_BITS: Final = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 _FILE_MODE: Final = 0o644
 _EXEC_MODE: Final = 0o755
-_SAFE_MODE_MASK: Final = 0o755
-_HAS_DATA_FILTER: Final = hasattr(tarfile, "data_filter")
+_DIR_MODE: Final = 0o755
+_CREATE_FLAGS: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+)
+
+_Kind = Literal["dir", "file", "symlink", "hardlink"]
+_Parts = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """One entry of the tree being planned: an archive member or something already on disk."""
+
+    name: str
+    """As the archive spells it (for messages), or the path below the destination."""
+    parts: _Parts
+    kind: _Kind
+    target: str = ""
+    """Symlink target with ``/`` separators; for a hardlink, the name it was given."""
+    source: _Parts = ()
+    """For a hardlink: the path of the earlier file member it names."""
+    executable: bool = False
+    existing: bool = False
+    """Already in the destination (an earlier archive of a merge)."""
+    reader: Callable[[], IO[bytes]] | None = dataclasses.field(default=None, compare=False)
+
+
+class _Budget:
+    """Running count of real unpacked bytes against the total and ratio caps."""
+
+    def __init__(self, archive: Path, max_bytes: int, max_ratio: float) -> None:
+        self.archive = archive
+        by_ratio = max(int(archive.stat().st_size * max_ratio), _RATIO_FLOOR)
+        self.limit = min(max_bytes, by_ratio)
+        self.reason = (
+            f"{max_ratio:g} times the archive's size"
+            if by_ratio < max_bytes
+            else f"the cap of {max_bytes} bytes"
+        )
+        self.used = 0
+
+    def check(self, total: int, member: str) -> None:
+        """Raise once ``total`` unpacked bytes would pass the cap."""
+        if total > self.limit:
+            msg = (
+                f"{self.archive.name}: member {member!r} takes the unpacked size past "
+                f"{self.reason} ({self.limit} bytes); refusing a likely archive bomb: delete the "
+                "archive and download it from a trusted source (or raise the cap if it is genuine)"
+            )
+            raise ArchiveError(msg)
+
+    def charge(self, size: int, member: str) -> None:
+        """Count ``size`` more real bytes written for ``member``."""
+        self.used += size
+        self.check(self.used, member)
 
 
 def archive_kind(archive: Path) -> str:
@@ -52,184 +138,481 @@ def archive_kind(archive: Path) -> str:
     raise ArchiveError(msg)
 
 
-def _member_parts(name: str, archive: Path) -> list[str]:
+def extract_archive(
+    archive: Path,
+    dest: Path,
+    *,
+    merge: bool = False,
+    max_bytes: int = MAX_EXTRACT_BYTES,
+    max_ratio: float = MAX_COMPRESSION_RATIO,
+) -> Path:
+    """Extract a tar or zip archive into ``dest`` after checking every member.
+
+    Args:
+        archive: ``.tar.gz``/``.tgz`` (also ``.tar.xz``, ``.tar.bz2``, ``.tar``) or ``.zip``.
+        dest: folder to extract into (created). It may hold files already; they are part of
+            the checks (a member may replace a file or link, never write through a link).
+        merge: put the contents of the archive's single top-level folder (upstream's
+            ``llama-<tag>/``), or of the whole archive when it has none, straight into
+            ``dest``, beside what is there: how a binary archive and its runtime twin share
+            one install folder.
+        max_bytes: stop once this many bytes have been unpacked.
+        max_ratio: stop once the unpacked bytes pass this multiple of the archive's size
+            (only beyond a few MB, which any archive may reach).
+
+    Returns:
+        With ``merge``, ``dest``. Otherwise the archive's root: its single top-level folder
+        when there is exactly one, else ``dest``.
+
+    Raises:
+        ArchiveError: the archive is corrupt, of an unknown type, has an unsafe member, or
+            unpacks past a cap (what was written is removed).
+    """
+    kind = archive_kind(archive)
+    try:
+        budget = _Budget(archive, max_bytes, max_ratio)
+        dest.mkdir(parents=True, exist_ok=True)
+        if kind == "tar":
+            with tarfile.open(archive, "r:*") as tar:
+                members = _tar_members(tar, archive, budget)
+                return _extract(members, archive, dest, merge=merge, budget=budget)
+        with zipfile.ZipFile(archive) as zf:
+            members = _zip_members(zf, archive)
+            return _extract(members, archive, dest, merge=merge, budget=budget)
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as err:
+        msg = f"{archive.name} is corrupt or truncated ({err}); delete it and download again"
+        raise ArchiveError(msg) from err
+    except OSError as err:
+        msg = f"cannot extract {archive.name} into {dest}: {err.strerror or err}"
+        raise ArchiveError(msg) from err
+
+
+def _member_parts(name: str, archive: Path) -> _Parts:
     """Validate a member name and return its path components."""
     text = name.replace("\\", "/")
-    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+    if _is_absolute(text):
         msg = f"{archive.name}: member {name!r} has an absolute path; refusing to extract"
         raise ArchiveError(msg)
-    parts = [p for p in text.split("/") if p not in ("", ".")]
+    parts = tuple(p for p in text.split("/") if p not in ("", "."))
     if ".." in parts:
         msg = f"{archive.name}: member {name!r} climbs out with '..'; refusing to extract"
         raise ArchiveError(msg)
     return parts
 
 
-def _check_link(name: str, target: str, archive: Path, *, hard: bool) -> None:
-    """A link target must stay inside the destination (relative to the link for symlinks)."""
+def _is_absolute(text: str) -> bool:
+    return text.startswith("/") or (len(text) > 1 and text[1] == ":")
+
+
+def _link_target(name: str, target: str, archive: Path) -> str:
     text = target.replace("\\", "/")
-    if not text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
-        msg = f"{archive.name}: link {name!r} points to absolute path {target!r}"
+    if not text:
+        msg = f"{archive.name}: link {name!r} has an empty target; the archive is malformed"
         raise ArchiveError(msg)
-    base = "" if hard else posixpath.dirname(name.replace("\\", "/"))
-    resolved = posixpath.normpath(posixpath.join(base, text))
-    if resolved == ".." or resolved.startswith("../"):
-        msg = f"{archive.name}: link {name!r} -> {target!r} points outside the archive"
+    if _is_absolute(text):
+        msg = f"{archive.name}: link {name!r} points to absolute path {target!r}; refusing it"
+        raise ArchiveError(msg)
+    return text
+
+
+def _special(name: str, archive: Path) -> ArchiveError:
+    msg = f"{archive.name}: member {name!r} is a device, fifo, socket or other special file"
+    return ArchiveError(msg)
+
+
+def _count(members: list[_Member], name: str, archive: Path) -> None:
+    if len(members) >= MAX_MEMBERS:
+        msg = (
+            f"{archive.name}: member {name!r} makes more than {MAX_MEMBERS} members; refusing a "
+            "likely archive bomb: delete the archive and download it from a trusted source"
+        )
         raise ArchiveError(msg)
 
 
-def _reject_through_links(names: Iterable[list[str]], links: set[str], archive: Path) -> None:
-    """Refuse members placed below a symlink member: the link could point them anywhere."""
-    if not links:
-        return
-    for parts in names:
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
-            if prefix in links:
-                msg = f"{archive.name}: member {'/'.join(parts)!r} lies below symlink {prefix!r}"
+def _tar_members(tar: tarfile.TarFile, archive: Path, budget: _Budget) -> list[_Member]:
+    members: list[_Member] = []
+    for info in tar:  # headers one at a time: a bomb is refused before it is decompressed
+        _count(members, info.name, archive)
+        # offset_data + size is where the decompressed stream will have to be read to.
+        budget.check(info.offset_data + info.size, info.name)
+        parts = _member_parts(info.name, archive)
+        if info.isfile():
+            reader = functools.partial(_tar_reader, tar, info, archive)
+            executable = bool(info.mode & _EXEC_BITS)
+            members.append(_Member(info.name, parts, "file", executable=executable, reader=reader))
+        elif info.isdir():
+            members.append(_Member(info.name, parts, "dir"))
+        elif info.issym():
+            target = _link_target(info.name, info.linkname, archive)
+            members.append(_Member(info.name, parts, "symlink", target))
+        elif info.islnk():
+            _link_target(info.name, info.linkname, archive)
+            members.append(_Member(info.name, parts, "hardlink", info.linkname))
+        else:
+            raise _special(info.name, archive)
+    return members
+
+
+def _tar_reader(tar: tarfile.TarFile, info: tarfile.TarInfo, archive: Path) -> IO[bytes]:
+    stream = tar.extractfile(info)
+    if stream is None:
+        msg = f"{archive.name}: member {info.name!r} has no data; delete it and download again"
+        raise ArchiveError(msg)
+    return stream
+
+
+def _zip_members(zf: zipfile.ZipFile, archive: Path) -> list[_Member]:
+    members: list[_Member] = []
+    for info in zf.infolist():
+        _count(members, info.filename, archive)
+        parts = _member_parts(info.filename, archive)
+        mode = (info.external_attr >> 16) & 0xFFFF
+        kind = stat.S_IFMT(mode)
+        if info.flag_bits & 0x1:
+            msg = f"{archive.name}: member {info.filename!r} is encrypted; cannot extract it"
+            raise ArchiveError(msg)
+        if kind == stat.S_IFLNK:
+            with zf.open(info) as stream:  # never more than a path's worth in memory
+                raw = stream.read(_MAX_LINK_TARGET + 1)
+            if len(raw) > _MAX_LINK_TARGET:
+                msg = (
+                    f"{archive.name}: link {info.filename!r} has a target longer than "
+                    f"{_MAX_LINK_TARGET} bytes; the archive is malformed, refusing it"
+                )
                 raise ArchiveError(msg)
+            try:
+                text = _link_target(info.filename, raw.decode("utf-8"), archive)
+            except UnicodeDecodeError:
+                msg = f"{archive.name}: link {info.filename!r} has a target that is not UTF-8"
+                raise ArchiveError(msg) from None
+            members.append(_Member(info.filename, parts, "symlink", text))
+        elif info.is_dir() or kind == stat.S_IFDIR:
+            members.append(_Member(info.filename, parts, "dir"))
+        elif kind in (0, stat.S_IFREG):
+            reader = functools.partial(zf.open, info)
+            executable = bool(mode & _EXEC_BITS)
+            members.append(
+                _Member(info.filename, parts, "file", executable=executable, reader=reader)
+            )
+        else:
+            raise _special(info.filename, archive)
+    return members
 
 
-def _root_of(names: Iterable[list[str]], dest: Path) -> Path:
-    """The single top-level folder if every member lives under it, else ``dest``."""
+def _extract(
+    members: list[_Member], archive: Path, dest: Path, *, merge: bool, budget: _Budget
+) -> Path:
+    members = _bind_hardlinks(members, archive)
+    top = _top_folder(members)
+    if merge and top is not None:
+        members = [dataclasses.replace(m, parts=m.parts[1:], source=m.source[1:]) for m in members]
+    members = [m for m in members if m.parts]
+    tree = _plan(members, _scan(dest), archive)
+    _write(members, tree, dest, archive, budget)
+    return dest / top if top is not None and not merge else dest
+
+
+def _bind_hardlinks(members: list[_Member], archive: Path) -> list[_Member]:
+    """Point each hardlink at the earlier regular file it names."""
+    earlier: dict[_Parts, _Member] = {}
+    bound: list[_Member] = []
+    for member in members:
+        entry = member
+        if member.kind == "hardlink":
+            text = member.target.replace("\\", "/")
+            parts = tuple(p for p in text.split("/") if p not in ("", "."))
+            if ".." in parts:
+                msg = (
+                    f"{archive.name}: hardlink {member.name!r} -> {member.target!r} points "
+                    "outside the archive; refusing it"
+                )
+                raise ArchiveError(msg)
+            source = earlier.get(parts)
+            if source is None or source.kind != "file":
+                msg = (
+                    f"{archive.name}: hardlink {member.name!r} -> {member.target!r} does not name "
+                    "an earlier file of the archive; refusing it"
+                )
+                raise ArchiveError(msg)
+            entry = dataclasses.replace(member, source=source.parts)
+        bound.append(entry)
+        earlier[entry.parts] = entry
+    return bound
+
+
+def _top_folder(members: Iterable[_Member]) -> str | None:
+    """The single top-level folder if every member lives under it, else ``None``."""
     tops: set[str] = set()
     nested = False
-    for parts in names:
-        if not parts:
+    not_dir = set()
+    for member in members:
+        if not member.parts:
             continue
-        tops.add(parts[0])
-        nested = nested or len(parts) > 1
-    if len(tops) == 1 and nested:
-        top = dest / tops.pop()
-        if top.is_dir() and not top.is_symlink():
-            return top
-    return dest
+        tops.add(member.parts[0])
+        nested = nested or len(member.parts) > 1
+        if len(member.parts) == 1 and member.kind != "dir":
+            not_dir.add(member.parts[0])
+    if len(tops) == 1 and nested and not not_dir:
+        return tops.pop()
+    return None
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Extract a tar or zip archive into ``dest`` after checking every member.
+def _scan(dest: Path) -> dict[_Parts, _Member]:
+    """What the destination holds already, without following links."""
+    found: dict[_Parts, _Member] = {}
+    pending: list[tuple[_Parts, str]] = [((), os.fspath(dest))]
+    while pending:
+        prefix, folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                parts = (*prefix, entry.name)
+                name = "/".join(parts)
+                if entry.is_symlink():
+                    target = str(Path(entry.path).readlink()).replace("\\", "/")
+                    found[parts] = _Member(name, parts, "symlink", target, existing=True)
+                elif entry.is_dir(follow_symlinks=False):
+                    found[parts] = _Member(name, parts, "dir", existing=True)
+                    pending.append((parts, entry.path))
+                else:
+                    found[parts] = _Member(name, parts, "file", existing=True)
+    return found
 
-    Args:
-        archive: ``.tar.gz``/``.tgz`` (also ``.tar.xz``, ``.tar.bz2``, ``.tar``) or ``.zip``.
-        dest: folder to extract into (created; should be new and empty).
 
-    Returns:
-        The archive's root: its single top-level folder when there is exactly one (upstream's
-        ``llama-<tag>/``), else ``dest``.
+def _plan(
+    members: list[_Member], tree: dict[_Parts, _Member], archive: Path
+) -> dict[_Parts, _Member]:
+    """The finished tree (``tree`` plus ``members``); raise if any of it would be unsafe."""
+    placed: set[_Parts] = set()
+    for member in members:
+        old = tree.get(member.parts)
+        if member.parts in placed and old is not None and old.kind == member.kind == "dir":
+            continue
+        if member.parts in placed:
+            msg = (
+                f"{archive.name}: member {member.name!r} appears twice; the archive is "
+                "malformed, download it again"
+            )
+            raise ArchiveError(msg)
+        placed.add(member.parts)
+        if old is not None and (old.kind == "dir") != (member.kind == "dir"):
+            what = "folder" if old.kind == "dir" else "file"
+            msg = (
+                f"{archive.name}: member {member.name!r} would replace a {what} of the same name "
+                "already in the destination; refusing to extract over it (use an empty folder)"
+            )
+            raise ArchiveError(msg)
+        if old is not None and old.existing and member.kind != "dir":
+            logger.warning("%s is in more than one archive; the later one wins", member.name)
+        tree[member.parts] = member
+    for member in members:
+        for depth in range(1, len(member.parts)):
+            prefix = member.parts[:depth]
+            above = tree.setdefault(prefix, _Member("/".join(prefix), prefix, "dir"))
+            if above.kind == "dir":
+                continue
+            what = "symlink" if above.kind == "symlink" else "file"
+            origin = " left by an earlier archive" if above.existing else ""
+            msg = (
+                f"{archive.name}: member {member.name!r} lies below {what} "
+                f"{above.name!r}{origin}; refusing to extract"
+            )
+            raise ArchiveError(msg)
+    for parts, link in list(tree.items()):
+        if link.kind == "symlink" and _resolve(tree, parts, link, archive) is None:
+            origin = " (already in the destination)" if link.existing else ""
+            msg = (
+                f"{archive.name}: link {link.name!r} -> {link.target!r}{origin} resolves "
+                "outside the destination (following every link); refusing to extract"
+            )
+            raise ArchiveError(msg)
+    return tree
 
-    Raises:
-        ArchiveError: the archive is corrupt, of an unknown type, or has an unsafe member.
-    """
-    kind = archive_kind(archive)
-    dest.mkdir(parents=True, exist_ok=True)
+
+def _resolve(
+    tree: dict[_Parts, _Member], parts: _Parts, link: _Member, archive: Path
+) -> _Parts | None:
+    """Where the symlink at ``parts`` really lands, following every link; ``None`` if outside."""
+    current = list(parts[:-1])
+    pending: list[str] = []
+    target: str | None = link.target
+    hops = 0
+    while target is not None or pending:
+        if target is not None:
+            if _is_absolute(target):
+                return None
+            pending.extend(reversed(target.split("/")))
+            target = None
+            continue
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not current:
+                return None
+            current.pop()
+            continue
+        node = tree.get((*current, part))
+        if node is None or node.kind != "symlink":
+            current.append(part)
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS:
+            msg = (
+                f"{archive.name}: link {link.name!r} is part of a symlink loop; the archive is "
+                "malformed, refusing it"
+            )
+            raise ArchiveError(msg)
+        target = node.target
+    return tuple(current)
+
+
+def _write(
+    members: list[_Member],
+    tree: dict[_Parts, _Member],
+    dest: Path,
+    archive: Path,
+    budget: _Budget,
+) -> None:
+    """Write the planned members; on any failure remove what was created."""
+    created: list[Path] = []
+    folders: set[_Parts] = {()}
     try:
-        names = _extract_tar(archive, dest) if kind == "tar" else _extract_zip(archive, dest)
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
-        msg = f"{archive.name} is corrupt or truncated ({err}); delete it and download again"
-        raise ArchiveError(msg) from err
-    except OSError as err:
-        msg = f"cannot extract {archive.name} into {dest}: {err.strerror or err}"
-        raise ArchiveError(msg) from err
-    return _root_of(names, dest)
-
-
-def _extract_tar(archive: Path, dest: Path) -> list[list[str]]:
-    names: list[list[str]] = []
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
         for member in members:
-            names.append(_member_parts(member.name, archive))
-            if member.issym():
-                _check_link(member.name, member.linkname, archive, hard=False)
-            elif member.islnk():
-                _check_link(member.name, member.linkname, archive, hard=True)
-            elif not (member.isfile() or member.isdir()):
-                msg = f"{archive.name}: member {member.name!r} is a device, fifo or other special file"
-                raise ArchiveError(msg)
-        links = {"/".join(p) for m, p in zip(members, names, strict=True) if m.issym()}
-        _reject_through_links(names, links, archive)
-        if not _HAS_DATA_FILTER:  # Python < 3.11.4: the checks above are all there is
-            for member in members:
-                member.mode &= _SAFE_MODE_MASK
-            tar.extractall(dest, members=members)  # noqa: S202 - every member checked above
-            return names
+            if member.kind == "dir":
+                _make_dirs(dest, member.parts, folders, created, member, archive)
+            elif member.kind != "symlink":
+                _make_dirs(dest, member.parts[:-1], folders, created, member, archive)
+                path = _clear(dest.joinpath(*member.parts))
+                if member.kind == "file":
+                    _write_file(member, path, created, budget)
+                else:
+                    _write_hardlink(member, path, dest, created, budget)
+        # Links last, so no link exists while files are written (besides those of an earlier
+        # archive, which the plan keeps every member away from).
+        for member in members:
+            if member.kind == "symlink":
+                _make_dirs(dest, member.parts[:-1], folders, created, member, archive)
+                path = _clear(dest.joinpath(*member.parts))
+                _write_symlink(member, path, tree, dest, archive, created, budget)
+        _verify_links(tree, dest, archive)
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise
+
+
+def _make_dirs(
+    dest: Path,
+    parts: _Parts,
+    folders: set[_Parts],
+    created: list[Path],
+    member: _Member,
+    archive: Path,
+) -> None:
+    """Create the folders of ``parts`` one by one, refusing any that is not a real folder."""
+    for depth in range(1, len(parts) + 1):
+        if parts[:depth] in folders:
+            continue
+        path = dest.joinpath(*parts[:depth])
         try:
-            # The "data" filter re-checks links against the real filesystem as it extracts
-            # (a symlinked folder cannot redirect later members) and drops setuid/ownership,
-            # while keeping the owner's executable bit.
-            tar.extractall(dest, members=members, filter="data")
-        except tarfile.FilterError as err:
-            msg = f"{archive.name}: unsafe member refused: {err}"
-            raise ArchiveError(msg) from err
-    return names
-
-
-def _zip_mode(info: zipfile.ZipInfo) -> int:
-    return (info.external_attr >> 16) & 0xFFFF
-
-
-def _extract_zip(archive: Path, dest: Path) -> list[list[str]]:
-    names: list[list[str]] = []
-    links: list[tuple[zipfile.ZipInfo, list[str], str]] = []
-    root = dest.resolve()
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        for info in infos:
-            parts = _member_parts(info.filename, archive)
-            names.append(parts)
-            mode = _zip_mode(info)
-            kind = stat.S_IFMT(mode)
-            if kind == stat.S_IFLNK:
-                link_target = zf.read(info).decode("utf-8")
-                _check_link(info.filename, link_target, archive, hard=False)
-                links.append((info, parts, link_target))
-            elif kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                msg = f"{archive.name}: member {info.filename!r} is a device, fifo or socket"
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            path.mkdir(_DIR_MODE)
+            created.append(path)
+        else:
+            if not stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+                msg = (
+                    f"{archive.name}: member {member.name!r} would be written through "
+                    f"{'/'.join(parts[:depth])!r}, which is not a folder; refusing to extract"
+                )
                 raise ArchiveError(msg)
-        _reject_through_links(names, {"/".join(p) for _i, p, _t in links}, archive)
-        for info in infos:
-            parts = _member_parts(info.filename, archive)
-            if not parts or stat.S_IFMT(_zip_mode(info)) == stat.S_IFLNK:
-                continue
-            target = dest.joinpath(*parts)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _ensure_inside(target.parent, root, archive, info.filename)
-            target.unlink(missing_ok=True)
-            with zf.open(info) as src, target.open("wb") as out:
-                while chunk := src.read(_COPY_CHUNK):
-                    out.write(chunk)
-            target.chmod(_EXEC_MODE if _zip_mode(info) & _EXEC_BITS else _FILE_MODE)
-        # Links last, so a link can never redirect a file written after it.
-        for info, parts, link_target in links:
-            path = dest.joinpath(*parts)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _ensure_inside(path.parent, root, archive, info.filename)
-            _make_symlink(path, link_target, archive)
-    return names
+        folders.add(parts[:depth])
 
 
-def _ensure_inside(folder: Path, root: Path, archive: Path, member: str) -> None:
-    if not folder.resolve().is_relative_to(root):
-        msg = f"{archive.name}: member {member!r} would be written outside {root}"
-        raise ArchiveError(msg)
-
-
-def _make_symlink(path: Path, target: str, archive: Path) -> None:
-    path.unlink(missing_ok=True)
+def _clear(path: Path) -> Path:
+    """Remove a file or link at ``path`` (never what a link points to)."""
     try:
-        path.symlink_to(target.replace("\\", "/"))
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISDIR(mode):
+        path.unlink()
+    return path
+
+
+def _copy(source: IO[bytes], path: Path, name: str, created: list[Path], budget: _Budget) -> None:
+    fd = os.open(path, _CREATE_FLAGS, _FILE_MODE)
+    created.append(path)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := source.read(_COPY_CHUNK):
+            budget.charge(len(chunk), name)
+            out.write(chunk)
+
+
+def _write_file(member: _Member, path: Path, created: list[Path], budget: _Budget) -> None:
+    if member.reader is None:  # pragma: no cover - every file member has a reader
+        msg = f"member {member.name!r} has no data"
+        raise ArchiveError(msg)
+    with member.reader() as source:
+        _copy(source, path, member.name, created, budget)
+    path.chmod(_EXEC_MODE if member.executable else _FILE_MODE)
+
+
+def _write_hardlink(
+    member: _Member, path: Path, dest: Path, created: list[Path], budget: _Budget
+) -> None:
+    original = dest.joinpath(*member.source)  # a file this extraction wrote
+    try:
+        os.link(original, path, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        with original.open("rb") as data:
+            _copy(data, path, member.name, created, budget)
+        path.chmod(stat.S_IMODE(original.stat().st_mode))
+    else:
+        created.append(path)
+
+
+def _write_symlink(
+    member: _Member,
+    path: Path,
+    tree: dict[_Parts, _Member],
+    dest: Path,
+    archive: Path,
+    created: list[Path],
+    budget: _Budget,
+) -> None:
+    resolved = _resolve(tree, member.parts, member, archive) or ()
+    is_dir = getattr(tree.get(resolved), "kind", "") == "dir"
+    try:
+        path.symlink_to(member.target, target_is_directory=is_dir)
     except OSError:
         # Windows without symlink privilege: a copy of the file serves the same purpose.
-        source = (path.parent / target).resolve()
-        if not source.is_file():
-            msg = f"{archive.name}: cannot create link {path.name} -> {target}"
+        source = dest.joinpath(*resolved)
+        if not source.is_file() or source.is_symlink():
+            msg = f"{archive.name}: cannot create link {member.name!r} -> {member.target!r}"
             raise ArchiveError(msg) from None
-        path.write_bytes(source.read_bytes())
+        with source.open("rb") as data:
+            _copy(data, path, member.name, created, budget)
+    else:
+        created.append(path)
+
+
+def _verify_links(tree: dict[_Parts, _Member], dest: Path, archive: Path) -> None:
+    """Re-check every link on disk.
+
+    A case-insensitive filesystem can join names that the plan kept apart.
+    """
+    root = Path(os.path.realpath(dest))
+    for parts, node in tree.items():
+        if node.kind != "symlink":
+            continue
+        path = dest.joinpath(*parts)
+        if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+            msg = f"{archive.name}: link {node.name!r} resolves outside {dest}; refusing it"
+            raise ArchiveError(msg)
 
 
 def find_binaries(root: Path, names: Sequence[str], os_name: str) -> dict[str, Path]:

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ import pytest
 from release_fixtures import make_release, make_tar, make_zip
 
 from llama_proc.errors import ArchiveError
-from llama_proc.provision.archive import archive_kind, extract_archive, find_binaries
+from llama_proc.provision import archive as archive_mod
+from llama_proc.provision.archive import (
+    MAX_COMPRESSION_RATIO,
+    MAX_EXTRACT_BYTES,
+    archive_kind,
+    extract_archive,
+    find_binaries,
+)
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and symlinks")
 
@@ -24,7 +32,7 @@ def _is_exec(path: Path) -> bool:
 
 
 @posix_only
-def test_upstream_tar_layout_keeps_symlinks_and_exec_bits(tmp_path: Path) -> None:
+def test_upstream_tar_layout_keeps_symlinks_and_exec_bits(tmp_path: Path, tar_filter: str) -> None:
     release = make_release(tmp_path, "b11434", ["ubuntu-x64"])
     archive = release.assets[release.main_asset][0]
     root = extract_archive(archive, tmp_path / "x")
@@ -139,7 +147,7 @@ UNSAFE_TAR = [
 
 @pytest.mark.parametrize(("members", "match"), UNSAFE_TAR)
 def test_unsafe_tar_members_are_refused(
-    tmp_path: Path, members: list[tuple[str, Any]], match: str
+    tmp_path: Path, members: list[tuple[str, Any]], match: str, tar_filter: str
 ) -> None:
     archive = make_tar(tmp_path / "evil.tar.gz", [("ok.txt", b"fine"), *members])
     dest = tmp_path / "deep" / "x"
@@ -177,7 +185,7 @@ def test_unsafe_zip_members_are_refused(
     assert not (tmp_path / "deep" / "escape").exists()
 
 
-def test_in_tree_hardlink_is_fine(tmp_path: Path) -> None:
+def test_in_tree_hardlink_is_fine(tmp_path: Path, tar_filter: str) -> None:
     archive = make_tar(
         tmp_path / "a.tar.gz",
         [("top/real", (b"data", 0o755)), ("top/alias", {"hardlink": "top/real"})],
@@ -186,7 +194,50 @@ def test_in_tree_hardlink_is_fine(tmp_path: Path) -> None:
     assert (root / "alias").read_bytes() == b"data"
 
 
-def test_setuid_bit_is_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("merge", [False, True])
+def test_hardlink_after_folder_entries(tmp_path: Path, merge: bool, tar_filter: str) -> None:
+    archive = make_tar(
+        tmp_path / "a.tar.gz",
+        [
+            ("./", {"dir": True}),
+            ("top/", {"dir": True}),
+            ("top/real", (b"data", 0o755)),
+            ("top/alias", {"hardlink": "top/real"}),
+        ],
+    )
+    root = extract_archive(archive, tmp_path / "x", merge=merge)
+    assert root == tmp_path / "x" / ("" if merge else "top")
+    assert (root / "alias").read_bytes() == b"data"
+    assert _is_exec(root / "alias")
+
+
+def test_links_become_copies_where_the_filesystem_refuses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows without the symlink privilege, or a filesystem without hardlinks."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    monkeypatch.setattr(Path, "symlink_to", refuse)
+    archive = make_tar(
+        tmp_path / "a.tar.gz",
+        [
+            ("top/real", (b"data", 0o755)),
+            ("top/alias", {"hardlink": "top/real"}),
+            ("top/lib.so", {"symlink": "sub/lib.so.1"}),
+            ("top/sub/lib.so.1", b"lib"),
+        ],
+    )
+    root = extract_archive(archive, tmp_path / "x")
+    assert (root / "alias").read_bytes() == b"data"
+    assert _is_exec(root / "alias")
+    assert not (root / "lib.so").is_symlink()
+    assert (root / "lib.so").read_bytes() == b"lib"
+
+
+def test_setuid_bit_is_dropped(tmp_path: Path, tar_filter: str) -> None:
     archive = make_tar(tmp_path / "a.tar.gz", [("top/s", (b"x", 0o4755))])
     root = extract_archive(archive, tmp_path / "x")
     assert not root.joinpath("s").stat().st_mode & stat.S_ISUID
@@ -210,6 +261,242 @@ def test_unknown_suffix(tmp_path: Path) -> None:
         extract_archive(tmp_path / "a.rar", tmp_path / "x")
     assert archive_kind(Path("x.TGZ")) == "tar"
     assert archive_kind(Path("x.whl")) == "zip"
+
+
+# ------------------------------------------------------------------------ chains, merges, bombs
+LINK = stat.S_IFLNK | 0o777
+MiB = 1 << 20
+
+
+def _without_data_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on Python versions whose tarfile has no ``data`` filter; tarfile's own extraction is
+    booby-trapped too: the checks must depend on neither."""
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.delattr(tarfile, "fully_trusted_filter", raising=False)
+
+    def trap(*_args: object, **_kwargs: object) -> None:
+        pytest.fail("tarfile's own extraction was used")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", trap)
+    monkeypatch.setattr(tarfile.TarFile, "extract", trap)
+
+
+@pytest.fixture(params=["data-filter", "no-data-filter"])
+def tar_filter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a tar test with and without tarfile's ``data`` filter."""
+    if request.param == "no-data-filter":
+        _without_data_filter(monkeypatch)
+    return str(request.param)
+
+
+@pytest.fixture(params=["zip", "tar", "tar-no-data-filter"])
+def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The archive kind a test builds with :func:`_make`; tar also without the data filter."""
+    if request.param == "tar-no-data-filter":
+        _without_data_filter(monkeypatch)
+    return str(request.param)
+
+
+def _links(kind: str, links: list[tuple[str, str]], extra: list[tuple[str, Any]]) -> list[Any]:
+    if kind == "zip":
+        return [*extra, *((name, (target.encode(), LINK)) for name, target in links)]
+    return [*extra, *((name, {"symlink": target}) for name, target in links)]
+
+
+def _make(kind: str, path: Path, entries: list[Any]) -> Path:
+    if kind == "zip":
+        return make_zip(path.with_suffix(".zip"), entries)
+    return make_tar(path.with_suffix(".tar.gz"), entries)
+
+
+# Each link is inside the tree when read on its own; followed through the others, c escapes:
+# a -> d1, b -> a/.. = the root, c -> b/.. = the root's parent.
+CHAIN = [("d1/d2/a", ".."), ("d1/d2/b", "a/.."), ("d1/d2/c", "b/..")]
+
+
+@posix_only
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_symlink_chain_that_escapes_is_refused(tmp_path: Path, kind: str, order: str) -> None:
+    chain = CHAIN if order == "forward" else CHAIN[::-1]
+    archive = _make(kind, tmp_path / "chain", _links(kind, chain, [("d1/d2/ok", b"fine")]))
+    dest = tmp_path / "deep" / "x"
+    with pytest.raises(ArchiveError, match=r"'d1/d2/c'.*outside"):
+        extract_archive(archive, dest)
+    assert list(dest.iterdir()) == []
+
+
+@posix_only
+def test_symlink_chain_inside_the_tree_survives(tmp_path: Path, kind: str) -> None:
+    links = [
+        ("top/lib/libx.so", "libx.so.1"),
+        ("top/lib/libx.so.1", "../real/libx.so.1.0"),
+        ("top/bin/libs", "../lib"),
+        ("top/bin/libx", "libs/libx.so"),
+    ]
+    files = [("top/real/libx.so.1.0", b"real"), ("top/bin/run", (b"#!/bin/sh\n", 0o755))]
+    archive = _make(kind, tmp_path / "ok", _links(kind, links, files))
+    root = extract_archive(archive, tmp_path / "x")
+    assert root == tmp_path / "x" / "top"
+    assert (root / "bin" / "libx").read_bytes() == b"real"
+    assert os.readlink(root / "bin" / "libx") == "libs/libx.so"
+    assert _is_exec(root / "bin" / "run")
+
+
+def test_symlink_loop_is_refused(tmp_path: Path, kind: str) -> None:
+    archive = _make(kind, tmp_path / "loop", _links(kind, [("a", "b"), ("b", "c"), ("c", "a")], []))
+    with pytest.raises(ArchiveError, match="loop"):
+        extract_archive(archive, tmp_path / "x")
+
+
+def test_zip_link_member_with_huge_target_is_not_read_into_memory(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "a.zip", [("link", (b"a" * (32 * MiB), LINK))])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match=r"'link'.*target"):
+            extract_archive(archive, tmp_path / "x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB
+
+
+@posix_only
+def test_merge_puts_archive_contents_beside_what_is_there(tmp_path: Path, kind: str) -> None:
+    """The CUDA binary archive plus its cudart twin unpacked into one install folder."""
+    binary = _make(
+        kind,
+        tmp_path / "bin",
+        _links(
+            kind,
+            [("llama-b1/libggml.so", "libggml.so.0")],
+            [("llama-b1/llama-server", (b"#!/bin/sh\n", 0o755)), ("llama-b1/libggml.so.0", b"g")],
+        ),
+    )
+    twin = _make(kind, tmp_path / "cudart", [("libcudart.so.12", b"rt"), ("LICENSE", b"nv")])
+    dest = tmp_path / "install"
+    assert extract_archive(binary, dest, merge=True) == dest
+    assert extract_archive(twin, dest, merge=True) == dest
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "LICENSE",
+        "libcudart.so.12",
+        "libggml.so",
+        "libggml.so.0",
+        "llama-server",
+    ]
+    assert os.readlink(dest / "libggml.so") == "libggml.so.0"
+    assert _is_exec(dest / "llama-server")
+
+
+@posix_only
+def test_merge_never_writes_through_a_link_onto_another_file(tmp_path: Path, kind: str) -> None:
+    first = _make(
+        kind,
+        tmp_path / "a",
+        _links(kind, [("top/libcudart.so.12", "libggml.so")], [("top/libggml.so", b"ggml")]),
+    )
+    second = _make(kind, tmp_path / "b", [("top/libcudart.so.12", b"cudart")])
+    dest = tmp_path / "install"
+    extract_archive(first, dest, merge=True)
+    extract_archive(second, dest, merge=True)
+    assert (dest / "libggml.so").read_bytes() == b"ggml"
+    assert not (dest / "libcudart.so.12").is_symlink()
+    assert (dest / "libcudart.so.12").read_bytes() == b"cudart"
+
+
+@posix_only
+def test_merge_refuses_members_below_a_link_from_an_earlier_archive(
+    tmp_path: Path, kind: str
+) -> None:
+    first = _make(kind, tmp_path / "a", _links(kind, [("top/lib", "sub")], [("top/sub/x", b"A")]))
+    second = _make(kind, tmp_path / "b", [("top/first", b"B"), ("top/lib/x", b"B")])
+    dest = tmp_path / "install"
+    extract_archive(first, dest, merge=True)
+    with pytest.raises(ArchiveError, match=r"'top/lib/x'.*below symlink"):
+        extract_archive(second, dest, merge=True)
+    assert (dest / "sub" / "x").read_bytes() == b"A"
+    assert not (dest / "first").exists()  # checked before anything was written
+
+
+@posix_only
+def test_merge_refuses_a_link_planted_outside(tmp_path: Path, kind: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "install"
+    dest.mkdir()
+    (dest / "out").symlink_to(outside)
+    second = _make(kind, tmp_path / "b", [("top/out/x", b"B"), ("top/y", b"B")])
+    with pytest.raises(ArchiveError, match="'top/out/x'"):
+        extract_archive(second, dest, merge=True)
+    assert list(outside.iterdir()) == []
+    unrelated = _make(kind, tmp_path / "c", [("top/y", b"C")])
+    with pytest.raises(ArchiveError, match=r"'out' -> .*already in the destination.*outside"):
+        extract_archive(unrelated, dest, merge=True)
+    assert not (dest / "y").exists()
+
+
+@posix_only
+def test_merge_refuses_a_chain_completed_by_a_later_archive(tmp_path: Path, kind: str) -> None:
+    chain = [(f"top/{name}", target) for name, target in CHAIN]  # top/ is merged away
+    first = _make(kind, tmp_path / "a", _links(kind, chain[:2], [("top/d1/d2/f", b"A")]))
+    second = _make(kind, tmp_path / "b", _links(kind, chain[2:], [("top/d1/d2/g", b"B")]))
+    dest = tmp_path / "install"
+    extract_archive(first, dest, merge=True)
+    assert (dest / "d1" / "d2" / "b").resolve() == dest.resolve()
+    with pytest.raises(ArchiveError, match=r"'top/d1/d2/c'.*outside"):
+        extract_archive(second, dest, merge=True)
+    assert not (dest / "d1" / "d2" / "c").is_symlink()
+    assert not (dest / "d1" / "d2" / "g").exists()
+
+
+def test_merge_refuses_a_folder_over_a_file(tmp_path: Path, kind: str) -> None:
+    dest = tmp_path / "install"
+    extract_archive(_make(kind, tmp_path / "a", [("top/lib", b"file")]), dest, merge=True)
+    with pytest.raises(ArchiveError, match=r"'top/lib/x'"):
+        extract_archive(_make(kind, tmp_path / "b", [("top/lib/x", b"B")]), dest, merge=True)
+    assert (dest / "lib").read_bytes() == b"file"
+
+
+def _peak_while(fn: Any) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_ratio_cap_stops_a_bomb_without_reading_it_into_memory(tmp_path: Path, kind: str) -> None:
+    bomb = _make(kind, tmp_path / "bomb", [("top/ok", b"fine"), ("top/zeros", bytes(24 * MiB))])
+    assert bomb.stat().st_size * MAX_COMPRESSION_RATIO < 24 * MiB
+    dest = tmp_path / "x"
+
+    def refused() -> None:
+        with pytest.raises(ArchiveError, match=r"'top/zeros'.*bomb"):
+            extract_archive(bomb, dest)
+
+    assert _peak_while(refused) < 4 * MiB
+    assert list(dest.iterdir()) == []  # nothing left filling the disk
+    root = extract_archive(bomb, tmp_path / "y", max_ratio=100_000)
+    assert (root / "zeros").stat().st_size == 24 * MiB
+
+
+def test_total_cap_counts_real_bytes(tmp_path: Path, kind: str) -> None:
+    noise = os.urandom(3 * MiB)  # incompressible: only the total cap can stop it
+    archive = _make(kind, tmp_path / "big", [("a", noise[:MiB]), ("b", noise[MiB:])])
+    dest = tmp_path / "x"
+    with pytest.raises(ArchiveError, match=r"'b'.*2097152 bytes"):
+        extract_archive(archive, dest, max_bytes=2 * MiB)
+    assert list(dest.iterdir()) == []
+    assert MAX_EXTRACT_BYTES >= 4 << 30  # the real releases unpack to a few GB
+    extract_archive(archive, tmp_path / "y")
+    assert (tmp_path / "y" / "b").read_bytes() == noise[MiB:]
+
+
+def test_member_count_cap(tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive_mod, "MAX_MEMBERS", 3)
+    archive = _make(kind, tmp_path / "many", [(f"f{i}", b"x") for i in range(4)])
+    with pytest.raises(ArchiveError, match=r"'f3'.*more than 3 members"):
+        extract_archive(archive, tmp_path / "x")
 
 
 # ------------------------------------------------------------------------------ find_binaries
