@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from upstream_listings import B11434_NAMES
 
 from llama_proc.errors import ManifestError, NoMatchingVariantError
 from llama_proc.provision.manifest import Manifest, load_manifest, parse_manifest
@@ -36,11 +37,12 @@ def test_shipped_manifest_parses(manifest: Manifest) -> None:
 
 
 EXPECTED = {
-    ("linux", "x86_64"): {"cpu", "cuda", "vulkan", "rpc"},
+    ("linux", "x86_64"): {"cpu", "cuda", "rocm", "vulkan", "rpc"},
     ("linux", "aarch64"): {"cpu", "cuda", "vulkan", "rpc"},
     ("macos", "arm64"): {"metal", "cpu", "rpc"},
     ("macos", "x86_64"): {"cpu", "rpc"},
-    ("windows", "x86_64"): {"cpu", "cuda", "vulkan", "rpc"},
+    ("windows", "x86_64"): {"cpu", "cuda", "rocm", "vulkan", "rpc"},
+    ("windows", "arm64"): {"cpu", "vulkan", "rpc"},
 }
 
 
@@ -48,7 +50,11 @@ def test_every_platform_and_backend_is_present(manifest: Manifest) -> None:
     found: dict[tuple[str, str], set[str]] = {}
     for v in manifest.variants:
         found.setdefault((v.os, v.arch), set()).add(v.backend)
-        assert v.id == f"{v.os}-{v.arch}-{v.backend}"
+        base = f"{v.os}-{v.arch}-{v.backend}"
+        # CUDA 12 and 13 builds are separate variants: the newer one carries its major version.
+        assert v.id == base or (v.backend == "cuda" and v.id == f"{base}13"), v.id
+        if v.id.endswith("cuda13"):
+            assert (v.requires.cuda or "").startswith("13."), v.id
         assert v.binaries[0] == "llama-server"
         assert v.cmake_flags, f"{v.id} cannot be built from source"
     assert found == EXPECTED
@@ -68,12 +74,19 @@ B = "b11434"
         ("linux-x86_64-rpc", f"llama-{B}-bin-ubuntu-x64.tar.gz"),
         ("linux-x86_64-vulkan", f"llama-{B}-bin-ubuntu-vulkan-x64.tar.gz"),
         ("linux-x86_64-cuda", f"llama-{B}-bin-ubuntu-cuda-12.8-x64.tar.gz"),
+        ("linux-x86_64-cuda13", f"llama-{B}-bin-ubuntu-cuda-13.4-x64.tar.gz"),
+        ("linux-x86_64-rocm", f"llama-{B}-bin-ubuntu-rocm-10.0-x64.tar.gz"),
+        ("linux-aarch64-cuda13", f"llama-{B}-bin-ubuntu-cuda-13.4-arm64.tar.gz"),
+        ("linux-aarch64-vulkan", f"llama-{B}-bin-ubuntu-vulkan-arm64.tar.gz"),
         ("linux-aarch64-cpu", f"llama-{B}-bin-ubuntu-arm64.tar.gz"),
         ("macos-arm64-metal", f"llama-{B}-bin-macos-arm64.tar.gz"),
         ("macos-x86_64-cpu", f"llama-{B}-bin-macos-x64.tar.gz"),
         ("windows-x86_64-cpu", f"llama-{B}-bin-win-cpu-x64.zip"),
         ("windows-x86_64-vulkan", f"llama-{B}-bin-win-vulkan-x64.zip"),
         ("windows-x86_64-cuda", f"llama-{B}-bin-win-cuda-12.4-x64.zip"),
+        ("windows-x86_64-cuda13", f"llama-{B}-bin-win-cuda-13.4-x64.zip"),
+        ("windows-x86_64-rocm", f"llama-{B}-bin-win-rocm-10.0-x64.zip"),
+        ("windows-arm64-cpu", f"llama-{B}-bin-win-cpu-arm64.zip"),
     ],
 )
 def test_asset_patterns_match_upstream_names(
@@ -82,21 +95,8 @@ def test_asset_patterns_match_upstream_names(
     assert manifest.get(variant_id).asset_regex(B).search(asset)
 
 
-UPSTREAM_ASSETS = [
-    f"llama-{B}-bin-ubuntu-x64.tar.gz",
-    f"llama-{B}-bin-ubuntu-vulkan-x64.tar.gz",
-    f"llama-{B}-bin-ubuntu-cuda-12.8-x64.tar.gz",
-    f"llama-{B}-bin-ubuntu-arm64.tar.gz",
-    f"llama-{B}-bin-macos-arm64.tar.gz",
-    f"llama-{B}-bin-macos-x64.tar.gz",
-    f"llama-{B}-bin-win-cpu-x64.zip",
-    f"llama-{B}-bin-win-cpu-arm64.zip",
-    f"llama-{B}-bin-win-vulkan-x64.zip",
-    f"llama-{B}-bin-win-cuda-12.4-x64.zip",
-    "cudart-llama-bin-win-cuda-12.4-x64.zip",
-    f"llama-{B}-bin-win-hip-radeon-x64.zip",
-    f"llama-{B}-xcframework.zip",
-]
+# The pinned build's real archive names (its release-publish.yml), twins and all.
+UPSTREAM_ASSETS = B11434_NAMES
 
 
 def test_each_pattern_matches_exactly_one_upstream_asset(manifest: Manifest) -> None:
@@ -229,7 +229,8 @@ def test_missing_file() -> None:
 # ----------------------------------------------------------------------------- selection
 X86 = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
 LINUX = HostInfo(os="linux", arch="x86_64", libc="glibc", libc_version="2.39", cpu_features=X86)
-NVIDIA = {"nvidia_driver": "550.54.15", "cuda_version": "12.4"}
+# A CUDA 12.8 driver: the 12.8 build runs, the 13.4 one does not.
+NVIDIA = {"nvidia_driver": "570.133.07", "cuda_version": "12.8"}
 
 
 def _host(base: HostInfo = LINUX, /, **changes: Any) -> HostInfo:
@@ -323,3 +324,68 @@ def test_requested_cuda_without_driver_warns(manifest: Manifest) -> None:
     assert selection.variant.id == "linux-x86_64-cuda"
     assert any(line.startswith("warning: no NVIDIA driver") for line in selection.why)
     assert any("no NVIDIA driver" in b for b in prebuilt_blockers(selection.variant, LINUX))
+
+
+# ----------------------------------------------------------------------------- twins and pins
+CUDA = """
+[[variant]]
+id = "linux-x86_64-cuda"
+os = "linux"
+arch = "x86_64"
+backend = "cuda"
+asset = '^llama-{build}-bin-ubuntu-cuda-12\\.8-x64\\.tar\\.gz$'
+extra_assets = ['^cudart-llama-{build}-bin-ubuntu-cuda-12\\.8-x64\\.tar\\.gz$']
+binaries = ["llama-server"]
+cmake_flags = ["-DGGML_CUDA=ON"]
+"""
+ROCM = """
+[[variant]]
+id = "linux-x86_64-rocm"
+os = "linux"
+arch = "x86_64"
+backend = "rocm"
+asset = '^llama-{build}-bin-ubuntu-rocm-10\\.0-x64\\.tar\\.gz$'
+binaries = ["llama-server"]
+requires = { glibc = "2.39", hip_runtime = true, gfx_targets = ["gfx1100", "gfx90a"] }
+cmake_flags = ["-DGGML_HIP=ON"]
+"""
+
+
+def test_twin_gfx_and_size_pins_parse() -> None:
+    text = GOOD.replace(
+        'id = "linux-x86_64-cpu"\n',
+        'id = "linux-x86_64-cpu"\nsize = { "llama-b100-bin-ubuntu-x64.tar.gz" = 17014362 }\n',
+    )
+    m = parse_manifest(text + CUDA + ROCM, "twins.toml")
+    assert m.get("linux-x86_64-cpu").size == {"llama-b100-bin-ubuntu-x64.tar.gz": 17014362}
+    cuda = m.get("linux-x86_64-cuda")
+    assert cuda.extra_assets == (r"^cudart-llama-{build}-bin-ubuntu-cuda-12\.8-x64\.tar\.gz$",)
+    rocm = m.get("linux-x86_64-rocm").requires
+    assert (rocm.gfx_targets, rocm.hip_runtime) == (("gfx1100", "gfx90a"), True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "old", "new", "key"),
+    [
+        pytest.param(CUDA, "extra_assets = [", "# extra_assets = [",
+                     "variant 'linux-x86_64-cuda'.extra_assets", id="cuda-without-twin"),
+        pytest.param(ROCM, ', gfx_targets = ["gfx1100", "gfx90a"]', "",
+                     "variant 'linux-x86_64-rocm'.requires", id="rocm-without-gfx"),
+        pytest.param(ROCM, '"gfx90a"', '"vega"', "variant 'linux-x86_64-rocm'.requires.gfx_targets",
+                     id="bad-gfx"),
+        pytest.param(CUDA, 'binaries = ["llama-server"]',
+                     'size = { "a.tar.gz" = -1 }\nbinaries = ["llama-server"]',
+                     "variant 'linux-x86_64-cuda'.size", id="bad-size"),
+    ],
+)  # fmt: skip
+def test_twin_and_gpu_schema_errors(extra: str, old: str, new: str, key: str) -> None:
+    assert old in extra
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(GOOD + extra.replace(old, new, 1), "bad.toml")
+    assert key in str(info.value)
+    assert str(info.value).startswith("bad.toml:")
+
+
+def test_cuda_twin_message_says_why(manifest: Manifest) -> None:
+    with pytest.raises(ManifestError, match=r"cudart- twin.*cannot load"):
+        parse_manifest(GOOD + CUDA.replace("extra_assets = [", "# extra_assets = ["), "x.toml")

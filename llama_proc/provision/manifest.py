@@ -2,6 +2,12 @@
 
 Every problem raises :class:`~llama_proc.errors.ManifestError` naming the key and, where it can
 be found, the line of the manifest it came from.
+
+A variant's prebuilt is one binary archive (``asset``) plus the archives that must be unpacked
+beside it (``extra_assets``): upstream's Linux and Windows CUDA builds leave the CUDA runtime
+out and publish it as a ``cudart-`` twin, which the release API lists first. A CUDA prebuilt
+without its twin is refused here, and :meth:`Variant.assets` picks every archive a variant
+needs from a release listing, never taking the twin for the binary.
 """
 
 from __future__ import annotations
@@ -9,19 +15,23 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
-from llama_proc.errors import ManifestError
+from llama_proc.errors import ManifestError, NoMatchingVariantError
 from llama_proc.vocab import BACKENDS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 __all__ = [
+    "AssetMatch",
+    "AssetRole",
     "IndexFile",
     "Manifest",
+    "NamedAsset",
     "Requirements",
     "SourceSpec",
     "Variant",
@@ -37,9 +47,56 @@ _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _BUILD_RE: Final = re.compile(r"^b[0-9]+$")
 _ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _VERSION_RE: Final = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_GFX_RE: Final = re.compile(r"^gfx[0-9a-f]+$")
 _REQUIREMENT_KEYS: Final = frozenset(
-    {"glibc", "nvidia_driver", "cuda", "cpu_features", "macos", "vulkan", "apple_silicon"}
-)
+    {
+        "glibc", "nvidia_driver", "cuda", "cpu_features", "macos", "vulkan", "apple_silicon",
+        "gfx_targets", "hip_runtime",
+    }
+)  # fmt: skip
+_TWIN_BACKENDS: Final = frozenset({"cuda"})
+"""Backends whose upstream prebuilts ship their runtime libraries as a separate archive."""
+
+
+class NamedAsset(Protocol):
+    """Anything with a file name: a release listing entry (``ReleaseAsset``) or a test fake."""
+
+    @property
+    def name(self) -> str:
+        """The asset's file name."""
+        ...
+
+
+A = TypeVar("A", bound=NamedAsset)
+
+
+class AssetRole(StrEnum):
+    """What an archive brings to an install."""
+
+    BINARY = "binary"
+    """The llama-server archive (``asset``)."""
+    RUNTIME = "runtime"
+    """Libraries unpacked beside the binary (``extra_assets``, e.g. the ``cudart-`` twin)."""
+
+
+@dataclass(frozen=True)
+class AssetMatch(Generic[A]):
+    """One archive a variant needs, picked from a release listing, with its manifest pins."""
+
+    asset: A
+    """The listing entry as given (e.g. a ``ReleaseAsset``)."""
+    role: AssetRole
+    pattern: str
+    """The manifest pattern (``{build}`` filled in) that picked it."""
+    sha256: str | None
+    """The sha256 pinned in ``variants.toml`` (None = not pinned; use the listing's digest)."""
+    size: int | None
+    """The size in bytes pinned in ``variants.toml`` (None = not pinned)."""
+
+    @property
+    def name(self) -> str:
+        """The archive's file name."""
+        return self.asset.name
 
 
 @dataclass(frozen=True)
@@ -60,6 +117,10 @@ class Requirements:
     """Needs a Vulkan loader."""
     apple_silicon: bool = False
     """Needs native Apple silicon (not Rosetta)."""
+    gfx_targets: tuple[str, ...] = ()
+    """AMD gfx targets the ROCm prebuilt was compiled for (non-empty = needs one of them)."""
+    hip_runtime: bool = False
+    """Needs the HIP runtime (``libamdhip64``) on the host: the archive does not bundle it."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +135,7 @@ class Variant:
     asset: str | None
     """Regex for the release asset (``{build}`` = release tag); None = source builds only."""
     extra_assets: tuple[str, ...]
-    """Regexes of further archives that land in the same folder (e.g. cudart on Windows)."""
+    """Regexes of the runtime archives unpacked into the same folder (the ``cudart-`` twins)."""
     sha256: Mapping[str, str]
     """Pinned sha256 per asset file name."""
     binaries: tuple[str, ...]
@@ -88,6 +149,8 @@ class Variant:
     """CMake targets to build; ``a|b`` builds whichever exists in the tree."""
     line: int = 0
     """Line of the ``[[variant]]`` header in the manifest (for messages)."""
+    size: Mapping[str, int] = field(default_factory=dict)
+    """Pinned size in bytes per asset file name."""
 
     @property
     def platform(self) -> str:
@@ -107,6 +170,78 @@ class Variant:
     def extra_asset_regexes(self, build: str) -> list[re.Pattern[str]]:
         """Compiled patterns of the extra archives for ``build``."""
         return [re.compile(p.replace("{build}", re.escape(build))) for p in self.extra_assets]
+
+    def assets(self, build: str, listing: Sequence[A]) -> tuple[AssetMatch[A], ...]:
+        """Every archive this variant needs from release ``build``: the binary first.
+
+        Each pattern must match exactly one entry of ``listing`` (in whatever order the API
+        lists them), and the binary's archive must not be one of the runtime archives.
+
+        Args:
+            build: the release tag (fills ``{build}`` in the patterns).
+            listing: the release's assets (anything with a ``name``).
+
+        Returns:
+            The binary archive, then each runtime archive in manifest order, with their pins.
+
+        Raises:
+            NoMatchingVariantError: no prebuilt, the binary archive is missing, or its runtime
+                twin is missing (the variant is not installable from this release).
+            ManifestError: a pattern matches several assets, or the binary pattern matches a
+                runtime archive.
+        """
+        if not self.has_prebuilt:
+            msg = f"variant {self.id} has no prebuilt archive upstream; build it from source"
+            raise NoMatchingVariantError(msg)
+        binary = self._pick(self.asset_regex(build), listing, build, AssetRole.BINARY)
+        runtimes = tuple(
+            self._pick(p, listing, build, AssetRole.RUNTIME, binary=binary.name)
+            for p in self.extra_asset_regexes(build)
+        )
+        for runtime in runtimes:
+            if self.asset_regex(build).search(runtime.name) or runtime.name == binary.name:
+                msg = (
+                    f"variant {self.id}: the binary pattern {binary.pattern!r} also matches the "
+                    f"runtime archive {runtime.name}; anchor it so it names the binary only"
+                )
+                raise ManifestError(msg)
+        return (binary, *runtimes)
+
+    def _pick(
+        self,
+        pattern: re.Pattern[str],
+        listing: Sequence[A],
+        build: str,
+        role: AssetRole,
+        binary: str = "",
+    ) -> AssetMatch[A]:
+        hits = [a for a in listing if pattern.search(a.name)]
+        if len(hits) > 1:
+            names = ", ".join(sorted(a.name for a in hits))
+            msg = (
+                f"asset pattern {pattern.pattern!r} of variant {self.id} matches several assets "
+                f"of release {build}: {names}; anchor it so it matches exactly one"
+            )
+            raise ManifestError(msg)
+        if not hits and role is AssetRole.RUNTIME:
+            msg = (
+                f"release {build} has {binary} but not the runtime archive it needs (pattern "
+                f"{pattern.pattern!r}); without it the {self.backend} backend cannot load and "
+                f"llama-server would run on the CPU, so {self.id} is not installable from this "
+                "release: pick another build (LLAMA_PROC_BUILD) or variant"
+            )
+            raise NoMatchingVariantError(msg)
+        if not hits:
+            names = ", ".join(sorted(a.name for a in listing)) or "none"
+            msg = (
+                f"no asset of release {build} matches {pattern.pattern!r} (variant {self.id}); "
+                f"the release has: {names}"
+            )
+            raise NoMatchingVariantError(msg)
+        name = hits[0].name
+        return AssetMatch(
+            hits[0], role, pattern.pattern, self.sha256.get(name) or None, self.size.get(name)
+        )
 
 
 @dataclass(frozen=True)
@@ -274,12 +409,16 @@ def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
             raise ctx.fail(f"{name}.{key}", "must be a dotted version string like '2.35'", **loc)
         versions[key] = value
     flags: dict[str, bool] = {}
-    for key in ("vulkan", "apple_silicon"):
+    for key in ("vulkan", "apple_silicon", "hip_runtime"):
         value = data.get(key, False)
         if not isinstance(value, bool):
             raise ctx.fail(f"{name}.{key}", "must be true or false", **loc)
         flags[key] = value
     features = _str_list(ctx, data, "cpu_features", f"{name}.cpu_features", **loc)
+    gfx = _str_list(ctx, data, "gfx_targets", f"{name}.gfx_targets", **loc)
+    for target in gfx:
+        if not _GFX_RE.match(target):
+            raise ctx.fail(f"{name}.gfx_targets", f"{target!r} is not a gfx target", **loc)
     return Requirements(
         glibc=versions["glibc"],
         nvidia_driver=versions["nvidia_driver"],
@@ -288,13 +427,15 @@ def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
         macos=versions["macos"],
         vulkan=flags["vulkan"],
         apple_silicon=flags["apple_silicon"],
+        gfx_targets=gfx,
+        hip_runtime=flags["hip_runtime"],
     )
 
 
 _VARIANT_KEYS: Final = frozenset(
     {
-        "id", "os", "arch", "backend", "asset", "extra_assets", "sha256", "binaries", "requires",
-        "cmake_flags", "portable_cmake_flags", "targets",
+        "id", "os", "arch", "backend", "asset", "extra_assets", "sha256", "size", "binaries",
+        "requires", "cmake_flags", "portable_cmake_flags", "targets",
     }
 )  # fmt: skip
 
@@ -338,6 +479,18 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
     if not isinstance(sha_raw, dict):
         raise ctx.fail(f"{name}.sha256", "must be a table of asset file name -> sha256", **loc)
     sha = {str(k): _check_sha(ctx, str(v), f"{name}.sha256.{k}", **loc) for k, v in sha_raw.items()}
+    size_raw = data.get("size", {})
+    if not isinstance(size_raw, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size_raw.values()
+    ):
+        raise ctx.fail(f"{name}.size", "must be a table of asset file name -> bytes (> 0)", **loc)
+    if asset is not None and backend in _TWIN_BACKENDS and os_name != "macos" and not extra:
+        raise ctx.fail(
+            f"{name}.extra_assets",
+            "a CUDA prebuilt needs its runtime archive (the cudart- twin) in extra_assets; "
+            "without it the GPU backend cannot load",
+            **loc,
+        )
     binaries = _str_list(ctx, data, "binaries", f"{name}.binaries", **loc)
     if not binaries or "llama-server" not in binaries[0].split("|"):
         raise ctx.fail(f"{name}.binaries", "must start with llama-server", **loc)
@@ -349,6 +502,11 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
             raise ctx.fail(
                 f"{name}.cmake_flags", f"{flag!r} is not a -DNAME=VALUE definition", **loc
             )
+    requires = _requirements(ctx, data.get("requires", {}), f"{name}.requires", nth)
+    if asset is not None and backend == "rocm" and not requires.gfx_targets:
+        raise ctx.fail(
+            f"{name}.requires", "a ROCm prebuilt must list the gfx_targets it was built for", **loc
+        )
     return Variant(
         id=vid,
         os=os_name,
@@ -358,11 +516,12 @@ def _variant(ctx: _Ctx, data: Any, nth: int) -> Variant:
         extra_assets=extra,
         sha256=sha,
         binaries=binaries,
-        requires=_requirements(ctx, data.get("requires", {}), f"{name}.requires", nth),
+        requires=requires,
         cmake_flags=cmake_flags,
         portable_cmake_flags=portable or cmake_flags,
         targets=targets,
         line=ctx.line_of("id", "[[variant]]", nth),
+        size={str(k): int(v) for k, v in size_raw.items()},
     )
 
 

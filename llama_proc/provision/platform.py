@@ -18,35 +18,43 @@ child keeps a forking caller's CUDA usable and lets a wedged driver time out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import json
 import logging
 import os
 import platform
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc._proc import run_with_timeout
+
 if TYPE_CHECKING:
-    import subprocess
     from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
     "LLAMA_CPU_FEATURES",
+    "SOFTWARE_VULKAN_ICDS",
     "CudaProbe",
     "HostInfo",
     "NvidiaSmiInfo",
     "cuda_version_from_int",
     "detect_host",
+    "gfx_from_target_version",
     "host_os",
     "macos_cpu_features",
     "normalize_arch",
     "normalize_os",
+    "parse_amd_gfx_targets",
     "parse_cpuinfo",
     "parse_cuda_probe",
     "parse_driver_version_file",
     "parse_glibc_confstr",
+    "parse_kfd_properties",
     "parse_musl_version",
     "parse_nvidia_smi",
     "parse_nvidia_smi_banner",
@@ -82,6 +90,29 @@ VULKAN_LIBRARIES: Final = {
         "/opt/homebrew/lib/libvulkan.1.dylib",
     ),
 }
+VULKAN_ICD_DIRS: Final = (
+    "/etc/vulkan/icd.d",
+    "/usr/local/share/vulkan/icd.d",
+    "/usr/share/vulkan/icd.d",
+    # NixOS keeps the driver's manifests here.
+    "/run/opengl-driver/share/vulkan/icd.d",
+)
+"""Where the Vulkan loader looks for driver manifests (ICDs) on Linux, besides XDG_DATA_DIRS."""
+VULKAN_ICD_ENV: Final = ("VK_DRIVER_FILES", "VK_ICD_FILENAMES", "VK_ADD_DRIVER_FILES")
+"""Variables that name ICD manifests explicitly (they replace or extend the folders)."""
+SOFTWARE_VULKAN_ICDS: Final = ("lvp", "lavapipe", "llvmpipe", "swiftshader")
+"""ICD manifest names containing one of these are CPU renderers, not GPUs."""
+KFD_TOPOLOGY: Final = "/sys/class/kfd/kfd/topology/nodes"
+"""The amdgpu kernel driver's compute (KFD) topology: one folder per CPU or GPU node."""
+HIP_LIBRARIES: Final = {
+    "linux": ("libamdhip64.so.7", "libamdhip64.so.6", "libamdhip64.so"),
+}
+"""The HIP runtime a ROCm build of llama.cpp loads; upstream's Linux ROCm archive does not
+bundle it (its Windows zip does)."""
+WINDOWS_HIP_GLOB: Final = "amdhip64*.dll"
+"""The AMD Adrenalin driver installs the HIP runtime DLL into System32."""
+ROCMINFO_TIMEOUT: Final = 10.0
+"""Seconds ``rocminfo`` / ``hipInfo`` may take (they initialise the ROCm runtime)."""
 DRIVER_VERSION_FILE: Final = "/proc/driver/nvidia/version"
 NVIDIA_EVIDENCE: Final = {
     # Kernel driver, its control device, WSL2's GPU bridge, Jetson (Tegra) boards.
@@ -238,6 +269,15 @@ class HostInfo:
     cpu_count: int = 1
     wsl: bool = False
     """Linux running under Windows Subsystem for Linux."""
+    vulkan_icds: tuple[str, ...] = ()
+    """Vulkan driver manifests (ICD ``.json`` file names) found on Linux, e.g.
+    ``nvidia_icd.json``, ``radeon_icd.x86_64.json``; ``lvp_*`` is a CPU renderer."""
+    amd_driver: bool = False
+    """An AMD GPU compute driver is present (Linux: the KFD topology; Windows: the HIP DLL)."""
+    amd_gpus: tuple[str, ...] = ()
+    """gfx targets of the AMD GPUs, e.g. ``("gfx1100",)`` (empty = none found or unknown)."""
+    hip_runtime: bool = False
+    """The HIP runtime library (``libamdhip64``) is on the loader path (Linux)."""
     notes: tuple[str, ...] = ()
     """What a probe could not find out, and why (for ``llama-proc doctor``)."""
 
@@ -245,6 +285,13 @@ class HostInfo:
     def platform(self) -> str:
         """``<os>-<arch>``, the manifest's platform key."""
         return f"{self.os}-{self.arch}"
+
+    @property
+    def vulkan_gpu_icds(self) -> tuple[str, ...]:
+        """The Vulkan ICDs that drive a GPU (CPU renderers such as lavapipe left out)."""
+        return tuple(
+            i for i in self.vulkan_icds if not any(m in i.lower() for m in SOFTWARE_VULKAN_ICDS)
+        )
 
     def summary(self) -> str:
         """One line describing the host."""
@@ -261,6 +308,8 @@ class HostInfo:
             )
         if self.apple_silicon:
             parts.append("Apple silicon" + (" under Rosetta" if self.rosetta else ""))
+        if self.amd_gpus or self.amd_driver:
+            parts.append(f"AMD {','.join(self.amd_gpus) or 'GPU (gfx target unknown)'}")
         if self.vulkan:
             parts.append("Vulkan loader")
         return ", ".join(parts)
@@ -278,6 +327,10 @@ class HostInfo:
             "gpus": list(self.gpus),
             "compute_capabilities": list(self.compute_capabilities),
             "vulkan": self.vulkan,
+            "vulkan_icds": list(self.vulkan_icds),
+            "amd_driver": self.amd_driver,
+            "amd_gpus": list(self.amd_gpus),
+            "hip_runtime": self.hip_runtime,
             "apple_silicon": self.apple_silicon,
             "rosetta": self.rosetta,
             "wsl": self.wsl,
@@ -427,8 +480,6 @@ class CudaProbe:
 
 def parse_cuda_probe(text: str) -> CudaProbe:
     """Parse the JSON line the CUDA probe child prints (never raises)."""
-    import json
-
     try:
         data = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
     except (json.JSONDecodeError, IndexError):
@@ -444,6 +495,36 @@ def parse_cuda_probe(text: str) -> CudaProbe:
     if error is None and data.get("init", 0) != 0:
         error = f"cuInit failed with CUresult {data['init']}"
     return CudaProbe(version, names, caps, str(error) if error else None)
+
+
+def gfx_from_target_version(value: int) -> str | None:
+    """KFD's ``gfx_target_version`` (``110000``, ``90010``) -> ``gfx1100``, ``gfx90a``.
+
+    The number is ``major * 10000 + minor * 100 + stepping``; the gfx name writes minor and
+    stepping as one hex digit each. 0 (a CPU node) gives None.
+    """
+    if value <= 0:
+        return None
+    major, minor, stepping = value // 10000, (value // 100) % 100, value % 100
+    return f"gfx{major}{minor:x}{stepping:x}"
+
+
+def parse_kfd_properties(text: str) -> str | None:
+    """The gfx target of one KFD topology node's ``properties`` file (None for CPU nodes)."""
+    match = re.search(r"^gfx_target_version\s+([0-9]+)\s*$", text, re.MULTILINE)
+    return gfx_from_target_version(int(match.group(1))) if match else None
+
+
+def parse_amd_gfx_targets(text: str) -> tuple[str, ...]:
+    """AMD gfx targets from ``rocminfo`` or ``hipInfo`` output.
+
+    ``rocminfo`` prints ``Name: gfx1100`` per agent, ``hipInfo`` ``gcnArchName:
+    gfx90a:sramecc+:xnack-``; targets come back in order, without duplicates or feature suffixes.
+    """
+    found = re.findall(
+        r"^\s*(?:Name|gcnArchName)\s*:\s*(gfx[0-9a-f]+)(?::\S*)?\s*$", text, re.MULTILINE
+    )
+    return tuple(dict.fromkeys(found))
 
 
 def windows_cpu_features(is_present: Callable[[int], bool], arch: str) -> frozenset[str]:
@@ -495,46 +576,12 @@ def _read_text(path: str) -> str | None:
 def _run(cmd: Sequence[str], timeout: float) -> tuple[int, str] | None:
     """Run a probe command; ``(returncode, stdout+stderr)`` or None if it could not run.
 
-    The child gets its own session so a timeout kills everything it started and nothing can
-    keep our pipes open.
+    A probe that times out counts as one that could not run (its whole tree is killed).
     """
-    import subprocess
-
-    popen_kw: dict[str, Any] = {}
-    if os.name == "posix":
-        popen_kw["start_new_session"] = True
-    else:
-        popen_kw["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-    try:
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            **popen_kw,
-        )
-    except (OSError, ValueError):
+    ran = run_with_timeout(cmd, timeout)
+    if ran is None or ran.returncode is None:
         return None
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
-            proc.communicate(timeout=1.0)
-        return None
-    except OSError:
-        return None
-    return proc.returncode, out.decode("utf-8", errors="replace")
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(proc.pid, 9)
-        else:
-            proc.kill()
-    except OSError:
-        pass
+    return ran.returncode, ran.output
 
 
 def _libc(notes: list[str]) -> tuple[str | None, str | None]:
@@ -577,8 +624,6 @@ def _linux_cpu_features(arch: str) -> frozenset[str]:
 
 def _sysctl(name: str, *, as_int: bool) -> int | str | None:
     """``sysctlbyname`` through ctypes (macOS); None when the key does not exist."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sysctlbyname
@@ -625,8 +670,6 @@ def _macos_facts() -> tuple[frozenset[str], bool, bool, str | None]:
 
 
 def _windows_cpu_features(arch: str) -> frozenset[str]:
-    import ctypes
-
     try:
         kernel32 = ctypes.WinDLL("kernel32")  # type: ignore[attr-defined,unused-ignore]
         fn = kernel32.IsProcessorFeaturePresent
@@ -646,8 +689,6 @@ def _os_version(os_name: str) -> str | None:
 
 
 def _load_library(names: Sequence[str]) -> Any:
-    import ctypes
-
     for name in names:
         try:
             return ctypes.CDLL(name)
@@ -658,8 +699,6 @@ def _load_library(names: Sequence[str]) -> Any:
 
 def _cuda_driver_version(os_name: str) -> str | None:
     """CUDA version the driver supports, via ``cuDriverGetVersion`` (no ``cuInit``)."""
-    import ctypes
-
     lib = _load_library(CUDA_LIBRARIES.get(os_name, ()))
     if lib is None:
         return None
@@ -687,8 +726,6 @@ def _cuda_devices(os_name: str, notes: list[str]) -> CudaProbe | None:
 
 
 def _nvidia_smi_path(os_name: str) -> str | None:
-    import shutil
-
     found = shutil.which("nvidia-smi")
     if found:
         return found
@@ -786,6 +823,66 @@ def _vulkan(os_name: str) -> bool:
     return _load_library(names) is not None
 
 
+def _vulkan_icds(os_name: str) -> tuple[str, ...]:
+    """File names of the Vulkan ICD manifests the loader would read (Linux only)."""
+    if os_name != "linux":
+        return ()
+    named = [
+        Path(item).name
+        for var in VULKAN_ICD_ENV
+        for item in os.environ.get(var, "").split(os.pathsep)
+        if item.strip()
+    ]
+    xdg = os.environ.get("XDG_DATA_DIRS", "").split(os.pathsep)
+    folders = [*VULKAN_ICD_DIRS, *(f"{d}/vulkan/icd.d" for d in xdg if d)]
+    found = [Path(f).name for folder in folders for f in _glob(folder, "*.json")]
+    return tuple(sorted(set(named + found)))
+
+
+@dataclass
+class _Amd:
+    driver: bool = False
+    gpus: tuple[str, ...] = ()
+    hip_runtime: bool = False
+
+
+def _amd_tool(names: Sequence[str], notes: list[str]) -> tuple[str, ...]:
+    for name in names:
+        tool = shutil.which(name)
+        if tool is None:
+            continue
+        result = _run([tool], ROCMINFO_TIMEOUT)
+        if result is None:
+            notes.append(f"{name} did not answer within {ROCMINFO_TIMEOUT:g}s")
+            return ()
+        return parse_amd_gfx_targets(result[1])
+    return ()
+
+
+def _amd(os_name: str, notes: list[str]) -> _Amd:
+    info = _Amd()
+    if os_name == "linux":
+        nodes = _glob(KFD_TOPOLOGY, "*/properties")
+        if not nodes:
+            return info  # no amdgpu compute driver: the common fast path
+        info.driver = True
+        targets = (parse_kfd_properties(_read_text(n) or "") for n in sorted(nodes))
+        info.gpus = tuple(dict.fromkeys(t for t in targets if t))
+        if not info.gpus:
+            info.gpus = _amd_tool(("rocminfo",), notes)
+        info.hip_runtime = _linux_has_library(HIP_LIBRARIES["linux"]) is True
+    elif os_name == "windows":
+        root = os.environ.get("SYSTEMROOT", r"C:\Windows")
+        if not _glob(str(Path(root, "System32")), WINDOWS_HIP_GLOB):
+            return info
+        # Upstream's Windows ROCm zip carries its own HIP runtime; the driver must be there.
+        info.driver = info.hip_runtime = True
+        info.gpus = _amd_tool(("hipInfo", "hipinfo"), notes)
+    if info.driver and not info.gpus:
+        notes.append("an AMD GPU driver is present but no gfx target could be read")
+    return info
+
+
 def _cpu_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -856,6 +953,8 @@ def _detect(*, gpu_details: bool) -> HostInfo:
         lambda: _nvidia(os_name, notes, gpu_details=gpu_details), _Nvidia(), "NVIDIA", notes
     )
     vulkan = _safe(lambda: _vulkan(os_name), False, "Vulkan", notes)  # noqa: FBT003
+    icds = _safe(lambda: _vulkan_icds(os_name), (), "Vulkan ICD", notes)
+    amd = _safe(lambda: _amd(os_name, notes), _Amd(), "AMD GPU", notes)
     return replace(
         host,
         nvidia_driver=nvidia.driver,
@@ -863,5 +962,9 @@ def _detect(*, gpu_details: bool) -> HostInfo:
         gpus=nvidia.gpus,
         compute_capabilities=nvidia.caps,
         vulkan=vulkan,
+        vulkan_icds=icds,
+        amd_driver=amd.driver,
+        amd_gpus=amd.gpus,
+        hip_runtime=amd.hip_runtime,
         notes=tuple(notes),
     )

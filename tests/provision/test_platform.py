@@ -19,13 +19,16 @@ from llama_proc.provision.platform import (
     HostInfo,
     cuda_version_from_int,
     detect_host,
+    gfx_from_target_version,
     macos_cpu_features,
     normalize_arch,
     normalize_os,
+    parse_amd_gfx_targets,
     parse_cpuinfo,
     parse_cuda_probe,
     parse_driver_version_file,
     parse_glibc_confstr,
+    parse_kfd_properties,
     parse_musl_version,
     parse_nvidia_smi,
     parse_nvidia_smi_banner,
@@ -647,3 +650,120 @@ def test_vulkan_loader_on_ld_library_path(monkeypatch, tmp_path):
     (libdir / "libvulkan.so.1").write_bytes(b"not really a library")
     monkeypatch.setenv("LD_LIBRARY_PATH", f"/nonexistent{os.pathsep}{libdir}")
     assert detect_host(gpu_details=False).vulkan is True
+
+
+# ----------------------------------------------------------------------------- AMD and Vulkan ICDs
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(110000, "gfx1100"), (90010, "gfx90a"), (90402, "gfx942"), (110501, "gfx1151"),
+     (100300, "gfx1030"), (80003, "gfx803"), (0, None)],
+)  # fmt: skip
+def test_gfx_from_target_version(value, expected):
+    assert gfx_from_target_version(value) == expected
+
+
+KFD_GPU = """\
+cpu_cores_count 0
+simd_count 192
+gfx_target_version 110000
+vendor_id 4098
+device_id 29772
+"""
+KFD_CPU = "cpu_cores_count 16\nsimd_count 0\ngfx_target_version 0\nvendor_id 0\n"
+
+ROCMINFO = """\
+*******
+Agent 1
+*******
+  Name:                    AMD Ryzen 9 7950X 16-Core Processor
+  Device Type:             CPU
+*******
+Agent 2
+*******
+  Name:                    gfx90a
+  Marketing Name:          AMD Instinct MI210
+  Device Type:             GPU
+      Name:                    amdgcn-amd-amdhsa--gfx90a:sramecc+:xnack-
+*******
+Agent 3
+*******
+  Name:                    gfx90a
+"""
+HIPINFO = "device#  0\nName: AMD Radeon RX 7900 XTX\ngcnArchName: gfx1100\n"
+
+
+def test_parse_kfd_properties():
+    assert parse_kfd_properties(KFD_GPU) == "gfx1100"
+    assert parse_kfd_properties(KFD_CPU) is None
+    assert parse_kfd_properties("") is None
+
+
+def test_parse_amd_gfx_targets_from_rocminfo_and_hipinfo():
+    assert parse_amd_gfx_targets(ROCMINFO) == ("gfx90a",)
+    assert parse_amd_gfx_targets(HIPINFO) == ("gfx1100",)
+    assert parse_amd_gfx_targets("gcnArchName: gfx942:sramecc+:xnack-\n") == ("gfx942",)
+    assert parse_amd_gfx_targets("ROCk module is NOT loaded, possibly no GPU devices") == ()
+
+
+def _kfd(tmp_path: Path, *nodes: str) -> Path:
+    root = tmp_path / "kfd" / "nodes"
+    for i, text in enumerate(nodes):
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "properties").write_text(text)
+    return root
+
+
+@needs_linux
+def test_amd_gpu_from_the_kfd_topology(monkeypatch, tmp_path):
+    monkeypatch.setattr(hostmod, "KFD_TOPOLOGY", str(_kfd(tmp_path, KFD_CPU, KFD_GPU)))
+    cache = tmp_path / "ld.so.cache"
+    cache.write_bytes(b"glibc-ld.so.cache1.1\0libamdhip64.so.7\0/opt/rocm/lib/libamdhip64.so.7\0")
+    monkeypatch.setattr(hostmod, "LD_SO_CACHE", str(cache))
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    host = detect_host(gpu_details=False)
+    assert (host.amd_driver, host.amd_gpus, host.hip_runtime) == (True, ("gfx1100",), True)
+    assert "AMD gfx1100" in host.summary()
+    assert host.to_dict()["amd_gpus"] == ["gfx1100"]
+    cache.write_bytes(b"glibc-ld.so.cache1.1\0libm.so.6\0")
+    assert detect_host(gpu_details=False, refresh=True).hip_runtime is False
+
+
+@needs_linux
+def test_amd_gfx_falls_back_to_rocminfo(monkeypatch, tmp_path):
+    monkeypatch.setattr(hostmod, "KFD_TOPOLOGY", str(_kfd(tmp_path, KFD_CPU)))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    tool = bindir / "rocminfo"
+    tool.write_text("#!/bin/sh\ncat <<'EOF'\n" + ROCMINFO + "EOF\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    host = detect_host(gpu_details=False)
+    assert (host.amd_driver, host.amd_gpus) == (True, ("gfx90a",))
+
+
+@needs_linux
+def test_no_amd_driver_runs_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(hostmod, "KFD_TOPOLOGY", str(tmp_path / "absent"))
+    ran: list[object] = []
+    monkeypatch.setattr(hostmod, "_run", lambda *a, **k: ran.append(a))
+    host = detect_host(gpu_details=False)
+    assert (host.amd_driver, host.amd_gpus, host.hip_runtime) == (False, (), False)
+    assert not any("rocminfo" in str(a) for a in ran)
+
+
+@needs_linux
+def test_vulkan_icds_from_folders_and_environment(monkeypatch, tmp_path):
+    icd = tmp_path / "icd.d"
+    icd.mkdir()
+    (icd / "lvp_icd.x86_64.json").write_text("{}")
+    (icd / "radeon_icd.x86_64.json").write_text("{}")
+    monkeypatch.setattr(hostmod, "VULKAN_ICD_DIRS", (str(icd),))
+    monkeypatch.setenv("XDG_DATA_DIRS", str(tmp_path / "none"))
+    monkeypatch.setenv("VK_ICD_FILENAMES", "/opt/x/nvidia_icd.json")
+    host = detect_host(gpu_details=False)
+    assert host.vulkan_icds == ("lvp_icd.x86_64.json", "nvidia_icd.json", "radeon_icd.x86_64.json")
+    assert host.vulkan_gpu_icds == ("nvidia_icd.json", "radeon_icd.x86_64.json")
+    (icd / "radeon_icd.x86_64.json").unlink()
+    monkeypatch.delenv("VK_ICD_FILENAMES")
+    again = detect_host(gpu_details=False, refresh=True)
+    assert (again.vulkan_icds, again.vulkan_gpu_icds) == (("lvp_icd.x86_64.json",), ())
