@@ -1,8 +1,9 @@
 """Download throughput: llama_proc's download_file against curl, same file, same server.
 
 Serves a ~200 MB random file from the loopback test server (tests/helpers/http_server.py, which
-uses sendfile for plain bodies) and alternates ``download_file`` (stream + sha256 + .part +
-rename) with ``curl -s -o`` for several rounds, then prints MB/s for each and the ratio.
+uses sendfile for plain bodies) and alternates ``download_file`` (stream + sha256 + size and
+free-space checks + .part + rename) with ``curl -s -o`` for several rounds, then prints MB/s
+for each and the ratio.
 
     python bench/download_throughput.py [--size-mb 200] [--rounds 5]
 """
@@ -64,7 +65,7 @@ def main() -> int:
             for round_no in range(1, args.rounds + 1):
                 dest = tmp / "ours.bin"
                 t0 = time.perf_counter()
-                download_file(url, dest, sha256=sha, settings=settings)
+                download_file(url, dest, sha256=sha, size=size, settings=settings)
                 ours.append(time.perf_counter() - t0)
                 dest.unlink()
                 if curl:
@@ -82,7 +83,7 @@ def main() -> int:
                 )
     med_ours = size / MB / statistics.median(ours)
     print(f"\nfile {args.size_mb} MB, {args.rounds} rounds, median:")
-    print(f"  download_file (stream + sha256 + verify + rename): {med_ours:7.1f} MB/s")
+    print(f"  download_file (stream + sha256 + size + rename):   {med_ours:7.1f} MB/s")
     if theirs:
         med_curl = size / MB / statistics.median(theirs)
         print(f"  curl -s -o (no hashing):                          {med_curl:7.1f} MB/s")

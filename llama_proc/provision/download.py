@@ -3,20 +3,32 @@
 This module knows nothing about the cache layout or locking: callers choose ``dest`` and hold
 whatever lock protects it. Bytes land in ``<dest>.part`` beside ``dest`` (same filesystem, so
 the final :func:`os.replace` is atomic) and only reach ``dest`` once their sha256 matches.
+
+Every wait is bounded: connecting (:data:`CONNECT_TIMEOUT`), the server's first byte
+(:data:`FIRST_BYTE_TIMEOUT`, tried :data:`NO_ANSWER_ATTEMPTS` times), a stall mid-transfer
+(``settings.download_timeout``) and the whole transfer (:data:`TOTAL_TIME_FLOOR` plus the size
+at :data:`MIN_AVERAGE_RATE`), so a server that accepts and never answers fails in seconds and
+one that trickles cannot hold a download forever. Given the release listing's size, a file is
+refused when the server announces or sends another length, and when its filesystem lacks the
+room; a write that fails (a full disk) removes the ``.part`` instead of leaving it to fill it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import re
+import shutil
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from llama_proc._version import __version__
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
@@ -50,9 +62,27 @@ ATTEMPTS: Final = 5
 DNS_ATTEMPTS: Final = 2
 """Tries for a host name that does not resolve: it rarely starts resolving within seconds, and
 an offline host would otherwise wait out the whole backoff before falling back."""
+NO_ANSWER_ATTEMPTS: Final = 2
+"""Tries for a server that does not connect or does not answer in time: a wedged server
+rarely recovers within seconds, and each try costs a whole deadline."""
 HOST_NOT_FOUND: Final = "host name not found"
 MAX_REQUESTS: Final = 30
 """Hard cap on requests for one download, even when each one makes progress."""
+CONNECT_TIMEOUT: Final = 10.0
+"""Most seconds to wait for a connection (``download_timeout`` when that is smaller)."""
+FIRST_BYTE_TIMEOUT: Final = 10.0
+"""Most seconds to wait for the answer's first byte, headers and then body
+(``download_timeout`` when that is smaller). After it, ``download_timeout`` bounds stalls."""
+WAIT_NOTICE_AFTER: Final = 5.0
+"""A server silent this long gets a log line, so a wait is never silent without a terminal."""
+TOTAL_TIME_FLOOR: Final = 300.0
+"""Seconds any one transfer may take in all, whatever its size (plus the size's share below)."""
+MIN_AVERAGE_RATE: Final = 50_000
+"""Bytes per second a transfer must average over its whole life (beyond the floor): a stream
+that stalls again and again, or trickles, fails instead of going on for hours."""
+MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
+"""Largest document :func:`fetch_page` reads (a release listing is a few hundred kB)."""
+_DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 BACKOFF_BASE: Final = 0.5
 BACKOFF_MAX: Final = 10.0
 RETRY_AFTER_MAX: Final = 30.0
@@ -68,6 +98,15 @@ def _sleep(seconds: float) -> None:
 
 def _attempts_for(reason: str) -> int:
     return DNS_ATTEMPTS if reason == HOST_NOT_FOUND else ATTEMPTS
+
+
+def _timeouts(download_timeout: float) -> tuple[float, float]:
+    """``(connect, first byte)`` deadlines for one request."""
+    return min(download_timeout, CONNECT_TIMEOUT), min(download_timeout, FIRST_BYTE_TIMEOUT)
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 def _retryable_status(status: int) -> bool:
@@ -108,7 +147,7 @@ def make_session(settings: Settings) -> requests.Session:
     Args:
         settings: provides ``github_token``.
     """
-    import requests
+    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
 
     session = requests.Session()
     session.headers["User-Agent"] = USER_AGENT
@@ -150,21 +189,42 @@ def _safe_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class _Part:
-    """The ``.part`` file and the running hash of exactly the bytes it holds."""
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+    def close(self) -> None: ...
 
-    def __init__(self, path: Path) -> None:
+
+def _open_part(path: Path) -> _Sink:
+    # One indirection so tests can put a writer that fails like a full disk in its place.
+    return path.open("ab")
+
+
+class _Part:
+    """The ``.part`` file and the running hash of exactly the bytes it holds.
+
+    A write that fails removes the file: a ``.part`` is kept for resuming only after network
+    failures, never after a full disk (where keeping it would keep the disk full).
+    """
+
+    def __init__(self, path: Path, expected_size: int | None = None) -> None:
         self.path = path
+        self.expected_size = expected_size
         self.digest = hashlib.sha256()
         self.size = 0
-        self._fh: Any = None
+        self._fh: _Sink | None = None
 
     def sync(self) -> int:
-        """Make the hash cover the file as it is on disk; return its size (the resume offset)."""
+        """Make the hash cover the file as it is on disk; return its size (the resume offset).
+
+        A file longer than the expected size cannot be a prefix of it and is discarded.
+        """
         try:
             on_disk = self.path.stat().st_size
         except FileNotFoundError:
             on_disk = 0
+        if self.expected_size is not None and on_disk > self.expected_size:
+            self.reset()
+            return 0
         if on_disk != self.size:
             # A part left by an earlier process (or a write we could not finish): re-hash it so
             # the final digest covers every byte, not only the ones fetched this time.
@@ -178,32 +238,107 @@ class _Part:
         return self.size
 
     def reset(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
+        if self._fh is not None:
+            with contextlib.suppress(OSError):  # flushing may fail again on a full disk
+                self._fh.close()
+            self._fh = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
         self.digest = hashlib.sha256()
         self.size = 0
 
     def open(self) -> None:
-        self._fh = self.path.open("ab")
+        try:
+            self._fh = _open_part(self.path)
+        except OSError as err:
+            raise self._failed(err) from err
 
     def write(self, chunk: bytes) -> None:
-        self._fh.write(chunk)
+        assert self._fh is not None  # noqa: S101 - opened by the caller
+        try:
+            self._fh.write(chunk)
+        except OSError as err:
+            raise self._failed(err) from err
         self.digest.update(chunk)
         self.size += len(chunk)
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()  # flushes: a full disk may only show here
+            except OSError as err:
+                raise self._failed(err) from err
+
+    def _failed(self, err: OSError) -> DownloadError:
+        written = self.size
+        self.reset()
+        folder = self.path.parent
+        if err.errno in _DISK_FULL:
+            need = (
+                f"{_mb(self.expected_size)} for {self.path.name[: -len(PART_SUFFIX)]}"
+                if self.expected_size is not None
+                else "more space"
+            )
+            msg = (
+                f"disk full in {folder} after writing {_mb(written)}; the partial download was "
+                f"removed; it needs {need}: free space there or set LLAMA_PROC_CACHE_DIR to a "
+                "bigger disk"
+            )
+        else:
+            msg = (
+                f"cannot write {self.path}: {err.strerror or err}; the partial download was "
+                "removed; check the folder's permissions or set LLAMA_PROC_CACHE_DIR"
+            )
+        return DownloadError(msg)
+
+
+def _require_space(folder: Path, needed: int, name: str) -> None:
+    """Refuse to start a transfer that cannot fit on ``folder``'s filesystem."""
+    if needed <= 0:
+        return
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot tell: the write itself will say if the disk fills up
+    if free < needed:
+        msg = (
+            f"not enough free space in {folder} for {name}: it needs {_mb(needed)} and "
+            f"{_mb(free)} is free; free space there or set LLAMA_PROC_CACHE_DIR to a bigger disk"
+        )
+        raise DownloadError(msg)
+
+
+class _Pace:
+    """The whole-transfer bound: the floor plus the size's share at the minimum average rate."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.started = time.monotonic()
+
+    def check(self, received: int, total: int | None) -> None:
+        budget = TOTAL_TIME_FLOOR + max(total or 0, received) / MIN_AVERAGE_RATE
+        elapsed = time.monotonic() - self.started
+        if elapsed > budget:
+            of = f"{total} bytes" if total is not None else "an unknown size"
+            msg = (
+                f"download of {self.url} is too slow: {received} of {of} in {elapsed:.0f} s "
+                f"(the floor is {MIN_AVERAGE_RATE // 1000} kB/s on average); try again later "
+                "or use a closer LLAMA_PROC_MIRROR"
+            )
+            raise DownloadError(msg)
 
 
 class _RetryableError(Exception):
-    """One request failed in a way worth retrying."""
+    """One request failed in a way worth retrying (up to ``attempts`` times in a row)."""
 
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, retry_after: float | None = None, attempts: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        self.attempts = _attempts_for(reason) if attempts is None else attempts
 
 
 class _RestartError(Exception):
@@ -211,7 +346,7 @@ class _RestartError(Exception):
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, *, enabled: bool | None) -> Any:
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - heavy; only a transfer needs it
 
     return tqdm(
         total=total,
@@ -233,22 +368,26 @@ def download_file(
     *,
     sha256: str,
     settings: Settings,
+    size: int | None = None,
     session: requests.Session | None = None,
     desc: str | None = None,
     progress: bool | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest``, verifying its sha256 before it gets its final name.
+    """Download ``url`` to ``dest``, verifying its sha256 (and size) before it gets its name.
 
     An existing ``<dest>.part`` is resumed with an HTTP Range request (servers that answer 200
     instead are restarted cleanly). Connection errors, timeouts, 408, 429 and 5xx answers are
     retried with backoff; other 4xx answers fail at once. ``file://`` URLs are copied and
-    verified the same way, also in offline mode.
+    verified the same way, also in offline mode. See the module docstring for the deadlines.
 
     Args:
         url: ``http(s)://`` or ``file://`` URL.
         dest: final path; its parent is created.
         sha256: expected lowercase hex digest.
         settings: timeout, offline flag, progress default, GitHub token.
+        size: expected length in bytes (the release listing's); checked against the free space
+            before anything is fetched, against the length the server announces, and against
+            every byte that arrives.
         session: a ``requests`` session to reuse (one is made and closed otherwise).
         desc: label for the progress bar (default: the file name).
         progress: force the progress bar on/off (default: ``settings.progress``).
@@ -258,13 +397,18 @@ def download_file(
 
     Raises:
         OfflineError: offline mode and ``url`` is not a ``file://`` URL.
-        DownloadError: the transfer failed after the retries, or the server refused it.
+        DownloadError: the transfer failed after the retries or took too long, the server
+            refused it, the length is not ``size``, or the disk has no room (a ``.part`` is
+            kept for resuming only after network failures).
         ChecksumMismatchError: the bytes do not match ``sha256`` (nothing is left behind).
-        ProvisionError: ``sha256`` is not a valid digest.
+        ProvisionError: ``sha256`` is not a valid digest or ``size`` is negative.
     """
     expected = _expected_sha256(sha256, url)
+    if size is not None and (isinstance(size, bool) or size < 0):
+        msg = f"invalid expected size {size!r} for {_safe_url(url)}; it must be a byte count"
+        raise ProvisionError(msg)
     dest = Path(dest)
-    part = _Part(dest.parent / (dest.name + PART_SUFFIX))
+    part = _Part(dest.parent / (dest.name + PART_SUFFIX), size)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https", "file"):
         msg = f"cannot download {url!r}: only http(s):// and file:// URLs are supported"
@@ -278,8 +422,10 @@ def download_file(
         msg = f"cannot create {dest.parent}: {err.strerror}; check LLAMA_PROC_CACHE_DIR"
         raise DownloadError(msg) from err
     if scheme == "file":
-        _copy_local(url, part)
+        _copy_local(url, part, dest.name)
     else:
+        if size is not None:
+            _require_space(dest.parent, size - part.sync(), dest.name)
         show = settings.progress if progress is None else progress
         own = session is None
         sess = make_session(settings) if session is None else session
@@ -303,19 +449,39 @@ def download_file(
     return dest
 
 
-def _copy_local(url: str, part: _Part) -> None:
+def _too_long(url: str, limit: int) -> DownloadError:
+    msg = (
+        f"{_safe_url(url)} sent more than the {limit} bytes the release listing announces; the "
+        "mirror serves another file or the listing is stale; check LLAMA_PROC_MIRROR"
+    )
+    return DownloadError(msg)
+
+
+def _copy_local(url: str, part: _Part, name: str) -> None:
     source = _local_path(url)
     part.reset()
     try:
-        with source.open("rb") as src:
-            part.open()
-            while chunk := src.read(CHUNK_SIZE):
-                part.write(chunk)
+        src = source.open("rb")
+        needed = source.stat().st_size if part.expected_size is None else part.expected_size
     except OSError as err:
-        part.reset()
         msg = f"cannot read {source} (from {url}): {err.strerror or err}"
         raise DownloadError(msg) from err
-    finally:
+    with src:
+        _require_space(part.path.parent, needed, name)
+        part.open()
+        while True:
+            try:
+                chunk = src.read(CHUNK_SIZE)
+            except OSError as err:
+                part.reset()
+                msg = f"cannot read {source} (from {url}): {err.strerror or err}"
+                raise DownloadError(msg) from err
+            if not chunk:
+                break
+            if part.expected_size is not None and part.size + len(chunk) > part.expected_size:
+                part.reset()
+                raise _too_long(url, part.expected_size)
+            part.write(chunk)
         part.close()
 
 
@@ -331,6 +497,10 @@ class _Job:
     desc: str
     show: bool | None
     bar: Any = None
+    pace: _Pace = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pace = _Pace(_safe_url(self.url))
 
     def progress(self, total: int | None) -> None:
         if self.bar is None:
@@ -349,6 +519,7 @@ def _stream_with_retries(job: _Job) -> None:
         while True:
             requests_made += 1
             before = part.sync()
+            job.pace.check(part.size, part.expected_size)
             try:
                 _attempt(job)
             except _RestartError:
@@ -360,7 +531,7 @@ def _stream_with_retries(job: _Job) -> None:
             except _RetryableError as err:
                 progressed = part.size > before
                 failures = 1 if progressed else failures + 1
-                if failures >= _attempts_for(err.reason) or requests_made >= MAX_REQUESTS:
+                if failures >= err.attempts or requests_made >= MAX_REQUESTS:
                     msg = (
                         f"download of {url} failed after {requests_made} attempts: "
                         f"{err.reason}; check the network (or LLAMA_PROC_MIRROR) and try again"
@@ -384,23 +555,58 @@ def _stream_with_retries(job: _Job) -> None:
             job.bar.close()
 
 
-def _attempt(job: _Job) -> None:
-    import requests
+def _get(
+    session: requests.Session,
+    url: str,
+    headers: Mapping[str, str],
+    download_timeout: float,
+) -> requests.Response:
+    """One streamed GET under the connect and first-byte deadlines, logging a long silence.
 
+    Raises:
+        _RetryableError: a network failure or a deadline passed.
+        DownloadError: the request cannot be made at all (a malformed URL...).
+    """
+    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
+
+    connect, first_byte = _timeouts(download_timeout)
+    safe = _safe_url(url)
+    host = urllib.parse.urlsplit(url).hostname or safe
+    notice = threading.Timer(
+        WAIT_NOTICE_AFTER,
+        logger.warning,
+        ("waiting for %s to answer (giving up after %g s)", safe, first_byte),
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        return session.get(url, headers=dict(headers), stream=True, timeout=(connect, first_byte))
+    except requests.ConnectTimeout as err:
+        reason = f"could not connect to {host} within {connect:g} s (timed out)"
+        raise _RetryableError(reason, attempts=NO_ANSWER_ATTEMPTS) from err
+    except requests.ReadTimeout as err:
+        reason = f"{host} did not answer within {first_byte:g} s (timed out)"
+        raise _RetryableError(reason, attempts=NO_ANSWER_ATTEMPTS) from err
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as err:
+        raise _RetryableError(_describe(err)) from err
+    except requests.RequestException as err:
+        msg = f"cannot fetch {safe}: {_describe(err)}"
+        raise DownloadError(msg) from err
+    finally:
+        notice.cancel()
+
+
+def _attempt(job: _Job) -> None:
     part, url = job.part, _safe_url(job.url)
     offset = part.size
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    try:
-        response = job.session.get(
-            job.url, headers=headers, stream=True, timeout=(job.timeout, job.timeout)
-        )
-    except (requests.ConnectionError, requests.Timeout) as err:
-        raise _RetryableError(_describe(err)) from err
-    except requests.RequestException as err:
-        msg = f"cannot download {url}: {_describe(err)}"
-        raise DownloadError(msg) from err
+    response = _get(job.session, job.url, headers, job.timeout)
     with response:
         status = response.status_code
         if status == 416 and offset:
@@ -434,11 +640,32 @@ def _attempt(job: _Job) -> None:
         else:
             msg = f"download of {url} failed: unexpected HTTP {status}"
             raise DownloadError(msg)
+        expected_size = part.expected_size
+        if expected_size is not None and total is not None and total != expected_size:
+            part.reset()
+            msg = (
+                f"the server announces {total} bytes for {url} but the release listing says "
+                f"{expected_size}; the mirror serves another file or the listing is stale; "
+                "check LLAMA_PROC_MIRROR"
+            )
+            raise DownloadError(msg)
+        if expected_size is None and total is not None:
+            _require_space(part.path.parent, total - part.size, job.desc)
+        total = expected_size if expected_size is not None else total
         job.progress(total)
-        _stream_body(response, job)
+        _stream_body(response, job, total)
         if total is not None and part.size < total:
             msg = f"connection closed after {part.size} of {total} bytes"
             raise _RetryableError(msg)
+
+
+def _set_read_timeout(response: requests.Response, seconds: float) -> None:
+    """Give the rest of the body the stall timeout instead of the first-byte deadline."""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(seconds)
 
 
 def _chunks(response: requests.Response) -> Iterator[bytes]:
@@ -448,8 +675,8 @@ def _chunks(response: requests.Response) -> Iterator[bytes]:
     connection loses nothing already received; ``iter_content`` (older urllib3) waits for a
     full chunk and drops a partial one.
     """
-    import requests
-    import urllib3
+    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
+    import urllib3  # noqa: PLC0415 - comes with requests
 
     raw = response.raw
     if not hasattr(raw, "read1"):
@@ -472,18 +699,25 @@ def _chunks(response: requests.Response) -> Iterator[bytes]:
         yield chunk
 
 
-def _stream_body(response: requests.Response, job: _Job) -> None:
-    job.part.open()
+def _stream_body(response: requests.Response, job: _Job, total: int | None) -> None:
+    part, limit = job.part, job.part.expected_size
+    part.open()
+    first = True
     try:
         for chunk in _chunks(response):
-            try:
-                job.part.write(chunk)
-            except OSError as err:
-                msg = f"cannot write {job.part.path}: {err.strerror}"
-                raise DownloadError(msg) from err
+            if first:
+                _set_read_timeout(response, job.timeout)
+                first = False
+            if limit is not None and part.size + len(chunk) > limit:
+                # Never write past the listing's size: a server that sends more is not serving
+                # the file the listing describes (or is trying to fill the disk).
+                part.reset()
+                raise _too_long(job.url, limit)
+            part.write(chunk)
             job.bar.update(len(chunk))
+            job.pace.check(part.size, total)
     finally:
-        job.part.close()
+        part.close()
 
 
 def _content_range(value: str) -> tuple[int, int | None]:
@@ -503,7 +737,7 @@ def _int_header(value: str | None) -> int | None:
 
 def _describe(err: BaseException) -> str:
     """A short reason for a requests/urllib3 error (their str() nests several layers)."""
-    import requests
+    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
 
     if isinstance(err, requests.ConnectTimeout):
         return "connection timed out"
@@ -572,49 +806,69 @@ def fetch_page(
     if settings.offline:
         msg = f"offline mode (LLAMA_PROC_OFFLINE): not fetching {_safe_url(url)}"
         raise OfflineError(msg)
-    import requests
-
     own = session is None
     sess = make_session(settings) if session is None else session
     request_headers = dict(headers or {})
     if accept:
         request_headers["Accept"] = accept
-    timeout = (settings.download_timeout, settings.download_timeout)
+    safe = _safe_url(url)
+    pace = _Pace(safe)
     try:
         for attempt in range(1, ATTEMPTS + 1):
-            retry_after: float | None = None
-            cause: Exception | None = None
             try:
-                response = sess.get(url, headers=request_headers, timeout=timeout)
-            except (
-                requests.ConnectionError,
-                requests.Timeout,
-                requests.exceptions.ChunkedEncodingError,
-            ) as err:
-                reason, cause = _describe(err), err
-            except requests.RequestException as err:
-                msg = f"cannot fetch {_safe_url(url)}: {_describe(err)}"
-                raise DownloadError(msg) from err
-            else:
-                status = response.status_code
-                if status < 400:
-                    content_type = response.headers.get("Content-Type", "")
-                    return Page(response.url, content_type, response.text)
-                reason = f"HTTP {status} {response.reason}"
-                hint = (hints or {}).get(status, "")
-                if not _retryable_status(status):
-                    msg = f"fetching {_safe_url(url)} failed: {reason}"
-                    raise DownloadError(msg + (f"; {hint}" if hint else ""))
-                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
-            if attempt >= _attempts_for(reason):
-                msg = f"fetching {_safe_url(url)} failed after {attempt} attempts: {reason}"
-                raise DownloadError(msg + "; check the network and try again") from cause
-            delay = _backoff(attempt, retry_after)
-            logger.warning(
-                "fetching %s failed (%s); retrying in %.1fs", _safe_url(url), reason, delay
-            )
-            _sleep(delay)
+                return _fetch_once(
+                    sess, url, request_headers, settings.download_timeout, pace, hints
+                )
+            except _RetryableError as err:
+                if attempt >= err.attempts:
+                    msg = f"fetching {safe} failed after {attempt} attempts: {err.reason}"
+                    raise DownloadError(msg + "; check the network and try again") from (
+                        err.__cause__
+                    )
+                delay = _backoff(attempt, err.retry_after)
+                logger.warning(
+                    "fetching %s failed (%s); retrying in %.1fs", safe, err.reason, delay
+                )
+                _sleep(delay)
     finally:
         if own:
             sess.close()
     raise AssertionError  # pragma: no cover - the loop always returns or raises
+
+
+def _fetch_once(
+    session: requests.Session,
+    url: str,
+    headers: Mapping[str, str],
+    download_timeout: float,
+    pace: _Pace,
+    hints: Mapping[int, str] | None,
+) -> Page:
+    safe = _safe_url(url)
+    response = _get(session, url, headers, download_timeout)
+    with response:
+        status = response.status_code
+        if status >= 400:
+            reason = f"HTTP {status} {response.reason}"
+            if _retryable_status(status):
+                raise _RetryableError(
+                    reason, _parse_retry_after(response.headers.get("Retry-After"))
+                )
+            hint = (hints or {}).get(status, "")
+            msg = f"fetching {safe} failed: {reason}"
+            raise DownloadError(msg + (f"; {hint}" if hint else ""))
+        body = bytearray()
+        for chunk in _chunks(response):
+            if not body:
+                _set_read_timeout(response, download_timeout)
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                msg = (
+                    f"{safe} sent more than {_mb(MAX_PAGE_BYTES)}; that is no release listing "
+                    "or index page (check LLAMA_PROC_MIRROR and LLAMA_PROC_INDEX_URL)"
+                )
+                raise DownloadError(msg)
+            pace.check(len(body), None)
+        # requests' own choice for a declared charset; JSON (and an undeclared one) is UTF-8.
+        text = bytes(body).decode(response.encoding or "utf-8", errors="replace")
+        return Page(response.url, response.headers.get("Content-Type", ""), text)

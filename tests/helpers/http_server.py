@@ -29,6 +29,11 @@ Faults (all per route, all optional):
 * ``ranges=False``: ignore ``Range`` and always answer 200 with the whole body.
 * ``redirect="/other"``: answer 302 to that location (relative or absolute).
 * ``retry_after="1"``: send this ``Retry-After`` with injected 429/503 answers.
+* ``no_length=True``: send no ``Content-Length``; the body ends when the connection closes.
+
+Also here: :class:`HangingServer` (accepts TCP connections and never answers) and
+:func:`routed_session` (a ``requests`` session that sends the requests for other origins, such
+as ``https://api.github.com`` or a remote-looking mirror, to a loopback :class:`FileServer`).
 
 A range starting at or past the end gets 416 with ``Content-Range: bytes */<size>``.
 """
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -46,7 +52,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
-__all__ = ["FileServer", "Hit", "Route"]
+import requests
+from requests.adapters import HTTPAdapter
+
+__all__ = ["FileServer", "HangingServer", "Hit", "Route", "routed_session"]
 
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _DEFAULT_CHUNK = 64 * 1024
@@ -68,6 +77,7 @@ class Route:
     ranges: bool = True
     redirect: str | None = None
     retry_after: str | None = None
+    no_length: bool = False
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -276,7 +286,12 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             hit.status = status
             self.send_response(status)
             self.send_header("Content-Type", route.content_type)
-            self.send_header("Content-Length", str(length))
+            if route.no_length:
+                # No length: the body is everything until the server closes the connection.
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes" if route.ranges else "none")
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -313,3 +328,90 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 hit.bytes_sent += len(piece)
 
     return Handler
+
+
+class HangingServer:
+    """A TCP server on ``127.0.0.1:0`` that accepts connections and never sends a byte.
+
+    What a wedged proxy or an overloaded mirror looks like: the connection succeeds, the request
+    is sent, and no answer ever comes. ``connections`` counts the accepted connections.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.05)
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` (no trailing slash)."""
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def connections(self) -> int:
+        return len(self._held)
+
+    def wait_connections(self, count: int, timeout: float = 2.0) -> int:
+        """``connections`` once it reaches ``count`` (or ``timeout`` s pass): accepting lags."""
+        deadline = time.monotonic() + timeout
+        while len(self._held) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._held.append(conn)  # kept open and never read or answered
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._held:
+            conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ToServer(HTTPAdapter):
+    """Sends every request to ``target`` (scheme, host and port), keeping path and query."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self._target = urllib.parse.urlsplit(target)
+
+    def send(  # type: ignore[override]
+        self, request: requests.PreparedRequest, **kwargs: Any
+    ) -> requests.Response:
+        parts = urllib.parse.urlsplit(request.url or "")
+        request.url = urllib.parse.urlunsplit(
+            (self._target.scheme, self._target.netloc, parts.path, parts.query, "")
+        )
+        return super().send(request, **kwargs)
+
+
+def routed_session(server: FileServer, *origins: str) -> requests.Session:
+    """A session whose requests to ``origins`` (e.g. ``https://api.github.com``) reach ``server``.
+
+    The code under test sees the URLs it asked for (a remote host, https); the bytes come from
+    the loopback server, which records the requests under their paths as usual.
+    """
+    session = requests.Session()
+    for origin in origins:
+        session.mount(origin.rstrip("/") + "/", _ToServer(server.url))
+    return session

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
+import shutil
 import socket
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 import urllib3
-from http_server import FileServer
+from http_server import FileServer, HangingServer
 
 from llama_proc._version import __version__
 from llama_proc.config import Settings
@@ -21,7 +25,6 @@ from llama_proc.provision.download import download_file, fetch_page, make_sessio
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
 
 DATA = os.urandom(3_000_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -442,3 +445,281 @@ def test_unresolvable_host_gives_up_after_two_tries(
     with pytest.raises(DownloadError, match="host name not found"):
         download_file(UNRESOLVABLE, _dest(tmp_path), sha256=SHA, settings=settings)
     assert len(waits) == 2 * (download.DNS_ATTEMPTS - 1)
+
+
+# ------------------------------------------------------------------------------ listing size
+def test_size_from_the_listing_is_checked(
+    server: FileServer, settings: Settings, tmp_path: Path
+) -> None:
+    server.add("/f.bin", DATA)
+    dest = _dest(tmp_path)
+    download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
+    assert dest.read_bytes() == DATA
+
+
+def test_announced_length_other_than_the_listing_size_fails_before_the_body(
+    server: FileServer, settings: Settings, tmp_path: Path
+) -> None:
+    server.add("/f.bin", DATA)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match=r"3000000 bytes.*2999999") as info:
+        download_file(
+            server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA) - 1, settings=settings
+        )
+    assert "LLAMA_PROC_MIRROR" in str(info.value)
+    assert server.hits("/f.bin") == 1  # not retried: the server serves another file
+    assert list(dest.parent.iterdir()) == []
+
+
+class _SpyFile:
+    """A ``.part`` writer that records how many bytes reached it (and can fail like a disk)."""
+
+    def __init__(self, path: Path, fail_after: int | None = None) -> None:
+        self._fh = path.open("ab")
+        self.fail_after = fail_after
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        if self.fail_after is not None and self.written + len(data) > self.fail_after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self._fh.write(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@pytest.fixture
+def spy_files(monkeypatch: pytest.MonkeyPatch) -> list[_SpyFile]:
+    opened: list[_SpyFile] = []
+
+    def open_part(path: Path) -> _SpyFile:
+        opened.append(_SpyFile(path))
+        return opened[-1]
+
+    monkeypatch.setattr(download, "_open_part", open_part)
+    return opened
+
+
+def test_more_bytes_than_the_listing_size_stops_at_once(
+    server: FileServer, settings: Settings, tmp_path: Path, spy_files: list[_SpyFile]
+) -> None:
+    server.add("/f.bin", DATA, no_length=True)  # nothing announced: only the stream tells
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match="more than the 1000000 bytes"):
+        download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=1_000_000, settings=settings)
+    assert sum(f.written for f in spy_files) <= 1_000_000
+    assert list(dest.parent.iterdir()) == []
+    assert server.hits("/f.bin") == 1
+
+
+def test_part_longer_than_the_listing_size_is_discarded(
+    server: FileServer, settings: Settings, tmp_path: Path
+) -> None:
+    server.add("/f.bin", DATA)
+    dest = _dest(tmp_path)
+    dest.parent.mkdir(parents=True)
+    _part(dest).write_bytes(DATA + b"junk")
+    download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
+    assert dest.read_bytes() == DATA
+    [hit] = server.requests_for("/f.bin")
+    assert hit.header("Range") is None
+
+
+def test_file_url_longer_than_the_listing_size_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(DATA)
+    local = Settings(cache_dir=tmp_path / "cache", offline=True)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match="more than the 1000 bytes"):
+        download_file(src.as_uri(), dest, sha256=SHA, size=1000, settings=local)
+    assert list(dest.parent.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------- disk full
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.total, self.used, self.free = 10 * free, 9 * free, free
+
+
+def test_too_little_free_space_is_refused_before_connecting(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.add("/f.bin", DATA)
+    seen: list[Path] = []
+
+    def disk_usage(path: Any) -> _Usage:
+        seen.append(Path(path))
+        return _Usage(free=1_000_000)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError) as info:
+        download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
+    text = str(info.value)
+    assert "3.0 MB" in text  # what is needed
+    assert "1.0 MB" in text  # what is free
+    assert str(dest.parent) in text  # where
+    assert "LLAMA_PROC_CACHE_DIR" in text
+    assert server.hits() == 0
+    assert seen == [dest.parent]
+
+
+def test_free_space_counts_the_part_already_downloaded(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.add("/f.bin", DATA)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: _Usage(free=2_000_000))
+    dest = _dest(tmp_path)
+    dest.parent.mkdir(parents=True)
+    _part(dest).write_bytes(DATA[:1_500_000])  # 1.5 MB left to fetch, 2 MB free
+    download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
+    assert dest.read_bytes() == DATA
+
+
+def test_disk_full_while_downloading_leaves_no_part(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.add("/f.bin", DATA)
+    opened: list[_SpyFile] = []
+
+    def open_part(path: Path) -> _SpyFile:
+        opened.append(_SpyFile(path, fail_after=2_000_000))
+        return opened[-1]
+
+    monkeypatch.setattr(download, "_open_part", open_part)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match="disk full") as info:
+        download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
+    assert str(dest.parent) in str(info.value)
+    assert list(dest.parent.iterdir()) == []  # no multi-megabyte .part left filling the disk
+    assert server.hits("/f.bin") == 1  # a full disk is not a network hiccup: no retry
+
+
+def test_disk_full_copying_a_file_url_leaves_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(DATA)
+    monkeypatch.setattr(download, "_open_part", lambda path: _SpyFile(path, fail_after=1_000_000))
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match="disk full"):
+        download_file(src.as_uri(), dest, sha256=SHA, settings=Settings(cache_dir=tmp_path))
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_network_failure_keeps_the_part_for_resume(
+    server: FileServer, tmp_path: Path, waits: list[float]
+) -> None:
+    # Every answer breaks after 1 MB and Range is ignored, so no request makes progress.
+    server.add("/f.bin", DATA, ranges=False, drop_after=1_000_000, drop_times=99)
+    settings = Settings(cache_dir=tmp_path / "cache", progress=False)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError):
+        download_file(server.url_for("/f.bin"), dest, sha256=SHA, settings=settings)
+    assert _part(dest).stat().st_size > 0  # resumable next time
+    assert not dest.exists()
+
+
+# ------------------------------------------------------------------- servers that never answer
+class _NoAnswerSession:
+    """A session whose every GET times out waiting for the answer; records the timeouts."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[Any] = []
+        self.headers: dict[str, str] = {}
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        self.timeouts.append(kwargs.get("timeout"))
+        msg = "read timed out"
+        raise requests.ReadTimeout(msg)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("call", ["download", "page"])
+def test_default_settings_give_up_on_a_silent_server_well_under_a_minute(
+    tmp_path: Path, waits: list[float], call: str
+) -> None:
+    settings = Settings(cache_dir=tmp_path / "cache", progress=False)  # download_timeout 60
+    session: Any = _NoAnswerSession()
+    url = "https://mirror.example/f.bin"
+
+    def fetch() -> object:
+        if call == "download":
+            return download_file(
+                url, _dest(tmp_path), sha256=SHA, settings=settings, session=session
+            )
+        return fetch_page(url, settings, session=session)
+
+    with pytest.raises(DownloadError, match="did not answer") as info:
+        fetch()
+    assert "timed out" in str(info.value)
+    connect = [t[0] for t in session.timeouts]
+    first_byte = [t[1] for t in session.timeouts]
+    worst = sum(connect) + sum(first_byte) + sum(waits)
+    assert worst < 45, session.timeouts  # was 5 x (60 + 60) s plus backoff
+    assert all(c < settings.download_timeout for c in connect)
+
+
+def test_hung_server_fails_fast_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(download, "FIRST_BYTE_TIMEOUT", 0.4)
+    monkeypatch.setattr(download, "WAIT_NOTICE_AFTER", 0.1)
+    settings = Settings(cache_dir=tmp_path / "cache", progress=False)  # download_timeout 60
+    dest = _dest(tmp_path)
+    with HangingServer() as hung, caplog.at_level(logging.INFO, logger="llama_proc"):
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match="did not answer") as info:
+            download_file(hung.url + "/f.bin", dest, sha256=SHA, settings=settings)
+        elapsed = time.monotonic() - start
+        assert hung.wait_connections(download.NO_ANSWER_ATTEMPTS) == download.NO_ANSWER_ATTEMPTS
+    assert elapsed < 3
+    assert "127.0.0.1" in str(info.value)
+    assert "waiting for" in caplog.text  # a line while waiting, even without a progress bar
+
+
+def test_hung_listing_server_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "FIRST_BYTE_TIMEOUT", 0.3)
+    settings = Settings(cache_dir=tmp_path / "cache")
+    with HangingServer() as hung:
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match="did not answer"):
+            fetch_page(hung.url + "/repos/x", settings)
+        assert time.monotonic() - start < 3
+
+
+def test_trickling_stream_is_stopped_by_the_total_bound(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = DATA[:200_000]
+    server.add("/f.bin", body, delay=0.02, chunk_size=2000)  # 2 s in all, never a stall
+    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.5)
+    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    dest = _dest(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="too slow") as info:
+        download_file(
+            server.url_for("/f.bin"),
+            dest,
+            sha256=hashlib.sha256(body).hexdigest(),
+            size=len(body),
+            settings=settings,
+        )
+    assert time.monotonic() - start < 1.5
+    assert "of 200000 bytes" in str(info.value)
+
+
+def test_total_bound_spans_retries(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each request makes a little progress and then breaks: without a total bound this goes on
+    # for MAX_REQUESTS requests.
+    server.add("/f.bin", DATA, drop_after=50_000, drop_times=1000, delay=0.05, chunk_size=25_000)
+    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.6)
+    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    with pytest.raises(DownloadError, match="too slow"):
+        download_file(server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings)
+    assert server.hits("/f.bin") < download.MAX_REQUESTS

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import TYPE_CHECKING
+import re
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from http_server import FileServer
+import requests
+from http_server import FileServer, routed_session
 from release_fixtures import ReleaseFixture, make_release, serve_release
+from upstream_listings import B11194, B11434_NAMES, listing
 
 from llama_proc.config import Settings
 from llama_proc.errors import (
@@ -19,23 +24,29 @@ from llama_proc.errors import (
     ProvisionError,
 )
 from llama_proc.provision import download
-from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest import load_manifest, parse_manifest
 from llama_proc.provision.releases import (
     GITHUB_API,
     ReleaseAsset,
+    ReleasePins,
     api_base,
     fetch_release_assets,
+    is_local_url,
     listing_cache_path,
     match_assets,
     parse_listing,
+    pin_manifest_text,
+    pin_release,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
+
+    from llama_proc.provision.manifest import Manifest
 
 REPO = "ggml-org/llama.cpp"
 TAG = "b11434"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -204,20 +215,7 @@ def test_parse_listing_without_mirror_keeps_github_urls_and_digests() -> None:
 
 
 # ------------------------------------------------------------------------------- matching
-UPSTREAM_NAMES = [
-    f"llama-{TAG}-bin-{flavor}"
-    for flavor in (
-        "ubuntu-x64.tar.gz", "ubuntu-vulkan-x64.tar.gz", "ubuntu-arm64.tar.gz",
-        "ubuntu-cuda-12.8-x64.tar.gz", "ubuntu-s390x.tar.gz", "macos-arm64.tar.gz",
-        "macos-x64.tar.gz", "win-cpu-x64.zip", "win-cpu-arm64.zip", "win-cuda-12.4-x64.zip",
-        "win-cuda-13.1-x64.zip", "win-vulkan-x64.zip", "win-hip-radeon-x64.zip",
-        "win-sycl-x64.zip", "win-opencl-adreno-arm64.zip",
-    )
-] + [
-    "cudart-llama-bin-win-cuda-12.4-x64.zip",
-    "cudart-llama-bin-win-cuda-13.1-x64.zip",
-    f"llama-{TAG}-xcframework.zip",
-]  # fmt: skip
+UPSTREAM_NAMES = B11434_NAMES  # the pinned build's real asset names
 
 
 def _assets(names: list[str] = UPSTREAM_NAMES, *, digest: bool = True) -> list[ReleaseAsset]:
@@ -380,3 +378,344 @@ def test_release_without_digests_needs_a_pin(server: FileServer, tmp_path: Path)
     main, _ = match_assets(variant, TAG, fetch_release_assets(REPO, TAG, settings))
     with pytest.raises(ProvisionError, match="no sha256 is known"):
         main.require_sha256()
+
+
+# ------------------------------------------------------------------ plain-http remote mirrors
+REMOTE = "http://mirror.example"
+"""A plain-http mirror on another machine (its requests reach the loopback server)."""
+
+
+class _NoNetwork(requests.Session):
+    """A session that fails the test on any request."""
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        pytest.fail(f"unexpected request to {request.url}")
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("http://127.0.0.1:8080", True),
+        ("http://127.9.9.9/m", True),
+        ("http://localhost:9/", True),
+        ("http://[::1]:9", True),
+        ("file:///srv/mirror", True),
+        ("https://mirror.example", False),
+        ("http://mirror.example", False),
+        ("http://10.0.0.1", False),
+        ("http://127.0.0.1.evil.example", False),
+        ("http://localhost.evil.example", False),
+    ],
+)
+def test_is_local_url(url: str, local: bool) -> None:
+    assert is_local_url(url) is local
+
+
+def test_plain_http_remote_mirror_is_refused_before_any_connection(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=REMOTE)
+    variant = load_manifest().get("linux-x86_64-cpu")
+    for kwargs in ({}, {"variant": variant}):
+        with pytest.raises(ProvisionError) as info:
+            fetch_release_assets(REPO, TAG, settings, _NoNetwork(), **kwargs)
+        text = str(info.value)
+        assert REMOTE in text
+        assert "swap" in text  # why
+        assert "https" in text
+        assert "file://" in text
+        assert "sha256" in text  # what to do
+
+
+def test_plain_http_remote_mirror_needs_a_pin_for_every_asset(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=REMOTE)
+    base = load_manifest().get("windows-x86_64-cuda")
+    main_only = dataclasses.replace(
+        base, sha256={f"llama-{TAG}-bin-win-cuda-12.4-x64.zip": "a" * 64}
+    )
+    with pytest.raises(ProvisionError, match="plain http"):
+        fetch_release_assets(REPO, TAG, settings, _NoNetwork(), variant=main_only)
+
+
+def _remote_mirror(server: FileServer, release: ReleaseFixture) -> requests.Session:
+    serve_release(server, release)
+    return routed_session(server, REMOTE)
+
+
+def test_plain_http_remote_mirror_with_every_asset_pinned_is_used(
+    server: FileServer, tmp_path: Path
+) -> None:
+    release = make_release(tmp_path, TAG, ["win-cuda-12.4-x64"])
+    session = _remote_mirror(server, release)
+    pins = {name: release.sha256(name) for name in release.assets}
+    variant = dataclasses.replace(load_manifest().get("windows-x86_64-cuda"), sha256=pins)
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=REMOTE, progress=False)
+    assets = fetch_release_assets(REPO, TAG, settings, session, variant=variant)
+    main, [extra] = match_assets(variant, TAG, assets)
+    assert main.url == f"{REMOTE}/{REPO}/releases/download/{TAG}/{main.name}"
+    assert (main.sha256, extra.sha256) == (pins[main.name], pins[extra.name])
+    dest = download.download_file(
+        main.url, tmp_path / main.name, sha256=main.require_sha256(), size=main.size,
+        settings=settings, session=session,
+    )  # fmt: skip
+    assert dest.read_bytes() == release.assets[main.name][0].read_bytes()
+    session.close()
+
+
+def test_digests_from_a_plain_http_remote_mirror_are_never_trusted(
+    server: FileServer, tmp_path: Path
+) -> None:
+    # Anyone on the path could have rewritten them along with the archives.
+    release = make_release(tmp_path, TAG, ["ubuntu-x64", "ubuntu-vulkan-x64"])
+    session = _remote_mirror(server, release)
+    cpu = load_manifest().get("linux-x86_64-cpu")
+    pinned = dataclasses.replace(
+        cpu, sha256={release.main_asset: release.sha256(release.main_asset)}
+    )
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=REMOTE)
+    assets = fetch_release_assets(REPO, TAG, settings, session, variant=pinned)
+    assert {a.sha256 for a in assets} == {None}
+    assert match_assets(pinned, TAG, assets)[0].sha256 == release.sha256(release.main_asset)
+    vulkan = load_manifest().get("linux-x86_64-vulkan")
+    with pytest.raises(ProvisionError, match="no sha256 is known"):
+        match_assets(vulkan, TAG, assets)[0].require_sha256()
+    session.close()
+
+
+def test_https_and_local_mirrors_need_no_pins(
+    server: FileServer, release: ReleaseFixture, tmp_path: Path
+) -> None:
+    serve_release(server, release)
+    https = "https://mirror.example"
+    with routed_session(server, https) as session:
+        settings = Settings(cache_dir=tmp_path / "c1", mirror=https)
+        assets = fetch_release_assets(REPO, TAG, settings, session)
+    assert all(a.sha256 for a in assets)
+    local = Settings(cache_dir=tmp_path / "c2", mirror=server.url.replace("127.0.0.1", "localhost"))
+    assert all(a.sha256 for a in fetch_release_assets(REPO, TAG, local))
+
+
+# -------------------------------------------------------------------- the listing's origin
+def _github(server: FileServer) -> requests.Session:
+    """A session on which the GitHub API (and github.com) are the loopback server."""
+    return routed_session(server, GITHUB_API, "https://github.com")
+
+
+def test_cached_listing_from_a_mirror_is_not_used_without_it(
+    server: FileServer, release: ReleaseFixture, settings: Settings
+) -> None:
+    serve_release(server, release)
+    fetch_release_assets(REPO, TAG, settings)
+    github = settings.replace(mirror=None)
+    with pytest.raises(OfflineError, match=r"came from .*127\.0\.0\.1") as info:
+        fetch_release_assets(REPO, TAG, github.replace(offline=True))
+    assert "LLAMA_PROC_MIRROR" in str(info.value)
+    # Online, a GitHub outage does not fall back to the mirror's listing either.
+    with _github(server) as session:
+        server.reset()
+        with pytest.raises(DownloadError, match="404"):
+            fetch_release_assets(REPO, TAG, github, session)
+
+
+def test_cached_listing_from_github_is_not_used_for_a_mirror(
+    server: FileServer, release: ReleaseFixture, tmp_path: Path
+) -> None:
+    server.add(release.listing_url_path, release.listing_path, content_type="application/json")
+    github = Settings(cache_dir=tmp_path / "cache")
+    with _github(server) as session:
+        assets = fetch_release_assets(REPO, TAG, github, session)
+    assert assets[0].url.startswith(f"https://github.com/{REPO}/releases/download/{TAG}/")
+    assert fetch_release_assets(REPO, TAG, github.replace(offline=True)) == assets
+    other = github.replace(mirror="http://127.0.0.1:9", offline=True)
+    with pytest.raises(OfflineError, match=r"came from https://api\.github\.com"):
+        fetch_release_assets(REPO, TAG, other)
+    server.reset()  # the mirror is down: its own fetch fails, the GitHub listing is not used
+    with pytest.raises(DownloadError, match="404"):
+        fetch_release_assets(REPO, TAG, github.replace(mirror=server.url))
+
+
+def test_listing_naming_a_download_on_another_host_is_refused(
+    server: FileServer, release: ReleaseFixture, tmp_path: Path
+) -> None:
+    listing = json.loads(release.listing_path.read_text())
+    listing["assets"][0]["browser_download_url"] = "https://evil.example/llama.tar.gz"
+    server.add_json(release.listing_url_path, listing)
+    settings = Settings(cache_dir=tmp_path / "cache")
+    with _github(server) as session, pytest.raises(ProvisionError, match=r"evil\.example"):
+        fetch_release_assets(REPO, TAG, settings, session)
+    assert not listing_cache_path(settings, REPO, TAG).exists()
+
+
+def test_tampered_cached_listing_cannot_send_a_download_elsewhere(
+    server: FileServer, release: ReleaseFixture, tmp_path: Path
+) -> None:
+    server.add(release.listing_url_path, release.listing_path, content_type="application/json")
+    settings = Settings(cache_dir=tmp_path / "cache")
+    with _github(server) as session:
+        fetch_release_assets(REPO, TAG, settings, session)
+    cached = listing_cache_path(settings, REPO, TAG)
+    data = json.loads(cached.read_text())
+    data["assets"][0]["browser_download_url"] = "http://evil.example/x.tar.gz"
+    cached.write_text(json.dumps(data))
+    with pytest.raises(ProvisionError, match=r"evil\.example"):
+        fetch_release_assets(REPO, TAG, settings.replace(offline=True))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://github.com/ggml-org/llama.cpp/releases/download/b11434/a.zip",  # not https
+        "https://github.com.evil.example/a.zip",
+        "https://user@evil.example/a.zip",
+        "https://objects.example/a.zip",
+    ],
+)
+def test_parse_listing_refuses_urls_off_the_origin(url: str) -> None:
+    data = {"assets": [{"name": "a.zip", "size": 1, "browser_download_url": url}]}
+    with pytest.raises(ProvisionError, match=r"another host|not https"):
+        parse_listing(data, REPO, TAG)
+
+
+@pytest.mark.parametrize("name", ["../../evil.tar.gz", "a/b.zip", "a\\b.zip", "..", "", "x\n.zip"])
+def test_asset_names_that_are_not_plain_file_names_are_refused(name: str) -> None:
+    data = {"assets": [{"name": name, "size": 1, "browser_download_url": "https://github.com/x"}]}
+    with pytest.raises(ProvisionError, match="asset name"):
+        parse_listing(data, REPO, TAG, "http://127.0.0.1:1")
+
+
+def test_listing_for_another_tag_is_refused() -> None:
+    data = {"tag_name": "b1", "assets": []}
+    with pytest.raises(ProvisionError, match="b1"):
+        parse_listing(data, REPO, TAG)
+
+
+@pytest.mark.parametrize("size", [None, "12", -1, True])
+def test_listing_size_must_be_a_byte_count(size: object) -> None:
+    entry: dict[str, object] = {
+        "name": "a.zip",
+        "browser_download_url": "https://github.com/x/a.zip",
+    }
+    if size is not None:
+        entry["size"] = size
+    with pytest.raises(ProvisionError, match="size"):
+        parse_listing({"assets": [entry]}, REPO, TAG)
+
+
+# ------------------------------------------------------------------------------- pin_release
+RECORDED = "b11194"
+RECORDED_COMMIT = "9f70b2cecd1a9a3f73ac525c47ca22a6ee9a7b69"
+
+
+def _serve_recorded(server: FileServer, commit: str = RECORDED_COMMIT) -> None:
+    server.add_json(f"/repos/{REPO}/releases/tags/{RECORDED}", listing(RECORDED))
+    server.add_json(f"/repos/{REPO}/commits/{RECORDED}", {"sha": commit, "commit": {}})
+
+
+@pytest.fixture
+def recorded_manifest(tmp_path: Path) -> Manifest:
+    """The shipped manifest with its build set to the recorded release."""
+    return load_manifest(_manifest_for(tmp_path, RECORDED))
+
+
+def _manifest_for(tmp_path: Path, build: str) -> Path:
+    text = (REPO_ROOT / "variants.toml").read_text(encoding="utf-8")
+    path = tmp_path / "variants.toml"
+    path.write_text(re.sub(r'(?m)^build = "b\d+"$', f'build = "{build}"', text, count=1))
+    return path
+
+
+def test_pin_release_pins_every_asset_with_size_and_commit(
+    server: FileServer, tmp_path: Path, recorded_manifest: Manifest
+) -> None:
+    _serve_recorded(server)
+    settings = Settings(cache_dir=tmp_path / "cache")
+    with _github(server) as session:
+        pins = pin_release(None, settings, manifest=recorded_manifest, session=session)
+    assert isinstance(pins, ReleasePins)
+    assert (pins.repo, pins.build, pins.commit) == (REPO, RECORDED, RECORDED_COMMIT)
+    assert pins.origin == GITHUB_API
+    assert {a.name: (a.size, a.sha256) for a in pins.assets} == B11194
+    assert [a.name for a in pins.assets] == sorted(B11194)
+    # The CUDA 12 variant installs the binary archive and its cudart- twin.
+    assert pins.variants["linux-x86_64-cuda"] == (
+        f"llama-{RECORDED}-bin-ubuntu-cuda-12.8-x64.tar.gz",
+        f"cudart-llama-{RECORDED}-bin-ubuntu-cuda-12.8-x64.tar.gz",
+    )
+    assert set(pins.variants) | set(pins.unmatched) == {
+        v.id for v in recorded_manifest.variants if v.has_prebuilt
+    }
+    table = tomllib.loads(pins.to_toml())["pins"]
+    assert (table["build"], table["commit"]) == (RECORDED, RECORDED_COMMIT)
+    assert table["assets"] == {n: {"size": s, "sha256": h} for n, (s, h) in B11194.items()}
+    hit = server.requests_for(f"/repos/{REPO}/releases/tags/{RECORDED}")[0]
+    assert hit.header("Accept") == "application/vnd.github+json"
+
+
+def test_pinned_manifest_reads_back_with_the_pins(
+    server: FileServer, tmp_path: Path, recorded_manifest: Manifest
+) -> None:
+    _serve_recorded(server)
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=server.url)
+    pins = pin_release(RECORDED, settings, manifest=recorded_manifest)
+    text = pin_manifest_text(Path(recorded_manifest.path).read_text(encoding="utf-8"), pins)
+    pinned = parse_manifest(text)
+    assert pinned.commit == RECORDED_COMMIT
+    cuda = pinned.get("linux-x86_64-cuda")
+    for name in pins.variants["linux-x86_64-cuda"]:
+        assert cuda.sha256[name] == B11194[name][1]
+        assert cuda.size[name] == B11194[name][0]
+    # A pinned variant matches the real listing with its pins (and the pins hold the sizes).
+    main, [twin] = match_assets(cuda, RECORDED, parse_listing(listing(RECORDED), REPO, RECORDED))
+    assert (main.size, main.sha256) == B11194[main.name]
+    assert twin.name.startswith("cudart-")
+    # Pinning again changes nothing; comments and the rest of the file stay as written.
+    assert pin_manifest_text(text, pins) == text
+    assert text.count("\n#") == Path(recorded_manifest.path).read_text().count("\n#")
+
+
+def test_pin_manifest_text_refuses_another_build(
+    server: FileServer, tmp_path: Path, recorded_manifest: Manifest
+) -> None:
+    _serve_recorded(server)
+    pins = pin_release(
+        RECORDED, Settings(cache_dir=tmp_path, mirror=server.url), manifest=recorded_manifest
+    )
+    other = (REPO_ROOT / "variants.toml").read_text(encoding="utf-8")
+    with pytest.raises(ManifestError, match=RECORDED):
+        pin_manifest_text(other, pins)
+
+
+def test_size_pin_contradicting_the_listing_is_refused() -> None:
+    name = f"llama-{TAG}-bin-ubuntu-x64.tar.gz"
+    variant = dataclasses.replace(load_manifest().get("linux-x86_64-cpu"), size={name: 11})
+    with pytest.raises(ManifestError, match=r"pins size 11 .* says 10 bytes"):
+        match_assets(variant, TAG, _assets())
+    same = dataclasses.replace(variant, size={name: 10})
+    assert match_assets(same, TAG, _assets())[0].size == 10
+
+
+def test_pin_release_refuses_an_asset_without_a_digest(
+    server: FileServer, tmp_path: Path, recorded_manifest: Manifest
+) -> None:
+    doc = listing(RECORDED)
+    doc["assets"][3]["digest"] = None
+    _serve_recorded(server)
+    server.add_json(f"/repos/{REPO}/releases/tags/{RECORDED}", doc)
+    with pytest.raises(ProvisionError, match=re.escape(doc["assets"][3]["name"])):
+        pin_release(
+            RECORDED, Settings(cache_dir=tmp_path, mirror=server.url), manifest=recorded_manifest
+        )
+
+
+def test_pin_release_refuses_a_tag_without_a_commit(
+    server: FileServer, tmp_path: Path, recorded_manifest: Manifest
+) -> None:
+    _serve_recorded(server, commit="master")
+    with pytest.raises(ProvisionError, match="no commit id"):
+        pin_release(
+            RECORDED, Settings(cache_dir=tmp_path, mirror=server.url), manifest=recorded_manifest
+        )
+
+
+def test_pin_release_never_trusts_a_plain_http_remote_mirror(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, mirror=REMOTE)
+    with pytest.raises(ProvisionError, match="plain http"):
+        pin_release(RECORDED, settings, session=_NoNetwork())
