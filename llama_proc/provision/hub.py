@@ -1,0 +1,711 @@
+"""Models named the way users copy them from the Hugging Face Hub, fetched with huggingface_hub.
+
+A reference is one of (:meth:`ModelRef.parse`):
+
+* ``org/repo`` or ``org/repo:QUANT``: llama.cpp's own ``-hf`` syntax. QUANT (case-insensitive)
+  picks the GGUF whose name carries that tag; without one, llama.cpp's choice: Q4_K_M, then
+  Q8_0, then the first model GGUF of the repo.
+* ``hf://org/repo/path/file.gguf``: one file (``hf://org/repo@REV/path``, huggingface_hub's
+  own URI form, works too).
+* ``https://huggingface.co/org/repo/resolve/REV/path`` (or ``/blob/``): a link from a model page.
+* an optional ``@REVISION`` (branch, tag or commit) on each form: ``org/repo:Q4_K_M@v1.0``.
+* anything else: a plain path, left alone. A path that exists always wins over a reference.
+
+The transfer and the cache are huggingface_hub's: the files land in the user's Hugging Face
+cache (``HF_HUB_CACHE`` / ``HF_HOME``, shared with every other tool, so no second copy), with
+``HF_TOKEN``, ``HF_ENDPOINT`` mirrors and ``HF_HUB_OFFLINE`` honoured, a dropped connection
+resumed with a range request, and a per-file lock so two processes pulling the same file
+download it once. This module chooses the files (quantization, split parts, ``mmproj``),
+checks disk space before downloading, and turns the hub's errors into one-line llama-proc
+errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Final
+
+from llama_proc.errors import DownloadError, ModelFileError, OfflineError, ProvisionError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+
+    from llama_proc.config import Settings
+
+__all__ = ["DEFAULT_QUANTS", "ModelFiles", "ModelRef", "choose_files", "fetch_model"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUANTS: Final = ("Q4_K_M", "Q8_0")
+"""Quantizations tried, in order, when a reference names none (llama.cpp's ``-hf`` default)."""
+DEFAULT_REVISION: Final = "main"
+HF_SCHEME: Final = "hf://"
+HUB_HOSTS: Final = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
+GGUF_SUFFIX: Final = ".gguf"
+MMPROJ_KEYWORD: Final = "mmproj"
+PREFERRED_MMPROJ_TAG: Final = "F16"
+LOGIN_HINT: Final = "set HF_TOKEN (or run `hf auth login`)"
+# Names llama.cpp never loads as the main model: projectors, importance matrices, draft heads.
+_NOT_A_MODEL: Final = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+_GIB: Final = 1 << 30
+_MIB: Final = 1 << 20
+
+_PART: Final = r"[A-Za-z0-9][\w.-]*"
+_REPO_RE: Final = re.compile(rf"{_PART}/{_PART}")
+_QUANT_RE: Final = re.compile(r"[A-Za-z0-9_]+")
+# org/repo[@rev][:QUANT][@rev]: a git ref holds no ':' and a quant tag holds no '@'.
+_REPO_REF_RE: Final = re.compile(
+    rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev1>[^:@\s]+))?"
+    r"(?::(?P<quant>[A-Za-z0-9_]+))?(?:@(?P<rev2>[^:@\s]+))?"
+)
+_HF_FILE_RE: Final = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^/@\s]+))?/(?P<path>.+)")
+_URL_FILE_RE: Final = re.compile(
+    rf"/(?P<repo>{_PART}/{_PART})/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<path>.+)"
+)
+_URL_REPO_RE: Final = re.compile(rf"/(?P<repo>{_PART}/{_PART})/?")
+# llama.cpp's split and tag grammar (common/download.cpp: get_gguf_split_info).
+_SPLIT_RE: Final = re.compile(r"(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})", re.IGNORECASE)
+_TAG_RE: Final = re.compile(r"[-.](?P<tag>[A-Z0-9_]+)$", re.IGNORECASE)
+_BITS_RE: Final = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model on the Hugging Face Hub: a repository and a quantization tag or one file in it."""
+
+    repo: str
+    """``org/name`` of the model repository."""
+    quant: str | None = None
+    """Quantization tag (upper-cased, e.g. ``Q4_K_M``); None = llama.cpp's default choice."""
+    file: str | None = None
+    """Path of one GGUF inside the repository (``hf://`` form); excludes ``quant``."""
+    revision: str | None = None
+    """Branch, tag or commit; None = the default branch."""
+
+    def __post_init__(self) -> None:
+        if not _REPO_RE.fullmatch(self.repo):
+            msg = f"{self.repo!r} is not a Hugging Face repository id; write it as org/name"
+            raise ModelFileError(msg)
+        if self.quant is not None:
+            if not _QUANT_RE.fullmatch(self.quant):
+                msg = f"{self.quant!r} is not a quantization tag; use one like Q4_K_M"
+                raise ModelFileError(msg)
+            object.__setattr__(self, "quant", self.quant.upper())
+        if self.quant is not None and self.file is not None:
+            msg = f"name either a quantization or a file of {self.repo}, not both"
+            raise ModelFileError(msg)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef | None:
+        """Read a reference the way users copy it; None when ``text`` is a plain path.
+
+        Args:
+            text: ``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf[@REV]``, a
+                ``https://huggingface.co/...`` link, or a path.
+
+        Returns:
+            The reference, or None for a path (an existing path always counts as one).
+
+        Raises:
+            ModelFileError: ``text`` starts like a reference (``hf://``, a hub link) but is
+                malformed.
+        """
+        text = text.strip()
+        if not text or _is_existing_path(text):
+            return None
+        if text.startswith(HF_SCHEME):
+            return _parse_hf_uri(text)
+        parsed = urllib.parse.urlsplit(text)
+        if parsed.scheme in ("http", "https") and (parsed.hostname or "") in HUB_HOSTS:
+            return _parse_hub_url(text, parsed.path)
+        if text.lower().endswith(GGUF_SUFFIX):
+            return None  # "models/x.gguf" is a path, never a repo named like a file
+        return _parse_repo_ref(text)
+
+    def __str__(self) -> str:
+        if self.file is not None:
+            at = f"@{urllib.parse.quote(self.revision, safe='')}" if self.revision else ""
+            return f"{HF_SCHEME}{self.repo}{at}/{self.file}"
+        text = self.repo + (f":{self.quant}" if self.quant else "")
+        return text + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Local paths of a fetched model, ready for ``llama-server -m ... [--mmproj ...]``."""
+
+    model: Path
+    """The file to pass as the model: the only file, or the first part of a split GGUF."""
+    parts: tuple[Path, ...] = field(default=())
+    """Every part in order (``model`` first); one entry for an unsplit model."""
+    mmproj: Path | None = None
+    """The multimodal projector, when asked for and the repository has one."""
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            object.__setattr__(self, "parts", (self.model,))
+
+
+def _is_existing_path(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, RuntimeError):  # a name too long for the OS; "~user" of no such user
+        return False
+
+
+def _parse_repo_ref(text: str) -> ModelRef | None:
+    match = _REPO_REF_RE.fullmatch(text)
+    if match is None:
+        return None
+    if match["rev1"] and match["rev2"]:
+        msg = f"{text!r} names two revisions; keep one @REVISION"
+        raise ModelFileError(msg)
+    return ModelRef(match["repo"], quant=match["quant"], revision=match["rev1"] or match["rev2"])
+
+
+def _parse_hf_uri(text: str) -> ModelRef:
+    body = text[len(HF_SCHEME) :]
+    match = _HF_FILE_RE.fullmatch(body)
+    if match is None:
+        ref = _parse_repo_ref(body)
+        if ref is None:
+            msg = f"{text!r} is not a model reference; write hf://org/repo/path/file.gguf"
+            raise ModelFileError(msg)
+        return ref
+    path, revision = match["path"], match["rev"]
+    if revision is None and "@" in path:
+        # hf://org/repo/file.gguf@REV: a trailing revision, which may itself hold '/'.
+        head, _, tail = path.rpartition("@")
+        if head.lower().endswith(GGUF_SUFFIX):
+            path, revision = head, tail
+    return _file_ref(text, match["repo"], path, revision and urllib.parse.unquote(revision))
+
+
+def _parse_hub_url(text: str, url_path: str) -> ModelRef:
+    match = _URL_FILE_RE.fullmatch(url_path)
+    if match is not None:
+        revision = urllib.parse.unquote(match["rev"])
+        return _file_ref(text, match["repo"], urllib.parse.unquote(match["path"]), revision)
+    match = _URL_REPO_RE.fullmatch(url_path)
+    if match is None:
+        msg = f"{text!r} is not a model page or file link; copy the link of a .gguf file"
+        raise ModelFileError(msg)
+    return ModelRef(match["repo"])
+
+
+def _file_ref(text: str, repo: str, path: str, revision: str | None) -> ModelRef:
+    if not path.lower().endswith(GGUF_SUFFIX) or path.startswith("/") or ".." in path.split("/"):
+        msg = f"{text!r} does not name a .gguf file in the repository; llama-server loads GGUF"
+        raise ModelFileError(msg)
+    return ModelRef(repo, file=path, revision=revision or None)
+
+
+# -- choosing files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _GgufName:
+    path: str
+    prefix: str  # the name without ".gguf" and without the split suffix; tag included
+    tag: str  # upper-cased quantization tag, "" when the name carries none
+    index: int
+    count: int
+
+
+def _gguf_name(path: str) -> _GgufName | None:
+    if not path.lower().endswith(GGUF_SUFFIX):
+        return None
+    prefix = path[: -len(GGUF_SUFFIX)]
+    index = count = 1
+    split = _SPLIT_RE.fullmatch(prefix)
+    if split is not None:
+        prefix, index, count = split["prefix"], int(split["index"]), int(split["count"])
+    tag = _TAG_RE.search(prefix)
+    return _GgufName(path, prefix, tag["tag"].upper() if tag else "", index, count)
+
+
+def _is_model(path: str) -> bool:
+    name = PurePosixPath(path).name.lower()
+    return name.endswith(GGUF_SUFFIX) and not any(word in name for word in _NOT_A_MODEL)
+
+
+def _first_parts(names: Sequence[str]) -> Iterator[_GgufName]:
+    for path in names:
+        info = _gguf_name(path)
+        if info is not None and _is_model(path) and info.index == 1:
+            yield info
+
+
+def _quant_pattern(quant: str) -> re.Pattern[str]:
+    # llama.cpp searches "<tag>[.-]" anywhere in the path; the left boundary keeps Q4_0 from
+    # matching IQ4_0.
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}[.-]", re.IGNORECASE)
+
+
+def _find_model(names: Sequence[str], quant: str | None) -> str | None:
+    for tag in (quant,) if quant else DEFAULT_QUANTS:
+        pattern = _quant_pattern(tag)
+        for info in _first_parts(names):
+            if pattern.search(info.path):
+                return info.path
+    if quant is None:
+        return next((info.path for info in _first_parts(names)), None)
+    return None
+
+
+def _available_quants(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(info.tag for info in _first_parts(names) if info.tag))
+
+
+def _split_parts(repo: str, names: Sequence[str], primary: str) -> tuple[str, ...]:
+    first = _gguf_name(primary)
+    if first is None or first.count <= 1:
+        return (primary,)
+    found: dict[int, str] = {}
+    for path in names:
+        info = _gguf_name(path)
+        if info is not None and info.count == first.count and info.prefix == first.prefix:
+            found[info.index] = path
+    missing = [i for i in range(1, first.count + 1) if i not in found]
+    if missing:
+        msg = (
+            f"{repo} holds only part of the split model {first.prefix} "
+            f"(missing part {', '.join(map(str, missing))} of {first.count}); "
+            "pick another quantization"
+        )
+        raise ModelFileError(msg)
+    return tuple(found[i] for i in range(1, first.count + 1))
+
+
+def _bits(tag: str) -> int:
+    match = _BITS_RE.search(tag)
+    return int(match.group()) if match else 0
+
+
+def _find_mmproj(names: Sequence[str], model: str, quant: str | None) -> str | None:
+    """The projector llama.cpp would pair with ``model``, preferring its quant, then F16.
+
+    Like llama.cpp, only a projector in the model's folder or one above it qualifies, and the
+    deepest such folder wins; among those: the same quantization tag, then F16, then the
+    closest bit width.
+    """
+    model_dir = PurePosixPath(model).parent.parts
+    tag = (quant or (_gguf_name(model) or _GgufName(model, "", "", 1, 1)).tag).upper()
+    best: tuple[int, bool, bool, int] | None = None
+    choice = None
+    for path in names:
+        name = PurePosixPath(path)
+        if not path.lower().endswith(GGUF_SUFFIX) or MMPROJ_KEYWORD not in name.name.lower():
+            continue
+        folder = name.parent.parts
+        if model_dir[: len(folder)] != folder:
+            continue
+        own = (_gguf_name(path) or _GgufName(path, "", "", 1, 1)).tag
+        key = (
+            len(folder),
+            bool(tag) and own == tag,
+            own == PREFERRED_MMPROJ_TAG,
+            -abs(_bits(own) - _bits(tag)),
+        )
+        if best is None or key > best:
+            best, choice = key, path
+    return choice
+
+
+def choose_files(
+    ref: ModelRef, names: Sequence[str], *, with_mmproj: bool = False
+) -> tuple[tuple[str, ...], str | None]:
+    """Pick the files of ``ref`` among a repository's file names, the way llama.cpp does.
+
+    Args:
+        ref: the reference (a quantization, a file, or neither).
+        names: the repository's file paths.
+        with_mmproj: also pick the multimodal projector, when the repository has one.
+
+    Returns:
+        The model's files in order (all parts of a split GGUF) and the projector or None.
+
+    Raises:
+        ModelFileError: no file fits; the message lists what the repository has.
+    """
+    names = sorted(names)
+    ggufs = [n for n in names if n.lower().endswith(GGUF_SUFFIX)]
+    if ref.file is not None:
+        if ref.file not in names:
+            msg = f"{ref.repo} has no file {ref.file}; its GGUF files: {', '.join(ggufs) or 'none'}"
+            raise ModelFileError(msg)
+        primary: str | None = ref.file
+        first = _gguf_name(ref.file)
+        if first is not None and first.count > 1:
+            # Any part names the whole model; llama-server is given the first one.
+            primary = next(
+                (
+                    i.path
+                    for n in names
+                    if (i := _gguf_name(n)) and i.prefix == first.prefix and i.index == 1
+                ),
+                ref.file,
+            )
+    else:
+        primary = _find_model(names, ref.quant)
+    if primary is None:
+        quants = _available_quants(names)
+        if not quants and not any(_is_model(n) for n in ggufs):
+            msg = (
+                f"{ref.repo} has no GGUF model files; llama-server needs a GGUF repository "
+                "(often named ...-GGUF)"
+            )
+        else:
+            example = f" (e.g. {ref.repo}:{quants[0]})" if quants else ""
+            msg = (
+                f"{ref.repo} has no GGUF file for quantization {ref.quant}; it has: "
+                f"{', '.join(quants) or 'untagged files only'}{example}"
+            )
+        raise ModelFileError(msg)
+    parts = _split_parts(ref.repo, names, primary)
+    mmproj = _find_mmproj(names, primary, ref.quant) if with_mmproj else None
+    return parts, mmproj
+
+
+# -- fetching ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Listing:
+    names: tuple[str, ...]
+    sizes: Mapping[str, int]
+    commit: str | None
+
+
+def fetch_model(
+    ref: ModelRef | str,
+    *,
+    settings: Settings | None = None,
+    with_mmproj: bool = False,
+    progress: bool | None = None,
+    offline: bool | None = None,
+    cache_dir: Path | str | None = None,
+    endpoint: str | None = None,
+    token: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ModelFiles:
+    """Local paths of a model reference, downloading what the Hugging Face cache lacks.
+
+    Args:
+        ref: a :class:`ModelRef` or text for :meth:`ModelRef.parse`; a plain path comes back
+            unchanged.
+        settings: supplies ``offline``, ``progress`` and ``download_timeout`` when the
+            arguments below leave them None.
+        with_mmproj: also fetch the repository's multimodal projector (``mmproj-*.gguf``).
+        progress: show progress bars (True/False); None = huggingface_hub's default (on a TTY,
+            unless ``HF_HUB_DISABLE_PROGRESS_BARS``).
+        offline: use only the cache; None = ``settings.offline`` or ``HF_HUB_OFFLINE``.
+        cache_dir: the Hugging Face hub cache; None = huggingface_hub's (``HF_HUB_CACHE``,
+            ``HF_HOME``).
+        endpoint: the hub or a mirror; None = ``HF_ENDPOINT`` or huggingface.co.
+        token: access token; None = ``HF_TOKEN`` or the token saved by ``hf auth login``.
+        on_progress: called as ``on_progress(bytes_done, bytes_total)`` while downloading,
+            from the downloading thread (for a status display).
+
+    Returns:
+        The model file (the first part of a split model), every part, and the projector.
+
+    Raises:
+        ModelFileError: no such repository, revision, file or quantization (the message lists
+            the quantizations the repository has).
+        DownloadError: a gated or private repository without a token that grants access, the
+            hub or the network failed, or a transfer broke off for good.
+        OfflineError: offline and the files are not in the cache.
+        ProvisionError: not enough free disk space for the files (checked before downloading).
+    """
+    parsed = ref if isinstance(ref, ModelRef) else ModelRef.parse(ref)
+    if parsed is None:
+        path = Path(str(ref)).expanduser()
+        return ModelFiles(model=path, parts=(path,))
+    if settings is not None and progress is None:
+        progress = settings.progress
+    hub = _Hub(
+        parsed,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        token=token,
+        timeout=settings.download_timeout if settings is not None else None,
+    )
+    if offline is None:
+        offline = (settings is not None and settings.offline) or hub.offline_by_env()
+    listing = hub.cached_listing() if offline else hub.listing()
+    try:
+        parts, mmproj = choose_files(parsed, listing.names, with_mmproj=with_mmproj)
+    except ModelFileError as err:
+        if not offline:
+            raise
+        # The cache holds only part of the repository: say so, not that the repo lacks it.
+        raise hub.offline_error(cached=listing.names) from err
+    wanted = (*parts, mmproj) if mmproj else parts
+    total = 0
+    if not offline:
+        total = _check_disk_space(hub, listing, wanted)
+    bar = _bar_class(
+        progress=progress, counter=_Counter(total, on_progress) if on_progress else None
+    )
+    paths = [hub.download(name, offline=offline, bar_class=bar) for name in wanted]
+    logger.info("model %s ready at %s", parsed, paths[0])
+    return ModelFiles(
+        model=paths[0], parts=tuple(paths[: len(parts)]), mmproj=paths[-1] if mmproj else None
+    )
+
+
+class _Counter:
+    """Adds up the bytes of every file of one fetch for ``on_progress``."""
+
+    def __init__(self, total: int, report: Callable[[int, int], None]) -> None:
+        self.done, self.total, self.report = 0, total, report
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.report(self.done, max(self.total, self.done))
+
+
+def _bar_class(*, progress: bool | None, counter: _Counter | None) -> type[Any] | None:
+    """A tqdm class for huggingface_hub that forces bars on or off and feeds ``counter``."""
+    if progress is None and counter is None:
+        return None
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only when a bar is drawn or counted
+
+    disable = None if progress is None else not progress
+
+    class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no types
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = disable  # None: tqdm shows the bar only on a TTY
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if counter is not None and n:
+                counter(int(n))
+            result: bool | None = super().update(n)
+            return result
+
+    return _Bar
+
+
+def _check_disk_space(hub: _Hub, listing: _Listing, wanted: Sequence[str]) -> int:
+    """Refuse before downloading when the cache's disk cannot hold the missing files.
+
+    Returns:
+        The bytes still to download.
+    """
+    need = sum(listing.sizes.get(name, 0) for name in wanted if not hub.is_cached(name, listing))
+    if need == 0:
+        return 0
+    cache = hub.cache_dir
+    probe = cache
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        msg = (
+            f"not enough disk space for {hub.ref}: {_human(need)} to download into {cache}, "
+            f"{_human(free)} free; free some space or point HF_HUB_CACHE at a larger disk"
+        )
+        raise ProvisionError(msg)
+    return need
+
+
+def _human(size: int) -> str:
+    return f"{size / _GIB:.1f} GiB" if size >= _GIB else f"{size / _MIB:.1f} MiB"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _Hub:
+    """The huggingface_hub calls of one fetch, with its errors mapped to llama-proc's.
+
+    huggingface_hub (and httpx under it) is imported here, on first use, so that parsing a
+    reference or importing llama_proc stays cheap.
+    """
+
+    def __init__(
+        self,
+        ref: ModelRef,
+        *,
+        cache_dir: Path | str | None,
+        endpoint: str | None,
+        token: str | None,
+        timeout: float | None,
+    ) -> None:
+        from huggingface_hub import constants  # noqa: PLC0415 - heavy: httpx, only to fetch
+
+        self.ref = ref
+        self.revision = ref.revision or DEFAULT_REVISION
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+        self.token = token
+        self.timeout = timeout
+        self._constants = constants
+
+    def offline_by_env(self) -> bool:
+        """``HF_HUB_OFFLINE``, as huggingface_hub read it."""
+        return bool(self._constants.is_offline_mode())
+
+    def listing(self) -> _Listing:
+        """The repository's files at the revision, with sizes, from the hub's model API."""
+        from huggingface_hub import HfApi  # noqa: PLC0415 - see the class docstring
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        try:
+            info = api.model_info(
+                self.ref.repo, revision=self.revision, files_metadata=True, timeout=self.timeout
+            )
+        except Exception as err:
+            if _is_connection_error(err):
+                # Like hf_hub_download: an unreachable hub falls back to what is cached.
+                logger.warning("cannot reach %s (%s); using the cache", self.endpoint, err)
+                try:
+                    return self.cached_listing()
+                except OfflineError:
+                    raise self._error(err) from err
+            raise self._error(err) from err
+        sizes: dict[str, int] = {}
+        for sibling in info.siblings or ():
+            size = sibling.lfs.size if sibling.lfs is not None else sibling.size
+            if size is not None:
+                sizes[sibling.rfilename] = size
+        names = tuple(s.rfilename for s in info.siblings or ())
+        return _Listing(names, sizes, info.sha)
+
+    def cached_listing(self) -> _Listing:
+        """The GGUF files of the revision that the cache holds; no network."""
+        from huggingface_hub import snapshot_download  # noqa: PLC0415 - see the class docstring
+        from huggingface_hub.errors import (  # noqa: PLC0415 - see the class docstring
+            IncompleteSnapshotError,
+            LocalEntryNotFoundError,
+        )
+
+        try:
+            folder = Path(
+                snapshot_download(
+                    self.ref.repo,
+                    revision=self.revision,
+                    cache_dir=self.cache_dir,
+                    local_files_only=True,
+                    allow_patterns=[f"*{GGUF_SUFFIX}"],
+                )
+            )
+        except IncompleteSnapshotError as err:
+            folder = Path(err.snapshot_path)  # some files of the revision are cached: use them
+        except LocalEntryNotFoundError as err:
+            raise self.offline_error() from err
+        names = tuple(
+            p.relative_to(folder).as_posix() for p in folder.rglob(f"*{GGUF_SUFFIX}") if p.exists()
+        )
+        return _Listing(names, {}, folder.name)
+
+    def is_cached(self, name: str, listing: _Listing) -> bool:
+        """Whether the cache already holds ``name`` at the listed commit."""
+        from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415 - see the class docstring
+
+        found = try_to_load_from_cache(
+            self.ref.repo, name, cache_dir=self.cache_dir, revision=listing.commit or self.revision
+        )
+        return isinstance(found, str)
+
+    def download(self, name: str, *, offline: bool, bar_class: type[Any] | None) -> Path:
+        """One file through the cache (a cache hit touches only the hub's metadata)."""
+        from huggingface_hub import hf_hub_download  # noqa: PLC0415 - see the class docstring
+        from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: PLC0415 - see above
+
+        extra: dict[str, Any] = {} if self.timeout is None else {"etag_timeout": self.timeout}
+        try:
+            path = hf_hub_download(
+                self.ref.repo,
+                name,
+                revision=self.revision,
+                cache_dir=self.cache_dir,
+                endpoint=self.endpoint,
+                token=self.token,
+                local_files_only=offline,
+                tqdm_class=bar_class,
+                **extra,
+            )
+        except LocalEntryNotFoundError as err:
+            if offline:
+                raise self.offline_error(name) from err
+            raise self._error(err.__cause__ or err, name) from err
+        except Exception as err:
+            raise self._error(err, name) from err
+        return Path(path)
+
+    def offline_error(self, name: str | None = None, cached: Sequence[str] = ()) -> OfflineError:
+        """Offline, and the cache lacks ``name`` (or the reference's files)."""
+        what = f"{name} of {self.ref}" if name else str(self.ref)
+        held = f" (cached: {', '.join(sorted(cached))})" if cached else ""
+        msg = (
+            f"offline and {what} is not in the Hugging Face cache {self.cache_dir}{held}: "
+            "fetch it once with network access, or turn offline mode off (HF_HUB_OFFLINE, "
+            "LLAMA_PROC_OFFLINE)"
+        )
+        return OfflineError(msg)
+
+    def _error(self, err: BaseException, name: str | None = None) -> Exception:
+        """One-line llama-proc error for what huggingface_hub or httpx raised."""
+        from huggingface_hub import errors  # noqa: PLC0415 - see the class docstring
+
+        repo, host = self.ref.repo, urllib.parse.urlsplit(self.endpoint).netloc
+        status = _status(err)
+        if isinstance(err, errors.GatedRepoError):
+            if status == 403:
+                msg = (
+                    f"the token in use has no access to the gated repository {repo}: accept its "
+                    f"terms on its page with that account, or {LOGIN_HINT} with another token"
+                )
+            else:
+                msg = (
+                    f"{repo} is gated: accept its terms on its page, then {LOGIN_HINT} "
+                    "with a token of that account"
+                )
+            return DownloadError(msg)
+        if isinstance(err, errors.RepositoryNotFoundError):
+            msg = (
+                f"no model repository {repo} on {host}: check the name, or if it is private "
+                f"{LOGIN_HINT}"
+            )
+            return ModelFileError(msg)
+        if isinstance(err, errors.RevisionNotFoundError):
+            msg = f"{repo} has no revision {self.revision!r}; name a branch, tag or commit of it"
+            return ModelFileError(msg)
+        if isinstance(err, errors.RemoteEntryNotFoundError):
+            msg = f"{repo} has no file {name or self.ref.file} at {self.revision}"
+            return ModelFileError(msg)
+        what = f"{name} of {self.ref}" if name else str(self.ref)
+        if isinstance(err, errors.HfHubHTTPError) and status is not None:
+            msg = f"{host} answered HTTP {status} for {what}; try again later or check HF_ENDPOINT"
+            return DownloadError(msg)
+        if _is_connection_error(err):
+            msg = (
+                f"cannot reach {self.endpoint} for {what} ({_first_line(err)}); check the "
+                "network, a proxy or HF_ENDPOINT"
+            )
+            return DownloadError(msg)
+        msg = f"downloading {what} failed: {_first_line(err)}; run it again to resume"
+        return DownloadError(msg)
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    code = getattr(response, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    import httpx2  # noqa: PLC0415 - comes with huggingface_hub, which is already loaded here
+    from huggingface_hub.errors import OfflineModeIsEnabled  # noqa: PLC0415 - as above
+
+    return isinstance(err, (httpx2.TransportError, OfflineModeIsEnabled))
