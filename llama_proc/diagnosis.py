@@ -17,6 +17,17 @@ taken from the b11434 sources and checked against real runs::
     libc.so.6: version `GLIBC_2.38' not found                 (built for a newer Linux)
     E Failed to connect to 10.0.0.9:50052                     (RPC worker unreachable)
 
+GPU backends (``ggml_cuda_init`` serves CUDA and ROCm, ``GGML_CUDA_NAME`` naming which)::
+
+    load_backend: failed to load .../libggml-cuda.so: libcudart.so.12: cannot open ...
+    ggml_cuda_init: failed to initialize CUDA: CUDA driver version is insufficient for ...
+    ggml_cuda_init: failed to initialize ROCm: no ROCm-capable device is detected
+    CUDA error: no kernel image is available for execution on the device
+    warning: no usable GPU found, --gpu-layers option will be ignored
+
+:func:`diagnose_gpu` decodes only these: why a GPU build sees no GPU (provisioning's device
+check) or put its layers on the CPU (the runtime's start check).
+
 Usage::
 
     cause = diagnose(output_lines, returncode)
@@ -35,7 +46,7 @@ from typing import TYPE_CHECKING, Final, Literal
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Cause", "CauseKind", "diagnose", "explain_rpc_failure"]
+__all__ = ["Cause", "CauseKind", "diagnose", "diagnose_gpu", "explain_rpc_failure"]
 
 CauseKind = Literal[
     "bad_flag",
@@ -46,6 +57,13 @@ CauseKind = Literal[
     "libc_too_old",
     "illegal_instruction",
     "rpc",
+    "gpu_driver_too_old",
+    "no_gpu_device",
+    "gpu_arch_unsupported",
+    "gpu_init_failed",
+    "no_gpu_backend",
+    "no_vulkan_driver",
+    "cpu_fallback",
     "killed",
     "crashed",
     "unknown",
@@ -160,6 +178,71 @@ _LOAD_RULES: Final[tuple[_Rule, ...]] = (
 )
 """Checked after the RPC rules: an unreachable worker is followed by model-load errors."""
 
+_GPU_RULES: Final[tuple[_Rule, ...]] = (
+    (
+        "gpu_driver_too_old",
+        re.compile(
+            r"(?P<detail>CUDA driver version is insufficient for CUDA runtime version"
+            r"|forward compatibility was attempted on non supported HW"
+            r"|the provided PTX was compiled with an unsupported toolchain)"
+        ),
+        (
+            "GPU driver too old: {detail}; update the NVIDIA driver, or use a build made for an "
+            "older CUDA version"
+        ),
+    ),
+    (
+        "missing_library",
+        re.compile(r"failed to load (?P<detail>\S*(?:\.so|\.dll|\.dylib)\S*: .+)"),
+        (
+            "a GPU backend library could not be loaded: {detail}; the install is incomplete "
+            "(its runtime archive, e.g. cudart, is missing) or the GPU runtime is not installed"
+        ),
+    ),
+    (
+        "gpu_arch_unsupported",
+        re.compile(
+            r"(?P<detail>no kernel image is available for execution on the device"
+            r"|invalid device function|Unable to find code object for all current devices"
+            r"|for GPU arch\s*:\s*\w+)"
+        ),
+        (
+            "this build has no code for this GPU ({detail}); use a build that includes its "
+            "architecture (compute capability or gfx target), or build from source"
+        ),
+    ),
+    (
+        "no_vulkan_driver",
+        re.compile(r"(?P<detail>ERROR_INCOMPATIBLE_DRIVER|ErrorIncompatibleDriver)"),
+        (
+            "no Vulkan driver (ICD) for a GPU is installed ({detail}); install the GPU's Vulkan "
+            "driver (Mesa RADV/ANV, or the NVIDIA driver's Vulkan ICD)"
+        ),
+    ),
+    (
+        "no_gpu_device",
+        re.compile(r"(?P<detail>no (?:CUDA|ROCm|MUSA)-capable device is detected)"),
+        (
+            "no usable GPU device: {detail}; check that the GPU is visible here (driver loaded, "
+            "CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES, a container's --gpus)"
+        ),
+    ),
+    (
+        "gpu_init_failed",
+        re.compile(r"failed to initialize (?P<detail>(?:CUDA|ROCm|MUSA): .+)"),
+        "the GPU runtime failed to start ({detail}); check the GPU driver",
+    ),
+    (
+        "no_gpu_backend",
+        re.compile(r"(?P<detail>no usable GPU found)"),
+        (
+            "this llama-server has no usable GPU backend (built without GPU support, or its GPU "
+            "library failed to load); use a GPU variant (--variant cuda, rocm or vulkan)"
+        ),
+    ),
+)
+"""Why a GPU build sees no GPU; most specific first (a driver error is inside an init line)."""
+
 _LOG_PREFIX: Final = re.compile(r"^\d+\.\d+\.\d+\.\d+ [A-Z] ")
 
 
@@ -186,7 +269,7 @@ def diagnose(lines: str | Sequence[str], returncode: int | None) -> Cause:
     rpc = explain_rpc_failure(lines)
     if rpc is not None:
         return Cause("rpc", rpc)
-    cause = _match(_LOAD_RULES, texts)
+    cause = _match(_LOAD_RULES, texts) or _match(_GPU_RULES, texts)
     if cause is not None:
         return cause
     signal_cause = _signal_cause(returncode)
@@ -199,6 +282,24 @@ def diagnose(lines: str | Sequence[str], returncode: int | None) -> Cause:
     if last_error:
         return Cause("unknown", last_error)
     return Cause("unknown", "no error message in the log")
+
+
+def diagnose_gpu(lines: str | Sequence[str]) -> Cause | None:
+    """Decode why a GPU build of llama-server sees no GPU, or None if its output does not say.
+
+    Reads ``--list-devices`` output or a server log: a backend library that failed to load,
+    a driver too old for the build's CUDA, no device visible, no code for this GPU, no
+    Vulkan driver, or a build without a usable GPU backend.
+
+    Args:
+        lines: the output, as lines or as one text.
+
+    Returns:
+        The cause, or None when no GPU rule matches.
+    """
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    return _match(_GPU_RULES, [_strip(line) for line in lines])
 
 
 def _signal_cause(returncode: int | None) -> Cause | None:

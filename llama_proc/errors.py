@@ -16,17 +16,21 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
     * CacheLockTimeoutError (also TimeoutError)  could not take the cache lock; .lock_path
     * OfflineError                           offline mode and nothing usable is cached
     * BinaryNotFoundError                    the resolution ladder found no llama-server
+    * DeviceNotFoundError                    a GPU build lists no GPU on a host that has one
   * ServerError
     * InvalidArgumentError (also ValueError) a server option or extra flag was refused
     * ModelFileError (also ValueError)       model file missing or not GGUF
     * ServerStartError                       process exited before becoming healthy
       * RpcWorkerError                       an RPC worker is unreachable, busy or another build
+      * CpuFallbackError                     GPU layers asked for, but loaded on the CPU
     * ServerNotReadyError (also TimeoutError)  /health did not return 200 in time
     * ServerRequestError                     an HTTP call to a running server failed
+      * ServerExitedError                    the server exited during the request; .returncode
 """
 
 from __future__ import annotations
 
+import signal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,6 +43,8 @@ __all__ = [
     "CacheLockTimeoutError",
     "ChecksumMismatchError",
     "ConfigError",
+    "CpuFallbackError",
+    "DeviceNotFoundError",
     "DownloadError",
     "InvalidArgumentError",
     "LlamaProcError",
@@ -49,6 +55,7 @@ __all__ = [
     "ProvisionError",
     "RpcWorkerError",
     "ServerError",
+    "ServerExitedError",
     "ServerNotReadyError",
     "ServerRequestError",
     "ServerStartError",
@@ -159,6 +166,22 @@ class BinaryNotFoundError(ProvisionError):
     """No step of the resolution ladder produced a llama-server binary."""
 
 
+class DeviceNotFoundError(ProvisionError):
+    """A GPU build of llama-server lists no device of its backend on a host that has that GPU.
+
+    The install is refused (nothing is recorded); ``auto`` falls to the next backend.
+    ``backend`` names the build's backend, ``cause`` the decoded reason's kind (a
+    :data:`~llama_proc.diagnosis.CauseKind`, e.g. ``missing_library``).
+    """
+
+    def __init__(self, message: str, backend: str = "", cause: str = "") -> None:
+        self.message, self.backend, self.cause = message, backend, cause
+        super().__init__(message, backend, cause)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ServerError(LlamaProcError):
     """Running or talking to llama-server failed."""
 
@@ -230,9 +253,59 @@ class ServerRequestError(ServerError):
         return f"{self.message} (HTTP {self.status})"
 
 
+class ServerExitedError(ServerRequestError):
+    """llama-server exited while a request was in flight (crash, kill, out-of-memory killer).
+
+    Raised the same way by the sync and async clients (and the proxy says the same in-band):
+    ``returncode`` (negative = the signal), ``cause`` (the decoded reason), ``log_tail``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        returncode: int | None = None,
+        cause: str = "",
+        log_tail: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.returncode, self.cause, self.log_tail = returncode, cause, list(log_tail)
+        self.args = (message, returncode, cause, self.log_tail)
+
+    @property
+    def summary(self) -> str:
+        """One line: who exited, the signal and exit code, and why (no log lines)."""
+        status = "exit status unknown"
+        if self.returncode is not None:
+            status = f"exit code {self.returncode}"
+            if self.returncode < 0:
+                status = f"signal {_signal_name(-self.returncode)}, {status}"
+        text = f"{self.message} crashed: it exited during the request ({status})"
+        return f"{text}: {self.cause}" if self.cause else text
+
+    def __str__(self) -> str:
+        if not self.log_tail:
+            return self.summary
+        return f"{self.summary}\nlast log lines:\n" + _indent_tail(self.log_tail, 20)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 class RpcWorkerError(ServerStartError):
     """An RPC worker given to llama-server is unreachable, busy, or runs another build.
 
     Raised before llama-server is spawned; the message names the worker (``host:port``) and
     the cause names what was wrong (connection refused, no handshake answer, protocol version).
+    """
+
+
+class CpuFallbackError(ServerStartError):
+    """GPU layers were asked for, but llama-server loaded the model on the CPU.
+
+    Raised by ``LlamaServer.start()`` (the server is stopped) unless the caller chose to be
+    warned instead (``cpu_fallback="warn"``); ``cause`` says why the GPU was not used.
     """

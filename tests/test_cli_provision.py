@@ -412,3 +412,106 @@ def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[s
         "  cache: hit b1/linux-x86_64-cpu",
         "  select: a plain line from another producer is printed as it is",
     ]
+
+
+# ----------------------------------------------------------------------------- the auto chain
+def _fabricated_selection(requested: str = "auto") -> Any:
+    """A selection whose reasons exist only as structured data: its ``why`` says nothing."""
+    from llama_proc.provision.selection import Blocker, BlockerKind, Candidate, Selection
+
+    host = detect_host(gpu_details=False)
+    variants = load_manifest().for_platform(host.os, host.arch)
+    if len(variants) < 3:
+        pytest.skip(f"fewer than three variants for {host.platform}")
+    first, second, chosen = variants[0], variants[1], variants[-1]
+    candidates = (
+        Candidate(first, (Blocker(BlockerKind.DRIVER_TOO_OLD, "driver 470 is older than 580"),)),
+        Candidate(
+            second,
+            (
+                Blocker(BlockerKind.NO_VULKAN_DRIVER, "only the llvmpipe ICD"),
+                Blocker(BlockerKind.NO_HIP_RUNTIME, "no libamdhip64"),
+            ),
+        ),
+        Candidate(chosen),
+    )
+    return Selection(
+        chosen,
+        ("host: fabricated", "nothing to read here"),
+        ("the prebuilt needs glibc >= 9.99",),
+        candidates,
+        (Blocker(BlockerKind.GLIBC_TOO_OLD, "the prebuilt needs glibc >= 9.99"),),
+    )
+
+
+def _patch_selection(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from llama_proc.provision import selection as selection_module
+
+    fabricated = _fabricated_selection()
+    monkeypatch.setattr(selection_module, "select_variant", lambda *_a, **_k: fabricated)
+    return fabricated
+
+
+def test_doctor_prints_the_chain_from_candidates(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fabricated = _patch_selection(monkeypatch)
+    first, second, chosen = (c.variant.id for c in fabricated.candidates)
+    code, out, _ = run(capsys, "doctor", "--offline")
+    assert code == 0
+    block = out.split("selection:\n", 1)[1].split("resolution", 1)[0]
+    lines = block.splitlines()
+    assert lines[0] == "  auto chain: cuda -> rocm -> metal -> vulkan -> cpu"
+    assert f"  skip {first}: driver 470 is older than 580 [driver_too_old]" in lines
+    assert (
+        f"  skip {second}: only the llvmpipe ICD [no_vulkan_driver]; no libamdhip64 "
+        "[no_hip_runtime]" in lines
+    )
+    assert f"  use {chosen}: the first in the chain with nothing against it" in lines
+    assert (
+        "  prebuilt: blocked (the prebuilt needs glibc >= 9.99 [glibc_too_old]); a source "
+        "build is needed" in lines
+    )
+    # The reasoning lines are not what doctor reads.
+    assert "fabricated" not in out
+    assert "nothing to read here" not in out
+
+
+def test_which_verbose_prints_the_chain_between_the_ladder_steps(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fabricated = _patch_selection(monkeypatch)
+    first, _, chosen = (c.variant.id for c in fabricated.candidates)
+    code, out, err = run(capsys, "which", "-v", "--offline")
+    assert (code, out) == (1, "")
+    lines = err.splitlines()
+    assert lines[0] == "  explicit: not set (LLAMA_PROC_SERVER_BIN)"
+    assert lines[1] == "  select: auto chain: cuda -> rocm -> metal -> vulkan -> cpu"
+    assert lines[2] == f"  select: skip {first}: driver 470 is older than 580 [driver_too_old]"
+    assert lines[4] == f"  select: use {chosen}: the first in the chain with nothing against it"
+    assert lines[5].startswith("  bundled: ")
+    assert any(line.startswith("  cache: miss") for line in lines)
+    assert "fabricated" not in err
+    assert err.rstrip().splitlines()[-1].startswith("llama-proc: error: no ")
+
+
+def test_doctor_names_a_requested_backends_warnings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_proc.provision import selection as selection_module
+    from llama_proc.provision.selection import Blocker, BlockerKind, Candidate
+
+    fabricated = _fabricated_selection()
+    blocked = Candidate(
+        fabricated.variant, (Blocker(BlockerKind.NO_NVIDIA_DRIVER, "no NVIDIA driver found"),)
+    )
+    requested = type(fabricated)(
+        fabricated.variant, fabricated.why, (), (*fabricated.candidates[:2], blocked), ()
+    )
+    monkeypatch.setattr(selection_module, "select_variant", lambda *_a, **_k: requested)
+    code, out, _ = run(capsys, "doctor", "--offline", "--variant", "cuda")
+    assert code == 0
+    assert "selection:\n  requested: cuda\n" in out
+    assert f"  use {fabricated.variant.id}: requested with --variant cuda" in out
+    assert "  warning: no NVIDIA driver found [no_nvidia_driver]" in out
+    assert "  prebuilt: fits this host" in out

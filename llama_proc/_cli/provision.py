@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
     from llama_proc.provision.install import Install
     from llama_proc.provision.platform import HostInfo
+    from llama_proc.provision.selection import Blocker, Selection
 
 _MB: Final = 1024 * 1024
 #: Tools ``doctor`` looks for on PATH (and in this interpreter's scripts folder).
@@ -48,6 +49,19 @@ def register(subparsers: Any) -> None:
         "--force",
         action="store_true",
         help="install again even if a usable install is bundled or cached (replaces it)",
+    )
+    p.add_argument(
+        "--platform",
+        type=_platform,
+        metavar="OS-ARCH",
+        help="fetch for another machine (linux-x86_64, linux-aarch64, macos-arm64, "
+        "windows-x86_64, windows-arm64): the archives an install there gets (binary and CUDA "
+        "runtime), verified and unpacked into --dest, never run here; needs --variant",
+    )
+    p.add_argument(
+        "--dest",
+        metavar="DIR",
+        help="with --platform: the folder to unpack into (new, empty, or an earlier --dest)",
     )
     p.set_defaults(handler=_fetch)
 
@@ -126,6 +140,20 @@ def register(subparsers: Any) -> None:
     )
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     c.set_defaults(handler=_cache_prune)
+    c = add_command(
+        cache_sub,
+        "verify",
+        help="re-hash every file of every install against its install.json",
+        description=(
+            "Re-hash every file of every install against the sizes, times and sha256 digests "
+            "its install.json recorded, and report each install as OK or what differs. Exits "
+            "1 when an install is broken; `llama-proc fetch --force` re-installs it, `cache rm` "
+            "removes it."
+        ),
+    )
+    add_settings_flags(c, "cache_dir")
+    c.add_argument("--json", action="store_true", help="print the findings as JSON")
+    c.set_defaults(handler=_cache_verify)
 
     p = add_command(
         subparsers,
@@ -176,9 +204,47 @@ def _size(num: object) -> str:
 
 
 # ----------------------------------------------------------------------------- handlers
+def _platform(text: str) -> str:
+    """Argparse type for ``--platform``: checked as the library checks it."""
+    import argparse
+
+    from llama_proc.errors import ConfigError
+    from llama_proc.provision.prebuilt import parse_platform
+
+    try:
+        return parse_platform(text).platform
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _fetch_for_platform(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llama_proc.errors import ConfigError
+    from llama_proc.provision.prebuilt import fetch_for_platform
+
+    if args.platform is None or args.dest is None:
+        msg = (
+            "--platform and --dest go together: pass both "
+            "(e.g. --platform windows-x86_64 --dest DIR)"
+        )
+        raise ConfigError(msg)
+    settings = settings_from_args(args)
+    done = fetch_for_platform(settings, args.platform, Path(args.dest), force=args.force)
+    install = done.install
+    if not args.quiet:
+        state = "fetched" if done.made else "already there:"
+        what = f"{install.variant_id} {install.build} for {args.platform}"
+        _err(f"  {state} {what} into {install.path} (not run here)")
+    print(install.server_binary)
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from llama_proc.provision.resolve import ensure_server
 
+    if args.platform is not None or args.dest is not None:
+        return _fetch_for_platform(args)
     settings = settings_from_args(args)
     explain: list[str] = []
     try:
@@ -191,17 +257,77 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _which(args: argparse.Namespace) -> int:
-    from llama_proc.provision.resolve import resolve_server
+    import contextlib
+
+    from llama_proc.errors import LlamaProcError
+    from llama_proc.provision.explain import Step, StepName
+    from llama_proc.provision.resolve import plan, resolve_server
 
     settings = settings_from_args(args)
     explain: list[str] = []
+    if not args.verbose:
+        print(resolve_server(settings, explain=explain, provision=False).server_binary)
+        return 0
+    res = None
+    if settings.server_binary is None:
+        # On error the resolver raises the same error below, after the steps are printed.
+        with contextlib.suppress(LlamaProcError):
+            res = plan(settings)
     try:
-        install = resolve_server(settings, explain=explain, provision=False)
+        # The plan's host and manifest, so the ladder looks for what the chain printed.
+        install = resolve_server(
+            settings,
+            explain=explain,
+            provision=False,
+            host=res.host if res else None,
+            manifest=res.manifest if res else None,
+        )
     finally:
-        if args.verbose:
+        if res is None:
             _explain(explain)
+        else:
+            # The chain replaces the selection's reasoning lines, where they stood.
+            chain = [f"select: {line}" for line in _chain_lines(res.selection, settings.backend)]
+            at = next(
+                (
+                    i
+                    for i, s in enumerate(explain)
+                    if isinstance(s, Step) and s.step == StepName.SELECT
+                ),
+                len(explain),
+            )
+            _explain([*explain[:at], *chain, *explain[at:]], skip=(StepName.SELECT,))
     print(install.server_binary)
     return 0
+
+
+def _chain_lines(selection: Selection, requested: str) -> list[str]:
+    """The variants the selection considered: why each was skipped, and the one it took.
+
+    Read from :attr:`Selection.candidates` and their :class:`Blocker` kinds and texts, never
+    from the selection's reasoning lines.
+    """
+    from llama_proc.provision.selection import AUTO_CHAIN
+    from llama_proc.vocab import AUTO
+
+    auto = requested == AUTO
+    lines = [f"auto chain: {' -> '.join(AUTO_CHAIN)}" if auto else f"requested: {requested}"]
+    chosen = None
+    for candidate in selection.candidates:
+        if candidate.variant is selection.variant:
+            chosen = candidate
+        else:
+            lines.append(f"skip {candidate.variant.id}: {_reasons(candidate.blockers)}")
+    how = "the first in the chain with nothing against it"
+    if not auto:
+        how = f"requested with --variant {requested}"
+    lines.append(f"use {selection.variant.id}: {how}")
+    lines.extend(f"warning: {b.text} [{b.kind}]" for b in (chosen.blockers if chosen else ()))
+    return lines
+
+
+def _reasons(blockers: Sequence[Blocker]) -> str:
+    return "; ".join(f"{b.text} [{b.kind}]" for b in blockers) or "passed over"
 
 
 def _installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
@@ -218,8 +344,8 @@ def _list(args: argparse.Namespace) -> int:
     from llama_proc.provision.manifest import load_manifest
     from llama_proc.provision.platform import detect_host
     from llama_proc.provision.selection import (
-        prebuilt_blockers,
-        runtime_blockers,
+        prebuilt_problems,
+        runtime_problems,
         select_variant,
     )
 
@@ -240,13 +366,13 @@ def _list(args: argparse.Namespace) -> int:
     width = max((len(v.id) for v in variants), default=0)
     for v in variants:
         mark = "*" if v.id == chosen else " "
-        problems = runtime_blockers(v, host)
-        fits = "runs here" if not problems else "cannot run here: " + "; ".join(problems)
-        blockers = prebuilt_blockers(v, host)
+        problems = runtime_problems(v, host)
+        fits = "runs here" if not problems else "cannot run here: " + _reasons(problems)
+        blockers = prebuilt_problems(v, host)
         if not v.has_prebuilt:
             prebuilt = "prebuilt: none upstream (source build)"
         elif blockers and not problems:
-            prebuilt = "prebuilt: no (" + "; ".join(blockers) + "), source build"
+            prebuilt = "prebuilt: no (" + _reasons(blockers) + "), source build"
         elif blockers:
             prebuilt = "prebuilt: no"
         else:
@@ -285,6 +411,37 @@ def _cache_rm(args: argparse.Namespace) -> int:
     from llama_proc.provision.inventory import remove
 
     print(f"removed {remove(settings_from_args(args), args.install_id)}")
+    return 0
+
+
+def _cache_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from llama_proc.provision.inventory import verify_installs
+
+    settings = settings_from_args(args)
+    reports = verify_installs(settings)
+    broken = [r for r in reports if not r.ok]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    elif not reports:
+        _err(f"no installs in {settings.cache_dir}")
+    for r in [] if args.json else reports:
+        if not r.ok:
+            print(f"{r.id}: BROKEN")
+            for problem in r.problems:
+                print(f"  {problem}")
+        elif r.files is None:
+            print(f"{r.id}: OK (no file records: made by an older llama-proc; binaries only)")
+        else:
+            print(f"{r.id}: OK ({r.files} files)")
+    if broken:
+        removals = ", ".join(f"`llama-proc cache rm {r.id}`" for r in broken)
+        _err(
+            f"{len(broken)} broken install(s): re-install with `llama-proc fetch --force` (with "
+            f"the --variant and --build it was made for), or remove with {removals}"
+        )
+        return 1
     return 0
 
 
@@ -413,18 +570,17 @@ def _doctor(args: argparse.Namespace) -> int:
         f"no_prebuilt={settings.no_prebuilt} offline={settings.offline} "
         f"mirror={settings.mirror or '-'} server_bin={settings.server_binary or '-'}"
     )
-    print("selection:")
     try:
         selection = select_variant(manifest, host, settings.backend)
     except LlamaProcError as err:
-        print(f"  error: {err}")
+        print(f"selection:\n  error: {err}")
     else:
-        for line in selection.why:
+        print("selection:")
+        for line in _chain_lines(selection, settings.backend):
             print(f"  {line}")
-        if selection.blockers:
-            print(
-                f"  prebuilt: blocked ({'; '.join(selection.blockers)}); a source build is needed"
-            )
+        if selection.prebuilt_reasons:
+            reasons = _reasons(selection.prebuilt_reasons)
+            print(f"  prebuilt: blocked ({reasons}); a source build is needed")
         else:
             print("  prebuilt: fits this host")
     print("resolution (no download, no build):")

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.manifest import Manifest, Variant
     from llama_proc.provision.platform import HostInfo
     from llama_proc.provision.toolchain import Toolchain
+    from llama_proc.provision.verify import DeviceRequirement
 
 __all__ = ["build_into", "build_variant", "copy_outputs"]
 
@@ -146,6 +147,7 @@ def build_variant(
     force: bool = False,
     toolchain: Toolchain | None = None,
     explain: list[str] | None = None,
+    require_device: DeviceRequirement | None = None,
 ) -> Install:
     """Build ``variant`` from source into the cache (or return the cached build).
 
@@ -163,6 +165,8 @@ def build_variant(
         force: rebuild and reinstall even if the install exists (the build stays incremental).
         toolchain: the tools to use (default: found on this host).
         explain: gets one line per decision (source used, cache hit or build time).
+        require_device: the GPU the new build must list before it is installed
+            (:func:`~llama_proc.provision.verify.device_requirement`; None = no check).
 
     Returns:
         The complete install; ``metadata["source_origin"]`` says which source was used.
@@ -205,6 +209,7 @@ def build_variant(
         binaries=variant.binaries,
         os_name=request.os_name,
         force=force,
+        require_device=require_device,
     )
     origin = install.metadata.get("source_origin", tree.origin)
     lines = [f"source: {origin} (build {tree.build or 'unknown'})"]

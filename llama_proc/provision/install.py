@@ -3,15 +3,26 @@
 Reading one is cheap (no downloads, archives or host probes are imported), because every cache
 hit ends here. Making one is :mod:`~llama_proc.provision.installer`'s job; where installs live
 is :mod:`~llama_proc.provision.layout`'s.
+
+``install.json`` records every file of the install under ``file_records`` (relative path ->
+size, mtime_ns and sha256, or the target of a symlink). :meth:`Install.problems` compares the
+cheap facts (one ``lstat`` per file, no reading): a truncated binary, a deleted or replaced
+library makes the install broken, and the installer replaces it. Re-hashing everything is
+``llama-proc cache verify``'s job (:func:`~llama_proc.provision.inventory.verify_installs`).
+Installs made before file records existed have none: only their binaries are checked.
+Every path ``install.json`` names must stay inside the install folder, lexically and after
+following symlinks; one that leaves it makes the install broken, never followed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import BinaryNotFoundError, ProvisionError
 from llama_proc.provision.layout import INSTALL_JSON
@@ -19,14 +30,144 @@ from llama_proc.provision.layout import INSTALL_JSON
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["INSTALL_SCHEMA", "Install", "alternatives", "complete_install"]
+__all__ = [
+    "FILES_KEY",
+    "INSTALL_SCHEMA",
+    "FileProblem",
+    "FileRecord",
+    "Install",
+    "ProblemKind",
+    "alternatives",
+    "check_install",
+    "complete_install",
+    "scan_tree",
+]
 
 logger = logging.getLogger(__name__)
 
 INSTALL_SCHEMA: Final = 1
 """The ``schema`` written into every ``install.json``."""
+FILES_KEY: Final = "file_records"
+"""The ``install.json`` key recording every file (absent in installs made before it existed)."""
 _ALIASES: Final = {"rpc-server": "ggml-rpc-server|rpc-server"}
 """Names callers may use for binaries that upstream renamed."""
+
+ProblemKind = Literal[
+    "missing", "size", "mtime", "type", "link", "dangling", "outside", "sha256", "extra", "record"
+]
+"""What is wrong with one file of an install (see :class:`FileProblem`)."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of an install as ``install.json`` records it."""
+
+    size: int
+    """``lstat`` size in bytes (for a symlink: the length of its target)."""
+    mtime_ns: int
+    """``lstat`` modification time."""
+    sha256: str | None = None
+    """Content digest of a regular file, taken at install time; None for a symlink."""
+    link: str | None = None
+    """Target of a symlink, as written in the link; None for a regular file."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``install.json`` form (keys that are None are left out)."""
+        out: dict[str, Any] = {"size": self.size, "mtime_ns": self.mtime_ns}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        if self.link is not None:
+            out["link"] = self.link
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> FileRecord | None:
+        """Parse one ``file_records`` entry; None when it is not an object with integer size and mtime."""
+        if not isinstance(data, dict):
+            return None
+        size, mtime, sha, link = (data.get(k) for k in ("size", "mtime_ns", "sha256", "link"))
+        if not isinstance(size, int) or not isinstance(mtime, int):
+            return None
+        return cls(
+            size,
+            mtime,
+            sha if isinstance(sha, str) else None,
+            link if isinstance(link, str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """Something wrong with one file of an install; ``str()`` is a line for people."""
+
+    path: str
+    """Relative to the install folder (``install.json`` for a record that cannot be used)."""
+    kind: ProblemKind
+    expected: str | int | None = None
+    """What ``install.json`` says (a size, a link target, a sha256...)."""
+    actual: str | int | None = None
+    """What is on disk now (or, for ``record``, why the record cannot be used)."""
+
+    def __str__(self) -> str:
+        messages: dict[str, str] = {
+            "missing": "missing",
+            "size": f"size changed ({self.expected} -> {self.actual} bytes)",
+            "mtime": "modified since it was installed (mtime changed)",
+            "type": f"is now {self.actual}, was {self.expected}",
+            "link": f"points to {self.actual!r}, install.json says {self.expected!r}",
+            "dangling": f"symlink to {self.expected!r} leads nowhere",
+            "outside": f"resolves outside the install folder ({self.actual})",
+            "sha256": "content differs from install.json (sha256)",
+            "extra": "not part of the install",
+            "record": str(self.actual),
+        }
+        return f"{self.path}: {messages[self.kind]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form, with the message (``cache verify --json``)."""
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "expected": self.expected,
+            "actual": self.actual,
+            "message": str(self),
+        }
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "a file" if stat.S_ISREG(mode) else "something else"
+
+
+def scan_tree(root: Path) -> dict[str, os.stat_result]:
+    """Every regular file and symlink under ``root`` -> its ``lstat``, by relative POSIX path.
+
+    Symlinked folders are listed as links, never entered; the top-level ``install.json`` is
+    left out (it cannot record itself).
+    """
+    out: dict[str, os.stat_result] = {}
+    pending = [(root, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                rel = f"{prefix}{entry.name}"
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append((Path(entry.path), f"{rel}/"))
+                elif rel != INSTALL_JSON:
+                    out[rel] = st
+    return dict(sorted(out.items()))
+
+
+def _is_inside(rel: str) -> bool:
+    """Whether the relative path ``rel`` stays inside its folder, written out (no links)."""
+    # Plain string tests (every recorded file, on every cache hit), in both spellings: a record
+    # must not escape with "/x", "\\x", "C:x" or ".." between either kind of separator.
+    if not rel or rel[0] in "/\\" or rel[1:2] == ":":
+        return False
+    return ".." not in rel.replace("\\", "/").split("/")
 
 
 def alternatives(name: str) -> list[str]:
@@ -47,6 +188,8 @@ class Install:
     """Manifest binary name (``ggml-rpc-server|rpc-server``) -> absolute path."""
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Everything ``install.json`` says (empty for an explicit binary)."""
+    files: Mapping[str, FileRecord] | None = field(default=None, hash=False)
+    """Every file at install time, by relative path; None for installs that predate records."""
 
     @property
     def server_binary(self) -> Path:
@@ -90,8 +233,63 @@ class Install:
         raise BinaryNotFoundError(msg)
 
     def missing_files(self) -> list[str]:
-        """Binaries recorded in ``install.json`` that are no longer on disk."""
-        return [name for name, path in self.binaries.items() if not path.is_file()]
+        """Binaries recorded in ``install.json`` that are no longer on disk inside the install."""
+        root = self.path.resolve()
+        return [
+            name
+            for name, path in self.binaries.items()
+            if self._binary_problem(root, path) is not None
+        ]
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.path).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _binary_problem(self, root: Path, path: Path) -> FileProblem | None:
+        """A binary must be a file once its links are followed, and stay inside ``root``."""
+        rel = self._relative(path)
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, a dangling link or a link loop
+            return FileProblem(rel, "missing")
+        if real != root and root not in real.parents:
+            return FileProblem(rel, "outside", actual=str(real))
+        if not real.is_file():
+            return FileProblem(rel, "type", expected="a file", actual="something else")
+        return None
+
+    def problems(self) -> list[FileProblem]:
+        """What differs from ``install.json``, by the cheap facts (stat calls only).
+
+        Every binary must resolve to a file inside the install; every recorded file must be
+        there with its recorded kind, size and mtime. Contents are not read: ``cache verify``
+        re-hashes them. An install without file records is checked by its binaries only.
+
+        Returns:
+            One problem per damaged file, binaries first; empty when the install is intact.
+        """
+        root = self.path.resolve()
+        found = [p for p in (self._binary_problem(root, b) for b in self.binaries.values()) if p]
+        seen = {p.path for p in found}
+        base = str(self.path)  # plain strings: this loop runs on every cache hit
+        for rel, record in (self.files or {}).items():
+            if rel in seen:
+                continue
+            try:
+                st = os.lstat(os.path.join(base, rel))  # noqa: PTH118
+            except OSError:
+                found.append(FileProblem(rel, "missing"))
+                continue
+            was = "a symlink" if record.link is not None else "a file"
+            if _kind_of(st.st_mode) != was:
+                found.append(FileProblem(rel, "type", was, _kind_of(st.st_mode)))
+            elif st.st_size != record.size:
+                found.append(FileProblem(rel, "size", record.size, st.st_size))
+            elif st.st_mtime_ns != record.mtime_ns:
+                found.append(FileProblem(rel, "mtime", record.mtime_ns, st.st_mtime_ns))
+        return found
 
     @classmethod
     def from_dir(cls, path: Path) -> Install:
@@ -115,31 +313,67 @@ class Install:
             raise ProvisionError(msg)
         binaries_raw = data.get("binaries")
         try:
-            binaries = {
-                str(name): path / (entry["path"] if isinstance(entry, dict) else str(entry))
+            relative = {
+                str(name): str(entry["path"] if isinstance(entry, dict) else entry)
                 for name, entry in (binaries_raw or {}).items()
             }
             variant_id, build, source = (str(data[k]) for k in ("variant_id", "build", "source"))
         except (KeyError, TypeError, AttributeError) as err:
             msg = f"{record} lacks {err}; remove the install and retry"
             raise ProvisionError(msg) from err
-        if not any("llama-server" in alternatives(k) for k in binaries):
+        if not any("llama-server" in alternatives(k) for k in relative):
             msg = f"{record} names no llama-server binary; remove the install and retry"
             raise ProvisionError(msg)
-        return cls(path, variant_id, build, source, binaries, data)
+        files = _parse_files(record, data.get(FILES_KEY))
+        for what, rel in [*relative.items(), *((f"file {r!r}", r) for r in files or {})]:
+            if not _is_inside(rel):
+                msg = (
+                    f"{record} puts {what} at {rel!r}, outside the install folder; remove the "
+                    "install (llama-proc cache rm) and retry"
+                )
+                raise ProvisionError(msg)
+        binaries = {name: path / rel for name, rel in relative.items()}
+        return cls(path, variant_id, build, source, binaries, data, files)
 
 
-def complete_install(target: Path) -> Install | None:
-    """The install at ``target`` if it is complete and has all its binaries, else None."""
-    if not (target / INSTALL_JSON).is_file():
+def _parse_files(record: Path, raw: object) -> dict[str, FileRecord] | None:
+    if raw is None:
         return None
+    parsed = (
+        {str(k): FileRecord.from_json(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    )
+    files = {rel: entry for rel, entry in parsed.items() if entry is not None}
+    if not isinstance(raw, dict) or len(files) != len(parsed):
+        msg = (
+            f"{record} has an unusable {FILES_KEY!r} record (each file needs an integer size "
+            "and mtime_ns); remove the install and retry"
+        )
+        raise ProvisionError(msg)
+    return files
+
+
+def check_install(target: Path) -> tuple[Install | None, list[FileProblem]]:
+    """Read the install at ``target`` and check it by the cheap facts (:meth:`Install.problems`).
+
+    Returns:
+        ``(None, [])`` when there is no complete install (no ``install.json``);
+        ``(None, [record problem])`` when ``install.json`` cannot be used (unreadable, or a
+        path outside the folder); else the install and its problems (empty: intact).
+    """
+    if not (target / INSTALL_JSON).is_file():
+        return None, []
     try:
         install = Install.from_dir(target)
     except ProvisionError as err:
-        logger.warning("%s; reinstalling", err)
-        return None
-    missing = install.missing_files()
-    if missing:
-        logger.warning("install %s lost %s; reinstalling", target, ", ".join(missing))
+        return None, [FileProblem(INSTALL_JSON, "record", actual=str(err))]
+    return install, install.problems()
+
+
+def complete_install(target: Path) -> Install | None:
+    """The install at ``target`` if it is complete and intact, else None (a broken one too)."""
+    install, problems = check_install(target)
+    if install is None or problems:
+        if problems:
+            logger.debug("install %s is broken: %s", target, "; ".join(map(str, problems)))
         return None
     return install

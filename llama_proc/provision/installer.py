@@ -5,15 +5,18 @@ An install is made in a staging folder beside its final place, smoke-checked
 ``install.json`` written inside it, and only then renamed into place
 (:func:`~llama_proc.provision.locking.create_once`): ``install.json``'s presence means the
 install is complete (:class:`~llama_proc.provision.install.Install` reads it).
+
+:func:`install_once` also says whether this call made the install or found it complete, so a
+process that waited on the lock while another one installed can say so instead of "installed".
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
-import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,18 +24,32 @@ from llama_proc._version import __version__
 from llama_proc.errors import ProvisionError
 from llama_proc.provision.archive import find_binaries
 from llama_proc.provision.download import file_sha256
-from llama_proc.provision.install import INSTALL_SCHEMA, Install, alternatives, complete_install
+from llama_proc.provision.install import (
+    FILES_KEY,
+    INSTALL_SCHEMA,
+    FileRecord,
+    Install,
+    alternatives,
+    check_install,
+    complete_install,
+    scan_tree,
+)
 from llama_proc.provision.layout import INSTALL_JSON
 from llama_proc.provision.locking import create_once
 from llama_proc.provision.platform import host_os
-from llama_proc.provision.verify import parse_version_output, smoke_check
+from llama_proc.provision.verify import (
+    DeviceRequirement,
+    check_devices,
+    parse_version_output,
+    smoke_check,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from llama_proc.config import Settings
 
-__all__ = ["install_atomically"]
+__all__ = ["Installed", "install_atomically", "install_once"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +57,37 @@ _OUTPUT_LIMIT: Final = 4000
 """Characters of ``--version`` output kept in install.json."""
 
 
-def _tree_size(root: Path) -> int:
-    total = 0
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += (Path(folder) / name).lstat().st_size
-    return total
+@dataclass(frozen=True)
+class Installed:
+    """An install, and whether this call made it."""
+
+    install: Install
+    made: bool
+    """False: it was complete already, typically finished by another process while this one
+    waited for the lock ("already installed by another process")."""
+
+
+def _file_records(staging: Path) -> dict[str, FileRecord]:
+    """Every file of the finished staging folder: what a cache hit later compares against.
+
+    Taken last, after the smoke check, so nothing the installer does moves an mtime after it.
+    """
+    records: dict[str, FileRecord] = {}
+    for rel, st in scan_tree(staging).items():
+        path = staging / rel
+        if stat.S_ISLNK(st.st_mode):
+            records[rel] = FileRecord(st.st_size, st.st_mtime_ns, link=str(path.readlink()))
+        else:
+            records[rel] = FileRecord(st.st_size, st.st_mtime_ns, sha256=file_sha256(path))
+    return records
+
+
+def _log_repair(target: Path) -> None:
+    """Say why an existing install at ``target`` is being replaced (it was found broken)."""
+    _install, problems = check_install(target)
+    if problems:
+        why = "; ".join(map(str, problems))
+        logger.warning("re-installing %s, the cached install is broken: %s", target, why)
 
 
 def _record(
@@ -55,6 +96,7 @@ def _record(
     found: Mapping[str, Path],
     os_name: str,
     version_output: str | None,
+    skipped: str,
 ) -> dict[str, Any]:
     missing = [k for k in ("variant_id", "build", "source") if not metadata.get(k)]
     if missing:
@@ -62,17 +104,21 @@ def _record(
         raise ProvisionError(msg)
     record: dict[str, Any] = {"schema": INSTALL_SCHEMA}
     record.update(metadata)
-    record["binaries"] = {
-        name: {"path": path.relative_to(staging).as_posix(), "sha256": file_sha256(path)}
-        for name, path in found.items()
-    }
+    files = _file_records(staging)
+    binaries: dict[str, dict[str, Any]] = {}
+    for name, path in found.items():
+        rel = path.relative_to(staging).as_posix()
+        digest = files[rel].sha256 if rel in files else None
+        binaries[name] = {"path": rel, "sha256": digest or file_sha256(path)}
+    record["binaries"] = binaries
+    record[FILES_KEY] = {rel: entry.to_json() for rel, entry in files.items()}
     record["os"] = os_name
-    record["size"] = _tree_size(staging)
+    record["size"] = sum(entry.size for entry in files.values())
     record["created"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     record["llama_proc_version"] = __version__
     if version_output is None:
         record["version"] = None
-        record["smoke_check"] = f"skipped: {os_name} binaries cannot run on {host_os()}"
+        record["smoke_check"] = f"skipped: {skipped}"
     else:
         record.update(parse_version_output(version_output))
         record["version_output"] = version_output.strip()[-_OUTPUT_LIMIT:]
@@ -88,7 +134,39 @@ def install_atomically(
     binaries: Sequence[str],
     os_name: str,
     force: bool = False,
+    require_device: DeviceRequirement | None = None,
 ) -> Install:
+    """Create (or find) the install at ``target``, atomically and under its lock.
+
+    :func:`install_once` without the "made here" answer; see it for the arguments.
+
+    Raises:
+        CacheLockTimeoutError: another process held the lock for ``settings.lock_timeout``.
+        ProvisionError: populating, locating the binaries or the smoke check failed (nothing
+            is left behind), or the cache folder is not writable.
+    """
+    return install_once(
+        target,
+        populate,
+        settings=settings,
+        binaries=binaries,
+        os_name=os_name,
+        force=force,
+        require_device=require_device,
+    ).install
+
+
+def install_once(
+    target: Path,
+    populate: Callable[[Path], Mapping[str, Any]],
+    *,
+    settings: Settings,
+    binaries: Sequence[str],
+    os_name: str,
+    force: bool = False,
+    run_here: bool = True,
+    require_device: DeviceRequirement | None = None,
+) -> Installed:
     """Create (or find) the install at ``target``, atomically and under its lock.
 
     Args:
@@ -99,32 +177,64 @@ def install_atomically(
         binaries: manifest binary names that must be present (``a|b`` = either).
         os_name: the binaries' OS; ``--version`` is only run when it is this host's.
         force: replace a complete install instead of returning it.
+        run_here: smoke-check the binaries when they are this host's OS; False never runs
+            them (an install meant for another machine).
+        require_device: after the smoke check, ``llama-server --list-devices`` must list a
+            GPU of this backend (:func:`~llama_proc.provision.verify.device_requirement`);
+            the devices are recorded in ``install.json``.
 
     Returns:
-        The install now at ``target``.
+        The install now at ``target``, and whether this call made it.
 
     Raises:
         CacheLockTimeoutError: another process held the lock for ``settings.lock_timeout``.
         ProvisionError: populating, locating the binaries or the smoke check failed (nothing
             is left behind), or the cache folder is not writable.
+        DeviceNotFoundError: ``require_device`` is set and the build lists no such GPU
+            (nothing is left behind).
     """
     target = Path(target)
+    made: list[bool] = []
 
     def make(staging: Path) -> None:
+        made.append(True)
+        if not force:
+            _log_repair(target)
         metadata = populate(staging)
         found = find_binaries(staging, binaries, os_name)
         server = next(p for k, p in found.items() if "llama-server" in alternatives(k))
-        output = smoke_check(server) if os_name == host_os() else None
-        record = _record(metadata, staging, found, os_name, output)
+        runnable = os_name == host_os()
+        output = smoke_check(server) if runnable and run_here else None
+        # A GPU build that cannot see the GPU still passes --version, then serves on the CPU.
+        devices = None
+        if output is not None and require_device is not None:
+            devices = check_devices(server, require_device)
+        skipped = (
+            f"{os_name} binaries cannot run on {host_os()}"
+            if not runnable
+            else "not run here (installed for another machine)"
+        )
+        record = _record(metadata, staging, found, os_name, output, skipped)
+        if devices is not None:
+            record["devices"] = [d.to_dict() for d in devices]
         (staging / INSTALL_JSON).write_text(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
         )
         logger.info("installing %s (%s)", target, record.get("version") or record["source"])
 
-    return create_once(
+    if not force:
+        # Checked here as well as in create_once, so that only a process that really found
+        # the install finished while it waited for the lock says another process made it.
+        done = complete_install(target)
+        if done is not None:
+            return Installed(done, made=False)
+    install = create_once(
         target,
         make,
         ready=lambda: complete_install(target),
         timeout=settings.lock_timeout,
         force=force,
     )
+    if not made:
+        logger.info("%s: already installed by another process", target)
+    return Installed(install, made=bool(made))

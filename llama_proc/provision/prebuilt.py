@@ -1,106 +1,159 @@
-"""Installing a prebuilt: download the release archive(s), verify, extract, smoke-check.
+"""Installing a prebuilt: download the release archives, verify, unpack, smoke-check.
 
-The variant's main archive and its extra archives (the CUDA runtime twin) are fetched into
-``downloads/`` (sha256-verified, resumable), unpacked into one staging folder and installed by
-:func:`~llama_proc.provision.installer.install_atomically`. Only the ladder's ``prebuilt`` step
-imports this module, so a cache hit never loads ``requests`` or the archive readers.
+A variant's archives are :meth:`~llama_proc.provision.manifest.Variant.assets`: the binary
+archive first, then its runtime twins (upstream's ``cudart-`` archives, without which the CUDA
+backend cannot load). Each is fetched into ``downloads/`` and checked against its sha256 (the
+pin in ``variants.toml``, else the listing's digest) and its size from the listing, then
+unpacked into one staging folder (:func:`~llama_proc.provision.archive.extract_archive` with
+``merge=True``), which :func:`~llama_proc.provision.installer.install_once` smoke-checks and
+renames into place.
+
+The verified archives stay in ``downloads/`` until the install is committed, so a process
+killed after unpacking does not cost the next one a download; after the rename they are
+deleted (what an interrupted or failed install leaves, ``llama-proc cache prune`` removes).
+
+:func:`fetch_for_platform` does the same for another machine (``llama-proc fetch --platform``):
+the same archives into a folder of the caller's choosing, never run here.
+
+Only the ladder's ``prebuilt`` step and ``fetch --platform`` import this module, so a cache hit
+never loads ``requests`` or the archive readers.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from llama_proc.errors import ConfigError, ManifestError, ProvisionError
 from llama_proc.provision import archive, download, releases
-from llama_proc.provision.installer import install_atomically
-from llama_proc.provision.layout import downloads_dir, install_dir
-from llama_proc.provision.locking import cache_lock, lock_path, remove_tree
-from llama_proc.vocab import InstallSource
+from llama_proc.provision.install import Install
+from llama_proc.provision.installer import Installed, install_once
+from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.locking import cache_lock, lock_path, try_lock
+from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
+from llama_proc.provision.platform import HostInfo, normalize_arch, normalize_os
+from llama_proc.provision.selection import select_variant
+from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-    from pathlib import Path
+    from collections.abc import Callable, Mapping, Sequence
 
     import requests
 
     from llama_proc.config import Settings
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
     from llama_proc.provision.releases import ReleaseAsset
     from llama_proc.provision.resolve import Resolution
+    from llama_proc.provision.verify import DeviceRequirement
 
-__all__ = ["install_prebuilt"]
+__all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]
 
 logger = logging.getLogger(__name__)
 
-_EXTRACT_DIR: Final = ".extract"
-"""Scratch folder inside staging where each archive is unpacked before it is merged."""
+
+@dataclass(frozen=True)
+class _Archive:
+    """One archive of the install: where it comes from and what it must be."""
+
+    name: str
+    url: str
+    sha256: str
+    size: int
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "sha256": self.sha256, "size": self.size}
 
 
-def _merge_tree(src: Path, dest: Path) -> None:
-    """Move ``src``'s entries into ``dest`` (same filesystem: renames, symlinks kept)."""
-    for entry in sorted(src.iterdir()):
-        target = dest / entry.name
-        if target.is_dir() and not target.is_symlink() and entry.is_dir():
-            _merge_tree(entry, target)
+def _checked(match: AssetMatch[ReleaseAsset], variant: Variant) -> _Archive:
+    """The sha256 and size to verify: a pin wins, and one that contradicts the listing fails."""
+    asset = match.asset
+    if match.size is not None and match.size != asset.size:
+        msg = (
+            f"variants.toml pins size {match.size} for {asset.name} (variant {variant.id}) but "
+            f"the release listing says {asset.size} bytes; the pin or the mirror is wrong, "
+            "refusing to guess which"
+        )
+        raise ManifestError(msg)
+    pin = match.sha256
+    if pin and asset.sha256 is not None and asset.sha256 != pin:
+        msg = (
+            f"variants.toml pins sha256 {pin} for {asset.name} (variant {variant.id}) but the "
+            f"release listing's digest is {asset.sha256}; the pin or the mirror is wrong, "
+            "refusing to guess which"
+        )
+        raise ManifestError(msg)
+    sha256 = pin or asset.require_sha256()
+    return _Archive(asset.name, asset.url, sha256, asset.size)
+
+
+def _archives(
+    variant: Variant,
+    repo: str,
+    build: str,
+    settings: Settings,
+    session: requests.Session,
+) -> list[_Archive]:
+    """Every archive ``variant`` installs from release ``build``: the binary, then its twins."""
+    # variant= lets a plain-http remote mirror through only when every asset is pinned.
+    listing = releases.fetch_release_assets(repo, build, settings, session, variant=variant)
+    return [_checked(match, variant) for match in variant.assets(build, listing)]
+
+
+def _unpack(item: _Archive, staging: Path, settings: Settings, session: requests.Session) -> Path:
+    """Download ``item`` (unless a verified copy is kept) and unpack it into ``staging``."""
+    dest = downloads_dir(settings) / item.name
+    # An archive may serve several variants (cpu and rpc), so it has its own lock, held until
+    # it is unpacked: nobody deletes it under a reader. A crash leaves dest.part to resume.
+    with cache_lock(lock_path(dest), settings.lock_timeout):
+        kept = dest.is_file() and dest.stat().st_size == item.size
+        if not (kept and download.file_sha256(dest) == item.sha256):
+            download.download_file(
+                item.url,
+                dest,
+                sha256=item.sha256,
+                size=item.size,
+                settings=settings,
+                session=session,
+                desc=item.name,
+            )
+        else:
+            logger.info("using %s, downloaded and verified earlier", dest)
+        archive.extract_archive(dest, staging, merge=True)
+    return dest
+
+
+def _discard_downloads(paths: Sequence[Path]) -> None:
+    """Delete archives once their install is committed; one in use is left to ``cache prune``."""
+    for path in paths:
+        held = try_lock(lock_path(path))
+        if held is None:
+            logger.debug("%s is in use by another install; leaving it", path)
             continue
-        if target.exists() or target.is_symlink():
-            logger.warning("%s is in more than one archive; the later one wins", entry.name)
-            if target.is_dir() and not target.is_symlink():
-                remove_tree(target)
-            else:
-                target.unlink()
-        entry.rename(target)
+        with held:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                logger.warning("could not remove %s (%s); `llama-proc cache prune` will", path, err)
 
 
-def _fetch_and_extract(
-    asset: ReleaseAsset,
-    staging: Path,
+def _install(
+    target: Path,
+    variant: Variant,
+    build: str,
+    repo: str,
     settings: Settings,
     session: requests.Session | None,
-    index: int,
-) -> dict[str, Any]:
-    sha256 = asset.require_sha256()
-    folder = downloads_dir(settings)
-    dest = folder / asset.name
-    # The archive is shared by the variants built from it (cpu and rpc), so it has its own
-    # lock; a crash leaves dest.part behind for the next attempt to resume.
-    with cache_lock(lock_path(dest), settings.lock_timeout):
-        if not (dest.is_file() and download.file_sha256(dest) == sha256):
-            download.download_file(
-                asset.url, dest, sha256=sha256, settings=settings, session=session, desc=asset.name
-            )
-        scratch = staging / f"{_EXTRACT_DIR}{index}"
-        root = archive.extract_archive(dest, scratch)
-        _merge_tree(root, staging)
-        remove_tree(scratch)
-        dest.unlink(missing_ok=True)
-    return {"name": asset.name, "url": asset.url, "sha256": sha256, "size": asset.size}
-
-
-def install_prebuilt(
-    res: Resolution,
-    settings: Settings,
+    metadata: Mapping[str, Any],
     *,
-    force: bool = False,
-    session: requests.Session | None = None,
-) -> Install:
-    """Download, verify, extract and smoke-check the variant's release archive(s) into the cache.
-
-    The main archive and its extra archives (e.g. Windows cudart) land in one folder.
-
-    Raises:
-        NoMatchingVariantError: the release has no asset for the variant.
-        ManifestError: a pattern matches several assets, or a pin contradicts the listing.
-        DownloadError: the listing or an archive could not be fetched.
-        ChecksumMismatchError: an archive's sha256 is wrong.
-        ArchiveError: an archive is corrupt or unsafe.
-        ProvisionError: the binary does not run here (``--version`` failed).
-        OfflineError: offline without a ``file://`` mirror.
-        CacheLockTimeoutError: another process held the install lock too long.
-    """
-    variant = res.variant
-    target = install_dir(settings, res.build, variant.id)
+    force: bool,
+    run_here: bool,
+    require_device: DeviceRequirement | None = None,
+) -> Installed:
+    """Fetch, verify and unpack ``variant``'s archives into ``target`` (atomically, locked)."""
     owned: list[requests.Session] = []
+    downloaded: list[Path] = []
 
     def populate(staging: Path) -> Mapping[str, Any]:
         # Made here, not earlier: a process that finds the install done after waiting on the
@@ -109,36 +162,202 @@ def install_prebuilt(
         if sess is None:
             sess = download.make_session(settings)
             owned.append(sess)
-        assets = releases.fetch_release_assets(res.manifest.repo, res.build, settings, sess)
-        main, extras = releases.match_assets(variant, res.build, assets)
-        records = [
-            _fetch_and_extract(asset, staging, settings, sess, i)
-            for i, asset in enumerate((main, *extras))
-        ]
+        items = _archives(variant, repo, build, settings, sess)
+        downloaded.extend(_unpack(item, staging, settings, sess) for item in items)
         return {
             "variant_id": variant.id,
-            "build": res.build,
+            "build": build,
             "source": InstallSource.PREBUILT,
             "backend": variant.backend,
-            "repo": res.manifest.repo,
-            "url": main.url,
-            "sha256": records[0]["sha256"],
-            "assets": records,
+            "repo": repo,
+            "url": items[0].url,
+            "sha256": items[0].sha256,
+            "assets": [item.record() for item in items],
             "mirror": settings.mirror,
-            "host": res.host.to_dict(),
-            "manifest": res.manifest.path,
+            **metadata,
         }
 
     populate_fn: Callable[[Path], Mapping[str, Any]] = populate
     try:
-        return install_atomically(
+        done = install_once(
             target,
             populate_fn,
             settings=settings,
             binaries=variant.binaries,
             os_name=variant.os,
             force=force,
+            run_here=run_here,
+            require_device=require_device,
         )
     finally:
         for sess in owned:
             sess.close()
+    # Only now, with the install committed, are the archives no longer needed.
+    _discard_downloads(downloaded)
+    return done
+
+
+def install_prebuilt(
+    res: Resolution,
+    settings: Settings,
+    *,
+    force: bool = False,
+    session: requests.Session | None = None,
+    require_device: DeviceRequirement | None = None,
+) -> Installed:
+    """Download, verify, unpack and smoke-check the variant's release archives into the cache.
+
+    The binary archive and its runtime twins land in one folder. With ``require_device`` (the
+    resolver's :func:`~llama_proc.provision.verify.device_requirement`) the build must also
+    list that GPU, or the install is refused with DeviceNotFoundError.
+
+    Returns:
+        The install, and whether this call made it (False: another process finished it
+        while this one waited for the lock).
+
+    Raises:
+        NoMatchingVariantError: the release lacks the variant's archive or its runtime twin.
+        ManifestError: a pattern matches several assets, or a pin contradicts the listing.
+        DownloadError: the listing or an archive could not be fetched, or its size is wrong.
+        ChecksumMismatchError: an archive's sha256 is wrong.
+        ArchiveError: an archive is corrupt or unsafe.
+        ProvisionError: the binary does not run here (``--version`` failed), or a plain-http
+            mirror on another machine without pins.
+        OfflineError: offline without a ``file://`` mirror.
+        CacheLockTimeoutError: another process held the install lock too long.
+    """
+    target = install_dir(settings, res.build, res.variant.id)
+    metadata = {"host": res.host.to_dict(), "manifest": res.manifest.path}
+    return _install(
+        target,
+        res.variant,
+        res.build,
+        res.manifest.repo,
+        settings,
+        session,
+        metadata,
+        force=force,
+        run_here=True,
+        require_device=require_device,
+    )
+
+
+def parse_platform(text: str) -> HostInfo:
+    """A host that is only a platform: ``OS-ARCH`` as ``--platform`` takes it.
+
+    OS is ``linux``, ``macos`` or ``windows``; ARCH is ``x86_64`` or ``aarch64``/``arm64``
+    (spelled the way the manifest spells it for that OS; ``amd64``/``x64`` are accepted too).
+    Nothing else is known about such a host: no libc, CPU features or GPU driver.
+
+    Raises:
+        ConfigError: ``text`` is not ``OS-ARCH`` with a known OS and arch.
+    """
+    os_part, sep, arch_part = text.strip().lower().partition("-")
+    os_name = normalize_os(os_part)
+    arch = normalize_arch(arch_part, os_name) if arch_part else ""
+    if not sep or os_name not in OSES or arch not in ARCHES:
+        msg = (
+            f"platform {text!r} is not OS-ARCH with OS one of {', '.join(OSES)} and ARCH one "
+            "of x86_64, aarch64, arm64 (e.g. linux-x86_64, windows-x86_64, macos-arm64)"
+        )
+        raise ConfigError(msg)
+    return HostInfo(os=os_name, arch=arch)
+
+
+def _check_dest(dest: Path, variant: Variant, build: str, *, force: bool) -> None:
+    """Refuse a folder that holds something other than an install this call may replace."""
+    try:
+        entries = list(dest.iterdir()) if dest.is_dir() else None
+    except OSError as err:
+        msg = f"cannot read the destination {dest}: {err.strerror or err}; pick another --dest"
+        raise ProvisionError(msg) from err
+    if dest.exists() and entries is None:
+        msg = f"the destination {dest} exists and is not a folder; pick another --dest"
+        raise ProvisionError(msg)
+    if not entries:
+        return
+    # Installing replaces the folder as a whole: never a folder llama-proc did not make.
+    if not (dest / INSTALL_JSON).is_file():
+        msg = (
+            f"the destination {dest} is not empty and holds no llama-proc install "
+            f"({INSTALL_JSON}); pick a new or empty folder for --dest"
+        )
+        raise ProvisionError(msg)
+    try:
+        there = Install.from_dir(dest)
+    except ProvisionError:
+        return  # a broken install of ours: replacing it is what the user needs
+    if not force and (there.variant_id, there.build) != (variant.id, build):
+        msg = (
+            f"the destination {dest} holds {there.variant_id} {there.build}, not {variant.id} "
+            f"{build}; pass --force to replace it or pick another --dest"
+        )
+        raise ProvisionError(msg)
+
+
+def fetch_for_platform(
+    settings: Settings,
+    platform: str,
+    dest: Path,
+    *,
+    force: bool = False,
+    manifest: Manifest | None = None,
+    session: requests.Session | None = None,
+) -> Installed:
+    """Download, verify and unpack a variant for another machine into ``dest``; never run it.
+
+    The archives are exactly those an install on a ``platform`` machine gets (the binary and
+    its runtime twins), verified the same way; ``install.json`` is written and ``dest`` is
+    made atomically under ``<dest>.lock``. The binaries are not smoke-checked: they are meant
+    for the other machine. Which variant: ``settings.backend`` for that platform; with several
+    (CUDA 12 and 13) the one asking least of the machine's driver, since it is unknown here.
+
+    Args:
+        settings: ``backend`` (not ``auto``: another machine's GPU cannot be detected from
+            here), ``build``, ``mirror``, ``offline``, cache (for the downloads), timeouts.
+        platform: ``OS-ARCH``, e.g. ``windows-x86_64`` (see :func:`parse_platform`).
+        dest: the folder to create; an existing one must be empty or hold an install.
+        force: replace an install already in ``dest``.
+        manifest: the manifest (the shipped one when None).
+        session: a ``requests`` session to reuse.
+
+    Returns:
+        The install in ``dest`` and whether this call made it (False: it was there already).
+
+    Raises:
+        ConfigError: ``platform`` is malformed, or the backend is ``auto``.
+        NoMatchingVariantError: no such backend for that platform, or the release lacks its
+            archive or runtime twin.
+        ManifestError: a pattern matches several assets, or a pin contradicts the listing.
+        DownloadError: the listing or an archive could not be fetched, or its size is wrong.
+        ChecksumMismatchError: an archive's sha256 is wrong.
+        ArchiveError: an archive is corrupt or unsafe.
+        OfflineError: offline without a ``file://`` mirror.
+        ProvisionError: ``dest`` holds something else, or a plain-http mirror on another
+            machine without pins.
+        CacheLockTimeoutError: another process held the lock too long.
+    """
+    host = parse_platform(platform)
+    if settings.backend == AUTO:
+        msg = (
+            f"--platform {host.platform} needs a backend: pass --variant (e.g. cpu, cuda, "
+            "vulkan); auto detects this machine's GPU, not the other machine's"
+        )
+        raise ConfigError(msg)
+    manifest = manifest or load_manifest()
+    variant = select_variant(manifest, host, settings.backend).variant
+    build = settings.build or manifest.build
+    dest = Path(dest).expanduser().absolute()
+    _check_dest(dest, variant, build, force=force)
+    metadata = {"platform": host.platform, "manifest": manifest.path}
+    return _install(
+        dest,
+        variant,
+        build,
+        manifest.repo,
+        settings,
+        session,
+        metadata,
+        force=force,
+        run_here=False,
+    )

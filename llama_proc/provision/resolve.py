@@ -12,12 +12,15 @@ saying what it did or why it was skipped:
 5. ``prebuilt`` and ``build`` in the order ``settings.prefer`` gives: download the release
    archive (:mod:`~llama_proc.provision.prebuilt`) or compile from source. A prebuilt that
    fails (no asset, download error, does not run here) falls back to the build with a warning.
+   A GPU install on a host with that GPU must list it (``--list-devices``); one that does not
+   is refused, and ``auto`` falls to the next variant of the chain (an explicit backend fails).
 
 Offline, only steps 1-4 run (and a prebuilt from a ``file://`` mirror, which is local).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from llama_proc.errors import (
     BinaryNotFoundError,
     CacheLockTimeoutError,
     ChecksumMismatchError,
+    DeviceNotFoundError,
     LlamaProcError,
     NoMatchingVariantError,
     OfflineError,
@@ -38,12 +42,13 @@ from llama_proc.provision.explain import Outcome, Step, StepName
 from llama_proc.provision.install import Install
 from llama_proc.provision.inventory import list_installs
 from llama_proc.provision.layout import install_dir
-from llama_proc.vocab import InstallSource
+from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
     from llama_proc.provision.manifest import Manifest, Variant
     from llama_proc.provision.platform import HostInfo
     from llama_proc.provision.selection import Selection
+    from llama_proc.provision.verify import DeviceRequirement
 
 __all__ = ["Resolution", "ensure_server", "plan", "resolve_server"]
 
@@ -155,7 +160,12 @@ def _bundled(target: memo.Target, explain: list[str] | None) -> Install | None:
 
 
 def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, str]:
-    """A usable cache install, or None and why not."""
+    """A usable cache install, or None and why not.
+
+    Usable means intact by the cheap facts (``Install.problems()``: stat calls only). A broken
+    one is passed over, and why is said; provisioning then re-installs it under its lock, as a
+    fresh install.
+    """
     canonical = install_dir(settings, target.build, target.variant_id)
     installs = list_installs(settings, build=target.build, variant_id=target.variant_id)
     if not installs:
@@ -170,9 +180,10 @@ def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, st
         if settings.no_prebuilt and install.source == InstallSource.PREBUILT:
             reasons.append(f"{install.id} is a prebuilt and LLAMA_PROC_NO_PREBUILT is set")
             continue
-        missing = install.missing_files()
-        if missing:
-            reasons.append(f"{install.id} lost {', '.join(missing)}")
+        problems = install.problems()
+        if problems:
+            # Said once, by the cache step (and by the installer when it repairs it).
+            reasons.append(f"{install.id} is damaged: {'; '.join(map(str, problems))}")
             continue
         return install, ""
     return None, "; ".join(reasons)
@@ -183,9 +194,12 @@ def _fallback_ok(err: LlamaProcError) -> bool:
 
     A missing asset, a failed download or extraction and a binary that does not run here are
     worth a build; a lock timeout, offline mode and checksum problems are not (they need the
-    user, and building around a tampered download would hide it).
+    user, and building around a tampered download would hide it), nor is a GPU build that sees
+    no GPU (a build of it would not see one either: ``auto`` tries the next backend instead).
     """
-    if isinstance(err, (CacheLockTimeoutError, OfflineError, ChecksumMismatchError)):
+    if isinstance(
+        err, (CacheLockTimeoutError, OfflineError, ChecksumMismatchError, DeviceNotFoundError)
+    ):
         return False
     return isinstance(err, (ProvisionError, NoMatchingVariantError))
 
@@ -246,6 +260,7 @@ def resolve_server(
     if force:
         _step(explain, StepName.BUNDLED, Outcome.SKIPPED, "skipped (--force)")
         _step(explain, StepName.CACHE, Outcome.SKIPPED, "skipped (--force)")
+        why = "--force skips the cache"
     else:
         bundled = _bundled(target, explain)
         if bundled is not None:
@@ -258,14 +273,76 @@ def resolve_server(
         _step(explain, StepName.CACHE, Outcome.SKIPPED, f"miss, {why}")
     if not provision:
         msg = (
-            f"no {target.variant_id} llama-server for build {target.build} is installed; run "
-            "`llama-proc fetch` (or set LLAMA_PROC_SERVER_BIN)"
+            f"no {target.variant_id} llama-server for build {target.build} is installed "
+            f"({why}); run `llama-proc fetch` to install or repair it (or set "
+            "LLAMA_PROC_SERVER_BIN)"
         )
         raise BinaryNotFoundError(msg)
     if res is None:
         # The remembered plan named what to look for; installing needs the variant itself.
         res = plan(settings)
-    return _provision(res, settings, force=force, explain=explain)
+    remember = host is None and manifest is None
+    return _provision_chain(res, settings, force=force, explain=explain, remember=remember)
+
+
+def _device_need(res: Resolution) -> DeviceRequirement | None:
+    """The GPU the new install must see (its backend's, when this host has one)."""
+    from llama_proc.provision.verify import device_requirement  # noqa: PLC0415  install path only
+
+    return device_requirement(res.variant, res.host)
+
+
+def _next_in_chain(res: Resolution, settings: Settings, refused: list[str]) -> Resolution | None:
+    """The ``auto`` plan without the refused variants, or None when nothing else fits."""
+    rest = tuple(v for v in res.manifest.variants if v.id not in refused)
+    try:
+        return plan(
+            settings, host=res.host, manifest=dataclasses.replace(res.manifest, variants=rest)
+        )
+    except NoMatchingVariantError:
+        return None
+
+
+def _provision_chain(
+    res: Resolution,
+    settings: Settings,
+    *,
+    force: bool,
+    explain: list[str] | None,
+    remember: bool,
+) -> Install:
+    """:func:`_provision`; under ``auto`` a GPU build that sees no GPU makes way for the next.
+
+    The refused install leaves nothing in the cache. The plan that replaces it is remembered
+    (:mod:`~.memo`, keyed by the host's fingerprint, which a driver or library change renews),
+    so later calls go straight to the backend that works here.
+    """
+    refused: list[str] = []
+    while True:
+        try:
+            return _provision(res, settings, force=force, explain=explain)
+        except DeviceNotFoundError as err:
+            if settings.backend != AUTO:
+                raise
+            refused.append(res.variant.id)
+            following = _next_in_chain(res, settings, refused)
+            if following is None:
+                raise
+            line = (
+                f"{res.variant.id} refused, it sees no GPU ({err.cause}); "
+                f"next: {following.variant.id}"
+            )
+        logger.warning("%s", line)
+        _step(explain, StepName.SELECT, Outcome.NOTE, line)
+        res = following
+        target = memo.Target(res.variant.id, res.build, (*res.selection.why, line))
+        if remember:
+            memo.remember(settings, target)
+        hit, _why = (None, "") if force else _cached(target, settings)
+        if hit is not None:
+            reason = f"hit {hit.id} ({hit.source}, {hit.version or '?'})"
+            _step(explain, StepName.CACHE, Outcome.USED, reason)
+            return hit
 
 
 def _provision(
@@ -283,6 +360,7 @@ def _provision(
         )
         raise OfflineError(msg)
     order = ("prebuilt", "build") if settings.prefer == "prebuilt" else ("build", "prebuilt")
+    need = _device_need(res)
     failures: list[str] = []
     for index, step in enumerate(order):
         build_later = "build" in order[index + 1 :] and not settings.no_build
@@ -297,7 +375,7 @@ def _provision(
             from llama_proc.provision.prebuilt import install_prebuilt  # noqa: PLC0415
 
             try:
-                install = install_prebuilt(res, settings, force=force)
+                installed = install_prebuilt(res, settings, force=force, require_device=need)
             except LlamaProcError as err:
                 if not (build_later and _fallback_ok(err)):
                     _step(explain, prebuilt_step, Outcome.FAILED, f"failed, {err}")
@@ -307,7 +385,10 @@ def _provision(
                 _step(explain, prebuilt_step, Outcome.FAILED, reason)
                 failures.append(f"prebuilt: {err}")
                 continue
-            reason = f"installed {install.id} ({install.version or '?'})"
+            install = installed.install
+            # A process that waited on the lock while another one installed says so.
+            done = "installed" if installed.made else "already installed by another process:"
+            reason = f"{done} {install.id} ({install.version or '?'})"
             _step(explain, prebuilt_step, Outcome.USED, reason)
             return install
         if settings.offline:
@@ -319,7 +400,7 @@ def _provision(
             _step(explain, build_step, Outcome.SKIPPED, reason)
             failures.append("build: disabled by LLAMA_PROC_NO_BUILD")
             continue
-        install = _build(res, settings, force=force, explain=explain)
+        install = _build(res, settings, force=force, explain=explain, need=need)
         _step(
             explain, build_step, Outcome.USED, f"installed {install.id} ({install.version or '?'})"
         )
@@ -341,7 +422,12 @@ def _prebuilt_skip(res: Resolution, settings: Settings) -> str:
 
 
 def _build(
-    res: Resolution, settings: Settings, *, force: bool, explain: list[str] | None
+    res: Resolution,
+    settings: Settings,
+    *,
+    force: bool,
+    explain: list[str] | None,
+    need: DeviceRequirement | None = None,
 ) -> Install:
     # The build modules take ~30 ms to import: only a build, never a cache hit, pays for them.
     from llama_proc.provision.build import build_variant  # noqa: PLC0415
@@ -370,6 +456,7 @@ def _build(
         force=force or replace_prebuilt,
         host=host,
         explain=explain,
+        require_device=need,
     )
     if install.build != res.build:
         # The source tree decides the build (e.g. the pinned sdist for another --build).

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final, Self
 
 from llama_proc._childenv import DROPPED_ENV, child_environment
 from llama_proc._proc import group_popen_kwargs, stop_tree
+from llama_proc.devices import Placement, read_placement
 from llama_proc.diagnosis import Cause, diagnose
 from llama_proc.errors import ServerNotReadyError, ServerStartError
 from llama_proc.runtime import lifetime as _lifetime
@@ -243,6 +244,16 @@ class ServerProcess:
     def logs(self, n: int | None = None) -> list[str]:
         """The last ``n`` lines the server printed (all kept lines when None)."""
         return self._log.tail(n)
+
+    def placement(self) -> Placement:
+        """Where the server put the model, read from its log so far.
+
+        The devices it uses, the layers offloaded and the weight buffers per device; the
+        "using device" and buffer lines need log verbosity 4 (``--log-verbosity 4``), which
+        :class:`~llama_proc.server.LlamaServer` passes. Read once the server is ready: the
+        model is loaded by then.
+        """
+        return read_placement(self._log.tail())
 
     @property
     def last_output(self) -> float:

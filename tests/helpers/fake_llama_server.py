@@ -13,6 +13,14 @@ exits with ``--exit-code``), ``hang-after-health`` (healthy, then every other ro
 ``ignore-term`` (ready, ignores SIGTERM so only SIGKILL stops it), ``lose-first-term`` (ready,
 loses the first SIGTERM and exits on the second, like llama-server's shutdown race), ``dots`` (like never-ready
 but only prints progress dots without newlines).
+
+GPU builds (``--fake-gpu cuda|rocm|vulkan``) see their device only when their runtime library
+(``libcudart.so.12``, ``libamdhip64.so.6``, ``libvulkan.so.1``) is a file in ``--fake-lib-dir``
+(a shim passes its own folder); a library whose text holds ``insufficient-driver`` stands for a
+driver too old for it. ``--list-devices`` prints upstream's list (or ``(none)`` plus the loader
+error a debug build of ggml logs), and a server given ``--n-gpu-layers`` logs where the layers
+went (b11434's lines: "using device", "offloaded N/M layers", "model buffer size", or "no usable
+GPU found" for a CPU build). ``--version`` prints ``version: 11434 (abcdef0)``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,83 @@ def log(level: str, text: str) -> None:
     sys.stderr.flush()
 
 
+def log_raw(level: str, text: str) -> None:
+    """A line of llama.cpp's own log (no ``srv`` component), as ``load_tensors`` prints them."""
+    elapsed = time.monotonic() - START
+    minutes, seconds = divmod(elapsed, 60)
+    stamp = f"{int(minutes) // 60}.{int(minutes) % 60:02d}.{seconds:06.3f}"
+    sys.stderr.write(f"{stamp} {level} {text}\n")
+    sys.stderr.flush()
+
+
+GPU_RUNTIME = {"cuda": "libcudart.so.12", "rocm": "libamdhip64.so.6", "vulkan": "libvulkan.so.1"}
+GPU_LIBRARY = {"cuda": "libggml-cuda.so", "rocm": "libggml-hip.so", "vulkan": "libggml-vulkan.so"}
+GPU_DEVICE = {
+    "cuda": ("CUDA0", "NVIDIA H100 80GB HBM3", "0000:01:00.0", 81079, 80500),
+    "rocm": ("ROCm0", "AMD Radeon RX 7900 XTX", "0000:03:00.0", 24560, 24000),
+    "vulkan": ("Vulkan0", "AMD Radeon RX 7900 XTX (RADV NAVI31)", "0000:03:00.0", 24560, 24000),
+}
+
+
+def gpu_problem(backend: str | None, lib_dir: str) -> str | None:
+    """Why the fake GPU build sees no device (a ggml log line), or None when it sees one."""
+    if backend is None:
+        return "no GPU backend in this build"
+    runtime = os.path.join(lib_dir, GPU_RUNTIME[backend])
+    if not os.path.isfile(runtime):
+        library = os.path.join(lib_dir, GPU_LIBRARY[backend])
+        return (
+            f"load_backend: failed to load {library}: {GPU_RUNTIME[backend]}: cannot open "
+            "shared object file: No such file or directory"
+        )
+    with open(runtime, encoding="utf-8", errors="replace") as fh:
+        if "insufficient-driver" in fh.read():
+            return (
+                "ggml_cuda_init: failed to initialize CUDA: CUDA driver version is insufficient "
+                "for CUDA runtime version"
+            )
+    return None
+
+
+def list_devices(backend: str | None, lib_dir: str) -> int:
+    problem = gpu_problem(backend, lib_dir)
+    if backend is not None and problem is not None:
+        sys.stderr.write(problem + "\n")
+    print("Available devices:")
+    if backend is None or problem is not None:
+        print("  (none)")
+    else:
+        name, desc, _pci, total, free = GPU_DEVICE[backend]
+        print(f"  {name}: {desc} ({total} MiB, {free} MiB free)")
+    return 0
+
+
+def log_placement(backend: str | None, lib_dir: str) -> None:
+    """The load lines of a server given --n-gpu-layers: on the GPU, or on the CPU and why."""
+    problem = gpu_problem(backend, lib_dir)
+    if backend is None:
+        sys.stderr.write("warning: no usable GPU found, --gpu-layers option will be ignored\n")
+        sys.stderr.write(
+            "warning: one possible reason is that llama.cpp was compiled without GPU support\n"
+        )
+    elif problem is not None:
+        log_raw("E", problem)
+    else:
+        name, desc, pci, _total, free = GPU_DEVICE[backend]
+        log_raw(
+            "I",
+            f"llama_model_load_from_file_impl: using device {name} ({desc}) ({pci}) - {free} MiB free",
+        )
+    if backend is not None:
+        log_raw("I", "load_tensors: offloading output layer to GPU")
+        log_raw("I", "load_tensors: offloaded 31/31 layers to GPU")
+    if backend is not None and problem is None:
+        log_raw("I", f"load_tensors: {GPU_DEVICE[backend][0]:>12} model buffer size =    92.10 MiB")
+        log_raw("I", "load_tensors:   CPU_Mapped model buffer size =    15.00 MiB")
+    else:
+        log_raw("I", "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
@@ -46,7 +131,18 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.2)
     parser.add_argument("--exit-code", type=int, default=1)
     parser.add_argument("--no-listening-line", action="store_true")
+    parser.add_argument("--fake-gpu", choices=sorted(GPU_RUNTIME), default=None)
+    parser.add_argument("--fake-lib-dir", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--list-devices", action="store_true")
+    parser.add_argument("--version", action="store_true")
+    parser.add_argument("--n-gpu-layers", "--gpu-layers", "-ngl", dest="ngl", default=None)
     args, _unknown = parser.parse_known_args()
+
+    if args.version:
+        sys.stderr.write("version: 11434 (abcdef0)\nbuilt with fake-cc for fake-target\n")
+        return 0
+    if args.list_devices:
+        return list_devices(args.fake_gpu, args.fake_lib_dir)
 
     if args.mode in ("ignore-term",):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -115,6 +211,8 @@ def main() -> int:
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     log("I", "load_model: loading model 'fake.gguf'")
+    if args.ngl is not None:
+        log_placement(args.fake_gpu, args.fake_lib_dir)
 
     if args.mode in ("ready", "hang-after-health", "ignore-term", "lose-first-term"):
         time.sleep(args.delay)

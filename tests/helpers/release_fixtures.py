@@ -95,7 +95,9 @@ def shim_script(
     """A POSIX shell stand-in for a llama.cpp binary.
 
     ``--version`` prints ``version: <N> (abcdef0)`` (or ``version_line``) to stderr like the
-    real binary. Any other call execs ``python server_script "$@"`` when a script is given,
+    real binary. ``--list-devices`` prints upstream's list: a CUDA device when a CUDA runtime
+    (``libcudart.so.*``) lies beside the shim, as for a CUDA build with its runtime twin, else
+    ``(none)``. Any other call execs ``python server_script "$@"`` when a script is given,
     else fails with exit 1.
     """
     line = version_line or f"version: {build_number(tag)} ({COMMIT})"
@@ -110,6 +112,15 @@ def shim_script(
         'if [ "$1" = "--version" ]; then\n'
         f'  echo "{line}" >&2\n'
         '  echo "built with fake-cc for fake-target" >&2\n'
+        "  exit 0\n"
+        "fi\n"
+        'if [ "$1" = "--list-devices" ]; then\n'
+        '  echo "Available devices:"\n'
+        '  if ls "$(dirname "$0")"/libcudart.so.* >/dev/null 2>&1; then\n'
+        '    echo "  CUDA0: NVIDIA Fake GPU (16384 MiB, 16000 MiB free)"\n'
+        "  else\n"
+        '    echo "  (none)"\n'
+        "  fi\n"
         "  exit 0\n"
         "fi\n" + rest
     )

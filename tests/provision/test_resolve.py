@@ -545,8 +545,8 @@ CHILD = textwrap.dedent(
 
         real = archive.extract_archive
 
-        def slow(path, dest):
-            root = real(path, dest)
+        def slow(path, dest, **kw):
+            root = real(path, dest, **kw)
             Path(marker).write_text("extracted")
             time.sleep(120)
             return root
@@ -619,6 +619,12 @@ def test_concurrent_processes_download_once(
     # They really raced: more than one missed the cache and then waited on the lock.
     missed = [r for r in results if any(l.startswith("cache: miss") for l in r["explain"])]
     assert len(missed) >= 2
+    # One installed; the others that missed found it done after waiting, and say so.
+    last = [r["explain"][-1] for r in missed]
+    assert sum(line.startswith("prebuilt: installed ") for line in last) == 1
+    waited = [line for line in last if not line.startswith("prebuilt: installed ")]
+    line = f"prebuilt: already installed by another process: {TAG}/{CPU} (version: 11434 (abcdef0))"
+    assert waited == [line] * (len(missed) - 1)
     assert [i.id for i in list_installs(settings)] == [f"{TAG}/{CPU}"]
 
 

@@ -1,0 +1,523 @@
+"""A cache that cannot hand out a broken binary.
+
+Every file of an install is recorded in ``install.json`` (path, size, mtime, sha256). A cache
+hit compares the cheap facts (stat only) and treats any difference as a broken install that the
+resolver re-installs under the lock; ``install.json`` paths that leave the install folder are
+refused; ``llama-proc cache verify`` re-hashes everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from http_server import FileServer
+from release_fixtures import (
+    ReleaseFixture,
+    make_release,
+    serve_release,
+    write_variants_toml,
+)
+
+from llama_proc import cli
+from llama_proc.config import Settings
+from llama_proc.errors import BinaryNotFoundError, ProvisionError
+from llama_proc.provision import build as build_module
+from llama_proc.provision import bundle, download
+from llama_proc.provision.install import FILES_KEY, Install, complete_install
+from llama_proc.provision.installer import install_atomically
+from llama_proc.provision.inventory import list_installs, verify_installs
+from llama_proc.provision.layout import INSTALL_JSON, install_dir
+from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.platform import HostInfo
+from llama_proc.provision.resolve import ensure_server, resolve_server
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims and links")
+
+TAG = "b11434"
+CPU = "linux-x86_64-cpu"
+LINUX = HostInfo(
+    os="linux",
+    arch="x86_64",
+    libc="glibc",
+    libc_version="2.39",
+    cpu_features=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}),
+)
+ON_LINUX = sys.platform.startswith("linux")
+needs_linux = pytest.mark.skipif(not ON_LINUX, reason="runs the Linux shims (smoke check)")
+HOST_OS = "linux" if ON_LINUX else "macos"
+SERVER_SHIM = (
+    "#!/bin/sh\n"
+    'if [ "$1" = "--version" ]; then echo "version: 11434 (abcdef0)" >&2; exit 0; fi\n'
+    "exit 3\n"
+)
+LIB = "libllama.so.0.0.1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "_sleep", lambda _s: None)
+    monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
+
+    def no_builds(*_a: Any, **_k: Any) -> Any:
+        pytest.fail("these tests must never compile llama.cpp")
+
+    monkeypatch.setattr(build_module, "build_variant", no_builds)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(cache_dir=Path(os.environ["LLAMA_PROC_CACHE_DIR"]), lock_timeout=5.0)
+
+
+class Populate:
+    """Writes a fake llama-server, a library and its symlink chain; counts its calls."""
+
+    def __init__(self, variant: str = CPU, build: str = TAG) -> None:
+        self.calls = 0
+        self.variant = variant
+        self.build = build
+
+    def __call__(self, staging: Path) -> dict[str, Any]:
+        self.calls += 1
+        (staging / "bin").mkdir()
+        server = staging / "bin" / "llama-server"
+        server.write_text(SERVER_SHIM)
+        server.chmod(0o755)
+        (staging / "bin" / LIB).write_bytes(b"\x7fELF fake library " + b"x" * 200)
+        (staging / "bin" / "libllama.so.0").symlink_to(LIB)
+        (staging / "bin" / "libllama.so").symlink_to("libllama.so.0")
+        (staging / "LICENSE").write_text("MIT\n")
+        return {"variant_id": self.variant, "build": self.build, "source": "prebuilt"}
+
+
+def _install(settings: Settings, populate: Populate | None = None, **kw: Any) -> Install:
+    populate = populate or Populate()
+    return install_atomically(
+        install_dir(settings, populate.build, populate.variant),
+        populate,
+        settings=settings,
+        binaries=["llama-server"],
+        os_name=HOST_OS,
+        **kw,
+    )
+
+
+def _record(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((path / INSTALL_JSON).read_text())
+    return data
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    (path / INSTALL_JSON).write_text(json.dumps(record))
+
+
+def _same_size_edit(path: Path) -> None:
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    # The kernel stamps times from a coarse clock: a write milliseconds after the install may
+    # keep its mtime. A real edit comes later; say so explicitly.
+    later = before.st_mtime_ns + 2_000_000_000
+    os.utime(path, ns=(later, later))
+
+
+def _restore_times(path: Path, record: dict[str, Any], rel: str) -> None:
+    ns = record[FILES_KEY][rel]["mtime_ns"]
+    os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+# ----------------------------------------------------------------------------- the record
+def test_install_json_records_every_file(settings: Settings) -> None:
+    install = _install(settings)
+    files = _record(install.path)[FILES_KEY]
+    assert sorted(files) == [
+        "LICENSE",
+        "bin/libllama.so",
+        "bin/libllama.so.0",
+        f"bin/{LIB}",
+        "bin/llama-server",
+    ]
+    for rel in ("LICENSE", f"bin/{LIB}", "bin/llama-server"):
+        path = install.path / rel
+        st = path.stat()
+        assert files[rel]["size"] == st.st_size
+        assert files[rel]["mtime_ns"] == st.st_mtime_ns
+        assert files[rel]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert "link" not in files[rel]
+    assert files["bin/libllama.so.0"]["link"] == LIB
+    assert files["bin/libllama.so"]["link"] == "libllama.so.0"
+    assert "sha256" not in files["bin/libllama.so"]
+    assert install.problems() == []
+
+
+# ----------------------------------------------------------------------------- escaping paths
+@pytest.mark.parametrize(
+    "escape",
+    [
+        pytest.param("../outside/llama-server", id="dotdot"),
+        pytest.param("bin/../../outside/llama-server", id="dotdot-inner"),
+        pytest.param("{outside}/llama-server", id="absolute"),
+        pytest.param("..\\outside\\llama-server", id="windows-dotdot"),
+        pytest.param("C:/outside/llama-server", id="windows-drive"),
+    ],
+)
+def test_binary_path_outside_the_install_is_refused(
+    settings: Settings, tmp_path: Path, escape: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "llama-server").write_text(SERVER_SHIM)
+    (outside / "llama-server").chmod(0o755)
+    install = _install(settings)
+    record = _record(install.path)
+    record["binaries"]["llama-server"]["path"] = escape.format(outside=outside)
+    _write_record(install.path, record)
+    with pytest.raises(ProvisionError, match="outside the install folder"):
+        Install.from_dir(install.path)
+    assert complete_install(install.path) is None
+    assert list_installs(settings) == []
+    with pytest.raises(BinaryNotFoundError):
+        resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    # Repair: installing again replaces the record (the escape is never followed).
+    repaired = _install(settings)
+    assert repaired.server_binary == install.path / "bin" / "llama-server"
+
+
+def test_recorded_file_path_outside_the_install_is_refused(settings: Settings) -> None:
+    install = _install(settings)
+    record = _record(install.path)
+    record[FILES_KEY]["../../elsewhere"] = {"size": 1, "mtime_ns": 1}
+    _write_record(install.path, record)
+    with pytest.raises(ProvisionError, match="outside the install folder"):
+        Install.from_dir(install.path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["recorded", "legacy"])
+def test_binary_symlink_resolving_outside_is_refused(
+    settings: Settings, tmp_path: Path, legacy: bool
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "llama-server").write_text(SERVER_SHIM)
+    (outside / "llama-server").chmod(0o755)
+    install = _install(settings)
+    record = _record(install.path)
+    if legacy:
+        del record[FILES_KEY]
+        _write_record(install.path, record)
+    # The folder holding the binary becomes a link that leads out of the install.
+    (install.path / "bin").rename(install.path / "bin-real")
+    (install.path / "bin").symlink_to(outside)
+    found = Install.from_dir(install.path)
+    assert next(p.kind for p in found.problems() if p.path == "bin/llama-server") == "outside"
+    assert found.missing_files() == ["llama-server"]
+    assert complete_install(install.path) is None
+    with pytest.raises(BinaryNotFoundError):
+        resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+
+
+# ----------------------------------------------------------------------------- damage is noticed
+def _truncate_binary(path: Path) -> str:
+    (path / "bin" / "llama-server").write_bytes(b"")
+    return "bin/llama-server"
+
+
+def _delete_library(path: Path) -> str:
+    (path / "bin" / LIB).unlink()
+    return f"bin/{LIB}"
+
+
+def _delete_link(path: Path) -> str:
+    (path / "bin" / "libllama.so.0").unlink()
+    return "bin/libllama.so.0"
+
+
+def _edit_library(path: Path) -> str:
+    _same_size_edit(path / "bin" / LIB)
+    return f"bin/{LIB}"
+
+
+def _relink(path: Path) -> str:
+    link = path / "bin" / "libllama.so"
+    link.unlink()
+    link.symlink_to(LIB)
+    return "bin/libllama.so"
+
+
+DAMAGE = [
+    pytest.param(_truncate_binary, "size", id="truncated-binary"),
+    pytest.param(_delete_library, "missing", id="deleted-so"),
+    pytest.param(_delete_link, "missing", id="deleted-link"),
+    pytest.param(_edit_library, "mtime", id="same-size-edit"),
+    pytest.param(_relink, "size", id="relinked"),
+]
+
+
+@pytest.mark.parametrize(("damage", "kind"), DAMAGE)
+def test_damage_is_noticed_and_install_atomically_repairs(
+    settings: Settings, caplog: pytest.LogCaptureFixture, damage: Any, kind: str
+) -> None:
+    populate = Populate()
+    first = _install(settings, populate)
+    rel = damage(first.path)
+    problems = Install.from_dir(first.path).problems()
+    assert [(p.path, p.kind) for p in problems] == [(rel, kind)]
+    assert complete_install(first.path) is None
+    with caplog.at_level(logging.WARNING, logger="llama_proc"):
+        again = _install(settings, populate)
+    assert populate.calls == 2
+    assert again.problems() == []
+    assert any(rel in r.getMessage() and "re-installing" in r.getMessage() for r in caplog.records)
+
+
+def test_legacy_install_is_checked_by_its_binaries_only(settings: Settings) -> None:
+    install = _install(settings)
+    record = _record(install.path)
+    del record[FILES_KEY]
+    _write_record(install.path, record)
+    (install.path / "bin" / LIB).unlink()  # not recorded, so not noticed
+    legacy = Install.from_dir(install.path)
+    assert legacy.problems() == []
+    assert complete_install(install.path) == legacy
+    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    assert hit.path == install.path
+    (install.path / "bin" / "llama-server").unlink()
+    assert [(p.path, p.kind) for p in legacy.problems()] == [("bin/llama-server", "missing")]
+    assert complete_install(install.path) is None
+
+
+def test_legacy_built_install_with_a_files_list_stays_usable(settings: Settings) -> None:
+    # Source builds have always put the list of copied names under "files".
+    install = _install(settings)
+    record = _record(install.path)
+    del record[FILES_KEY]
+    record["files"] = ["llama-server", LIB]
+    _write_record(install.path, record)
+    assert complete_install(install.path) == Install.from_dir(install.path)
+    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    assert hit.path == install.path
+
+
+def test_a_cache_hit_only_stats(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    install = _install(settings)
+
+    def no_hashing(path: Path) -> str:
+        pytest.fail(f"a cache hit hashed {path}")
+
+    monkeypatch.setattr(download, "file_sha256", no_hashing)
+    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    assert hit == install
+
+
+# ----------------------------------------------------------------------------- the resolver repairs
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def release(tmp_path: Path, server: FileServer) -> ReleaseFixture:
+    fixture = make_release(tmp_path, TAG, ["ubuntu-x64"])
+    serve_release(server, fixture)
+    return fixture
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, release: ReleaseFixture) -> Manifest:
+    return load_manifest(write_variants_toml(tmp_path / "variants.toml", release))
+
+
+def _lib(install: Install) -> Path:
+    return install.path / "libllama.so.0.0.1"
+
+
+RESOLVER_DAMAGE = [
+    pytest.param(lambda i: i.server_binary.write_bytes(b"\x7fEL"), id="truncated-binary"),
+    pytest.param(lambda i: _lib(i).unlink(), id="deleted-so"),
+    pytest.param(lambda i: (i.path / "libllama.so.0").unlink(), id="deleted-link"),
+    pytest.param(lambda i: _same_size_edit(_lib(i)), id="same-size-edit"),
+]
+
+
+@needs_linux
+@pytest.mark.parametrize("damage", RESOLVER_DAMAGE)
+def test_resolver_repairs_a_damaged_cache_install(
+    server: FileServer,
+    release: ReleaseFixture,
+    manifest: Manifest,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    damage: Any,
+) -> None:
+    settings = settings.replace(mirror=server.url, progress=False)
+    first = ensure_server(settings, host=LINUX, manifest=manifest)
+    assert first.problems() == []
+    damage(first)
+    with pytest.raises(BinaryNotFoundError, match=r"damaged.*llama-proc fetch"):
+        resolve_server(settings, provision=False, host=LINUX, manifest=manifest)
+    explain: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="llama_proc"):
+        repaired = ensure_server(settings, host=LINUX, manifest=manifest, explain=explain)
+    assert repaired.path == first.path
+    assert repaired.problems() == []
+    assert server.hits(release.download_path(release.main_asset)) == 2
+    cache_line = next(line for line in explain if line.startswith("cache:"))
+    assert "damaged" in cache_line
+    assert any("re-installing" in r.getMessage() for r in caplog.records)
+    [report] = verify_installs(settings)
+    assert report.ok
+    hit = resolve_server(settings, provision=False, host=LINUX, manifest=manifest)
+    assert hit.path == first.path
+
+
+@needs_linux
+def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
+    server: FileServer, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = load_manifest()
+    host_release = make_release(tmp_path / "host", shipped.build)
+    serve_release(server, host_release)
+    code, out, err = _run(capsys, "fetch", "--variant", "cpu", "--mirror", server.url)
+    if code != 0 or "prebuilt: installed" not in err:
+        pytest.skip(f"no cpu prebuilt for this host: {err}")
+    binary = Path(out.strip())
+    binary.write_bytes(b"")
+    code, out, err = _run(capsys, "which", "--variant", "cpu")
+    assert (code, out) == (1, "")
+    assert "damaged" in err
+    assert "llama-proc fetch" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = _run(capsys, "fetch", "--variant", "cpu", "--mirror", server.url)
+    assert code == 0, err
+    assert Path(out.strip()) == binary
+    assert binary.stat().st_size > 0
+    assert "cache: miss" in err
+    assert "damaged" in err
+    assert server.hits(host_release.download_path(host_release.main_asset)) == 2
+    code, out, err = _run(capsys, "which", "--variant", "cpu")
+    assert (code, out, err) == (0, f"{binary}\n", "")
+
+
+# ----------------------------------------------------------------------------- llama-proc cache verify
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cache_verify_reports_ok_and_exits_zero(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _run(capsys, "cache", "verify")
+    assert (code, out) == (0, "")
+    assert err.startswith("no installs in ")
+    _install(settings)
+    _install(settings, Populate(build="b100"))
+    code, out, err = _run(capsys, "cache", "verify")
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"{TAG}/{CPU}: OK (5 files)",
+        f"b100/{CPU}: OK (5 files)",
+    ]
+
+
+def test_cache_verify_finds_what_a_cache_hit_cannot(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    install = _install(settings)
+    healthy = _install(settings, Populate(build="b100"))
+    record = _record(install.path)
+    lib = install.path / "bin" / LIB
+    # Same size and the old mtime: only re-hashing tells.
+    _same_size_edit(lib)
+    _restore_times(lib, record, f"bin/{LIB}")
+    assert install.problems() == []
+    (install.path / "bin" / "libggml-extra.so").write_bytes(b"planted")
+    code, out, err = _run(capsys, "cache", "verify")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == f"{TAG}/{CPU}: BROKEN"
+    assert f"  bin/{LIB}: content differs from install.json (sha256)" in lines
+    assert "  bin/libggml-extra.so: not part of the install" in lines
+    assert f"{healthy.id}: OK (5 files)" in lines
+    assert "1 broken install" in err
+    assert "llama-proc fetch --force" in err
+    assert f"llama-proc cache rm {TAG}/{CPU}" in err
+
+    code, out, _ = _run(capsys, "cache", "verify", "--json")
+    assert code == 1
+    reports = {r["id"]: r for r in json.loads(out)}
+    broken = reports[f"{TAG}/{CPU}"]
+    assert broken["ok"] is False
+    assert broken["path"] == str(install.path)
+    assert {(p["path"], p["kind"]) for p in broken["problems"]} == {
+        (f"bin/{LIB}", "sha256"),
+        ("bin/libggml-extra.so", "extra"),
+    }
+    assert all(p["message"] for p in broken["problems"])
+    assert reports[healthy.id]["ok"] is True
+    assert reports[healthy.id]["problems"] == []
+
+
+def test_verify_names_links_left_dangling(settings: Settings) -> None:
+    install = _install(settings)
+    (install.path / "bin" / LIB).unlink()
+    [report] = verify_installs(settings)
+    assert not report.ok
+    assert [(p.path, p.kind) for p in report.problems] == [
+        (f"bin/{LIB}", "missing"),
+        ("bin/libllama.so", "dangling"),
+        ("bin/libllama.so.0", "dangling"),
+    ]
+    assert str(report.problems[2]) == f"bin/libllama.so.0: symlink to {LIB!r} leads nowhere"
+
+
+def test_cache_verify_reports_unreadable_and_escaping_records(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    install = _install(settings)
+    record = _record(install.path)
+    record["binaries"]["llama-server"]["path"] = "../../../../bin/sh"
+    _write_record(install.path, record)
+    code, out, err = _run(capsys, "cache", "verify")
+    assert code == 1
+    assert out.startswith(f"{TAG}/{CPU}: BROKEN\n  install.json: ")
+    assert "outside the install folder" in out
+    assert "llama-proc cache rm" in err
+
+
+def test_cache_verify_legacy_install(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    install = _install(settings)
+    record = _record(install.path)
+    del record[FILES_KEY]
+    _write_record(install.path, record)
+    code, out, _ = _run(capsys, "cache", "verify")
+    assert code == 0
+    assert out == f"{TAG}/{CPU}: OK (no file records: made by an older llama-proc; binaries only)\n"
+    install.server_binary.write_bytes(b"")
+    code, out, _ = _run(capsys, "cache", "verify")
+    assert code == 1
+    assert out.splitlines() == [
+        f"{TAG}/{CPU}: BROKEN",
+        "  bin/llama-server: content differs from install.json (sha256)",
+    ]
+
+
+def test_cache_verify_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["cache", "verify", "--bogus"])
+    assert info.value.code == 2
