@@ -11,30 +11,43 @@ and :mod:`llama_proc.runtime` (how it runs)::
             ...
         openai_client = server.openai_client()      # the openai SDK on server.base_url
 
-``start()`` checks the model's GGUF header, resolves the binary (``binary=``, else
-``ensure_server(settings)``: explicit, bundled, cache, download, build), reads which flags that
-binary accepts, picks a free port (retrying with another one if a different process takes it
-first), spawns the server tied to this process's life and waits for ``/health``.
+The model is a path or a Hugging Face reference as users copy it (``"org/repo:Q4_K_M"``,
+``"hf://org/repo/file.gguf"``; see :class:`~llama_proc.provision.hub.ModelRef`): a path that
+exists wins, and a reference is downloaded into the shared Hugging Face cache on the first
+``start()`` (or :meth:`LlamaServer.fetch_model`), before the start timeout begins to count.
+
+``start()`` fetches a referenced model, checks the model's GGUF header, resolves the binary
+(``binary=``, else ``ensure_server(settings)``: explicit, bundled, cache, download, build), reads
+which flags that binary accepts, picks a free port (retrying with another one if a different
+process takes it first), spawns the server tied to this process's life and waits for
+``/health``. Then it reads from the log where the model went (:attr:`LlamaServer.devices`):
+GPU layers asked for but loaded on the CPU stop the server with CpuFallbackError naming why
+(``cpu_fallback="warn"`` only warns), so a GPU setup never silently runs on the CPU.
 :class:`AsyncLlamaServer` is the asyncio twin.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 from llama_proc._proc import free_port
+from llama_proc.devices import Device, Placement, asks_for_gpu, cpu_fallback
 from llama_proc.errors import (
     BinaryNotFoundError,
+    CpuFallbackError,
     InvalidArgumentError,
+    LlamaProcError,
     ServerError,
     ServerRequestError,
     ServerStartError,
 )
+from llama_proc.provision.hub import ModelFiles, ModelRef, fetch_model
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.client import (
     REQUEST_TIMEOUT,
@@ -47,6 +60,7 @@ from llama_proc.runtime.flags import probe_flags
 from llama_proc.runtime.gguf import check_gguf
 from llama_proc.runtime.process import (
     LOG_CAPACITY,
+    LOG_TAIL,
     STALL_TIMEOUT,
     STOP_GRACE,
     ServerProcess,
@@ -55,7 +69,7 @@ from llama_proc.runtime.process import (
 from llama_proc.runtime.rpc import check_workers, local_rpc_version
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import TracebackType
 
     from llama_proc.config import Settings
@@ -69,6 +83,33 @@ logger = logging.getLogger(__name__)
 PORT_ATTEMPTS: Final = 3
 """Starts tried with a fresh free port when another process takes the chosen one first."""
 _NO_KEY: Final = "sk-no-key-required"
+LOG_VERBOSITY: Final = 4
+"""llama-server's log level "trace": the first that names the devices and weight buffers a
+model loads into (:attr:`LlamaServer.devices`, the CPU-fallback check). It adds about 30 lines
+per request to the log kept in memory."""
+_VERBOSITY_FLAGS: Final = ("--log-verbosity", "--verbosity", "-lv")
+_CALLER_LOG_FLAGS: Final = (*_VERBOSITY_FLAGS, "-v", "--verbose", "--log-verbose", "--log-disable")
+"""Flags in ``extra_args`` that mean the caller chose the log level."""
+CpuFallback = Literal["error", "warn"]
+"""What :class:`LlamaServer` does when GPU layers asked for were loaded on the CPU."""
+
+
+class _DownloadAbandonedError(Exception):
+    """Raised from the download's progress callback once stop() or abort_start() was called."""
+
+
+def _option(args: ServerArgs, name: str) -> Any:
+    """A typed option, else its last value in ``extra_args`` (``-ngl 99``, ``--device=none``)."""
+    value = getattr(args, name)
+    if value is not None:
+        return value
+    spellings = next(f.metadata["flags"] for f in dataclasses.fields(args) if f.name == name)
+    extra = list(args.extra_args)
+    for i in range(len(extra) - 1, -1, -1):
+        flag, eq, inline = extra[i].partition("=")
+        if flag in spellings:
+            return inline if eq else (extra[i + 1] if i + 1 < len(extra) else None)
+    return None
 
 
 def reserve_port(host: str = "127.0.0.1") -> int:
@@ -84,7 +125,13 @@ class LlamaServer(LlamaEndpoints):
     """A llama-server process for one model, with the API client on the same object.
 
     Args:
-        model: path of the GGUF model (or set ``args.model``).
+        model: path of the GGUF model (or set ``args.model``), or a Hugging Face reference
+            (``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf``, a hub link), fetched by
+            :meth:`fetch_model` on the first start; a path that exists always wins.
+        mmproj: the multimodal projector: a path, or True to fetch the one that the referenced
+            repository holds (ignored when it has none).
+        on_download_progress: called as ``(bytes_done, bytes_total)`` while a referenced model
+            downloads, from the downloading thread.
         args: base options; keyword ``options`` and ``host``/``port``/``api_key`` override it.
         binary: the llama-server to run; None = ``llama_proc.provision.ensure_server(settings)``.
         settings: provisioning settings used when ``binary`` is None (default: from env).
@@ -101,10 +148,15 @@ class LlamaServer(LlamaEndpoints):
         request_timeout: seconds the client waits for each response.
         log_capacity: lines of server output kept.
         check_rpc_workers: probe ``rpc`` workers before spawning, for a clear error.
+        cpu_fallback: when GPU layers were asked for (``n_gpu_layers`` > 0 or ``"all"``) but
+            the log shows the model loaded on the CPU: ``"error"`` stops the server and raises
+            CpuFallbackError naming the cause, ``"warn"`` logs a warning and keeps it running.
         **options: :class:`~llama_proc.runtime.args.ServerArgs` fields (ctx_size, threads...).
 
     Raises:
         InvalidArgumentError: an unknown option or an invalid value.
+        ModelFileError: ``model`` starts like a reference (``hf://``, a hub link) but is
+            malformed.
     """
 
     def __init__(
@@ -112,6 +164,8 @@ class LlamaServer(LlamaEndpoints):
         model: str | os.PathLike[str] | None = None,
         *,
         args: ServerArgs | None = None,
+        mmproj: bool | str | os.PathLike[str] | None = None,
+        on_download_progress: Callable[[int, int], None] | None = None,
         binary: str | os.PathLike[str] | None = None,
         settings: Settings | None = None,
         host: str | None = None,
@@ -125,15 +179,36 @@ class LlamaServer(LlamaEndpoints):
         request_timeout: float | None = REQUEST_TIMEOUT,
         log_capacity: int = LOG_CAPACITY,
         check_rpc_workers: bool = True,
+        cpu_fallback: CpuFallback = "error",
         **options: Any,
     ) -> None:
-        named = {"model": model, "host": host, "port": port, "api_key": api_key}
+        self.model_ref: ModelRef | None = ModelRef.parse(model) if isinstance(model, str) else None
+        """The Hugging Face reference given as ``model`` (None for a path)."""
+        self._with_mmproj = mmproj is True
+        if self._with_mmproj and self.model_ref is None:
+            msg = (
+                "mmproj=True fetches the projector of a Hugging Face model reference; for a "
+                "local model pass the projector's path as mmproj="
+            )
+            raise InvalidArgumentError(msg)
+        named = {
+            "model": None if self.model_ref is not None else model,
+            "mmproj": None if isinstance(mmproj, bool) else mmproj,
+            "host": host,
+            "port": port,
+            "api_key": api_key,
+        }
         overrides = {**options, **{k: v for k, v in named.items() if v is not None}}
         base = args if args is not None else ServerArgs()
         self.args: ServerArgs = base.replace(**overrides) if overrides else base
-        if self.args.model is None:
-            msg = "no model given: pass the path of a .gguf file as the first argument"
+        if self.args.model is None and self.model_ref is None:
+            msg = (
+                "no model given: pass the path of a .gguf file or a Hugging Face reference "
+                "(org/repo:QUANT) as the first argument"
+            )
             raise InvalidArgumentError(msg)
+        self.on_download_progress = on_download_progress
+        self._files: ModelFiles | None = None
         self.binary: Path | None = None if binary is None else Path(binary).expanduser()
         self.settings = settings
         self.start_timeout = start_timeout
@@ -144,6 +219,12 @@ class LlamaServer(LlamaEndpoints):
         self.request_timeout = request_timeout
         self.log_capacity = log_capacity
         self.check_rpc_workers = check_rpc_workers
+        if cpu_fallback not in ("error", "warn"):
+            msg = f"cpu_fallback must be 'error' or 'warn', not {cpu_fallback!r}"
+            raise InvalidArgumentError(msg)
+        self.cpu_fallback: CpuFallback = cpu_fallback
+        self.placement: Placement | None = None
+        """Where the running server put the model (devices, offloaded layers, weight buffers)."""
         self.flags: BinaryFlags | None = None
         """What the binary accepts (after start; None if its --help could not be read)."""
         self._proc: ServerProcess | None = None
@@ -159,18 +240,26 @@ class LlamaServer(LlamaEndpoints):
         ``stop()`` or :meth:`abort_start` from another thread abandons a start in progress
         (the half-started child is stopped and ``start()`` raises ServerStartError).
 
+        A referenced model is fetched first (:meth:`fetch_model`); the timeouts count from
+        the spawn, so a long download never makes a start time out.
+
         Args:
             timeout: total seconds allowed (default: ``start_timeout``; None = no limit).
             stall_timeout: seconds without server output (default: ``stall_timeout``).
 
         Raises:
-            ModelFileError: the model is missing or not GGUF (nothing is spawned).
+            ModelFileError: the model is missing or not GGUF, or the reference names no such
+                repository, revision or quantization (nothing is spawned).
+            DownloadError: fetching a referenced model failed (gated repository, network).
+            OfflineError: offline and the referenced model is not in the Hugging Face cache.
             BinaryNotFoundError: ``binary`` does not exist or is not executable.
             ProvisionError: provisioning a binary failed (when ``binary`` is None).
             InvalidArgumentError: an option this binary does not accept.
             ServerStartError: the server exited before it was ready; ``cause`` says why (bad
                 flag, bad model, port in use, out of memory) and ``log_tail`` shows its output.
             ServerNotReadyError: the total or stall timeout passed (the child is stopped).
+            CpuFallbackError: GPU layers were asked for but loaded on the CPU (the child is
+                stopped; ``cause`` says why), unless ``cpu_fallback="warn"``.
         """
         timeout = self.start_timeout if timeout is None else timeout
         stall = self.stall_timeout if stall_timeout is None else stall_timeout
@@ -179,8 +268,7 @@ class LlamaServer(LlamaEndpoints):
                 return self
             self._abort.clear()
             self._stop_locked(self.stop_grace)
-            assert self.args.model is not None  # noqa: S101 - checked in __init__
-            check_gguf(self.args.model)
+            check_gguf(self._fetch_locked().model)
             binary = self._resolve_binary()
             env = child_environment(self.env, extra=self.args.to_env())
             self.flags = probe_flags(binary, env, settings=self.settings)
@@ -193,7 +281,11 @@ class LlamaServer(LlamaEndpoints):
             for attempt in range(1, attempts + 1):
                 port = reserve_port(self.args.host) if auto_port else self.args.port
                 assert port is not None  # noqa: S101 - reserve_port or explicit
-                argv = [str(binary), *self.args.replace(port=port).to_argv(self.flags)]
+                argv = [
+                    str(binary),
+                    *self.args.replace(port=port).to_argv(self.flags),
+                    *self._verbosity_args(),
+                ]
                 proc = ServerProcess(
                     argv,
                     env=env,
@@ -219,6 +311,7 @@ class LlamaServer(LlamaEndpoints):
                 except BaseException:
                     proc.stop(self.stop_grace)
                     raise
+                self._check_placement(proc)
                 self._client = LlamaClient(
                     proc.url,
                     api_key=self.args.api_key,
@@ -228,6 +321,96 @@ class LlamaServer(LlamaEndpoints):
                 return self
             msg = "could not find a free port"  # pragma: no cover - the loop returns or raises
             raise ServerStartError(msg)
+
+    def fetch_model(self) -> ModelFiles:
+        """The model's local files, downloading a Hugging Face reference first.
+
+        :meth:`start` calls it; call it yourself to download ahead of time. A reference is
+        fetched once per server object (into the shared Hugging Face cache); then
+        ``args.model`` (and ``args.mmproj`` with ``mmproj=True``) hold the local paths.
+        ``stop()`` or :meth:`abort_start` from another thread abandons the download at its
+        next chunk (a later call downloads it again).
+
+        Returns:
+            The model file (the first part of a split model), every part, and the projector.
+
+        Raises:
+            ModelFileError: no such repository, revision, file or quantization.
+            DownloadError: a gated or private repository without access, or the transfer
+                failed.
+            OfflineError: offline and the files are not in the Hugging Face cache.
+            ProvisionError: not enough disk space for the download.
+            ServerStartError: the download was abandoned by ``stop()``/``abort_start()``.
+        """
+        with self._lock:
+            self._abort.clear()
+            return self._fetch_locked()
+
+    def _fetch_locked(self) -> ModelFiles:
+        ref = self.model_ref
+        if ref is None:
+            assert self.args.model is not None  # noqa: S101 - checked in __init__
+            return ModelFiles(model=Path(self.args.model))
+        if self._files is not None:
+            return self._files
+        from llama_proc.config import Settings  # noqa: PLC0415 - see _resolve_binary
+
+        settings = self.settings if self.settings is not None else Settings.from_env()
+        try:
+            files = fetch_model(
+                ref,
+                settings=settings,
+                with_mmproj=self._with_mmproj,
+                on_progress=self._download_progress,
+            )
+        except LlamaProcError as err:
+            if not self._abort.is_set():
+                raise
+            msg = f"start of {ref} abandoned during its download; start again to fetch it"
+            raise ServerStartError(msg) from err
+        if self._with_mmproj and files.mmproj is None:
+            logger.warning("%s has no mmproj projector file; starting without one", ref)
+        changes: dict[str, Path] = {"model": files.model}
+        if files.mmproj is not None:
+            changes["mmproj"] = files.mmproj
+        self.args = self.args.replace(**changes)
+        self._files = files
+        return files
+
+    def _download_progress(self, done: int, total: int) -> None:
+        if self._abort.is_set():
+            # Raised inside huggingface_hub's transfer loop: the download stops here, and
+            # huggingface_hub deletes its partial file.
+            raise _DownloadAbandonedError
+        if self.on_download_progress is not None:
+            self.on_download_progress(done, total)
+
+    def _verbosity_args(self) -> list[str]:
+        """``--log-verbosity 4`` where the binary knows it and the caller chose no level."""
+        if self.flags is None:
+            return []
+        chosen = any(a.split("=", 1)[0] in _CALLER_LOG_FLAGS for a in self.args.extra_args)
+        flag = None if chosen else self.flags.first_known(_VERBOSITY_FLAGS)
+        return [] if flag is None else [flag, str(LOG_VERBOSITY)]
+
+    def _check_placement(self, proc: ServerProcess) -> None:
+        """Record where the model went; refuse (or warn about) GPU layers loaded on the CPU."""
+        self.placement = proc.placement()
+        layers = _option(self.args, "n_gpu_layers")
+        if not asks_for_gpu(layers, _option(self.args, "device")):
+            return
+        cause = cpu_fallback(proc.logs())
+        if cause is None:
+            return
+        what = (
+            f"n_gpu_layers={layers} asked for the GPU, but llama-server (pid "
+            f"{proc.pid}) loaded the model on the CPU (cpu_fallback='warn' accepts that)"
+        )
+        if self.cpu_fallback == "warn":
+            logger.warning("%s: %s", what, cause)
+            return
+        proc.stop(self.stop_grace)
+        raise CpuFallbackError(what, None, str(cause), proc.logs(LOG_TAIL))
 
     def _connection_failed(self, _err: ServerRequestError) -> None:
         # A request without an HTTP answer: report the crash, if the child died.
@@ -349,6 +532,14 @@ class LlamaServer(LlamaEndpoints):
         """Seconds from spawn to ready for the current process."""
         return None if self._proc is None else self._proc.ready_after
 
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        """The devices the running model uses, from its log (empty: the CPU only, or unknown).
+
+        Each has llama.cpp's name (``CUDA0``), its backend, description and free memory.
+        """
+        return () if self.placement is None else self.placement.devices
+
     def logs(self, n: int | None = None) -> list[str]:
         """The last ``n`` lines the server printed (all kept when None)."""
         return [] if self._proc is None else self._proc.logs(n)
@@ -402,7 +593,8 @@ class LlamaServer(LlamaEndpoints):
     def __repr__(self) -> str:
         where = self._proc.url if self._proc is not None else "not started"
         state = "running" if self.is_running else "stopped"
-        return f"<LlamaServer {self.args.model} {state} {where}>"
+        model = self.model_ref if self.model_ref is not None else self.args.model
+        return f"<LlamaServer {model} {state} {where}>"
 
 
 class AsyncLlamaServer(AsyncLlamaEndpoints):
@@ -426,6 +618,32 @@ class AsyncLlamaServer(AsyncLlamaEndpoints):
     def args(self) -> ServerArgs:
         """The server's options."""
         return self._server.args
+
+    @property
+    def model_ref(self) -> ModelRef | None:
+        """The Hugging Face reference given as ``model`` (None for a path)."""
+        return self._server.model_ref
+
+    async def fetch_model(self) -> ModelFiles:
+        """Download a referenced model ahead of ``start()`` (see :meth:`LlamaServer.fetch_model`).
+
+        Cancelling it abandons the download (a later call starts it again).
+
+        Raises:
+            ModelFileError: as :meth:`LlamaServer.fetch_model`.
+            DownloadError: as :meth:`LlamaServer.fetch_model`.
+            OfflineError: as :meth:`LlamaServer.fetch_model`.
+        """
+        import asyncio  # noqa: PLC0415 - ~50 ms to import; only the async twin needs it
+
+        task = asyncio.ensure_future(asyncio.to_thread(self._server.fetch_model))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._server.abort_start()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
 
     async def start(self, timeout: float | None = None, stall_timeout: float | None = None) -> Self:
         """Start the server and wait until ready (see :meth:`LlamaServer.start`).
@@ -499,6 +717,11 @@ class AsyncLlamaServer(AsyncLlamaEndpoints):
     def ready_after(self) -> float | None:
         """Seconds from spawn to ready."""
         return self._server.ready_after
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        """The devices the running model uses (see :attr:`LlamaServer.devices`)."""
+        return self._server.devices
 
     def logs(self, n: int | None = None) -> list[str]:
         """The last ``n`` lines the server printed."""
