@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # --log-level is about llama-proc's own messages; other libraries keep warnings and above.
     logging.basicConfig(level=logging.WARNING, format="llama-proc: %(levelname)s: %(message)s")
-    logging.getLogger(LOGGER_NAME).setLevel(args.log_level)
+    ours = logging.getLogger(LOGGER_NAME)
+    previous_level = ours.level
+    ours.setLevel(args.log_level)
     try:
         return int(args.handler(args))
     except LlamaProcError as err:
@@ -82,3 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llama-proc: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        # main() may run inside a longer-lived process (tests, embedding): leave its logging
+        # as it was.
+        ours.setLevel(previous_level)

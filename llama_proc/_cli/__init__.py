@@ -9,4 +9,4 @@ from __future__ import annotations
 from typing import Final
 
 #: Command modules in ``--help`` order.
-COMMAND_MODULES: Final = ("provision", "build", "serve", "rpc")
+COMMAND_MODULES: Final = ("provision", "models", "build", "serve", "rpc", "maintain")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
 
 __all__ = [
+    "ADMIN_KEYS_ENV",
     "API_KEYS_ENV",
     "EXIT_USAGE",
     "GITHUB_TOKEN_ENV",
@@ -44,6 +45,8 @@ EXIT_USAGE: Final = 2
 """Exit code of a command line that cannot be run as written (argparse's own)."""
 API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
 """Comma-separated API keys the ``serve`` proxy accepts (beside ``--api-key-file``)."""
+ADMIN_KEYS_ENV: Final = "LLAMA_PROC_PROXY_ADMIN_KEYS"
+"""Comma-separated admin keys of the ``serve`` proxy (beside ``--admin-key-file``)."""
 GITHUB_TOKEN_ENV: Final = "LLAMA_PROC_GITHUB_TOKEN"  # noqa: S105 - a variable's name
 """Where a GitHub token goes (``Settings.github_token``)."""
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._cli.common import (
+    ADMIN_KEYS_ENV,
     API_KEYS_ENV,
     PROVISION_FLAGS,
     add_command,
@@ -16,7 +17,9 @@ from llama_proc._cli.common import (
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["API_KEYS_ENV", "is_loopback", "read_api_keys", "register", "run"]
+    from llama_proc.proxy.flag_policy import FlagCaps
+
+__all__ = ["API_KEYS_ENV", "flag_caps", "is_loopback", "read_api_keys", "register", "run"]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
@@ -74,6 +77,13 @@ def register(subparsers: Any) -> None:
         "(comma-separated). Without any key the proxy needs none",
     )
     net.add_argument(
+        "--admin-key-file",
+        type=Path,
+        metavar="F",
+        help=f"file with admin keys (same format; also ${ADMIN_KEYS_ENV}): they use the API "
+        "and also see and stop servers (/servers); inference keys cannot",
+    )
+    net.add_argument(
         "--max-body-bytes",
         type=int,
         default=None,
@@ -110,6 +120,21 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="seconds a request waits for a free server slot before a 503 (default: 600)",
     )
+    pool.add_argument(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory all servers may use together, by estimate (e.g. 24G, 75%%, none); idle "
+        "servers are stopped to make room and a model too big for it is refused "
+        "(default: 80%% of RAM)",
+    )
+    pool.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests one model may have waiting; more get 429 with Retry-After (default: 64)",
+    )
     tmo = p.add_argument_group("request timeouts")
     tmo.add_argument(
         "--first-byte-timeout",
@@ -133,7 +158,26 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="seconds running requests get to finish on shutdown (default: 30)",
     )
+    caps = p.add_argument_group(
+        "server-wide caps",
+        "hard limits for every source of llama-server flags: the models config and each "
+        "request's X-Llama-Flags (which a model's request_flags table must allow first)",
+    )
+    for flag, what in _CAP_FLAGS:
+        caps.add_argument(flag, type=int, default=None, metavar="N", help=what)
     p.set_defaults(handler=run)
+
+
+_CAP_FLAGS: Final = (
+    ("--max-threads", "most generation or batch threads, -t/-tb (default: the CPU count)"),
+    ("--max-threads-http", "most HTTP threads, --threads-http (default: CPU count, at least 4)"),
+    ("--max-parallel", "most parallel slots, -np (default: 16)"),
+    ("--max-batch", "largest logical or physical batch, -b/-ub (default: 8192)"),
+    (
+        "--max-context-tokens",
+        "largest context size x parallel slots, -c times -np (default: 131072)",
+    ),
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -148,7 +192,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_api_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
+def read_api_keys(
+    path: Path | None, env_value: str | None, flag: str = "--api-key-file"
+) -> tuple[str, ...]:
     """API keys from a file (one per line, ``#`` comments) and a comma-separated variable.
 
     Raises:
@@ -161,11 +207,11 @@ def read_api_keys(path: Path | None, env_value: str | None) -> tuple[str, ...]:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as err:
-            msg = f"cannot read --api-key-file {path}: {err.strerror or err}"
+            msg = f"cannot read {flag} {path}: {err.strerror or err}"
             raise ConfigError(msg) from err
         except UnicodeDecodeError:
             # The decoder's own message quotes bytes of the file, which are key material.
-            msg = f"--api-key-file {path} is not UTF-8 text; write one key per line"
+            msg = f"{flag} {path} is not UTF-8 text; write one key per line"
             raise ConfigError(msg) from None
         for line in text.splitlines():
             line = line.strip()  # noqa: PLW2901 - the stripped line is the key
@@ -184,6 +230,28 @@ def _positive(name: str, value: float | None) -> None:
         raise ConfigError(msg)
 
 
+def flag_caps(args: argparse.Namespace) -> FlagCaps:
+    """The server-wide caps from ``--max-threads`` and friends (defaults where not given).
+
+    Raises:
+        ConfigError: a cap below 1.
+    """
+    from llama_proc.proxy.flag_policy import FlagCaps
+
+    given: dict[str, int] = {}
+    for flag, _ in _CAP_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is None:
+            continue
+        if value < 1:
+            from llama_proc.errors import ConfigError
+
+            msg = f"{flag} must be at least 1"
+            raise ConfigError(msg)
+        given[flag.removeprefix("--").replace("-", "_")] = value
+    return FlagCaps(**given)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT/SIGTERM."""
     import asyncio
@@ -195,10 +263,12 @@ def run(args: argparse.Namespace) -> int:
     from llama_proc.proxy.models_config import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
+        DEFAULT_MAX_QUEUE,
         DEFAULT_MAX_SERVERS,
         DEFAULT_QUEUE_TIMEOUT,
         LlamaServerFactory,
         ServerPool,
+        parse_memory_budget,
     )
 
     log = logging.getLogger("llama_proc.proxy")
@@ -213,6 +283,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(msg)
     for name in ("first_byte_timeout", "stall_timeout", "start_timeout", "queue_timeout"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    memory_budget = parse_memory_budget(args.memory_budget)
+    if args.max_queue is not None and args.max_queue < 1:
+        msg = "--max-queue must be at least 1"
+        raise ConfigError(msg)
     if args.max_servers is not None and args.max_servers < 1:
         msg = "--max-servers must be at least 1"
         raise ConfigError(msg)
@@ -223,9 +297,13 @@ def run(args: argparse.Namespace) -> int:
         msg = "--idle-ttl must be >= 0 (0 = never unload)"
         raise ConfigError(msg)
     api_keys = read_api_keys(args.api_key_file, os.environ.get(API_KEYS_ENV))
-    if args.allow_remote and not is_loopback(args.host) and not api_keys:
+    admin_keys = read_api_keys(
+        args.admin_key_file, os.environ.get(ADMIN_KEYS_ENV), "--admin-key-file"
+    )
+    if args.allow_remote and not is_loopback(args.host) and not (api_keys or admin_keys):
         log.warning("serving %s without API keys: anyone who can reach it can use it", args.host)
-    models = load_models(args.config, args.models_dir)
+    caps = flag_caps(args)
+    models = load_models(args.config, args.models_dir, caps=caps)
 
     # Resolve the binary once, up front: a provisioning problem shows now, not on the first
     # request, and every server in the pool runs the same build.
@@ -235,14 +313,17 @@ def run(args: argparse.Namespace) -> int:
     binary = ensure_server(settings).server_binary
 
     from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+    from llama_proc.proxy.downloads import ModelDownloads
 
     defaults = ProxyOptions()
     options = ProxyOptions(
         api_keys=api_keys,
+        admin_keys=admin_keys,
         max_body_bytes=args.max_body_bytes or defaults.max_body_bytes,
         first_byte_timeout=args.first_byte_timeout or defaults.first_byte_timeout,
         stall_timeout=args.stall_timeout or defaults.stall_timeout,
         drain_timeout=args.drain_timeout if args.drain_timeout is not None else 30.0,
+        flag_caps=caps,
     )
     # With proxy keys, the servers get a key of their own too: they listen on loopback ports
     # any local user could reach, and the proxy's keys must not be that easy to go around.
@@ -252,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
         binary=binary,
         settings=settings,
         start_timeout=args.start_timeout,
-        api_key=secrets.token_urlsafe(32) if api_keys else None,
+        api_key=secrets.token_urlsafe(32) if api_keys or admin_keys else None,
     )
 
     def ready(host: str, port: int) -> None:
@@ -270,8 +351,10 @@ def run(args: argparse.Namespace) -> int:
             max_servers=args.max_servers or DEFAULT_MAX_SERVERS,
             idle_ttl=DEFAULT_IDLE_TTL if args.idle_ttl is None else args.idle_ttl,
             queue_timeout=args.queue_timeout or DEFAULT_QUEUE_TIMEOUT,
+            max_queue=args.max_queue or DEFAULT_MAX_QUEUE,
+            memory_budget=memory_budget,
         )
-        app = create_app(models, pool, options)
+        app = create_app(models, pool, options, downloads=ModelDownloads(settings=settings))
         await run_proxy(
             app, host=args.host, port=args.port, drain_timeout=options.drain_timeout, ready=ready
         )

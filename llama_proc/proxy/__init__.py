@@ -16,7 +16,13 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
-    from llama_proc.proxy.flag_policy import normalize_flags, parse_flags_header
+    from llama_proc.proxy.flag_policy import (
+        FlagCaps,
+        FlagChecker,
+        FlagPolicy,
+        normalize_flags,
+        split_flags_header,
+    )
     from llama_proc.proxy.models_config import (
         ModelsConfig,
         ModelSpec,
@@ -36,6 +42,9 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "FlagCaps",
+    "FlagChecker",
+    "FlagPolicy",
     "LlamaServerFactory",
     "ModelSpec",
     "ModelsConfig",
@@ -50,10 +59,10 @@ __all__ = [
     "load_models",
     "load_models_config",
     "normalize_flags",
-    "parse_flags_header",
     "run_proxy",
     "scan_models_dir",
     "server_key",
+    "split_flags_header",
 ]
 
 _MODULES: Final = {
@@ -61,7 +70,9 @@ _MODULES: Final = {
     "models_config": (
         "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",
     ),
-    "flag_policy": ("normalize_flags", "parse_flags_header"),
+    "flag_policy": (
+        "FlagCaps", "FlagChecker", "FlagPolicy", "normalize_flags", "split_flags_header",
+    ),
     "pool": (
         "LlamaServerFactory", "PoolBusyError", "PoolClosedError", "ServerFactory",
         "ServerHandle", "ServerInfo", "ServerPool", "server_key",

@@ -2,8 +2,9 @@
 
 Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (forwarded to
 the server for the request's model and flags), ``GET /v1/models``, ``GET /health`` (no key
-needed), ``GET /metrics`` (the proxy's own metrics plus every server's), ``GET /servers`` and
-``DELETE /servers/{key}`` (management).
+needed), ``GET /metrics`` (the proxy's own metrics plus every server's), ``GET /servers`` (the
+servers, and under ``downloads`` each Hugging Face model download with its state and percent)
+and ``DELETE /servers/{key}`` (management).
 
 Responses are passed through as they arrive: an event stream is written chunk by chunk with no
 buffering, and a client that goes away cancels the upstream request (the upstream connection
@@ -17,19 +18,31 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import re
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from yarl import URL
 
-from llama_proc.errors import InvalidArgumentError, LlamaProcError
-from llama_proc.proxy.flag_policy import FLAGS_HEADER, parse_flags_header
+from llama_proc.diagnosis import diagnose
+from llama_proc.errors import ConfigError, InvalidArgumentError, LlamaProcError, ServerExitedError
+from llama_proc.proxy.downloads import ModelDownloads
+from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagCaps, FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
-from llama_proc.proxy.pool import Lease, PoolBusyError, PoolClosedError, ServerPool
+from llama_proc.proxy.pool import (
+    Lease,
+    ModelTooLargeError,
+    PoolBusyError,
+    PoolClosedError,
+    PoolQueueFullError,
+    ServerPool,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,11 +50,17 @@ if TYPE_CHECKING:
     from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_FIRST_BYTE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_STALL_TIMEOUT",
+    "MAX_JSON_DEPTH",
     "ProxyOptions",
+    "Role",
     "create_app",
+    "json_too_deep",
     "run_proxy",
 ]
 
@@ -66,6 +85,28 @@ SERVER_HEADER: Final = "X-Llama-Proc-Server"
 RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
 FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _PUBLIC_PATHS: Final = frozenset({"/health"})
+_ADMIN_PREFIX: Final = "/servers"
+"""Routes only admin keys may use: the pool's servers (with every tenant's flags) and stopping."""
+DEFAULT_IDLE_TIMEOUT: Final = 15.0
+"""Seconds a connection may sit without a complete request head (idle keep-alive, or headers
+trickled in) before it is closed."""
+DEFAULT_BODY_TIMEOUT: Final = 60.0
+"""Seconds an authenticated client gets to send its request body."""
+DEFAULT_MAX_CONNECTIONS: Final = 256
+"""Open client connections at once; beyond it the oldest idle one is closed, or the new one
+refused when none is idle."""
+MAX_HEADER_LINE: Final = 8190
+"""Longest request line or header field, in bytes."""
+MAX_HEADERS: Final = 64
+"""Most header fields in one request."""
+LINGER_TIME: Final = 1.0
+"""Seconds an unread body is drained after an early answer (401, 413) before closing."""
+MAX_JSON_DEPTH: Final = 64
+"""Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
+THREAD_PARSE_BYTES: Final = 64 * 1024
+"""Bodies larger than this are checked and parsed in a worker thread, off the event loop."""
+Role = Literal["admin", "inference"]
+"""What a key may do: ``inference`` keys use the API, ``admin`` keys also manage servers."""
 _PASS_HEADERS: Final = ("Content-Type", "Content-Encoding")
 
 
@@ -73,20 +114,37 @@ _PASS_HEADERS: Final = ("Content-Type", "Content-Encoding")
 class ProxyOptions:
     """How the proxy treats requests.
 
+    Keys are sent as ``Authorization: Bearer <key>`` or ``X-Api-Key``. With no key of either
+    kind the proxy needs none (every client is an admin: meant for loopback use); with any
+    key, every route but ``/health`` needs one, and ``/servers`` needs an admin key.
+
     Attributes:
-        api_keys: keys accepted as ``Authorization: Bearer <key>`` or ``X-Api-Key``; empty =
-            no authentication.
+        api_keys: inference keys: the OpenAI routes, ``/v1/models`` and ``/metrics``.
+        admin_keys: admin keys: everything inference keys may do, plus ``GET /servers``
+            (every tenant's flags) and ``DELETE /servers/{key}``.
         max_body_bytes: largest request body accepted (413 above it).
         first_byte_timeout: seconds until llama-server's first response byte (504 after it).
         stall_timeout: seconds a started stream may go silent before it is cut off.
         drain_timeout: seconds in-flight requests get to finish at shutdown.
+        idle_timeout: seconds a connection may go without a complete request head (idle
+            keep-alive or trickled headers) before it is closed.
+        body_timeout: seconds an authenticated client gets to send its body (408 after it).
+        max_connections: client connections open at once; at the limit the oldest idle one
+            is closed to make room, or the new one is refused (503) when none is idle.
+        flag_caps: server-wide caps on threads, slots, batch and context size that every
+            model's config and every request's ``X-Llama-Flags`` must keep.
     """
 
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    flag_caps: FlagCaps = field(default_factory=FlagCaps)
 
 
 def _error(
@@ -108,18 +166,77 @@ def _sse_error(message: str, code: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+_STRING: Final = re.compile(rb'"[^"]*"')
+_NOT_BRACKET: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENERS: Final = frozenset(b"[{")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than ``limit``, without parsing it.
+
+    Escapes and strings are cut out with C-speed regexes, then only the brackets are walked,
+    stopping at the first one past ``limit``: a hostile ``[[[[...`` costs microseconds and no
+    recursion, where ``json.loads`` would recurse once per level.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", body)).translate(None, _NOT_BRACKET)
+    depth = 0
+    for char in brackets:
+        if char in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+class _BadBodyError(Exception):
+    """A request body that is not a JSON object within the limits (answered 400)."""
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    if json_too_deep(body):
+        msg = f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels."
+        raise _BadBodyError(msg)
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        msg = "The request body is not valid JSON."
+        raise _BadBodyError(msg) from None
+    if not isinstance(payload, dict):
+        msg = "The request body must be a JSON object."
+        raise _BadBodyError(msg)
+    return payload
+
+
 class _Proxy:
     """Request handlers sharing the pool, the upstream session and the metrics."""
 
-    def __init__(self, models: ModelsConfig, pool: ServerPool, options: ProxyOptions) -> None:
+    def __init__(
+        self,
+        models: ModelsConfig,
+        pool: ServerPool,
+        options: ProxyOptions,
+        downloads: ModelDownloads | None = None,
+    ) -> None:
         self.models = models
         self.pool = pool
         self.options = options
-        self.metrics = ProxyMetrics()
-        self.metrics.max_servers.set(value=pool.max_servers)
+        self.downloads = downloads if downloads is not None else ModelDownloads()
+        self.metrics = ProxyMetrics(pool)
+        self.flags = FlagChecker(options.flag_caps)
         self.session: aiohttp.ClientSession | None = None
         self.created = int(time.time())
-        self._keys = tuple(k.encode() for k in options.api_keys)
+        self._keys: tuple[tuple[bytes, Role], ...] = tuple(
+            [(k.encode(), "inference") for k in options.api_keys]
+            + [(k.encode(), "admin") for k in options.admin_keys]
+        )
+        # Client connections with a request in the handler (the rest are idle or still
+        # sending headers, and may be closed to make room for a new connection).
+        self.busy: dict[object, int] = {}
         self._only_model = next(iter(models)).id if len(models) == 1 else None
         self._shutting_down = False
         self._urls: dict[str, URL] = {}
@@ -139,51 +256,65 @@ class _Proxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        # Request flags are checked against the binary's options (its --help, probed once and
+        # cached) before the pool sees them.
+        binary = await asyncio.to_thread(self.pool.binary_flags)
+        self.flags = FlagChecker(self.options.flag_caps, binary)
         await self.pool.start()
 
     async def shutdown(self) -> None:
         self._shutting_down = True
+        # Requests waiting for a model download end now, not after the drain timeout.
+        await self.downloads.close()
 
     async def cleanup(self) -> None:
+        await self.downloads.close()
         await self.pool.close()
         if self.session is not None:
             await self.session.close()
 
     # -- middleware ------------------------------------------------------------------------
 
-    def authorized(self, request: web.Request) -> bool:
+    def role(self, request: web.Request) -> Role | None:
+        """The role of the key the request offers; None = no valid key.
+
+        Without any key configured every client is an admin. A header that is not UTF-8
+        offers no key (it cannot match one), rather than failing the request.
+        """
         if not self._keys:
-            return True
+            return "admin"
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         offered = token.strip() if scheme.lower() == "bearer" else ""
         offered = offered or request.headers.get("X-Api-Key", "")
-        given = offered.encode()
-        ok = False
+        try:
+            given = offered.encode()
+        except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+            return None
+        found: Role | None = None
         # Compare against every key so timing tells nothing about which (if any) matched.
-        for key in self._keys:
-            ok |= hmac.compare_digest(given, key)
-        return ok
+        for key, role in self._keys:
+            if hmac.compare_digest(given, key) and found != "admin":
+                found = role
+        return found
+
+    def authorized(self, request: web.Request) -> bool:
+        """Whether the request offers a valid key of any role (or none is needed)."""
+        return self.role(request) is not None
 
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Authentication, OpenAI-shaped HTTP errors and request metrics for every route."""
+        """Authentication, roles, OpenAI-shaped HTTP errors and request metrics for every route."""
         began = time.perf_counter()
         endpoint = request.path if request.path in _ENDPOINTS else "other"
         metrics = self.metrics
         metrics.in_flight.inc()
+        connection = request.protocol
+        busy = self.busy
+        busy[connection] = busy.get(connection, 0) + 1
         try:
-            if request.path not in _PUBLIC_PATHS and not self.authorized(request):
-                response: web.StreamResponse = _error(
-                    401,
-                    "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key",
-                )
-            else:
-                response = await handler(request)
-        except web.HTTPException as exc:
-            response = self._http_error(exc)
+            response = await self._guarded(request, handler)
         except asyncio.CancelledError:
             # A client that hangs up right after the last event of a complete stream got its
             # answer; anything else is nginx's 499 "client closed request".
@@ -192,9 +323,53 @@ class _Proxy:
         finally:
             metrics.in_flight.inc(amount=-1)
             self._complete.discard(id(request))
+            left = busy.pop(connection, 1) - 1
+            if left > 0:
+                busy[connection] = left
+        if response.status >= 400 and not request.content.is_eof():
+            # An early answer (401, 413...) to a body nobody read: drop the connection rather
+            # than reading and discarding what the client still sends.
+            response.force_close()
         metrics.requests.inc(endpoint, str(response.status))
         metrics.duration.observe(time.perf_counter() - began, endpoint)
         return response
+
+    async def _guarded(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        path = request.path
+        if path in _PUBLIC_PATHS:
+            role: Role | None = "inference"
+        else:
+            role = self.role(request)
+        if role is None:
+            return _error(
+                401,
+                "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+        if role != "admin" and (path == _ADMIN_PREFIX or path.startswith(_ADMIN_PREFIX + "/")):
+            return _error(
+                403,
+                f"{path} needs an admin key (serve --admin-key-file); this key may only use "
+                "the API.",
+                code="admin_key_required",
+                kind="permission_error",
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            return self._http_error(exc)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception:
+            logger.exception("internal error while handling %s %s", request.method, path)
+            return _error(
+                500,
+                "Internal error in the llama-proc proxy; see its log.",
+                code="internal_error",
+                kind="server_error",
+            )
 
     def _http_error(self, exc: web.HTTPException) -> web.Response:
         if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -214,13 +389,26 @@ class _Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Route a request to its model's server and pass the response through."""
-        body = await request.read()
+        options = self.options
+        declared = request.content_length
+        if declared is not None and declared > options.max_body_bytes:
+            return self._http_error(web.HTTPRequestEntityTooLarge(options.max_body_bytes, declared))
         try:
-            payload = json.loads(body)
-        except ValueError:
-            return _error(400, "The request body is not valid JSON.", code="invalid_json")
-        if not isinstance(payload, dict):
-            return _error(400, "The request body must be a JSON object.", code="invalid_json")
+            async with asyncio.timeout(options.body_timeout):
+                body = await request.read()
+        except TimeoutError:
+            return _error(
+                408,
+                f"The request body did not arrive within {options.body_timeout:g}s.",
+                code="request_timeout",
+            )
+        try:
+            if len(body) > THREAD_PARSE_BYTES:
+                payload = await asyncio.to_thread(_parse_body, body)
+            else:
+                payload = _parse_body(body)
+        except _BadBodyError as err:
+            return _error(400, str(err), code="invalid_json")
         name = request.headers.get(MODEL_HEADER) or payload.get("model") or self._only_model
         if not name:
             return _error(
@@ -242,17 +430,42 @@ class _Proxy:
         header = request.headers.get(FLAGS_HEADER)
         if header:
             try:
-                flags = parse_flags_header(header)
+                flags = self.flags.check_request(header, spec)
             except InvalidArgumentError as err:
                 return _error(400, str(err), code="invalid_flags", param=FLAGS_HEADER)
         if self._shutting_down:
             return _shutting_down()
+        if spec.ref is not None:
+            # A Hugging Face model is fetched before the pool sees it: the download holds no
+            # server slot and runs before the server's start clock.
+            try:
+                spec = await self.downloads.resolve(spec)
+            except LlamaProcError as err:
+                if self._shutting_down:
+                    return _shutting_down()
+                return _error(
+                    503,
+                    f"model {spec.id!r} could not be fetched: {err}",
+                    code="model_download_failed",
+                    kind="server_error",
+                )
         stream = payload.get("stream")
+        arrived = time.perf_counter()
         for attempt in range(1, UPSTREAM_ATTEMPTS + 1):
             try:
                 lease = await self.pool.acquire(spec, flags)
             except PoolClosedError:
                 return _shutting_down()
+            except PoolQueueFullError as err:
+                return _error(
+                    429,
+                    str(err),
+                    code="rate_limit_exceeded",
+                    kind="requests",
+                    headers={"Retry-After": str(math.ceil(err.retry_after))},
+                )
+            except ModelTooLargeError as err:
+                return _error(400, str(err), code="model_too_large", param="model")
             except PoolBusyError as err:
                 return _error(
                     503,
@@ -270,7 +483,13 @@ class _Proxy:
                 )
             try:
                 response = await self._pass_through(
-                    request, lease, spec, body, stream, last=attempt == UPSTREAM_ATTEMPTS
+                    request,
+                    lease,
+                    spec,
+                    body,
+                    stream,
+                    last=attempt == UPSTREAM_ATTEMPTS,
+                    arrived=arrived,
                 )
             finally:
                 lease.release()
@@ -288,6 +507,7 @@ class _Proxy:
         stream: object,
         *,
         last: bool,
+        arrived: float,
     ) -> web.StreamResponse | None:
         """Forward one request; None = it failed before any response byte, try again."""
         assert self.session is not None  # noqa: S101 - set in startup
@@ -335,7 +555,9 @@ class _Proxy:
                         break
                     if first:
                         first = False
-                        self.metrics.first_byte.observe(time.perf_counter() - sent, spec.id)
+                        now = time.perf_counter()
+                        self.metrics.first_byte.observe(now - sent, spec.id)
+                        self.metrics.ttft.observe(now - arrived, spec.id)
                     if chunk.endswith(b"[DONE]\n\n"):
                         # The client has its whole answer once this is written, and may hang
                         # up before the upstream's end-of-stream arrives.
@@ -360,6 +582,9 @@ class _Proxy:
                 else f"llama-server for {spec.id!r} stalled for {limit:g}s mid-stream"
             )
             logger.warning("%s [key %s]", message, lease.key)
+            if response is not None:
+                # A server that goes silent mid-stream is wedged: the pool restarts it.
+                lease.report_stall()
             return await self._fail(request, response, 504, message, "upstream_timeout")
         except asyncio.CancelledError:
             if id(request) not in self._complete:
@@ -379,14 +604,28 @@ class _Proxy:
                 self.metrics.upstream_errors.inc(spec.id, "retried")
                 logger.info("retrying request for %r after %s", spec.id, err or type(err).__name__)
                 return None
+            if alive:
+                # The exit status can lag the broken connection by a moment.
+                await asyncio.sleep(RETRY_PAUSE)
+                alive = lease.check_alive()
             kind = "connection" if alive else "crash"
             self.metrics.upstream_errors.inc(spec.id, kind)
-            message = (
-                f"llama-server for {spec.id!r} failed during the request: {err or type(err).__name__}"
-                if alive
-                else f"llama-server for {spec.id!r} crashed during the request; "
-                "it restarts on the next one"
-            )
+            if alive:
+                message = (
+                    f"llama-server for {spec.id!r} failed during the request: "
+                    f"{err or type(err).__name__}"
+                )
+            else:
+                # The same words as the clients' ServerExitedError; no log lines to tenants.
+                handle = lease.handle
+                message = (
+                    ServerExitedError(
+                        f"llama-server for {spec.id!r}",
+                        getattr(handle, "returncode", None),
+                        _exit_cause(handle),
+                    ).summary
+                    + "; it restarts on the next request"
+                )
             logger.warning("%s [key %s]", message, lease.key)
             return await self._fail(request, response, 502, message, "upstream_error")
         finally:
@@ -456,6 +695,7 @@ class _Proxy:
                 "object": "list",
                 "max_servers": self.pool.max_servers,
                 "data": [info.to_json() for info in self.pool.snapshot()],
+                "downloads": [info.to_json() for info in self.downloads.snapshot()],
             }
         )
 
@@ -471,19 +711,8 @@ class _Proxy:
         return web.json_response({"key": key, "stopped": True})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        metrics = self.metrics
-        snapshot = self.pool.snapshot()
-        metrics.servers.clear()
-        for state in ("queued", "starting", "ready", "stopping"):
-            metrics.servers.set(state, value=sum(1 for s in snapshot if s.state == state))
-        metrics.server_active.clear()
-        for info in snapshot:
-            if info.state == "ready":
-                metrics.server_active.set(info.key, info.model, value=info.active)
-        for event, count in self.pool.stats.items():
-            metrics.pool_events.set_total(event, value=count)
         upstream = await self._scrape_servers()
-        text = metrics.registry.render() + upstream
+        text = self.metrics.render() + upstream
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def _scrape_servers(self) -> str:
@@ -512,6 +741,14 @@ class _Proxy:
         return merge_upstream(parts)
 
 
+def _exit_cause(handle: object) -> str:
+    """The decoded reason a leased server exited, from its log tail and exit status."""
+    code = getattr(handle, "returncode", None)
+    logs = getattr(handle, "logs", None)
+    lines = logs() if callable(logs) else []
+    return str(diagnose(lines, code)) if code is not None else ""
+
+
 def _shutting_down() -> web.Response:
     return _error(
         503, "The llama-proc proxy is shutting down.", code="shutting_down", kind="server_error"
@@ -523,7 +760,13 @@ _PROXY_KEY: Final = web.AppKey("proxy", _Proxy)
 _ENDPOINTS: Final = frozenset({*FORWARDED, "/v1/models", "/health", "/metrics", "/servers"})
 
 
-def create_app(models: ModelsConfig, pool: ServerPool, options: ProxyOptions) -> web.Application:
+def create_app(
+    models: ModelsConfig,
+    pool: ServerPool,
+    options: ProxyOptions,
+    *,
+    downloads: ModelDownloads | None = None,
+) -> web.Application:
     """Build the proxy application.
 
     The pool is started with the app and closed (every server stopped) when the app is
@@ -533,8 +776,20 @@ def create_app(models: ModelsConfig, pool: ServerPool, options: ProxyOptions) ->
         models: the models clients may ask for.
         pool: the server pool (not started yet).
         options: limits, timeouts and API keys.
+        downloads: fetches the models named by Hugging Face reference (default: with
+            huggingface_hub's own settings from the environment).
+
+    Raises:
+        ConfigError: a model's options or ``extra_args`` exceed ``options.flag_caps``.
     """
-    proxy = _Proxy(models, pool, options)
+    checker = FlagChecker(options.flag_caps)
+    for spec in models:
+        try:
+            checker.check_model(spec)
+        except InvalidArgumentError as err:
+            msg = f"model {spec.id!r}: {err}"
+            raise ConfigError(msg) from None
+    proxy = _Proxy(models, pool, options, downloads)
 
     @web.middleware
     async def middleware(
@@ -594,6 +849,8 @@ async def run_proxy(
         app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
     )
     await runner.setup()
+    proxy = app.get(_PROXY_KEY)
+    gate = _ConnectionGate(runner, proxy.options if proxy else ProxyOptions(), proxy)
     stop_event = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -602,7 +859,7 @@ async def run_proxy(
             loop.add_signal_handler(sig, stop_event.set)
             installed.append(sig)
     try:
-        site = web.TCPSite(runner, host, port)
+        site = _GatedSite(runner, host, port, gate=gate)
         await site.start()
         bound = _bound_address(runner, host, port)
         if ready is not None:
@@ -613,6 +870,162 @@ async def run_proxy(
         for sig in installed:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+
+
+_PARSE_ERRORS: Final[dict[type[Exception], tuple[str, str]]] = {
+    http_exceptions.LineTooLong: (
+        "headers_too_large",
+        (
+            f"A request line or header is longer than {MAX_HEADER_LINE} bytes, or there are "
+            f"more than {MAX_HEADERS} headers."
+        ),
+    ),
+    http_exceptions.BadHttpMethod: ("bad_request", "The request does not start like HTTP."),
+    http_exceptions.InvalidHeader: ("bad_request", "A request header is malformed."),
+}
+
+
+class _ClientConnection(web.RequestHandler):
+    """aiohttp's per-connection protocol, with its own error pages made OpenAI-shaped.
+
+    Requests that fail in the HTTP parser (bad request line, oversized or malformed headers)
+    never reach the app or its middleware; aiohttp answers them here. Nothing the client sent
+    is logged or echoed: a malformed header may hold a key.
+    """
+
+    def __init__(self, gate: _ConnectionGate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+        self.evicted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.evicted:
+            # Evicted between its creation and now (a burst of accepts makes every protocol
+            # before any of them is connected): aiohttp's force_close had no transport then.
+            self.force_close()
+
+    def evict(self) -> None:
+        """Close this idle connection to make room, now or as soon as it is connected."""
+        self.evicted = True
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.gate.forget(self)
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            msg = "response already started; cannot send an error after it"
+            raise ConnectionError(msg)
+        code, text = "internal_error", "Internal error in the llama-proc proxy; see its log."
+        kind = "server_error"
+        if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+            logger.error("internal error in the proxy's HTTP layer: %s", type(exc).__name__)
+        elif status == HTTPStatus.GATEWAY_TIMEOUT:
+            code, text = "timeout", "The request timed out in the llama-proc proxy."
+        else:
+            kind = "invalid_request_error"
+            code, text = next(
+                (v for t, v in _PARSE_ERRORS.items() if isinstance(exc, t)),
+                ("bad_request", "The request is not valid HTTP."),
+            )
+            logger.debug("refused a malformed request (%s, HTTP %d)", type(exc).__name__, status)
+        response = _error(status, text, code=code, kind=kind)
+        response.force_close()
+        return response
+
+
+_REFUSAL: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection over the limit with no idle one to close: one 503 answer, then closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "The llama-proc proxy has too many open connections; retry.",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "too_many_connections",
+                }
+            }
+        ).encode()
+        assert isinstance(transport, asyncio.WriteTransport)  # noqa: S101 - a TCP transport
+        transport.write(_REFUSAL % (len(body), body))
+        transport.close()
+
+
+class _ConnectionGate:
+    """Makes the protocol for every accepted connection, holding them to ``max_connections``.
+
+    At the limit, the oldest connection with no request in the handler (idle keep-alive, or
+    still sending its headers) is closed to make room, so idle or slow clients can never
+    lock others out; when every connection is busy, the new one is refused with a 503.
+    """
+
+    def __init__(self, runner: web.AppRunner, options: ProxyOptions, proxy: _Proxy | None) -> None:
+        self.runner = runner
+        self.limit = max(1, options.max_connections)
+        self.busy: dict[object, int] = proxy.busy if proxy is not None else {}
+        self.open: dict[_ClientConnection, None] = {}
+        self.closed_idle = 0
+        self.refused = 0
+        self.kwargs: dict[str, Any] = {
+            "keepalive_timeout": options.idle_timeout,
+            "max_line_size": MAX_HEADER_LINE,
+            "max_field_size": MAX_HEADER_LINE,
+            "max_headers": MAX_HEADERS,
+            "lingering_time": LINGER_TIME,
+            "access_log": None,
+        }
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        server = self.runner.server
+        assert server is not None  # noqa: S101 - the runner is set up before the site starts
+        if len(self.open) >= self.limit and not self._close_idle():
+            self.refused += 1
+            return _Refusal()
+        connection = _ClientConnection(self, server, loop=asyncio.get_running_loop(), **self.kwargs)
+        self.open[connection] = None
+        return connection
+
+    def _close_idle(self) -> bool:
+        for connection in self.open:
+            if connection not in self.busy:
+                self.forget(connection)
+                connection.evict()
+                self.closed_idle += 1
+                return True
+        return False
+
+    def forget(self, connection: _ClientConnection) -> None:
+        self.open.pop(connection, None)
+
+
+class _GatedSite(web.TCPSite):
+    """A TCP site whose connections are made (and counted) by a :class:`_ConnectionGate`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, gate: _ConnectionGate):
+        super().__init__(runner, host, port)
+        self._gate = gate
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)  # what BaseSite.start does
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._gate, self._host, self._port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 def _bound_address(runner: web.AppRunner, host: str, port: int) -> tuple[str, int]:

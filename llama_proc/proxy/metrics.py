@@ -1,244 +1,345 @@
-"""Prometheus text exposition for the proxy: its own metrics plus each server's, relabelled.
+"""Prometheus metrics for the proxy: its own series, per-model series and each server's, relabelled.
 
-A deliberately small implementation (counters, gauges, histograms with labels) so the proxy
-needs no metrics library. Upstream llama-server metrics (``llamacpp:*``, served with
-``--metrics``) are merged family by family with ``server`` and ``model`` labels added, so one
-scrape of the proxy covers every server behind it.
+The series live in a :mod:`prometheus_client` registry. :class:`PoolMetrics` holds what the pool
+records (loads, load time, queue wait, evictions, restarts, requests and refusals, each labelled
+with the model); :class:`ProxyMetrics` adds the HTTP side (requests by endpoint, time to first
+token, upstream errors) and gauges read from the pool at scrape time. Upstream llama-server
+metrics (``llamacpp:*``, served with ``--metrics``) are merged family by family with ``server``
+and ``model`` labels added, so one scrape of the proxy covers every server behind it.
+
+The text is rendered here rather than by ``prometheus_client.generate_latest`` so that label
+order stays as declared, integral values print as integers (as llama-server prints its own) and
+the ``_created`` series stay out of an exposition meant to be merged with llama-server's.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_left
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+    from prometheus_client.metrics_core import Metric
 
 __all__ = [
-    "Counter",
-    "Gauge",
-    "Histogram",
+    "LOAD_BUCKETS",
+    "REQUEST_BUCKETS",
+    "PoolMetrics",
+    "PoolView",
     "ProxyMetrics",
-    "Registry",
+    "Series",
     "merge_upstream",
+    "render",
 ]
 
-DEFAULT_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                          60.0, 120.0, 300.0)  # fmt: skip
+REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                          5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # fmt: skip
+"""Histogram buckets (seconds) for request-sized durations: queue wait, first token, requests."""
+LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""Histogram buckets (seconds) for server load times."""
 _SAMPLE_RE: Final = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(.+)$")
-
-Kind = Literal["counter", "gauge", "histogram"]
+_SKIPPED_SUFFIXES: Final = ("_created",)
 
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
 def _num(value: float) -> str:
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
     return repr(value)
 
 
-class _Metric:
-    kind: Kind = "gauge"
+class Series:
+    """A :mod:`prometheus_client` metric addressed with positional label values.
 
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
+    Children are cached per label tuple, so the hot path (one ``inc`` per request) is a dict
+    lookup instead of ``labels()``'s validation and lock.
+    """
 
-    def header(self) -> list[str]:
-        """The HELP and TYPE lines."""
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    __slots__ = ("_children", "metric")
 
-    def lines(self) -> list[str]:
-        """The sample lines."""
-        raise NotImplementedError
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
 
-
-class Counter(_Metric):
-    """A monotonically increasing count, per label set."""
-
-    kind: Kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
+    def _child(self, labels: tuple[str, ...]) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self.metric.labels(*labels) if labels else self.metric
+            self._children[labels] = child
+        return child
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
-        """Add ``amount`` to the series for ``labels`` (one value per label name)."""
-        self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def set_total(self, *labels: str, value: float) -> None:
-        """Mirror a total kept elsewhere (it must only grow)."""
-        self._values[labels] = value
-
-    def value(self, *labels: str) -> float:
-        """The current value for ``labels`` (0 if never incremented)."""
-        return self._values.get(labels, 0.0)
-
-    def lines(self) -> list[str]:  # noqa: D102 - see _Metric
-        return [
-            f"{self.name}{_labels(self.labelnames, k)} {_num(v)}"
-            for k, v in sorted(self._values.items())
-        ]
-
-
-class Gauge(Counter):
-    """A value that goes up and down, per label set."""
-
-    kind: Kind = "gauge"
+        """Add ``amount`` (a gauge may go down with a negative amount)."""
+        self._child(labels).inc(amount)
 
     def set(self, *labels: str, value: float) -> None:
-        """Set the series for ``labels``."""
-        self._values[labels] = value
-
-    def clear(self) -> None:
-        """Drop every series (for gauges rebuilt at scrape time)."""
-        self._values.clear()
-
-
-class Histogram(_Metric):
-    """Observations counted into cumulative buckets, per label set."""
-
-    kind: Kind = "histogram"
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labelnames: Sequence[str] = (),
-        buckets: Sequence[float] = DEFAULT_BUCKETS,
-    ) -> None:
-        super().__init__(name, help_text, labelnames)
-        self.buckets = tuple(sorted(buckets))
-        self._series: dict[tuple[str, ...], list[float]] = {}
+        """Set a gauge."""
+        self._child(labels).set(value)
 
     def observe(self, value: float, *labels: str) -> None:
-        """Record one observation (seconds, bytes, ...)."""
-        series = self._series.get(labels)
-        if series is None:
-            # Per-bucket counts, then +Inf count and sum.
-            series = self._series[labels] = [0.0] * (len(self.buckets) + 2)
-        series[bisect_left(self.buckets, value)] += 1
-        series[-1] += value
+        """Record one histogram observation."""
+        self._child(labels).observe(value)
+
+    def value(self, *labels: str) -> float:
+        """Current value of a counter or gauge (0 if never touched); for tests and reports."""
+        for sample in self.metric.collect()[0].samples:
+            if sample.name.endswith(_SKIPPED_SUFFIXES):
+                continue
+            if tuple(sample.labels.values()) == labels:
+                return float(sample.value)
+        return 0.0
 
     def count(self, *labels: str) -> int:
-        """How many observations were made for ``labels``."""
-        series = self._series.get(labels)
-        return 0 if series is None else int(sum(series[:-1]))
-
-    def lines(self) -> list[str]:  # noqa: D102 - see _Metric
-        out: list[str] = []
-        for key, series in sorted(self._series.items()):
-            running = 0.0
-            for bound, n in zip((*self.buckets, math.inf), series[:-1], strict=True):
-                running += n
-                le = f'le="{_num(bound)}"'
-                out.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {_num(running)}")
-            out.append(f"{self.name}_sum{_labels(self.labelnames, key)} {_num(series[-1])}")
-            out.append(f"{self.name}_count{_labels(self.labelnames, key)} {_num(running)}")
-        return out
+        """Number of observations of a histogram for ``labels``."""
+        for sample in self.metric.collect()[0].samples:
+            if sample.name.endswith("_count") and tuple(sample.labels.values()) == labels:
+                return int(sample.value)
+        return 0
 
 
-class Registry:
-    """An ordered set of metrics rendered together."""
+def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> Series:
+    return Series(Counter(name, doc, labels, registry=None))
+
+
+def _gauge(name: str, doc: str, labels: Sequence[str] = ()) -> Series:
+    return Series(Gauge(name, doc, labels, registry=None))
+
+
+def _histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Series:
+    return Series(Histogram(name, doc, labels, buckets=buckets, registry=None))
+
+
+class PoolMetrics:
+    """Per-model series the pool records as things happen."""
 
     def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
+        self.requests = _counter(
+            "llama_proc_model_requests", "Requests handed a server, by model.", ("model",)
+        )
+        self.rejected = _counter(
+            "llama_proc_model_rejected_requests",
+            "Requests refused before reaching a server: queue_full, too_large, busy (no slot in "
+            "time).",
+            ("model", "reason"),
+        )
+        self.queue_wait = _histogram(
+            "llama_proc_model_queue_wait_seconds",
+            "Time a request waited for its server (load included), by model.",
+            ("model",),
+            REQUEST_BUCKETS,
+        )
+        self.loads = _counter(
+            "llama_proc_model_loads", "Servers started (loaded) successfully, by model.", ("model",)
+        )
+        self.load_failures = _counter(
+            "llama_proc_model_load_failures", "Server starts that failed, by model.", ("model",)
+        )
+        self.load_seconds = _histogram(
+            "llama_proc_model_load_seconds",
+            "Time from starting a server to its first answer, by model.",
+            ("model",),
+            LOAD_BUCKETS,
+        )
+        self.evictions = _counter(
+            "llama_proc_model_evictions",
+            "Servers stopped to make room (lru, memory), for idleness (idle) or by hand (manual).",
+            ("model", "reason"),
+        )
+        self.restarts = _counter(
+            "llama_proc_model_restarts",
+            "Unhealthy servers replaced: crash (process died), wedge (stopped answering a probe), "
+            "stall (stopped mid-stream).",
+            ("model", "reason"),
+        )
 
-    def add(self, metric: _Metric) -> None:
-        """Register a metric; it renders in registration order."""
-        self._metrics.append(metric)
+    def series(self) -> tuple[Series, ...]:
+        """Every series, in exposition order."""
+        return (
+            self.requests,
+            self.rejected,
+            self.queue_wait,
+            self.loads,
+            self.load_failures,
+            self.load_seconds,
+            self.evictions,
+            self.restarts,
+        )
 
-    def render(self) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
-        out: list[str] = []
-        for metric in self._metrics:
-            out.extend(metric.header())
-            out.extend(metric.lines())
-        return "\n".join(out) + "\n"
+
+class PoolView(Protocol):
+    """What the scrape-time collector reads from the pool."""
+
+    max_servers: int
+    stats: dict[str, int]
+
+    def gauges(self) -> Iterable[tuple[str, Mapping[str, str], float]]:
+        """(metric suffix, labels, value) for each scrape-time gauge sample."""
+
+
+_POOL_GAUGES: Final = {
+    "servers": ("llama_proc_pool_servers", "Servers in the pool by state.", ("state",)),
+    "server_active": (
+        "llama_proc_pool_server_active_requests",
+        "Requests running on each server.",
+        ("server", "model"),
+    ),
+    "queued": (
+        "llama_proc_model_queued_requests",
+        "Requests waiting for a server, by model.",
+        ("model",),
+    ),
+    "memory_reserved": (
+        "llama_proc_pool_memory_reserved_bytes",
+        "Estimated memory of the servers up or starting.",
+        (),
+    ),
+    "memory_budget": (
+        "llama_proc_pool_memory_budget_bytes",
+        "Memory the pool may give its servers (0 = no budget).",
+        (),
+    ),
+}
+
+
+class _PoolCollector:
+    """Reads the pool's state and totals at scrape time.
+
+    A custom collector is ``prometheus_client``'s idiom for values kept elsewhere.
+    """
+
+    def __init__(self, pool: PoolView) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        families = {
+            key: GaugeMetricFamily(name, doc, labels=list(labels))
+            for key, (name, doc, labels) in _POOL_GAUGES.items()
+        }
+        for key, labels, value in pool.gauges():
+            families[key].add_metric(list(labels.values()), value)
+        events = CounterMetricFamily(
+            "llama_proc_pool_events",
+            "Server lifecycle events so far: starts, start_failures, crashes, wedges, stalls, "
+            "evictions_lru, evictions_memory, evictions_idle, evictions_manual.",
+            labels=["event"],
+        )
+        for event, count in pool.stats.items():
+            events.add_metric([event], count)
+        max_servers = GaugeMetricFamily(
+            "llama_proc_pool_max_servers",
+            "Most servers allowed up at once (--max-servers).",
+            value=pool.max_servers,
+        )
+        yield from (*families.values(), events, max_servers)
 
 
 class ProxyMetrics:
-    """The proxy's own metrics."""
+    """The proxy's registry: its HTTP series, the pool's series and the pool's state.
 
-    def __init__(self) -> None:
-        self.registry = Registry()
-        self.requests = Counter(
-            "llama_proc_proxy_requests_total",
+    Args:
+        pool: the pool whose :class:`PoolMetrics` and state are exported; None for the HTTP
+            series alone.
+    """
+
+    def __init__(self, pool: Any = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = _counter(
+            "llama_proc_proxy_requests",
             "Requests answered by the proxy, by endpoint and HTTP status.",
             ("endpoint", "code"),
         )
-        self.duration = Histogram(
+        self.duration = _histogram(
             "llama_proc_proxy_request_duration_seconds",
             "Time from request to the end of the response, by endpoint.",
             ("endpoint",),
+            REQUEST_BUCKETS,
         )
-        self.first_byte = Histogram(
+        self.first_byte = _histogram(
             "llama_proc_proxy_upstream_first_byte_seconds",
             "Time from forwarding a request to its first response byte from llama-server.",
             ("model",),
+            REQUEST_BUCKETS,
         )
-        self.in_flight = Gauge(
+        self.ttft = _histogram(
+            "llama_proc_model_time_to_first_token_seconds",
+            "Streamed requests: time from the request's arrival (queue and load included) to the "
+            "first event from llama-server, by model.",
+            ("model",),
+            REQUEST_BUCKETS,
+        )
+        self.in_flight = _gauge(
             "llama_proc_proxy_requests_in_flight", "Requests being served right now."
         )
-        self.upstream_errors = Counter(
-            "llama_proc_proxy_upstream_errors_total",
+        self.upstream_errors = _counter(
+            "llama_proc_proxy_upstream_errors",
             "Forwarded requests that failed: timeout, stall, connection, crash.",
             ("model", "kind"),
         )
-        self.disconnects = Counter(
-            "llama_proc_proxy_client_disconnects_total",
+        self.disconnects = _counter(
+            "llama_proc_proxy_client_disconnects",
             "Requests whose client went away before the response ended (upstream cancelled).",
             ("model",),
         )
-        self.pool_events = Counter(
-            "llama_proc_pool_events_total",
-            "Server lifecycle events: start, start_failure, crash, eviction_lru, eviction_idle, "
-            "eviction_manual.",
-            ("event",),
-        )
-        self.servers = Gauge("llama_proc_pool_servers", "Servers in the pool by state.", ("state",))
-        self.server_active = Gauge(
-            "llama_proc_pool_server_active_requests",
-            "Requests running on each server.",
-            ("server", "model"),
-        )
-        self.max_servers = Gauge(
-            "llama_proc_pool_max_servers", "Most servers allowed up at once (--max-servers)."
-        )
-        self.scrape_errors = Gauge(
+        self.scrape_errors = _gauge(
             "llama_proc_upstream_scrape_errors",
             "Servers whose /metrics could not be read during this scrape.",
         )
-        for metric in (
+        own = (
             self.requests,
             self.duration,
             self.first_byte,
+            self.ttft,
             self.in_flight,
             self.upstream_errors,
             self.disconnects,
-            self.pool_events,
-            self.servers,
-            self.server_active,
-            self.max_servers,
             self.scrape_errors,
-        ):
-            self.registry.add(metric)
+        )
+        for series in own:
+            self.registry.register(series.metric)
+        if pool is not None:
+            for series in pool.metrics.series():
+                self.registry.register(series.metric)
+            self.registry.register(_PoolCollector(pool))
         self.in_flight.set(value=0)
+        self.scrape_errors.set(value=0)
+
+    def render(self) -> str:
+        """The registry in Prometheus text format 0.0.4."""
+        return render(self.registry)
+
+
+def render(registry: CollectorRegistry) -> str:
+    """Render a registry as Prometheus text (format 0.0.4).
+
+    Label order is kept as declared, integral values print as integers and ``_created``
+    samples are left out.
+    """
+    out: list[str] = []
+    for family in registry.collect():
+        name = family.name + "_total" if family.type == "counter" else family.name
+        kind = "untyped" if family.type == "unknown" else family.type
+        out.append(f"# HELP {name} {family.documentation.replace(chr(92), chr(92) * 2)}")
+        out.append(f"# TYPE {name} {kind}")
+        for sample in family.samples:
+            if sample.name.endswith(_SKIPPED_SUFFIXES):
+                continue
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+            out.append(f"{sample.name}{{{labels}}} {_num(sample.value)}" if labels
+                       else f"{sample.name} {_num(sample.value)}")  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def merge_upstream(parts: Iterable[tuple[Mapping[str, str], str]]) -> str:

@@ -13,9 +13,30 @@ A TOML file (``llama-proc serve --config FILE`` or ``LLAMA_PROC_CONFIG``)::
     extra_args = ["--temp", "0.7"]             # passed verbatim (trusted: it is your file)
     aliases = ["smol"]
 
-Keys in a model table other than ``path``, ``extra_args``, ``aliases`` and ``idle_ttl`` are
-:class:`~llama_proc.runtime.ServerArgs` fields. ``model``, ``host`` and ``port`` are chosen by
-the pool and refused here.
+    [models.qwen]
+    model = "Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"   # a Hugging Face reference
+    mmproj = true               # also fetch the repository's projector (vision models)
+
+A model table names its GGUF with ``path`` or with ``model``: a Hugging Face reference as
+users copy it (``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf``, a hub link; see
+:class:`~llama_proc.provision.hub.ModelRef`) or a path (a path that exists wins). A reference
+is downloaded on the model's first request, into the shared Hugging Face cache
+(:mod:`llama_proc.proxy.downloads`). Keys in a model table other than ``path``, ``model``,
+``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags`` and ``mmproj = true`` are
+:class:`~llama_proc.runtime.ServerArgs` fields. ``host`` and ``port`` are chosen by the pool
+and refused here.
+
+Per-request flags (``X-Llama-Flags``) are off unless a model's ``request_flags`` table (or the
+one in ``[defaults]``, which a model's own replaces) lists them, with bounds for numbers (see
+:class:`~llama_proc.proxy.flag_policy.FlagPolicy`)::
+
+    [models.smollm2.request_flags]
+    "--ctx-size" = { min = 512, max = 4096 }   # any spelling of the option
+    "--temp" = true                            # allowed within default bounds
+
+Given server-wide :class:`~llama_proc.proxy.flag_policy.FlagCaps` (``serve --max-threads``,
+...), every model's options and ``extra_args``, and every ``request_flags`` max, are checked
+against them when the config is read.
 
 A models directory (``--models-dir DIR``) adds every ``*.gguf`` under it, named by its path
 relative to the directory without the suffix (``sub/Model.Q4_K_M``); the first shard of a split
@@ -35,7 +56,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import ConfigError, InvalidArgumentError
+from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
+from llama_proc.provision.hub import ModelRef
+from llama_proc.proxy.flag_policy import FlagCaps, FlagChecker, FlagPolicy
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
@@ -55,8 +78,10 @@ logger = logging.getLogger(__name__)
 CONFIG_ENV: Final = "LLAMA_PROC_CONFIG"
 """Environment variable naming the models config file when ``--config`` is not given."""
 
-_MODEL_KEYS: Final = frozenset({"path", "extra_args", "aliases", "idle_ttl"})
-_DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl"})
+_MODEL_KEYS: Final = frozenset(
+    {"path", "model", "extra_args", "aliases", "idle_ttl", "request_flags"}
+)
+_DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags"})
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
 _SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})$")
 _ID_RE: Final = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
@@ -68,22 +93,35 @@ class ModelSpec:
 
     Attributes:
         id: the name clients put in ``model``.
-        path: the GGUF file (first shard for split models).
+        path: the GGUF file (first shard for split models); None for a reference not fetched
+            yet.
+        ref: the Hugging Face reference the config names (``model = "org/repo:QUANT"``).
+        mmproj: also fetch the referenced repository's multimodal projector.
         options: :class:`~llama_proc.runtime.ServerArgs` keyword arguments.
         extra_args: trusted extra llama-server flags from the config, placed before per-request
             flags.
         aliases: other names that resolve to this model.
         idle_ttl: seconds an idle server stays up; None = the pool default, 0 = never unload.
         source: where the entry came from (for ``/v1/models`` and error messages).
+        request_flags: which ``X-Llama-Flags`` clients may send for this model (none by
+            default).
     """
 
     id: str
-    path: Path
+    path: Path | None = None
+    ref: ModelRef | None = None
+    mmproj: bool = False
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     extra_args: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     idle_ttl: float | None = None
     source: str = ""
+    request_flags: FlagPolicy = field(default_factory=FlagPolicy)
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.ref is None:
+            msg = f"model {self.id!r} needs a path or a Hugging Face reference"
+            raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -117,15 +155,17 @@ class ModelsConfig:
         return iter(self.models.values())
 
 
-def load_models_config(path: Path) -> ModelsConfig:
+def load_models_config(path: Path, *, caps: FlagCaps | None = None) -> ModelsConfig:
     """Read a models config TOML file.
 
     Args:
         path: the file; relative model paths in it are taken relative to its folder.
+        caps: server-wide caps every model's options and ``extra_args`` (and every
+            ``request_flags`` max) must keep; None = not checked here.
 
     Raises:
-        ConfigError: the file is missing, not valid TOML, or an entry is invalid (the message
-            names the table and key).
+        ConfigError: the file is missing, not valid TOML, or an entry is invalid or beyond a
+            cap (the message names the table and key).
     """
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -135,23 +175,28 @@ def load_models_config(path: Path) -> ModelsConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         msg = f"models config {path} is not valid TOML: {err}"
         raise ConfigError(msg) from err
-    return _models_from_mapping(data, base=path.parent, where=str(path))
+    return _models_from_mapping(data, base=path.parent, where=str(path), caps=caps)
 
 
-def scan_models_dir(directory: Path, *, defaults: Mapping[str, Any] | None = None) -> ModelsConfig:
+def scan_models_dir(
+    directory: Path, *, defaults: Mapping[str, Any] | None = None, caps: FlagCaps | None = None
+) -> ModelsConfig:
     """Offer every GGUF file under ``directory`` as a model.
 
     Args:
         directory: folder to scan recursively (hidden folders and files are skipped).
         defaults: a ``[defaults]``-style table applied to every scanned model.
+        caps: server-wide caps the defaults must keep; None = not checked here.
 
     Raises:
-        ConfigError: the folder does not exist.
+        ConfigError: the folder does not exist, or the defaults are invalid or beyond a cap.
     """
     if not directory.is_dir():
         msg = f"models directory {directory} does not exist or is not a folder"
         raise ConfigError(msg)
-    base_options, base_extra, base_ttl = _split_defaults(defaults or {}, where=str(directory))
+    base_options, base_extra, base_ttl, base_flags = _split_defaults(
+        defaults or {}, where=str(directory), caps=caps
+    )
     models: dict[str, ModelSpec] = {}
     for gguf in sorted(_iter_gguf(directory)):
         rel = gguf.relative_to(directory).with_suffix("").as_posix()
@@ -167,6 +212,7 @@ def scan_models_dir(directory: Path, *, defaults: Mapping[str, Any] | None = Non
             extra_args=base_extra,
             idle_ttl=base_ttl,
             source=f"dir:{directory}",
+            request_flags=base_flags,
         )
     if not models:
         logger.warning("no .gguf files found under %s", directory)
@@ -177,6 +223,8 @@ def load_models(
     config: Path | None = None,
     models_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    caps: FlagCaps | None = None,
 ) -> ModelsConfig:
     """Build the served model set from a config file and/or a models directory.
 
@@ -184,6 +232,7 @@ def load_models(
         config: the TOML file; when None, ``LLAMA_PROC_CONFIG`` from ``env`` is used if set.
         models_dir: a folder to scan; its ``[defaults]`` come from the config file.
         env: environment to read; ``os.environ`` when None.
+        caps: server-wide caps every model must keep; None = not checked here.
 
     Raises:
         ConfigError: neither source was given, one is invalid, or no model was found.
@@ -197,11 +246,11 @@ def load_models(
     models: dict[str, ModelSpec] = {}
     defaults: Mapping[str, Any] = {}
     if config is not None:
-        configured = load_models_config(config)
+        configured = load_models_config(config, caps=caps)
         defaults = _read_defaults(config)
         models.update(configured.models)
     if models_dir is not None:
-        for spec in scan_models_dir(models_dir, defaults=defaults):
+        for spec in scan_models_dir(models_dir, defaults=defaults, caps=caps):
             models.setdefault(spec.id, spec)
     if not models:
         msg = "no models configured: the config file and models directory list none"
@@ -226,7 +275,9 @@ def _iter_gguf(directory: Path) -> Iterable[Path]:
             yield Path(root) / name
 
 
-def _models_from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> ModelsConfig:
+def _models_from_mapping(
+    data: Mapping[str, Any], *, base: Path, where: str, caps: FlagCaps | None
+) -> ModelsConfig:
     unknown = set(data) - {"defaults", "models"}
     if unknown:
         msg = f"{where}: unknown top-level table(s) {', '.join(sorted(unknown))}; use [defaults] and [models.<id>]"
@@ -235,7 +286,9 @@ def _models_from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> 
     if not isinstance(defaults, dict):
         msg = f"{where}: [defaults] must be a table"
         raise ConfigError(msg)
-    base_options, base_extra, base_ttl = _split_defaults(defaults, where=where)
+    base_options, base_extra, base_ttl, base_flags = _split_defaults(
+        defaults, where=where, caps=caps
+    )
     tables = data.get("models", {})
     if not isinstance(tables, dict):
         msg = f"{where}: [models] must be a table of [models.<id>] tables"
@@ -249,27 +302,36 @@ def _models_from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> 
         if not isinstance(table, dict):
             msg = f"{ctx} must be a table with at least a path key"
             raise ConfigError(msg)
-        raw_path = table.get("path")
-        if not isinstance(raw_path, str) or not raw_path.strip():
-            msg = f"{ctx}: path is required and must be the GGUF file's path as a string"
-            raise ConfigError(msg)
-        model_path = Path(raw_path).expanduser()
-        if not model_path.is_absolute():
-            model_path = base / model_path
+        model_path, ref = _model_source(table, base, ctx)
         options = dict(base_options)
         options.update({k: v for k, v in table.items() if k not in _MODEL_KEYS})
+        mmproj = options.get("mmproj") is True
+        if isinstance(options.get("mmproj"), bool):
+            if mmproj and ref is None:
+                msg = (
+                    f"{ctx}: mmproj = true fetches a Hugging Face model's projector; give its path"
+                )
+                raise ConfigError(msg)
+            del options["mmproj"]
         extra = (*base_extra, *_str_list(table.get("extra_args", []), f"{ctx}: extra_args"))
         _check_options(options, ctx, extra)
         aliases = _str_list(table.get("aliases", []), f"{ctx}: aliases")
         ttl = _ttl(table["idle_ttl"], ctx) if "idle_ttl" in table else base_ttl
+        flags = (
+            _policy(table["request_flags"], ctx, caps) if "request_flags" in table else base_flags
+        )
+        _check_caps(options, extra, ctx, caps)
         models[model_id] = ModelSpec(
             id=model_id,
             path=model_path,
+            ref=ref,
+            mmproj=mmproj,
             options=MappingProxyType(options),
             extra_args=extra,
             aliases=aliases,
             idle_ttl=ttl,
             source=f"config:{where}",
+            request_flags=flags,
         )
     try:
         return ModelsConfig(models)
@@ -278,18 +340,78 @@ def _models_from_mapping(data: Mapping[str, Any], *, base: Path, where: str) -> 
         raise ConfigError(msg) from None
 
 
+def _model_source(
+    table: Mapping[str, Any], base: Path, ctx: str
+) -> tuple[Path | None, ModelRef | None]:
+    """The GGUF a model table names: ``path = ...`` or ``model = <reference or path>``."""
+    raw_path, raw_model = table.get("path"), table.get("model")
+    if raw_model is None:
+        if not isinstance(raw_path, str) or not raw_path.strip():
+            msg = (
+                f"{ctx}: path is required and must be the GGUF file's path as a string "
+                '(or model = "org/repo:QUANT" for a Hugging Face model)'
+            )
+            raise ConfigError(msg)
+        return _config_path(raw_path, base), None
+    if raw_path is not None:
+        msg = f"{ctx}: give path or model, not both"
+        raise ConfigError(msg)
+    if not isinstance(raw_model, str) or not raw_model.strip():
+        msg = f'{ctx}: model must be a Hugging Face reference such as "org/repo:Q4_K_M", or a path'
+        raise ConfigError(msg)
+    relative = _config_path(raw_model, base)
+    if relative.exists():
+        return relative, None  # a path that exists wins, as in LlamaServer
+    try:
+        ref = ModelRef.parse(raw_model)
+    except ModelFileError as err:
+        msg = f"{ctx}: {err}"
+        raise ConfigError(msg) from None
+    return (relative, None) if ref is None else (None, ref)
+
+
+def _config_path(text: str, base: Path) -> Path:
+    path = Path(text.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
 def _split_defaults(
-    defaults: Mapping[str, Any], *, where: str
-) -> tuple[dict[str, Any], tuple[str, ...], float | None]:
+    defaults: Mapping[str, Any], *, where: str, caps: FlagCaps | None
+) -> tuple[dict[str, Any], tuple[str, ...], float | None, FlagPolicy]:
     ctx = f"{where}: [defaults]"
-    if "path" in defaults or "aliases" in defaults:
-        msg = f"{ctx}: path and aliases belong in a [models.<id>] table"
+    if {"path", "model", "aliases"} & set(defaults):
+        msg = f"{ctx}: path, model and aliases belong in a [models.<id>] table"
         raise ConfigError(msg)
     options = {k: v for k, v in defaults.items() if k not in _DEFAULT_KEYS}
     extra = _str_list(defaults.get("extra_args", []), f"{ctx}: extra_args")
     _check_options(options, ctx, extra)
     ttl = _ttl(defaults["idle_ttl"], ctx) if "idle_ttl" in defaults else None
-    return options, extra, ttl
+    flags = _policy(defaults["request_flags"], ctx, caps) if "request_flags" in defaults else None
+    _check_caps(options, extra, ctx, caps)
+    return options, extra, ttl, flags or FlagPolicy()
+
+
+def _policy(value: object, ctx: str, caps: FlagCaps | None) -> FlagPolicy:
+    if not isinstance(value, dict):
+        msg = f"{ctx}: request_flags must be a table of flag = true or flag = {{ max = N }}"
+        raise ConfigError(msg)
+    try:
+        return FlagPolicy.from_table(value, caps=caps)
+    except InvalidArgumentError as err:
+        msg = f"{ctx}: request_flags: {err}"
+        raise ConfigError(msg) from None
+
+
+def _check_caps(
+    options: Mapping[str, Any], extra: tuple[str, ...], ctx: str, caps: FlagCaps | None
+) -> None:
+    if caps is None:
+        return
+    try:
+        FlagChecker(caps).check_config(options, extra)
+    except InvalidArgumentError as err:
+        msg = f"{ctx}: {err}"
+        raise ConfigError(msg) from None
 
 
 def _check_options(options: Mapping[str, Any], ctx: str, extra: tuple[str, ...] = ()) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "ServerArgs",
     "allowed_untrusted_flags",
     "check_extra_args",
+    "untrusted_flag_groups",
     "validate_extra_args",
 ]
 
@@ -534,7 +535,7 @@ _ALLOWED: Final[tuple[tuple[tuple[str, ...], str | None], ...]] = (
 def _allowlist() -> dict[str, re.Pattern[str] | None]:
     # Compiled on first use: importing the package should not pay for ~70 regexes.
     return {
-        spelling: (None if pattern is None else re.compile(pattern))
+        spelling: (None if pattern is None else re.compile(pattern, re.ASCII))
         for spellings, pattern in _ALLOWED
         for spelling in spellings
     }
@@ -543,6 +544,14 @@ def _allowlist() -> dict[str, re.Pattern[str] | None]:
 def allowed_untrusted_flags() -> frozenset[str]:
     """Every flag spelling :func:`validate_extra_args` accepts."""
     return frozenset(_allowlist())
+
+
+def untrusted_flag_groups() -> tuple[tuple[tuple[str, ...], bool], ...]:
+    """The allowlist's options: each one's spellings and whether it takes a value.
+
+    The spellings are all those llama.cpp has used for the option.
+    """
+    return tuple((spellings, pattern is not None) for spellings, pattern in _ALLOWED)
 
 
 def validate_extra_args(

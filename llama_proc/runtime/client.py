@@ -19,11 +19,13 @@ stream, so streams are sent with ``Connection: close``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from typing import TYPE_CHECKING, Any, Final, Self
 
-from llama_proc.errors import ServerRequestError
+from llama_proc.errors import ServerExitedError, ServerRequestError, ServerStartError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -48,6 +50,9 @@ CONNECT_TIMEOUT: Final = 10.0
 """Seconds to establish a connection."""
 KEEPALIVE_TIMEOUT: Final = 3.0
 """Seconds an idle pooled connection is reused; below llama-server's own 5 s limit."""
+EXIT_GRACE: Final = 0.5
+"""Seconds a request that failed without an HTTP answer waits for the server's exit status."""
+EXIT_POLL: Final = 0.02
 _ERROR_BODY_LIMIT: Final = 2000
 _STREAM_HEADERS: Final = {"Connection": "close"}
 """llama-server closes the connection after every streamed response without saying so;
@@ -121,6 +126,28 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             metrics[name.strip()] = math.nan
     return metrics
+
+
+def _exited(
+    err: ServerRequestError, check: Callable[[ServerRequestError], None] | None
+) -> ServerExitedError | None:
+    """Let the server's owner look at a failure without an HTTP answer (both clients).
+
+    An owner that finds the process gone raises :class:`ServerStartError` (exit code, cause,
+    log tail); a request in flight saw the server *exit*, so that becomes one
+    :class:`ServerExitedError`, whichever client and whichever way the connection broke.
+    """
+    if check is None:
+        return None
+    try:
+        check(err)
+    except ServerStartError as dead:
+        return ServerExitedError("llama-server", dead.returncode, dead.cause, dead.log_tail)
+    return None
+
+
+def _worth_checking(err: ServerRequestError, check: object) -> bool:
+    return err.status is None and check is not None and not isinstance(err, ServerExitedError)
 
 
 def _error_message(body: str) -> str:
@@ -414,8 +441,15 @@ class LlamaClient(LlamaEndpoints):
         return response
 
     def _failed(self, err: ServerRequestError) -> None:
-        if err.status is None and self.on_connection_error is not None:
-            self.on_connection_error(err)
+        # A killed server's socket closes a moment before its exit status can be read.
+        if not _worth_checking(err, self.on_connection_error):
+            return
+        deadline = time.monotonic() + EXIT_GRACE
+        while (exited := _exited(err, self.on_connection_error)) is None:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(EXIT_POLL)
+        raise exited from err
 
     def _json(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -552,9 +586,16 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
             raise ServerRequestError(msg, response.status, body[:_ERROR_BODY_LIMIT])
         return response
 
-    def _failed(self, err: ServerRequestError) -> None:
-        if err.status is None and self.on_connection_error is not None:
-            self.on_connection_error(err)
+    async def _failed(self, err: ServerRequestError) -> None:
+        # A killed server's socket closes a moment before its exit status can be read.
+        if not _worth_checking(err, self.on_connection_error):
+            return
+        deadline = time.monotonic() + EXIT_GRACE
+        while (exited := _exited(err, self.on_connection_error)) is None:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(EXIT_POLL)
+        raise exited from err
 
     async def _json(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -566,7 +607,7 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
                     msg = f"{method} {path} returned invalid JSON"
                     raise ServerRequestError(msg, response.status) from err
         except ServerRequestError as err:
-            self._failed(err)
+            await self._failed(err)
             raise
 
     async def _text(self, method: str, path: str) -> str:
@@ -575,7 +616,7 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
             async with response:
                 return await response.text()
         except ServerRequestError as err:
-            self._failed(err)
+            await self._failed(err)
             raise
 
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -599,7 +640,7 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
                     msg = f"POST {path}: the stream broke: {err!r}"
                     raise ServerRequestError(msg) from err
         except ServerRequestError as err:
-            self._failed(err)
+            await self._failed(err)
             raise
 
     async def close(self) -> None:

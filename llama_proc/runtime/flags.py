@@ -33,6 +33,7 @@ import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 HELP_TIMEOUT: Final = 30.0
 """Seconds ``llama-server --help`` may take before the probe gives up."""
-FLAGS_CACHE_SCHEMA: Final = 1
+FLAGS_CACHE_SCHEMA: Final = 2
 """Version of the on-disk record; a record of another version is ignored."""
 FLAGS_CACHE_FOLDER: Final = "flags"
 """Folder under the user cache that holds one record per probed binary."""
@@ -73,6 +74,9 @@ class BinaryFlags:
     """Spelling -> environment variable llama-server also reads for that option."""
     source: str = ""
     """Where the flags came from (the binary's path), for messages."""
+    lines: tuple[tuple[str, ...], ...] = ()
+    """Every option's spellings as one ``--help`` line prints them (a switch's negations
+    included: ``("-kvo", "--kv-offload", "-nkvo", "--no-kv-offload")``)."""
 
     def __contains__(self, flag: object) -> bool:
         return isinstance(flag, str) and normalize_flag(flag) in self.hints
@@ -88,6 +92,18 @@ class BinaryFlags:
                 return flag
         return None
 
+    def spellings(self, flag: str) -> tuple[str, ...]:
+        """Every spelling of the option ``flag`` names, in ``--help`` order (``()`` if unknown).
+
+        The spellings of one option, and a switch's negations, share a ``--help`` line:
+        ``--temp``, ``--temperature`` or ``-kvo``, ``--no-kv-offload`` are one option.
+        """
+        return self._line_of.get(normalize_flag(flag), ())
+
+    @cached_property
+    def _line_of(self) -> dict[str, tuple[str, ...]]:
+        return {spelling: line for line in self.lines for spelling in line}
+
 
 def normalize_flag(flag: str) -> str:
     """Spell ``flag`` the way llama.cpp looks it up: ``--a_b`` is ``--a-b``; short flags as is."""
@@ -98,6 +114,7 @@ def parse_help(text: str, source: str = "") -> BinaryFlags:
     """Parse ``llama-server --help`` output into a :class:`BinaryFlags`."""
     hints: dict[str, str] = {}
     envs: dict[str, str] = {}
+    lines: list[tuple[str, ...]] = []
     current: list[str] = []
     for line in text.splitlines():
         # "----- common params -----" section headers also start with a dash.
@@ -108,13 +125,14 @@ def parse_help(text: str, source: str = "") -> BinaryFlags:
                 continue
             hint = (match.group("hint") or "").strip()
             current = [f.strip() for f in match.group("flags").split(",")]
+            lines.append(tuple(current))
             for flag in current:
                 hints[flag] = hint
         env = _ENV_HINT.search(line)
         if env and current:
             for flag in current:
                 envs[flag] = env.group("env")
-    return BinaryFlags(hints, envs, source)
+    return BinaryFlags(hints, envs, source, tuple(lines))
 
 
 _Identity = tuple[str, int, int, int]
@@ -191,9 +209,17 @@ def _load(record: Path, key: _Identity, source: str) -> BinaryFlags | None:
         or data.get("identity") != list(key)
         or not isinstance(data.get("hints"), dict)
         or not isinstance(data.get("envs"), dict)
+        or not _is_lines(data.get("lines"))
     ):
         return None
-    return BinaryFlags(data["hints"], data["envs"], source)
+    lines = tuple(tuple(line) for line in data["lines"])
+    return BinaryFlags(data["hints"], data["envs"], source, lines)
+
+
+def _is_lines(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(line, list) and all(isinstance(s, str) for s in line) for line in value
+    )
 
 
 def _save(record: Path, key: _Identity, flags: BinaryFlags) -> None:
@@ -202,6 +228,7 @@ def _save(record: Path, key: _Identity, flags: BinaryFlags) -> None:
         "identity": list(key),
         "hints": dict(flags.hints),
         "envs": dict(flags.envs),
+        "lines": [list(line) for line in flags.lines],
     }
     try:
         record.parent.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,23 @@ completions, streamed or not, embeddings, /metrics) and records what happened to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 
 from llama_proc.errors import ServerStartError
+from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
 
 if TYPE_CHECKING:
-    from llama_proc.proxy.models_config import ModelSpec
+    from collections.abc import AsyncIterator
+
+    from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+    from llama_proc.proxy.pool import ServerPool
 
 
 @dataclass
@@ -29,6 +35,7 @@ class UpstreamBehaviour:
     stall_after: int | None = None  # stop sending (but keep the connection) after N tokens
     crash_after: int | None = None  # drop the connection after N tokens
     status: int = 200
+    slots: int | None = None  # reported to the pool as the server's slot count
 
 
 @dataclass
@@ -59,6 +66,7 @@ class FakeUpstream:
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/slots", self.slots_route)
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.running = False
@@ -66,6 +74,8 @@ class FakeUpstream:
         self.stops = 0
         self.stopped_while_busy = False
         self.active = 0
+        self.wedged = False
+        self.probes = 0
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -112,6 +122,23 @@ class FakeUpstream:
             runner, self._runner = self._runner, None
             await runner.cleanup()
 
+    @property
+    def slots(self) -> int | None:
+        return self.behaviour.slots
+
+    def wedge(self) -> None:
+        """Keep /health at 200 but stop answering anything that needs the main loop."""
+        self.wedged = True
+
+    async def probe(self, timeout: float) -> bool:
+        """The pool's health probe, over HTTP like the real handle's."""
+        self.probes += 1
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.url + "/slots", timeout=aiohttp.ClientTimeout(total=timeout)) as resp,
+        ):
+            return resp.status == 200
+
     def crash(self) -> None:
         """Look dead to the pool (as if the process exited with SIGKILL)."""
         self.running = False
@@ -120,6 +147,11 @@ class FakeUpstream:
     # Routes -----------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def slots_route(self, request: web.Request) -> web.Response:
+        while self.wedged:
+            await asyncio.sleep(0.05)
+        return web.json_response([{"id": i} for i in range(self.behaviour.slots or 1)])
 
     async def metrics(self, request: web.Request) -> web.Response:
         text = (
@@ -157,6 +189,8 @@ class FakeUpstream:
         self.active += 1
         b = self.behaviour
         try:
+            while self.wedged:
+                await asyncio.sleep(0.05)
             if b.status != 200:
                 return web.json_response(
                     {"error": {"code": b.status, "message": "fake error", "type": "server_error"}},
@@ -258,3 +292,30 @@ class FakeFactory:
     @property
     def live(self) -> list[FakeUpstream]:
         return [s for s in self.servers if s.running]
+
+
+@contextlib.asynccontextmanager
+async def serve_pool(
+    models: ModelsConfig, pool: ServerPool, **options: Any
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """Run the proxy app for ``pool`` on a free port; yield a session bound to it."""
+    app = create_app(models, pool, ProxyOptions(**options))
+    stop = asyncio.Event()
+    bound: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        run_proxy(
+            app,
+            host="127.0.0.1",
+            port=0,
+            drain_timeout=5,
+            ready=lambda h, p: bound.set_result((h, p)),
+            stop=stop,
+        )
+    )
+    host, port = await asyncio.wait_for(bound, 5)
+    async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
+        try:
+            yield session
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)

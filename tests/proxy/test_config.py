@@ -13,6 +13,7 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc._cli.serve import is_loopback, read_api_keys
 from llama_proc.errors import ConfigError
+from llama_proc.proxy.flag_policy import Bounds, FlagCaps, FlagChecker, FlagRule
 from llama_proc.proxy.models_config import load_models, load_models_config, scan_models_dir
 
 
@@ -89,6 +90,102 @@ def test_config_errors_name_the_problem(tmp_path: Path, text: str, match: str) -
     with pytest.raises(ConfigError, match=match) as info:
         load_models_config(cfg)
     assert str(cfg) in str(info.value)
+
+
+CAPS = FlagCaps(
+    max_threads=8, max_threads_http=8, max_parallel=8, max_batch=4096, max_context_tokens=32768
+)
+
+
+def test_request_flags_tables(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write(root / "scanned.gguf", "x")
+    cfg = write(
+        tmp_path / "m.toml",
+        """
+[defaults.request_flags]
+"--temp" = true
+
+[models.open]
+path = "a.gguf"
+[models.open.request_flags]
+"--ctx-size" = { min = 512, max = 4096 }
+"-ngl" = true
+
+[models.inherits]
+path = "b.gguf"
+
+[models.closed]
+path = "c.gguf"
+request_flags = {}
+""",
+    )
+    config = load_models(cfg, root, env={}, caps=CAPS)
+    specs = {spec.id: spec for spec in config}
+    assert specs["open"].request_flags.rules == (
+        FlagRule("--ctx-size", Bounds(512, 4096)),
+        FlagRule("-ngl"),
+    )
+    assert specs["inherits"].request_flags.rules == (FlagRule("--temp"),)
+    assert specs["scanned"].request_flags.rules == (FlagRule("--temp"),)
+    assert not specs["closed"].request_flags.enabled
+    checker = FlagChecker(CAPS)
+    assert checker.check_request("--ctx-size 1024", specs["open"]) == ("-c", "1024")
+    assert checker.check_request("--temperature 0.5", specs["scanned"]) == ("--temp", "0.5")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        pytest.param('[models.a]\npath = "a"\nthreads = 3000\n', "--max-threads", id="threads"),
+        pytest.param(
+            '[models.a]\npath = "a"\nextra_args = ["-t", "3000"]\n', "--max-threads", id="-t"
+        ),
+        pytest.param(
+            '[models.a]\npath = "a"\nextra_args = ["--threads-http=2000"]\n',
+            "--max-threads-http",
+            id="http-equals",
+        ),
+        pytest.param('[models.a]\npath = "a"\nparallel = 10000\n', "--max-parallel", id="np"),
+        pytest.param('[models.a]\npath = "a"\nbatch_size = 100000\n', "--max-batch", id="b"),
+        pytest.param(
+            '[models.a]\npath = "a"\nctx_size = 999999999\n', "--max-context-tokens", id="ctx"
+        ),
+        pytest.param(
+            '[defaults]\nctx_size = 8192\n[models.a]\npath = "a"\nparallel = 8\n',
+            "8192 x 8",
+            id="ctx-times-slots",
+        ),
+        pytest.param("[defaults]\nthreads = 64\n", r"\[defaults\].*--max-threads", id="dflt"),
+        pytest.param(
+            '[models.a]\npath = "a"\nextra_args = ["-np", "\uff18"]\n',
+            "whole number",
+            id="non-ascii",
+        ),
+        pytest.param(
+            '[models.a]\npath = "a"\n[models.a.request_flags]\n"-t" = { max = 64 }\n',
+            "request_flags: -t max 64 is above the server-wide cap",
+            id="policy-over-cap",
+        ),
+        pytest.param(
+            '[models.a]\npath = "a"\n[models.a.request_flags]\n"--model" = true\n',
+            "cannot be allowed per request",
+            id="policy-file-flag",
+        ),
+        pytest.param(
+            '[models.a]\npath = "a"\nrequest_flags = ["-c"]\n',
+            "request_flags must be a table",
+            id="policy-not-a-table",
+        ),
+    ],
+)
+def test_config_beyond_the_caps_is_refused_at_load(tmp_path: Path, text: str, match: str) -> None:
+    cfg = write(tmp_path / "m.toml", text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_models_config(cfg, caps=CAPS)
+    message = str(info.value)
+    assert str(cfg) in message
+    assert "\n" not in message
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -196,6 +293,23 @@ def test_serve_validates_numbers(tmp_path: Path, extra: list[str], match: str) -
         run_serve(["--config", str(cfg), *extra])
 
 
+def test_serve_caps_config_flags_before_provisioning(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "m.toml", '[models.a]\npath = "a.gguf"\nthreads = 16\n')
+    with pytest.raises(ConfigError, match=r"threads=16 is above .* of 4 \(serve --max-threads\)"):
+        run_serve(["--config", str(cfg), "--max-threads", "4"])
+    with pytest.raises(ConfigError, match="--max-parallel must be at least 1"):
+        run_serve(["--config", str(cfg), "--max-parallel", "0"])
+
+
+def test_serve_cap_flags_fill_the_caps() -> None:
+    args = serve_parser().parse_args(
+        ["serve", "--max-threads", "3", "--max-context-tokens", "4096", "--max-batch", "512"]
+    )
+    caps = serve.flag_caps(args)
+    assert (caps.max_threads, caps.max_context_tokens, caps.max_batch) == (3, 4096, 512)
+    assert caps.max_parallel == FlagCaps().max_parallel
+
+
 def test_serve_without_models_fails_clearly() -> None:
     with pytest.raises(ConfigError, match="--models-dir"):
         run_serve([])
@@ -219,6 +333,11 @@ def test_serve_help_documents_every_flag() -> None:
         "--max-body-bytes",
         "--first-byte-timeout",
         "--stall-timeout",
+        "--max-threads",
+        "--max-threads-http",
+        "--max-parallel",
+        "--max-batch",
+        "--max-context-tokens",
         "LLAMA_PROC_PROXY_API_KEYS",
     ):
         assert flag in out

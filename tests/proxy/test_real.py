@@ -5,6 +5,7 @@ At most three llama-servers run at once; each uses a small context and one threa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 from proxy_harness import ProxyThread, pid_alive, running_proxy, wait_until
 
 from llama_proc.proxy.app import ProxyOptions
+from llama_proc.proxy.flag_policy import FlagPolicy
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import LlamaServerFactory
 
@@ -237,7 +239,11 @@ INJECTIONS = [
 
 
 def test_flag_injection_is_refused(smol_model: Path, factory: LlamaServerFactory) -> None:
-    models = ModelsConfig({"smol": spec(smol_model, "smol", ctx_size=512)})
+    # Per-request flags are off unless the config allows them: this model allows -c only.
+    allowed = FlagPolicy.from_table({"--ctx-size": {"min": 128, "max": 512}})
+    models = ModelsConfig(
+        {"smol": dataclasses.replace(spec(smol_model, "smol", ctx_size=512), request_flags=allowed)}
+    )
     body = {"model": "smol", "messages": HI, "max_tokens": 2}
     with running_proxy(models, factory) as proxy:
         url = proxy.base_url + "/v1/chat/completions"

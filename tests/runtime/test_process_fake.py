@@ -179,7 +179,7 @@ def test_child_environment_is_built_deliberately(
             "CUDA_VISIBLE_DEVICES": "0", "LLAMA_CACHE": "/c"}  # fmt: skip
     env = child_environment(base, extra={"LLAMA_API_KEY": "mine"})
     assert env == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "0",
-                   "LLAMA_CACHE": "/c", "LLAMA_API_KEY": "mine"}  # fmt: skip
+                   "LLAMA_CACHE": "/c", "LLAMA_API_KEY": "mine", "XDG_CONFIG_HOME": os.devnull}  # fmt: skip
     # and a real child sees exactly that: the inherited LLAMA_ARG_* never reach it
     monkeypatch.setenv("LLAMA_ARG_PORT", "1")
     monkeypatch.setenv("LLAMA_API_KEY", "inherited")

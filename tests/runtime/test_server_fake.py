@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_proc.errors import ServerStartError
+from llama_proc.errors import ServerExitedError
 from llama_proc.runtime.client import (
     AsyncLlamaClient,
     AsyncLlamaEndpoints,
@@ -74,7 +74,7 @@ def test_sync_server_calls_the_api_and_reports_a_crash(fake_binary: Path, model:
         assert server.health() == {"status": "ok"}
         assert "data" in server.models()
         _kill(server.pid)
-        with pytest.raises(ServerStartError, match="is not running") as err:
+        with pytest.raises(ServerExitedError, match="exited during the request") as err:
             server.models()
         assert err.value.returncode == -signal.SIGKILL
 
@@ -86,7 +86,7 @@ def test_async_server_calls_the_api_and_reports_a_crash(fake_binary: Path, model
             assert await server.health() == {"status": "ok"}
             assert "data" in await server.models()
             _kill(server.pid)
-            with pytest.raises(ServerStartError, match="is not running") as err:
+            with pytest.raises(ServerExitedError, match="exited during the request") as err:
                 await server.models()
             assert err.value.returncode == -signal.SIGKILL
 

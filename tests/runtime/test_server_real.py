@@ -20,6 +20,7 @@ from llama_proc.errors import (
     BinaryNotFoundError,
     InvalidArgumentError,
     ModelFileError,
+    ServerExitedError,
     ServerRequestError,
     ServerStartError,
 )
@@ -226,7 +227,7 @@ def test_crash_is_detected(llama_server_bin: Path, smol_model: Path) -> None:
         while srv.is_running and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not srv.is_running
-        with pytest.raises(ServerStartError, match="is not running") as info:
+        with pytest.raises(ServerExitedError, match="exited during the request") as info:
             srv.chat(CAPITAL, max_tokens=2)
         assert info.value.returncode == -signal.SIGKILL
         assert "SIGKILL" in info.value.cause
