@@ -86,7 +86,8 @@ _NO_KEY: Final = "sk-no-key-required"
 LOG_VERBOSITY: Final = 4
 """llama-server's log level "trace": the first that names the devices and weight buffers a
 model loads into (:attr:`LlamaServer.devices`, the CPU-fallback check). It adds about 30 lines
-per request to the log kept in memory."""
+per request to the log kept in memory, so it is only asked for when GPU layers were asked for
+(the case the check exists for); a CPU-only server keeps llama-server's default level."""
 _VERBOSITY_FLAGS: Final = ("--log-verbosity", "--verbosity", "-lv")
 _CALLER_LOG_FLAGS: Final = (*_VERBOSITY_FLAGS, "-v", "--verbose", "--log-verbose", "--log-disable")
 """Flags in ``extra_args`` that mean the caller chose the log level."""
@@ -386,8 +387,10 @@ class LlamaServer(LlamaEndpoints):
             self.on_download_progress(done, total)
 
     def _verbosity_args(self) -> list[str]:
-        """``--log-verbosity 4`` where the binary knows it and the caller chose no level."""
+        """``--log-verbosity 4`` for GPU layers, where the binary knows it and no level was chosen."""
         if self.flags is None:
+            return []
+        if not asks_for_gpu(_option(self.args, "n_gpu_layers"), _option(self.args, "device")):
             return []
         chosen = any(a.split("=", 1)[0] in _CALLER_LOG_FLAGS for a in self.args.extra_args)
         flag = None if chosen else self.flags.first_known(_VERBOSITY_FLAGS)
