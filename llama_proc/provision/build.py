@@ -6,7 +6,11 @@ gets a source tree (:func:`~llama_proc.provision.sources.obtain_source`), then l
 plan (:func:`~llama_proc.provision.build_plan.plan_build`,
 :func:`~llama_proc.provision.build_run.run_build`) in a persistent build folder
 ``cache_dir/build/<key>`` and copies the whole ``bin/`` folder (binaries, shared libraries,
-symlink chains) into the install. The key hashes the source identity, the generator and the
+symlink chains) into the install. A CUDA build uses the toolkit
+:func:`~llama_proc.provision.toolchain.choose_cuda_toolkit` picks (the system's, else NVIDIA's
+wheels from the package index, laid out by :mod:`~llama_proc.provision.cuda_wheels`) and copies
+the CUDA runtime libraries the binaries link (libcudart, libcublas, libcublasLt) beside them, so
+they load through ``$ORIGIN`` with no ``LD_LIBRARY_PATH``. The key hashes the source identity, the generator and the
 configure flags, not the targets, so the rpc variant reuses the cpu variant's objects and a
 rebuild of the same inputs is incremental. A second :func:`build_variant` of the same inputs
 is a pure cache hit: the install is found before any tool is even looked for.
@@ -20,36 +24,64 @@ and the failure hints in :mod:`~llama_proc.provision.build_diagnosis`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-from typing import TYPE_CHECKING, Any
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import BuildError
+from llama_proc.errors import BuildError, ToolNotFoundError
 from llama_proc.provision.build_plan import check_request, plan_build
 from llama_proc.provision.build_run import run_build
 from llama_proc.provision.cmake_flags import install_flavor
+from llama_proc.provision.cuda_wheels import (
+    CUDA_RUNTIME_LIBRARIES,
+    ensure_cuda_toolkit,
+    runtime_library_files,
+)
 from llama_proc.provision.installer import install_atomically
 from llama_proc.provision.layout import install_dir
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.platform import detect_host
 from llama_proc.provision.sources import obtain_source, tree_fingerprint
-from llama_proc.provision.toolchain import compiler_info, version_text
+from llama_proc.provision.toolchain import (
+    choose_cuda_toolkit,
+    compiler_info,
+    find_toolchain,
+    version_text,
+)
 from llama_proc.vocab import InstallSource
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
-    from pathlib import Path
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from llama_proc.config import Settings
-    from llama_proc.provision.build_plan import BuildPlan
+    from llama_proc.provision.build_plan import BuildPlan, BuildRequest
     from llama_proc.provision.install import Install
     from llama_proc.provision.manifest import Manifest, Variant
     from llama_proc.provision.platform import HostInfo
-    from llama_proc.provision.toolchain import Toolchain
+    from llama_proc.provision.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.verify import DeviceRequirement
 
-__all__ = ["build_into", "build_variant", "copy_outputs"]
+__all__ = [
+    "build_into",
+    "build_variant",
+    "bundle_cuda_runtime",
+    "copy_outputs",
+    "cuda_toolchain",
+    "elf_needed",
+]
 
 logger = logging.getLogger(__name__)
+
+_ELF_MAGIC: Final = b"\x7fELF"
+_ELF_HEADER_SIZE: Final = 64
+_PT_DYNAMIC: Final = 2
+_PT_LOAD: Final = 1
+_DT_NULL: Final = 0
+_DT_NEEDED: Final = 1
+_DT_STRTAB: Final = 5
+_MAX_DYNAMIC_ENTRIES: Final = 4096
 
 
 def copy_outputs(bin_dir: Path, staging: Path) -> list[str]:
@@ -80,13 +112,135 @@ def copy_outputs(bin_dir: Path, staging: Path) -> list[str]:
     return names
 
 
-def build_into(staging: Path, plan: BuildPlan, *, settings: Settings) -> dict[str, Any]:
+def elf_needed(path: Path) -> list[str]:
+    """The ``DT_NEEDED`` libraries of a 64-bit little-endian ELF file ([] for anything else).
+
+    Reads the program headers and the dynamic section only; nothing is loaded or run.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(_ELF_HEADER_SIZE)
+            if len(head) < _ELF_HEADER_SIZE or head[:4] != _ELF_MAGIC or head[4:6] != b"\x02\x01":
+                return []
+            phoff = struct.unpack_from("<Q", head, 0x20)[0]
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            loads: list[tuple[int, int, int]] = []
+            dynamic: tuple[int, int] | None = None
+            for i in range(phnum):
+                p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
+                    "<IIQQQQ", table, i * phentsize
+                )
+                if p_type == _PT_LOAD:
+                    loads.append((p_vaddr, p_offset, p_filesz))
+                elif p_type == _PT_DYNAMIC:
+                    dynamic = (p_offset, p_filesz)
+            if dynamic is None:
+                return []
+            f.seek(dynamic[0])
+            raw = f.read(min(dynamic[1], _MAX_DYNAMIC_ENTRIES * 16))
+            entries = [struct.unpack_from("<qQ", raw, i) for i in range(0, len(raw) - 15, 16)]
+            strtab = next((v for t, v in entries if t == _DT_STRTAB), None)
+            base = next(
+                (
+                    off + strtab - va
+                    for va, off, size in loads
+                    if strtab is not None and va <= strtab < va + size
+                ),
+                None,
+            )
+            if base is None:
+                return []
+            names: list[str] = []
+            for tag, value in entries:
+                if tag == _DT_NULL:
+                    break
+                if tag == _DT_NEEDED:
+                    f.seek(base + value)
+                    names.append(f.read(256).split(b"\0", 1)[0].decode("utf-8", "replace"))
+            return names
+    except (OSError, struct.error):
+        return []
+
+
+def cuda_toolchain(
+    request: BuildRequest, manifest: Manifest, settings: Settings
+) -> tuple[Toolchain, ToolkitChoice]:
+    """The tools of a CUDA build: with the system toolkit, or the wheel toolkit laid out now.
+
+    Raises:
+        ToolNotFoundError: no toolkit fits (the message says what to install), or cmake or a
+            compiler is missing.
+        ProvisionError: the wheel toolkit cannot be fetched or laid out.
+    """
+    choice = choose_cuda_toolkit(
+        request.host, manifest.cuda_toolkits, os_name=request.os_name, arch=request.variant.arch
+    )
+    logger.info("CUDA toolkit: %s", choice.reason)
+    if choice.source == "none":
+        msg = f"CUDA builds need nvcc: {choice.reason}"
+        raise ToolNotFoundError(msg)
+    root = ensure_cuda_toolkit(choice.spec, settings) if choice.spec is not None else None
+    return find_toolchain("cuda", request.os_name, cuda_root=root), choice
+
+
+def _toolkit_lib_dirs(tools: Toolchain) -> list[Path]:
+    if tools.cuda_root:
+        root = Path(tools.cuda_root)
+    elif tools.nvcc:
+        root = Path(tools.nvcc).resolve().parent.parent
+    else:
+        return []
+    return [root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))]
+
+
+def bundle_cuda_runtime(staging: Path, lib_dirs: Iterable[Path]) -> list[str]:
+    """Put the CUDA runtime libraries the staged binaries link beside them.
+
+    The libraries (:data:`~llama_proc.provision.cuda_wheels.CUDA_RUNTIME_LIBRARIES`) named in
+    the ``DT_NEEDED`` entries of the files in ``staging`` are taken from ``lib_dirs`` (a
+    hard link where the cache shares a file system, else a copy) under their soname, so the
+    ``$ORIGIN`` rpath finds them. Libraries already there are kept.
+
+    Returns:
+        The sonames added.
+    """
+    prefixes = tuple(f"{name}.so." for name in CUDA_RUNTIME_LIBRARIES)
+    dirs = list(lib_dirs)
+    todo = [e for e in sorted(staging.iterdir()) if e.is_file() and not e.is_symlink()]
+    added: list[str] = []
+    while todo:  # libcublas needs libcublasLt: follow what the added libraries link too
+        entry = todo.pop(0)
+        wanted = [n for n in elf_needed(entry) if n.startswith(prefixes)]
+        for source in runtime_library_files(
+            dirs, [n for n in wanted if not (staging / n).exists()]
+        ):
+            dest = staging / source.name
+            real = source.resolve()
+            try:
+                os.link(real, dest)
+            except OSError:
+                shutil.copy2(real, dest)
+            added.append(source.name)
+            todo.append(dest)
+    return added
+
+
+def build_into(
+    staging: Path,
+    plan: BuildPlan,
+    *,
+    settings: Settings,
+    cuda_toolkit: ToolkitChoice | None = None,
+) -> dict[str, Any]:
     """Run ``plan`` and copy the results into ``staging``: the ``populate`` step of an install.
 
     Args:
         staging: folder to fill (created).
         plan: what to build (:func:`~llama_proc.provision.build_plan.plan_build`).
         settings: ``progress`` and ``lock_timeout`` of the run.
+        cuda_toolkit: the CUDA toolkit choice of a CUDA build (recorded in the metadata).
 
     Returns:
         The install metadata (variant, build, source, flags, compiler, timings...).
@@ -107,6 +261,15 @@ def build_into(staging: Path, plan: BuildPlan, *, settings: Settings) -> dict[st
     result = run_build(plan, settings)
     copied = copy_outputs(result.bin_dir, staging)
     tools = plan.toolchain
+    cuda_runtime: dict[str, Any] | None = None
+    if tools.nvcc is not None:  # found only for a CUDA build
+        bundled = bundle_cuda_runtime(staging, _toolkit_lib_dirs(tools))
+        copied += bundled
+        cuda_runtime = {
+            "toolkit": cuda_toolkit.as_dict() if cuda_toolkit is not None else None,
+            "toolkit_root": tools.cuda_root,
+            "libraries": bundled,
+        }
     return {
         "variant_id": plan.variant_id,
         "build": source.build or "unknown",
@@ -124,6 +287,7 @@ def build_into(staging: Path, plan: BuildPlan, *, settings: Settings) -> dict[st
         "ccache": tools.ccache,
         "nvcc": version_text(tools.nvcc_version) if tools.nvcc else None,
         "cuda_architectures": plan.cuda_arch,
+        "cuda_runtime": cuda_runtime,
         "portable": plan.portable,
         "jobs": plan.jobs,
         "build_dir": str(plan.build_dir),
@@ -196,8 +360,11 @@ def build_variant(
     built: list[dict[str, Any]] = []
 
     def populate(staging: Path) -> dict[str, Any]:
-        plan = plan_build(request, tree, settings, manifest=manifest, toolchain=toolchain)
-        metadata = build_into(staging, plan, settings=settings)
+        tools, choice = toolchain, None
+        if tools is None and variant.backend == "cuda":
+            tools, choice = cuda_toolchain(request, manifest, settings)
+        plan = plan_build(request, tree, settings, manifest=manifest, toolchain=tools)
+        metadata = build_into(staging, plan, settings=settings, cuda_toolkit=choice)
         built.append(metadata)
         return metadata
 

@@ -220,6 +220,7 @@ def plan_build(
         commit=source.commit,
         cuda_arch=arch,
         cuda_compiler=tools.nvcc,
+        cuda_toolkit_root=tools.cuda_root,
         launcher=tools.ccache,
         make_program=tools.ninja,
         cmake_args=request.cmake_args,

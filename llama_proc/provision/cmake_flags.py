@@ -153,6 +153,7 @@ def compose_cmake_flags(
     commit: str = "",
     cuda_arch: str | None = None,
     cuda_compiler: str | None = None,
+    cuda_toolkit_root: str | None = None,
     launcher: str | None = None,
     make_program: str | None = None,
     cmake_args: Sequence[str] = (),
@@ -162,7 +163,9 @@ def compose_cmake_flags(
     Order: the manifest's ``[build] cmake_flags``, the variant's (portable) flags, the rpath
     flags (``$ORIGIN`` / ``@loader_path``; none on Windows, where DLLs load from the exe's
     folder), the build number and commit (so ``llama-server --version`` is truthful), the CUDA
-    architectures and compiler, the compiler launcher (ccache), the make program (Ninja's full
+    architectures, compiler and toolkit root (``CUDAToolkit_ROOT``: the wheel toolkit, which
+    ``FindCUDAToolkit`` would not look for), the compiler launcher (ccache), the make program
+    (Ninja's full
     path, so the ``ninja`` package of a venv that is not activated works), then the user's own
     arguments. The manifest's flags turn ``LLAMA_USE_PREBUILT_UI`` off: llama.cpp otherwise
     fetches the "latest" web UI during configure, unpinned bytes in a pinned build.
@@ -180,6 +183,8 @@ def compose_cmake_flags(
         flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
     if is_cuda and cuda_compiler:
         flags.append(f"-DCMAKE_CUDA_COMPILER={cuda_compiler}")
+    if is_cuda and cuda_toolkit_root:
+        flags.append(f"-DCUDAToolkit_ROOT={cuda_toolkit_root}")
     if launcher:
         languages = ("C", "CXX", "CUDA") if is_cuda else ("C", "CXX")
         flags += [f"-DCMAKE_{lang}_COMPILER_LAUNCHER={launcher}" for lang in languages]

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AssetMatch",
     "AssetRole",
+    "CudaToolkitSpec",
     "IndexFile",
     "Manifest",
     "NamedAsset",
@@ -261,6 +262,22 @@ class IndexFile:
 
 
 @dataclass(frozen=True)
+class CudaToolkitSpec:
+    """A CUDA toolkit made of pinned package-index wheels (a ``[[cuda_toolkit]]`` table)."""
+
+    cuda: str
+    """The toolkit's CUDA version, e.g. ``13.0``: the driver must support its major version."""
+    os: str
+    arch: str
+    wheels: tuple[IndexFile, ...]
+
+    @property
+    def cuda_version(self) -> tuple[int, ...]:
+        """``(13, 0)`` from ``"13.0"``."""
+        return tuple(int(p) for p in self.cuda.split("."))
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     """Where llama.cpp source for builds comes from."""
 
@@ -283,6 +300,8 @@ class Manifest:
     smoke_model: IndexFile | None
     variants: tuple[Variant, ...]
     path: str = field(default="", compare=False)
+    cuda_toolkits: tuple[CudaToolkitSpec, ...] = ()
+    """Toolkits from the package index for CUDA source builds, in manifest order."""
 
     def get(self, variant_id: str) -> Variant:
         """Return the variant with this id.
@@ -391,6 +410,34 @@ def _index_file(ctx: _Ctx, data: Any, table: str) -> IndexFile:
         member=_opt_str(ctx, data, "member", f"{table}.member", **loc),
         build=build,
     )
+
+
+def _cuda_toolkit(ctx: _Ctx, data: Any, nth: int) -> CudaToolkitSpec:
+    table = "[[cuda_toolkit]]"
+    loc: dict[str, Any] = {"table": table, "nth": nth}
+    if not isinstance(data, dict):
+        raise ctx.fail("cuda_toolkit", "must be a table", **loc)
+    known = {"cuda", "os", "arch", "wheels"}
+    for key in data:
+        if key not in known:
+            raise ctx.fail(f"cuda_toolkit.{key}", f"unknown key; expected {sorted(known)}", **loc)
+    cuda = _str(ctx, data, "cuda", "cuda_toolkit.cuda", **loc)
+    if not _VERSION_RE.match(cuda):
+        raise ctx.fail("cuda_toolkit.cuda", f"{cuda!r} must be a version like 13.0", **loc)
+    os_name = _str(ctx, data, "os", "cuda_toolkit.os", **loc)
+    arch = _str(ctx, data, "arch", "cuda_toolkit.arch", **loc)
+    if os_name not in OSES or arch not in ARCHES:
+        raise ctx.fail("cuda_toolkit.os", f"{os_name}/{arch} is not a known platform", **loc)
+    raw = data.get("wheels")
+    if not isinstance(raw, list) or not raw:
+        raise ctx.fail("cuda_toolkit.wheels", "must list the toolkit's wheels", **loc)
+    wheels = tuple(_index_file(ctx, w, "cuda_toolkit.wheels") for w in raw)
+    for wheel in wheels:
+        if not wheel.sha256:
+            raise ctx.fail("cuda_toolkit.wheels.sha256", "every wheel must be pinned", **loc)
+        if not wheel.filename.endswith(".whl"):
+            raise ctx.fail("cuda_toolkit.wheels.filename", f"{wheel.filename} is no wheel", **loc)
+    return CudaToolkitSpec(cuda=cuda, os=os_name, arch=arch, wheels=wheels)
 
 
 def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
@@ -584,6 +631,9 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
             )
         seen.add(v.id)
     smoke = data.get("smoke_model")
+    toolkits_raw = data.get("cuda_toolkit", [])
+    if not isinstance(toolkits_raw, list):
+        raise ctx.fail("cuda_toolkit", "must be an array of tables ([[cuda_toolkit]])")
     return Manifest(
         schema=SCHEMA_VERSION,
         repo=_str(ctx, llama, "repo", "llama_cpp.repo", **loc),
@@ -596,6 +646,7 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
         smoke_model=_index_file(ctx, smoke, "smoke_model") if smoke is not None else None,
         variants=variants,
         path=origin,
+        cuda_toolkits=tuple(_cuda_toolkit(ctx, t, i) for i, t in enumerate(toolkits_raw)),
     )
 
 

@@ -1,5 +1,10 @@
 """The build tools of a source build: find cmake, compilers, nvcc and glslc, or say what to install.
 
+CUDA: :func:`choose_cuda_toolkit` decides between a system toolkit and NVIDIA's toolkit wheels
+from the package index (:mod:`~llama_proc.provision.cuda_wheels`): a system toolkit is preferred
+when it can compile for the detected GPUs and the driver can run what it builds; otherwise the
+newest pinned wheel toolkit the driver supports is used. The choice says why, for ``doctor``.
+
 :func:`find_toolchain` looks for everything a backend's build needs before anything runs and
 raises :class:`~llama_proc.errors.ToolNotFoundError` naming the package to install. CMake and
 Ninja may come from PyPI (``pip install cmake ninja``): the running interpreter's scripts folder
@@ -16,7 +21,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc._proc import run_with_timeout
 from llama_proc.errors import ToolNotFoundError
@@ -24,10 +29,15 @@ from llama_proc.errors import ToolNotFoundError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
+    from llama_proc.provision.manifest import CudaToolkitSpec
+    from llama_proc.provision.platform import HostInfo
+
 __all__ = [
     "MIN_CMAKE",
     "MIN_CMAKE_CUDA",
     "Toolchain",
+    "ToolkitChoice",
+    "choose_cuda_toolkit",
     "compiler_info",
     "find_tool",
     "find_toolchain",
@@ -46,6 +56,13 @@ CUDA_HOME_VARS: Final = ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT", "CUDAToolkit_ROO
 CUDA_DEFAULT_DIRS: Final = ("/usr/local/cuda/bin", "/opt/cuda/bin")
 _VERSION_RE: Final = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 _NVCC_VERSION_RE: Final = re.compile(r"release (\d+)\.(\d+)")
+MIN_CUDA_FOR_GPU: Final = {
+    89: (11, 8), 90: (11, 8), 100: (12, 8), 101: (12, 8), 120: (12, 8), 103: (12, 9),
+    121: (12, 9), 110: (13, 0),
+}  # fmt: skip
+"""The first CUDA release that compiles for a compute capability (``86`` and older: any)."""
+CUDA13_MIN_GPU: Final = 75
+"""CUDA 13 dropped compute capabilities below 7.5 (Maxwell, Pascal, Volta)."""
 _COMPILER_INFO_RE: Final = re.compile(r'set\(CMAKE_(?:CXX|C)_COMPILER_(ID|VERSION) "([^"]*)"\)')
 
 
@@ -63,6 +80,8 @@ class Toolchain:
     nvcc: str | None = None
     nvcc_version: tuple[int, ...] | None = None
     glslc: str | None = None
+    cuda_root: str | None = None
+    """The CUDA toolkit root passed as ``CUDAToolkit_ROOT`` (the wheel toolkit); None = CMake finds it."""
 
     @property
     def generator(self) -> str | None:
@@ -173,8 +192,145 @@ def _find_glslc(env: Mapping[str, str]) -> str | None:
     return find_tool("glslc", env=env, extra_dirs=extra)
 
 
+CudaSource = Literal["system", "wheels", "none"]
+
+
+@dataclass(frozen=True)
+class ToolkitChoice:
+    """Which CUDA toolkit a build uses, and why (``doctor`` prints :meth:`as_dict`)."""
+
+    source: CudaSource
+    """``system`` (an installed toolkit), ``wheels`` (the package index) or ``none``."""
+    reason: str
+    """One line: why this toolkit (or, for ``none``, what to install)."""
+    nvcc: str | None = None
+    """The system toolkit's nvcc (None for the wheels: they are laid out on first use)."""
+    version: tuple[int, ...] | None = None
+    """The toolkit's CUDA version."""
+    spec: CudaToolkitSpec | None = None
+    """The pinned wheels (source ``wheels``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"source", "version", "nvcc", "reason"}``: a data field for ``doctor``/JSON output."""
+        return {
+            "source": self.source,
+            "version": version_text(self.version) if self.version else None,
+            "nvcc": self.nvcc,
+            "reason": self.reason,
+        }
+
+
+def _gpu_arches(host: HostInfo | None) -> list[int]:
+    arches: list[int] = []
+    for cap in host.compute_capabilities if host is not None else ():
+        match = _VERSION_RE.match(cap)
+        if match:
+            arches.append(int(match.group(1)) * 10 + int(match.group(2)))
+    return arches
+
+
+def _toolkit_problem(
+    version: Sequence[int], driver: tuple[int, ...] | None, arches: Sequence[int]
+) -> str | None:
+    """Why a CUDA ``version`` toolkit cannot serve this host, or None when it can."""
+    if driver is not None and version[0] > driver[0]:
+        return (
+            f"it is CUDA {version_text(version)} and the driver supports only CUDA "
+            f"{version_text(driver)}, so what it builds would not start"
+        )
+    for arch in arches:
+        need = MIN_CUDA_FOR_GPU.get(arch)
+        if need is not None and tuple(version[:2]) < need:
+            return (
+                f"CUDA {version_text(version)} cannot compile for compute capability "
+                f"{arch / 10:.1f} (needs CUDA {version_text(need)})"
+            )
+        if version[0] >= 13 and arch < CUDA13_MIN_GPU:
+            return f"CUDA {version_text(version)} no longer compiles for compute capability {arch / 10:.1f}"
+    return None
+
+
+def choose_cuda_toolkit(
+    host: HostInfo | None,
+    toolkits: Sequence[CudaToolkitSpec],
+    *,
+    os_name: str,
+    arch: str,
+    env: Mapping[str, str] | None = None,
+) -> ToolkitChoice:
+    """Pick the CUDA toolkit of a build: the system's when it fits, else the package index's.
+
+    A system toolkit (``CUDACXX``, ``CUDA_HOME``..., ``PATH``, ``/usr/local/cuda``) fits when
+    the driver supports its major version and it compiles for every detected GPU. Otherwise the
+    newest pinned wheel toolkit (``toolkits``, the manifest's ``[[cuda_toolkit]]`` tables) that
+    fits is chosen. Without a driver (a build for other machines) any toolkit fits.
+
+    Args:
+        host: the detected host (driver CUDA version, compute capabilities); None = unknown.
+        toolkits: the pinned wheel toolkits.
+        os_name: the build's OS.
+        arch: the build's architecture.
+        env: environment to search (default: ``os.environ``).
+
+    Returns:
+        The choice; ``source == "none"`` when nothing fits (``reason`` says what to install).
+    """
+    environ = dict(os.environ if env is None else env)
+    driver_match = _VERSION_RE.match(host.cuda_version or "") if host is not None else None
+    driver = (int(driver_match.group(1)), int(driver_match.group(2))) if driver_match else None
+    arches = _gpu_arches(host)
+    nvcc = _find_nvcc(environ)
+    not_system = "no system CUDA toolkit (nvcc) was found"
+    if nvcc is not None:
+        version = _probe_version([nvcc, "--version"])
+        problem = "its version cannot be read" if version is None else None
+        problem = problem or _toolkit_problem(version or (), driver, arches)
+        if problem is None:
+            fits = f"driver CUDA {version_text(driver)}" if driver else "no driver to check against"
+            return ToolkitChoice(
+                "system",
+                f"system toolkit {nvcc} (CUDA {version_text(version)}; {fits})",
+                nvcc,
+                version,
+            )
+        not_system = f"the system toolkit {nvcc} is not used: {problem}"
+    candidates = sorted(
+        (t for t in toolkits if t.os == os_name and t.arch == arch),
+        key=lambda t: t.cuda_version,
+        reverse=True,
+    )
+    refusals: list[str] = []
+    for spec in candidates:
+        problem = _toolkit_problem(spec.cuda_version, driver, arches)
+        if problem is None:
+            return ToolkitChoice(
+                "wheels",
+                f"CUDA {spec.cuda} toolkit from the package index ({not_system})",
+                None,
+                spec.cuda_version,
+                spec,
+            )
+        refusals.append(f"the package index's CUDA {spec.cuda} toolkit: {problem}")
+    if not candidates:
+        refusals.append(f"the package index has no CUDA toolkit for {os_name}-{arch}")
+    driver_hint = (
+        " or update the NVIDIA driver to one for CUDA 13 (580 or newer)"
+        if driver is not None and driver[0] < 13 and candidates
+        else ""
+    )
+    return ToolkitChoice(
+        "none",
+        f"{not_system}; {'; '.join(refusals)}: install a CUDA toolkit with cuBLAS (e.g. "
+        f"`apt install cuda-toolkit-12-8`) and set CUDA_HOME{driver_hint}",
+    )
+
+
 def find_toolchain(
-    backend: str, os_name: str, *, env: Mapping[str, str] | None = None
+    backend: str,
+    os_name: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cuda_root: Path | None = None,
 ) -> Toolchain:
     """Find the tools a build of ``backend`` needs, or say exactly what to install.
 
@@ -182,6 +338,8 @@ def find_toolchain(
         backend: the variant's backend (cpu, cuda, metal, vulkan, rpc).
         os_name: ``linux``, ``macos`` or ``windows``.
         env: environment to search (default: ``os.environ``).
+        cuda_root: a CUDA toolkit root to use (the wheel toolkit,
+            :func:`~llama_proc.provision.cuda_wheels.ensure_cuda_toolkit`) instead of searching.
 
     Raises:
         ToolNotFoundError: cmake missing or too old, no C/C++ compiler, no nvcc for CUDA,
@@ -216,8 +374,8 @@ def find_toolchain(
                 f"{version_text(cmake_version)}: run `pip install -U cmake ninja`"
             )
             raise ToolNotFoundError(msg)
-        nvcc = _find_nvcc(environ)
-        if nvcc is None:
+        nvcc = str(cuda_root / "bin" / "nvcc") if cuda_root is not None else _find_nvcc(environ)
+        if nvcc is None or not Path(nvcc).is_file():
             msg = (
                 "CUDA builds need nvcc from the CUDA toolkit and none was found (PATH, CUDACXX, "
                 "CUDA_HOME, /usr/local/cuda): install the toolkit (with cuBLAS), e.g. "
@@ -245,6 +403,7 @@ def find_toolchain(
         nvcc=nvcc,
         nvcc_version=nvcc_version,
         glslc=glslc,
+        cuda_root=str(cuda_root) if cuda_root is not None and backend == "cuda" else None,
     )
 
 
