@@ -1,10 +1,11 @@
 """What a GGUF model's header says, and how much memory llama-server needs to serve it.
 
-:func:`read_model_info` reads the header with the ``gguf`` package (llama.cpp's own reader):
+:func:`read_model_info` reads the header (:func:`~llama_proc.runtime.gguf.read_gguf`):
 architecture, parameter count, layers, trained context, quantization, attention and KV heads,
-head sizes, and the bytes of its tensors. ``gguf`` pulls in numpy and parses every metadata
-value (the tokenizer's vocabulary too: about 2 s for a 49k-token vocabulary on a slow core), so
-it is imported only when a header is read.
+head sizes, and the bytes of its tensors. The ``gguf`` package (llama.cpp's own reader) parses
+every metadata value, the tokenizer's vocabulary too: 2-4 s for SmolLM2-135M's 49k tokens,
+where our reader steps over arrays and takes about 10 ms (``bench/gguf_read.py``). The tests
+check that both readers give the same :class:`ModelInfo`.
 
 :func:`estimate_memory` adds up what a CPU llama-server holds once it serves the model:
 
@@ -26,24 +27,29 @@ here (an upper bound); larger models have larger compute buffers than the consta
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError
-from llama_proc.runtime.gguf import check_gguf
+from llama_proc.runtime.gguf import FILE_TYPES, GGML_TYPES, GgufArray, read_gguf
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
+
+    from llama_proc.runtime.gguf import GgufTensor, MetadataValue
 
 __all__ = [
     "ESTIMATE_ERROR_BOUND",
+    "INFO_CACHE_SIZE",
     "KV_CACHE_TYPES",
     "PROCESS_OVERHEAD",
     "SLOT_STATE_BYTES",
     "MemoryEstimate",
     "ModelInfo",
+    "cached_model_info",
     "estimate_memory",
     "read_model_info",
 ]
@@ -62,6 +68,10 @@ ESTIMATE_ERROR_BOUND: Final = 0.10
 KV_CACHE_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 """What llama-server's ``--cache-type-k``/``--cache-type-v`` accept."""
 
+INFO_CACHE_SIZE: Final = 64
+"""Models :func:`cached_model_info` remembers (least recently read ones are dropped first)."""
+_CACHE: Final[dict[Path, tuple[tuple[tuple[int, int], ...] | None, ModelInfo]]] = {}
+_CACHE_LOCK: Final = threading.Lock()
 _SPLIT_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 
@@ -154,18 +164,16 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
             header cannot be parsed or names no architecture.
     """
     model = Path(path).expanduser()
-    check_gguf(model)
-    reader = _reader(model)
-    fields = _Fields(reader, model)
+    header = read_gguf(model)
+    fields = _Fields(header.metadata)
     arch = fields.string("general.architecture")
     if not arch:
         msg = f"{model} names no general.architecture; it is not a llama.cpp model file"
         raise ModelFileError(msg)
     parts = _parts(model, fields.integer("split.count"))
-    tensors = list(reader.tensors)
+    tensors = list(header.tensors)
     for part in parts[1:]:
-        check_gguf(part)
-        tensors.extend(_reader(part).tensors)
+        tensors.extend(read_gguf(part).tensors)
     n_layer = fields.integer(f"{arch}.block_count") or 0
     n_head = fields.per_layer(f"{arch}.attention.head_count", n_layer)
     n_head_kv = fields.per_layer(f"{arch}.attention.head_count_kv", n_layer) or n_head
@@ -180,7 +188,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         architecture=arch,
         name=fields.string("general.name"),
         size_label=fields.string("general.size_label"),
-        parameter_count=sum(int(t.n_elements) for t in tensors),
+        parameter_count=sum(t.n_elements for t in tensors),
         n_layer=n_layer,
         context_length=fields.integer(f"{arch}.context_length"),
         embedding_length=embedding,
@@ -192,10 +200,39 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         quantization=_quantization(fields.integer("general.file_type"), tensors),
         sliding_window=fields.integer(f"{arch}.attention.sliding_window"),
         expert_count=fields.integer(f"{arch}.expert_count"),
-        tensor_bytes=sum(int(t.n_bytes) for t in tensors),
+        tensor_bytes=sum(t.n_bytes for t in tensors),
         file_size=sum(p.stat().st_size for p in parts),
         parts=parts,
     )
+
+
+def cached_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """:func:`read_model_info`, remembered while every part keeps its size and mtime.
+
+    For callers that ask about the same models again and again (the proxy's memory budget).
+
+    Args:
+        path: as for :func:`read_model_info`.
+
+    Returns:
+        What the header says.
+
+    Raises:
+        ModelFileError: as :func:`read_model_info`.
+    """
+    model = Path(path).expanduser().absolute()
+    with _CACHE_LOCK:
+        cached = _CACHE.get(model)
+    if cached is not None and cached[0] == _identities(cached[1].parts):
+        return cached[1]
+    info = read_model_info(model)
+    identities = _identities(info.parts)
+    with _CACHE_LOCK:
+        _CACHE.pop(model, None)
+        _CACHE[model] = (identities, info)
+        while len(_CACHE) > INFO_CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
+    return info
 
 
 def estimate_memory(
@@ -249,54 +286,45 @@ def estimate_memory(
 
 
 # ----------------------------------------------------------------------------- reading
-def _reader(path: Path) -> Any:
-    # numpy and gguf take ~0.2 s to import: only when a header is actually read.
-    from gguf import GGUFReader  # noqa: PLC0415 - heavy optional reader (numpy)
-
-    try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError) as err:
-        msg = f"cannot read the GGUF header of {path}: {err}; the file may be truncated or corrupt"
-        raise ModelFileError(msg) from err
-
-
 class _Fields:
-    """Typed access to a reader's metadata values."""
+    """Typed access to a header's metadata values."""
 
-    def __init__(self, reader: Any, path: Path) -> None:
-        self._fields = reader.fields
-        self._path = path
-
-    def _value(self, key: str) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            return None
-        try:
-            return field.contents()
-        except (ValueError, IndexError) as err:
-            msg = f"{self._path}: metadata {key} cannot be read ({err}); the file may be corrupt"
-            raise ModelFileError(msg) from err
+    def __init__(self, metadata: Mapping[str, MetadataValue]) -> None:
+        self._metadata = metadata
 
     def string(self, key: str) -> str | None:
-        value = self._value(key)
+        value = self._metadata.get(key)
         return value if isinstance(value, str) and value else None
 
     def integer(self, key: str) -> int | None:
-        value = self._value(key)
-        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+        value = self._metadata.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def per_layer(self, key: str, n_layer: int) -> tuple[int, ...]:
         """A count that is one number for every layer, or an array with one per layer."""
-        value = self._value(key)
-        if isinstance(value, list):
+        value = self._metadata.get(key)
+        if isinstance(value, tuple):
             return tuple(int(v) for v in value)
         if isinstance(value, int) and not isinstance(value, bool):
-            return (int(value),) * n_layer
+            return (value,) * n_layer
         return ()
 
     def length(self, key: str) -> int | None:
-        field = self._fields.get(key)
-        return len(field.data) if field is not None and field.data else None
+        value = self._metadata.get(key)
+        if isinstance(value, GgufArray):
+            return value.length or None
+        if isinstance(value, tuple):
+            return len(value) or None
+        return None
+
+
+def _identities(parts: Sequence[Path]) -> tuple[tuple[int, int], ...] | None:
+    """Size and mtime of each part (None when one cannot be read: then nothing matches)."""
+    try:
+        stats = [p.stat() for p in parts]
+    except OSError:
+        return None
+    return tuple((st.st_size, st.st_mtime_ns) for st in stats)
 
 
 def _parts(model: Path, count: int | None) -> tuple[Path, ...]:
@@ -317,25 +345,19 @@ def _parts(model: Path, count: int | None) -> tuple[Path, ...]:
     return parts
 
 
-def _quantization(file_type: int | None, tensors: Sequence[Any]) -> str | None:
-    from gguf import GGMLQuantizationType, LlamaFileType  # noqa: PLC0415 - see _reader
-
+def _quantization(file_type: int | None, tensors: Sequence[GgufTensor]) -> str | None:
     if file_type is not None:
-        try:
-            name = LlamaFileType(file_type).name
-        except ValueError:
+        name = FILE_TYPES.get(file_type)
+        if name is None:
             return f"file type {file_type}"
         if name != "GUESSED":
             return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
     by_type: dict[str, int] = {}
     for tensor in tensors:
-        kind = GGMLQuantizationType(int(tensor.tensor_type)).name
-        by_type[kind] = by_type.get(kind, 0) + int(tensor.n_bytes)
+        by_type[tensor.type_name] = by_type.get(tensor.type_name, 0) + tensor.n_bytes
     return max(by_type, key=by_type.__getitem__) if by_type else None
 
 
 def _bytes_per_element(kv_type: str) -> float:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: PLC0415 - see _reader
-
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.upper()]]
-    return size / block
+    kind = next(t for t in GGML_TYPES.values() if t.name == kv_type.upper())
+    return kind.type_size / kind.block_size

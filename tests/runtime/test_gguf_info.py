@@ -1,24 +1,32 @@
-"""GGUF header reading (``gguf``, llama.cpp's reader) and the memory estimate.
+"""GGUF header reading and the memory estimate.
 
 Small models are written on the fly with ``gguf``'s own writer; the real SmolLM2 GGUF checks
 the values a published model carries, and the real llama-server's RSS checks the estimate.
+``read_model_info`` (our header reader) must give exactly what the same fields read with
+``gguf``'s GGUFReader (llama.cpp's own reader) give: :func:`_reference_info` below.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from tiny_gguf import write_model
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError
+from llama_proc.runtime import gguf_info
 from llama_proc.runtime.gguf_info import (
     ESTIMATE_ERROR_BOUND,
     LOGIT_BYTES,
     PROCESS_OVERHEAD,
     SLOT_STATE_BYTES,
+    ModelInfo,
+    cached_model_info,
     estimate_memory,
     read_model_info,
 )
@@ -120,6 +128,124 @@ def test_not_a_gguf_file_is_a_model_file_error(tmp_path: Path) -> None:
     truncated.write_bytes(whole[:200])
     with pytest.raises(ModelFileError, match=r"t\.gguf"):
         read_model_info(truncated)
+
+
+# ----------------------------------------------------------------------------- both readers
+def _reference_info(model: Path) -> ModelInfo:
+    """The header fields read with gguf's GGUFReader (the reader this module used before)."""
+    reader = GGUFReader(model, "r")
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    def integer(key: str) -> int | None:
+        v = value(key)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+    def per_layer(key: str, n_layer: int) -> tuple[int, ...]:
+        v = value(key)
+        if isinstance(v, list):
+            return tuple(int(x) for x in v)
+        return (int(v),) * n_layer if isinstance(v, int) and not isinstance(v, bool) else ()
+
+    arch = value("general.architecture")
+    parts = gguf_info._parts(model, integer("split.count"))
+    tensors = list(reader.tensors)
+    for part in parts[1:]:
+        tensors.extend(GGUFReader(part, "r").tensors)
+    n_layer = integer(f"{arch}.block_count") or 0
+    n_head = per_layer(f"{arch}.attention.head_count", n_layer)
+    n_head_kv = per_layer(f"{arch}.attention.head_count_kv", n_layer) or n_head
+    embedding = integer(f"{arch}.embedding_length")
+    head_max = max(n_head, default=0)
+    key_length = integer(f"{arch}.attention.key_length") or (
+        embedding // head_max if embedding and head_max else None
+    )
+    file_type = integer("general.file_type")
+    if file_type is not None and LlamaFileType(file_type) != LlamaFileType.GUESSED:
+        name = LlamaFileType(file_type).name
+        quantization: str | None = "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
+    else:
+        by_type: dict[str, int] = {}
+        for t in tensors:
+            kind = GGMLQuantizationType(int(t.tensor_type)).name
+            by_type[kind] = by_type.get(kind, 0) + int(t.n_bytes)
+        quantization = max(by_type, key=by_type.__getitem__)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return ModelInfo(
+        path=model,
+        architecture=arch,
+        name=value("general.name") or None,
+        size_label=value("general.size_label") or None,
+        parameter_count=sum(int(t.n_elements) for t in tensors),
+        n_layer=n_layer,
+        context_length=integer(f"{arch}.context_length"),
+        embedding_length=embedding,
+        n_head=head_max or None,
+        n_head_kv=n_head_kv,
+        key_length=key_length,
+        value_length=integer(f"{arch}.attention.value_length") or key_length,
+        vocab_size=integer(f"{arch}.vocab_size") or (len(tokens.data) if tokens else None),
+        quantization=quantization,
+        sliding_window=integer(f"{arch}.attention.sliding_window"),
+        expert_count=integer(f"{arch}.expert_count"),
+        tensor_bytes=sum(int(t.n_bytes) for t in tensors),
+        file_size=sum(p.stat().st_size for p in parts),
+        parts=parts,
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="default"),
+        pytest.param({"kv_heads": [4, 0, 2], "layers": 3, "key_length": 32}, id="per-layer"),
+        pytest.param({"file_type": None}, id="no-file-type"),
+        pytest.param({"file_type": 1024}, id="guessed"),
+        pytest.param({"layers": 4, "split_max_tensors": 3}, id="split"),
+    ],
+)
+def test_same_info_as_the_gguf_package_reader(tmp_path: Path, options: dict[str, Any]) -> None:
+    write_model(tmp_path / "m.gguf", **options)
+    first = min(tmp_path.glob("*.gguf"))
+    assert read_model_info(first) == _reference_info(first)
+
+
+def test_same_info_as_the_gguf_package_reader_on_the_real_model(smol_model: Path) -> None:
+    began = time.perf_counter()
+    ours = read_model_info(smol_model)
+    elapsed = time.perf_counter() - began
+    assert ours == _reference_info(smol_model)
+    assert elapsed < 0.5, f"read_model_info took {elapsed:.3f} s"
+
+
+def test_cached_info_follows_the_files_identity(
+    tmp_path: Path, smol_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(smol_model, model)
+    reads: list[Path] = []
+    real = gguf_info.read_model_info
+
+    def counting(path: Any) -> ModelInfo:
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(gguf_info, "read_model_info", counting)
+    first = cached_model_info(model)
+    assert cached_model_info(model) is first
+    assert len(reads) == 1
+    # Another file under the same name (another quantization, say): read again.
+    write_model(tmp_path / "other.gguf")
+    os.replace(tmp_path / "other.gguf", model)
+    second = cached_model_info(model)
+    assert len(reads) == 2
+    assert second.tensor_bytes != first.tensor_bytes
+    assert cached_model_info(model) is second
+    model.unlink()
+    with pytest.raises(ModelFileError, match="does not exist"):
+        cached_model_info(model)
 
 
 # ----------------------------------------------------------------------------- the real model
