@@ -515,3 +515,27 @@ def test_doctor_names_a_requested_backends_warnings(
     assert f"  use {fabricated.variant.id}: requested with --variant cuda" in out
     assert "  warning: no NVIDIA driver found [no_nvidia_driver]" in out
     assert "  prebuilt: fits this host" in out
+
+
+def test_doctor_says_which_cuda_toolkit_a_build_would_use(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llama_proc.provision import toolchain
+
+    seen: list[object] = []
+    real = toolchain.choose_cuda_toolkit
+
+    def spy(*args: object, **kwargs: object) -> toolchain.ToolkitChoice:
+        seen.append(args[1])  # the manifest's pinned wheel toolkits reach the choice
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(toolchain, "choose_cuda_toolkit", spy)
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0
+    [line] = [ln for ln in out.splitlines() if ln.startswith("CUDA toolkit for source builds: ")]
+    source = line.split(": ", 1)[1].split()[0]
+    assert source in {"system", "wheels", "none"}
+    assert line.endswith(")")  # the reason is printed
+    assert "(" in line
+    assert len(seen) == 1
+    assert len(seen[0]) >= 1  # type: ignore[arg-type]

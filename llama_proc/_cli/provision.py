@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.install import Install
+    from llama_proc.provision.manifest import Manifest
     from llama_proc.provision.platform import HostInfo
     from llama_proc.provision.selection import Blocker, Selection
 
@@ -500,6 +501,17 @@ def _tool_lines() -> list[str]:
     return ["build tools: " + (", ".join(found) if found else "none found on PATH")]
 
 
+def _cuda_toolkit_line(host: HostInfo, manifest: Manifest) -> str:
+    """Which CUDA toolkit a CUDA source build here would use, and why."""
+    from llama_proc.provision.toolchain import choose_cuda_toolkit
+
+    choice = choose_cuda_toolkit(
+        host, manifest.cuda_toolkits, os_name=host.os, arch=host.arch
+    ).as_dict()
+    version = f" {choice['version']}" if choice["version"] else ""
+    return f"CUDA toolkit for source builds: {choice['source']}{version} ({choice['reason']})"
+
+
 def _cache_lines(settings: Settings) -> list[str]:
     from llama_proc.provision.download import PART_SUFFIX
     from llama_proc.provision.inventory import list_installs
@@ -599,6 +611,7 @@ def _doctor(args: argparse.Namespace) -> int:
         print(line)
     for line in _tool_lines():
         print(line)
+    print(_cuda_toolkit_line(host, manifest))
     if getattr(args, "smoke", False):
         from llama_proc._cli.smoke import run_smoke
 
