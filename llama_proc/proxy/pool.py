@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,9 +44,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self, runtime_checkable
 
 from llama_proc._childenv import child_environment
-from llama_proc.errors import ConfigError, ServerError, ServerStartError
+from llama_proc.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    ModelFileError,
+    ServerError,
+    ServerStartError,
+)
 from llama_proc.proxy.metrics import PoolMetrics
+from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.flags import BinaryFlags, probe_flags
+from llama_proc.runtime.gguf_info import cached_model_info, estimate_memory
 from llama_proc.server import AsyncLlamaServer
 
 if TYPE_CHECKING:
@@ -106,7 +115,10 @@ MAX_FORGOTTEN_KEYS: Final = 256
 """Stopped entries kept for ``/servers`` history; older ones are dropped."""
 MEMORY_WEIGHT_FACTOR: Final = 1.2
 MEMORY_OVERHEAD: Final = 256 * 1024 * 1024
-"""Provisional estimate: model files x factor + this (KV cache, compute buffers, runtime)."""
+"""Estimate when a model's header cannot be read: model files x factor + this."""
+AUTO_PARALLEL: Final = 4
+"""Slots llama-server runs with when ``--parallel`` is not given (its ``-np -1``, auto)."""
+_ESTIMATE_OPTIONS: Final = frozenset({"ctx_size", "parallel", "cache_type_k", "cache_type_v"})
 DEFAULT_MEMORY_SHARE: Final = 0.8
 """Share of RAM the pool's servers may use together when ``--memory-budget`` is not given."""
 _SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?")
@@ -181,16 +193,32 @@ def server_key(model_id: str, flags: tuple[str, ...]) -> str:
 
 
 def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:
-    """Bytes a llama-server for ``spec`` is expected to use (provisional, swap for a better one).
+    """Bytes a llama-server for ``spec`` with ``flags`` is expected to use.
 
-    The model files (every shard of a split model) times :data:`MEMORY_WEIGHT_FACTOR` plus
-    :data:`MEMORY_OVERHEAD`; ``flags`` are not looked at yet. 0 when the file cannot be read
-    (the start will report that).
+    :func:`~llama_proc.runtime.gguf_info.estimate_memory` (weights, KV cache, slots, process
+    overhead) for the model's header, read once per file identity, and the context size,
+    slots and KV cache type the server gets: the config's options, then its ``extra_args``,
+    then the request's flags, the last one winning. Unset, they are llama-server's defaults:
+    the trained context, :data:`AUTO_PARALLEL` slots, f16. When the K and V cache types
+    differ, the larger one counts for both (an upper bound).
+
+    When the header cannot be read (a ggml type newer than this reader, say), the files' size
+    times :data:`MEMORY_WEIGHT_FACTOR` plus :data:`MEMORY_OVERHEAD`; 0 when the file is missing
+    or not fetched yet (the start reports that).
     """
-    del flags
     path = spec.path
     if path is None:  # a Hugging Face reference not fetched yet: size unknown
         return 0
+    chosen = _estimate_options(spec, flags)
+    try:
+        info = cached_model_info(path)
+        ctx = int(chosen.get("ctx_size", 0))
+        parallel = int(chosen.get("parallel", -1))
+        slots = AUTO_PARALLEL if parallel < 1 else parallel
+        kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
+        return max(estimate_memory(info, ctx, slots, kv).total for kv in kv_types)
+    except (ModelFileError, InvalidArgumentError, ValueError) as err:
+        logger.debug("memory estimate of %s from its file size: %s", spec.id, err)
     try:
         match = _SHARD_RE.search(path.name)
         if match is None:
@@ -205,6 +233,29 @@ def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:
     except (OSError, AttributeError, TypeError):
         return 0
     return int(size * MEMORY_WEIGHT_FACTOR) + MEMORY_OVERHEAD
+
+
+@functools.cache
+def _estimate_spellings() -> Mapping[str, str]:
+    """Every spelling of the flags the memory estimate reads -> the ServerArgs field name."""
+    return {
+        flag: f.name
+        for f in dataclasses.fields(ServerArgs)
+        if f.name in _ESTIMATE_OPTIONS
+        for flag in f.metadata["flags"]
+    }
+
+
+def _estimate_options(spec: ModelSpec, flags: Sequence[str]) -> dict[str, Any]:
+    chosen = {k: v for k, v in spec.options.items() if k in _ESTIMATE_OPTIONS and v is not None}
+    spellings = _estimate_spellings()
+    words = [*spec.options.get("extra_args", ()), *spec.extra_args, *flags]
+    for i, word in enumerate(words):
+        name, eq, value = word.partition("=")
+        field = spellings.get(name)
+        if field is not None and (eq or i + 1 < len(words)):
+            chosen[field] = value if eq else words[i + 1]
+    return chosen
 
 
 def total_memory() -> int | None:
