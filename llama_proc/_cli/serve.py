@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     binary = ensure_server(settings).server_binary
 
-    from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+    from llama_proc.proxy.app import ProxyOptions, create_app, event_loop_factory, run_proxy
     from llama_proc.proxy.downloads import ModelDownloads
 
     defaults = ProxyOptions()
@@ -360,7 +360,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(main())
     except OSError as err:
         msg = f"cannot serve on {args.host}:{args.port}: {err.strerror or err}"
         raise ConfigError(msg) from err
