@@ -13,14 +13,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import pytest
-from proxy_fakes import FakeFactory
+from proxy_fakes import FakeFactory, serve_pool
 from proxy_harness import pid_alive, running_proxy
 
 from llama_proc.config import Settings
 from llama_proc.errors import ConfigError, InvalidArgumentError
-from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+from llama_proc.proxy.app import ProxyOptions, create_app
 from llama_proc.proxy.flag_policy import (
     FlagCaps,
     FlagChecker,
@@ -35,6 +34,8 @@ from llama_proc.runtime.flags import BinaryFlags, clear_flags_cache, parse_help,
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Coroutine
+
+    import aiohttp
 
 T = TypeVar("T")
 
@@ -301,26 +302,8 @@ async def serving(
     factory: FakeFactory, models: ModelsConfig, **options: Any
 ) -> AsyncIterator[tuple[aiohttp.ClientSession, ServerPool]]:
     pool = ServerPool(factory, max_servers=1, queue_timeout=5)
-    app = create_app(models, pool, ProxyOptions(**options))
-    stop = asyncio.Event()
-    bound: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        run_proxy(
-            app,
-            host="127.0.0.1",
-            port=0,
-            drain_timeout=5,
-            ready=lambda h, p: bound.set_result((h, p)),
-            stop=stop,
-        )
-    )
-    host, port = await asyncio.wait_for(bound, 5)
-    async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
-        try:
-            yield session, pool
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 10)
+    async with serve_pool(models, pool, **options) as session:
+        yield session, pool
 
 
 FAKE_MODELS = ModelsConfig({"open": OPEN, "closed": CLOSED})
