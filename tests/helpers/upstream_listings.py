@@ -1,4 +1,4 @@
-"""Upstream's real release listings (from /work/shared/UPSTREAM-RELEASES.md), GitHub-API shaped.
+"""Upstream's real release listings (from the shared UPSTREAM-RELEASES.md notes), GitHub-API shaped.
 
 Sizes and sha256 digests are the ones GitHub published for those assets; builds recorded by
 name only carry ``size: None`` and ``digest: None``. The API lists assets by name, so the
