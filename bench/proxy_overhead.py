@@ -85,22 +85,24 @@ async def one_stream(session: aiohttp.ClientSession, url: str, tokens: int) -> t
 
 async def throughput(
     session: aiohttp.ClientSession, url: str, clients: int, total: int, tokens: int
-) -> tuple[float, float]:
-    """(requests/s, tokens/s) for ``total`` streamed requests over ``clients`` workers."""
+) -> tuple[float, float, list[float]]:
+    """(requests/s, tokens/s, each request's time to first token) over ``clients`` workers."""
     remaining = total
     produced = 0
+    firsts: list[float] = []
 
     async def worker() -> None:
         nonlocal remaining, produced
         while remaining > 0:
             remaining -= 1
-            _, count = await one_stream(session, url, tokens)
+            first, count = await one_stream(session, url, tokens)
             produced += count
+            firsts.append(first)
 
     began = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - began
-    return total / wall, produced / wall
+    return total / wall, produced / wall, firsts
 
 
 async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +159,7 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
         results["throughput"] = {}
         for clients in args.concurrency:
             total = max(args.requests_per_level, clients * 2)
-            runs: dict[str, list[tuple[float, float]]] = {"direct": [], "proxy": []}
+            runs: dict[str, list[tuple[float, float, list[float]]]] = {"direct": [], "proxy": []}
             for r_i in range(args.rounds):
                 order = ("direct", "proxy") if r_i % 2 == 0 else ("proxy", "direct")
                 for name in order:
@@ -174,6 +176,9 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
                 "direct_tok_s": d_tps,
                 "proxy_tok_s": p_tps,
                 "ratio_tok_s": p_tps / d_tps,
+                # Time to first token under this load, every request of every round.
+                "direct_ttft_p50_ms": pct([t for x in runs["direct"] for t in x[2]], 50) * 1e3,
+                "proxy_ttft_p50_ms": pct([t for x in runs["proxy"] for t in x[2]], 50) * 1e3,
             }
     return results
 
@@ -224,6 +229,13 @@ def report(results: dict[str, Any]) -> None:
             f"  {clients:>7}  {t['requests']:>8}  {t['direct_tok_s']:>12.1f}  "
             f"{t['proxy_tok_s']:>11.1f}  {t['ratio_tok_s']:.3f}  {t['direct_rps']:>12.2f}  "
             f"{t['proxy_rps']:>11.2f}"
+        )
+    print("time to first token under load (p50 over every streamed request):")
+    for clients, t in results["throughput"].items():
+        added = t["proxy_ttft_p50_ms"] - t["direct_ttft_p50_ms"]
+        print(
+            f"  {clients:>3} clients  direct {t['direct_ttft_p50_ms']:.2f} ms  "
+            f"proxy {t['proxy_ttft_p50_ms']:.2f} ms  added {added:+.2f} ms"
         )
 
 
