@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from http_server import FileServer
 from release_fixtures import make_release, make_tar, serve_release, write_variants_toml
 
 from llama_proc.config import Settings
@@ -35,7 +34,7 @@ from llama_proc.provision.verify import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from http_server import FileServer
 
     from llama_proc.provision.install import Install
 
@@ -105,12 +104,6 @@ OLD_DRIVER = {**NO_CUDART, "libcudart.so.12": b"\x7fELF fake cudart insufficient
 def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "_sleep", lambda _s: None)
     monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture

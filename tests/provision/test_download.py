@@ -10,7 +10,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 import requests
@@ -23,17 +23,8 @@ from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError
 from llama_proc.provision import download
 from llama_proc.provision.download import download_file, fetch_page, make_session
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 DATA = os.urandom(3_000_000)
 SHA = hashlib.sha256(DATA).hexdigest()
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

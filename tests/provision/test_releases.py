@@ -40,19 +40,11 @@ from llama_proc.provision.releases import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from llama_proc.provision.manifest import Manifest
 
 REPO = "ggml-org/llama.cpp"
 TAG = "b11434"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from filelock import FileLock
-from http_server import FileServer
 from release_fixtures import (
     ReleaseFixture,
     make_release,
@@ -55,7 +54,7 @@ from llama_proc.provision.platform import HostInfo
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from http_server import FileServer
 
     from llama_proc.provision.install import Install
 
@@ -84,12 +83,6 @@ def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def _no_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture

