@@ -8,7 +8,15 @@ interleaving the two so drift and noise hit both equally:
   paired differences;
 * time to first token: streamed chat, time until the first content chunk;
 * throughput at 1/8/32 concurrent clients: streamed chat (32 tokens each), requests/s and
-  tokens/s for each path and their ratio.
+  tokens/s for each path and their ratio;
+* the proxy's own time per request, read from its ``llama_proc_proxy_overhead_seconds``
+  histogram (its time up to the first response byte, the waits for llama-server left out): at
+  32 clients the end-to-end difference is llama-server's queue order, this is what the proxy
+  itself added.
+
+With ``--event-loops asyncio,uvloop`` (the default when uvloop is installed) the whole run is
+repeated on a proxy serving on each loop, alternating the loops round by round
+(``--loop-rounds``), so both are measured in the same run under the same drift.
 
     python bench/proxy_overhead.py --server-bin PATH --model PATH.gguf [--latency-n 300]
 
@@ -19,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -105,7 +115,50 @@ async def throughput(
     return total / wall, produced / wall, firsts
 
 
+_OVERHEAD = re.compile(
+    r'^llama_proc_proxy_overhead_seconds_(bucket|sum|count)\{model="bench"(?:,le="([^"]+)")?\} (\S+)$'
+)
+
+
+async def overhead(session: aiohttp.ClientSession, proxy: str) -> dict[str, float]:
+    """The proxy's overhead histogram now: {"sum": s, "count": n, "le=<bound>": cumulative}."""
+    async with session.get(proxy + "/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _OVERHEAD.match(line)
+        if match:
+            kind, bound, value = match.groups()
+            out[f"le={bound}" if kind == "bucket" else kind] = float(value)
+    return out
+
+
+def overhead_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean and p50 (from the buckets, linear within one) of the observations in between."""
+    count = after.get("count", 0) - before.get("count", 0)
+    if count <= 0:
+        return {"n": 0}
+    mean = (after["sum"] - before.get("sum", 0)) / count
+    bounds = sorted(
+        (float(k[3:]), after[k] - before.get(k, 0)) for k in after if k.startswith("le=")
+    )
+    half, lower, below = count / 2, 0.0, 0.0
+    p50 = math.nan
+    for bound, cumulative in bounds:
+        if cumulative >= half:
+            inside = cumulative - below
+            p50 = (
+                bound
+                if math.isinf(bound) or not inside
+                else (lower + (bound - lower) * (half - below) / inside)
+            )
+            break
+        lower, below = bound, cumulative
+    return {"n": count, "mean_ms": mean * 1e3, "p50_ms": p50 * 1e3}
+
+
 async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One proxy's raw samples: latencies, TTFTs, throughput runs and its own time per level."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         # Warm up: start the server through the proxy, then find its direct URL.
@@ -115,11 +168,10 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(20):
             await one_completion(session, direct)
             await one_completion(session, proxy)
-        results: dict[str, Any] = {"direct_url": direct, "proxy_url": proxy}
-
         lat_d: list[float] = []
         lat_p: list[float] = []
         diffs: list[float] = []
+        own_before = await overhead(session, proxy)
         for i in range(args.latency_n):
             if i % 2:
                 p = await one_completion(session, proxy)
@@ -130,15 +182,9 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
             lat_d.append(d)
             lat_p.append(p)
             diffs.append(p - d)
-        results["latency_ms"] = {
-            "direct_p50": pct(lat_d, 50) * 1e3,
-            "proxy_p50": pct(lat_p, 50) * 1e3,
-            "direct_p99": pct(lat_d, 99) * 1e3,
-            "proxy_p99": pct(lat_p, 99) * 1e3,
-            "added_p50": (pct(lat_p, 50) - pct(lat_d, 50)) * 1e3,
-            "added_p99": (pct(lat_p, 99) - pct(lat_d, 99)) * 1e3,
-            "paired_diff_median": statistics.median(diffs) * 1e3,
-            "n": args.latency_n,
+        results: dict[str, Any] = {
+            "latency": (lat_d, lat_p, diffs),
+            "latency_own": overhead_between(own_before, await overhead(session, proxy)),
         }
 
         ttft_d: list[float] = []
@@ -148,42 +194,95 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
             for url in order:
                 first, _ = await one_stream(session, url, 4)
                 (ttft_d if url == direct else ttft_p).append(first)
-        results["ttft_ms"] = {
-            "direct_p50": pct(ttft_d, 50) * 1e3,
-            "proxy_p50": pct(ttft_p, 50) * 1e3,
-            "direct_p99": pct(ttft_d, 99) * 1e3,
-            "proxy_p99": pct(ttft_p, 99) * 1e3,
-            "n": args.ttft_n,
-        }
+        results["ttft"] = (ttft_d, ttft_p)
 
         results["throughput"] = {}
         for clients in args.concurrency:
             total = max(args.requests_per_level, clients * 2)
             runs: dict[str, list[tuple[float, float, list[float]]]] = {"direct": [], "proxy": []}
+            own: list[dict[str, float]] = []
             for r_i in range(args.rounds):
                 order = ("direct", "proxy") if r_i % 2 == 0 else ("proxy", "direct")
                 for name in order:
                     url = direct if name == "direct" else proxy
+                    before = await overhead(session, proxy) if name == "proxy" else {}
                     runs[name].append(await throughput(session, url, clients, total, args.tokens))
-            d_rps = sum(x[0] for x in runs["direct"]) / args.rounds
-            p_rps = sum(x[0] for x in runs["proxy"]) / args.rounds
-            d_tps = sum(x[1] for x in runs["direct"]) / args.rounds
-            p_tps = sum(x[1] for x in runs["proxy"]) / args.rounds
-            results["throughput"][clients] = {
-                "requests": total,
-                "direct_rps": d_rps,
-                "proxy_rps": p_rps,
-                "direct_tok_s": d_tps,
-                "proxy_tok_s": p_tps,
-                "ratio_tok_s": p_tps / d_tps,
-                # Time to first token under this load, every request of every round.
-                "direct_ttft_p50_ms": pct([t for x in runs["direct"] for t in x[2]], 50) * 1e3,
-                "proxy_ttft_p50_ms": pct([t for x in runs["proxy"] for t in x[2]], 50) * 1e3,
-            }
+                    if name == "proxy":
+                        own.append(overhead_between(before, await overhead(session, proxy)))
+            results["throughput"][clients] = (total, runs, own)
     return results
 
 
-def start_proxy(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[str], str]:
+def _own(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Pool per-round overhead summaries (n-weighted mean; the median of the p50s)."""
+    parts = [p for p in parts if p.get("n")]
+    if not parts:
+        return {"n": 0, "mean_ms": math.nan, "p50_ms": math.nan}
+    n = sum(p["n"] for p in parts)
+    return {
+        "n": n,
+        "mean_ms": sum(p["mean_ms"] * p["n"] for p in parts) / n,
+        "p50_ms": statistics.median(p["p50_ms"] for p in parts),
+    }
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One event loop's figures over every round it ran."""
+    lat_d = [x for r in rounds for x in r["latency"][0]]
+    lat_p = [x for r in rounds for x in r["latency"][1]]
+    diffs = [x for r in rounds for x in r["latency"][2]]
+    out: dict[str, Any] = {
+        "latency_ms": {
+            "direct_p50": pct(lat_d, 50) * 1e3,
+            "proxy_p50": pct(lat_p, 50) * 1e3,
+            "direct_p99": pct(lat_d, 99) * 1e3,
+            "proxy_p99": pct(lat_p, 99) * 1e3,
+            "added_p50": (pct(lat_p, 50) - pct(lat_d, 50)) * 1e3,
+            "added_p99": (pct(lat_p, 99) - pct(lat_d, 99)) * 1e3,
+            "paired_diff_median": statistics.median(diffs) * 1e3,
+            "n": len(diffs),
+            "own": _own([r["latency_own"] for r in rounds]),
+        }
+    }
+    ttft_d = [x for r in rounds for x in r["ttft"][0]]
+    ttft_p = [x for r in rounds for x in r["ttft"][1]]
+    out["ttft_ms"] = {
+        "direct_p50": pct(ttft_d, 50) * 1e3,
+        "proxy_p50": pct(ttft_p, 50) * 1e3,
+        "direct_p99": pct(ttft_d, 99) * 1e3,
+        "proxy_p99": pct(ttft_p, 99) * 1e3,
+        "n": len(ttft_d),
+    }
+    out["throughput"] = {}
+    for clients in rounds[0]["throughput"]:
+        runs: dict[str, list[tuple[float, float, list[float]]]] = {"direct": [], "proxy": []}
+        own: list[dict[str, float]] = []
+        for r in rounds:
+            total, got, got_own = r["throughput"][clients]
+            runs["direct"] += got["direct"]
+            runs["proxy"] += got["proxy"]
+            own += got_own
+        count = len(runs["direct"])
+        d_tps = sum(x[1] for x in runs["direct"]) / count
+        p_tps = sum(x[1] for x in runs["proxy"]) / count
+        out["throughput"][clients] = {
+            "requests": total,
+            "direct_rps": sum(x[0] for x in runs["direct"]) / count,
+            "proxy_rps": sum(x[0] for x in runs["proxy"]) / count,
+            "direct_tok_s": d_tps,
+            "proxy_tok_s": p_tps,
+            "ratio_tok_s": p_tps / d_tps,
+            # Time to first token under this load, every request of every round.
+            "direct_ttft_p50_ms": pct([t for x in runs["direct"] for t in x[2]], 50) * 1e3,
+            "proxy_ttft_p50_ms": pct([t for x in runs["proxy"] for t in x[2]], 50) * 1e3,
+            "own": _own(own),
+        }
+    return out
+
+
+def start_proxy(
+    args: argparse.Namespace, tmp: Path, loop: str
+) -> tuple[subprocess.Popen[str], str]:
     config = tmp / "models.toml"
     extra = ["-c", str(args.ctx), "-t", str(args.threads), "-np", str(args.parallel)]
     config.write_text(
@@ -191,7 +290,7 @@ def start_proxy(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[s
     )
     cmd = [
         sys.executable, "-m", "llama_proc", "serve", "--config", str(config), "--port", "0",
-        "--server-bin", str(args.server_bin), "--max-servers", "1",
+        "--server-bin", str(args.server_bin), "--max-servers", "1", "--event-loop", loop,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -207,35 +306,39 @@ def start_proxy(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[s
 
 def report(results: dict[str, Any]) -> None:
     lat = results["latency_ms"]
-    print(f"added latency (1-token completion, n={lat['n']} each, interleaved):")
+    own = lat["own"]
+    print(f"  added latency (1-token completion, n={lat['n']} each, interleaved):")
     print(
-        f"  p50 direct {lat['direct_p50']:.3f} ms  proxy {lat['proxy_p50']:.3f} ms  "
+        f"    p50 direct {lat['direct_p50']:.3f} ms  proxy {lat['proxy_p50']:.3f} ms  "
         f"added {lat['added_p50']:+.3f} ms  (median paired diff {lat['paired_diff_median']:+.3f})"
     )
     print(
-        f"  p99 direct {lat['direct_p99']:.3f} ms  proxy {lat['proxy_p99']:.3f} ms  "
+        f"    p99 direct {lat['direct_p99']:.3f} ms  proxy {lat['proxy_p99']:.3f} ms  "
         f"added {lat['added_p99']:+.3f} ms"
     )
+    print(f"    proxy's own time: p50 {own['p50_ms']:.3f} ms  mean {own['mean_ms']:.3f} ms")
     ttft = results["ttft_ms"]
-    print(f"time to first token (streamed chat, n={ttft['n']} each):")
+    print(f"  time to first token (streamed chat, n={ttft['n']} each):")
     print(
-        f"  p50 direct {ttft['direct_p50']:.2f} ms  proxy {ttft['proxy_p50']:.2f} ms  "
+        f"    p50 direct {ttft['direct_p50']:.2f} ms  proxy {ttft['proxy_p50']:.2f} ms  "
         f"p99 direct {ttft['direct_p99']:.2f} ms  proxy {ttft['proxy_p99']:.2f} ms"
     )
-    print("throughput (streamed chat):")
-    print("  clients  requests  direct tok/s  proxy tok/s  ratio   direct req/s  proxy req/s")
+    print("  throughput (streamed chat):")
+    print("    clients  requests  direct tok/s  proxy tok/s  ratio   direct req/s  proxy req/s")
     for clients, t in results["throughput"].items():
         print(
-            f"  {clients:>7}  {t['requests']:>8}  {t['direct_tok_s']:>12.1f}  "
+            f"    {clients:>7}  {t['requests']:>8}  {t['direct_tok_s']:>12.1f}  "
             f"{t['proxy_tok_s']:>11.1f}  {t['ratio_tok_s']:.3f}  {t['direct_rps']:>12.2f}  "
             f"{t['proxy_rps']:>11.2f}"
         )
-    print("time to first token under load (p50 over every streamed request):")
+    print("  time to first token under load (p50 over every streamed request), and the proxy's")
+    print("  own time per request from its overhead histogram:")
     for clients, t in results["throughput"].items():
         added = t["proxy_ttft_p50_ms"] - t["direct_ttft_p50_ms"]
         print(
-            f"  {clients:>3} clients  direct {t['direct_ttft_p50_ms']:.2f} ms  "
-            f"proxy {t['proxy_ttft_p50_ms']:.2f} ms  added {added:+.2f} ms"
+            f"    {clients:>3} clients  direct {t['direct_ttft_p50_ms']:.2f} ms  "
+            f"proxy {t['proxy_ttft_p50_ms']:.2f} ms  added {added:+.2f} ms  "
+            f"proxy's own p50 {t['own']['p50_ms']:.3f} ms mean {t['own']['mean_ms']:.3f} ms"
         )
 
 
@@ -258,22 +361,50 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--event-loops",
+        type=lambda s: s.split(","),
+        default=None,
+        help="loops to serve on, compared in one run (default: asyncio,uvloop when uvloop is "
+        "installed, else asyncio)",
+    )
+    parser.add_argument(
+        "--loop-rounds", type=int, default=2, help="proxies started per loop, alternating loops"
+    )
     parser.add_argument("--proxy-url", help="benchmark an already running proxy instead")
     args = parser.parse_args()
     if args.proxy_url:
-        results = asyncio.run(bench(args.proxy_url.rstrip("/"), args))
-        report(results)
+        report(summarize([asyncio.run(bench(args.proxy_url.rstrip("/"), args))]))
         return 0
     if not args.server_bin or not args.model:
         parser.error("--server-bin and --model are required (or the LLAMA_PROC_TEST_* variables)")
+    loops: list[str] = args.event_loops or (
+        ["asyncio", "uvloop"] if importlib.util.find_spec("uvloop") else ["asyncio"]
+    )
+    raw: dict[str, list[dict[str, Any]]] = {loop: [] for loop in loops}
     with tempfile.TemporaryDirectory(prefix="llama-proc-bench-") as tmp:
-        proc, url = start_proxy(args, Path(tmp))
-        try:
-            results = asyncio.run(bench(url, args))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-    report(results)
+        for r_i in range(args.loop_rounds):
+            for loop in loops if r_i % 2 == 0 else loops[::-1]:
+                proc, url = start_proxy(args, Path(tmp), loop)
+                try:
+                    raw[loop].append(asyncio.run(bench(url, args)))
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(30)
+    results = {loop: summarize(rounds) for loop, rounds in raw.items()}
+    for loop, figures in results.items():
+        print(f"{loop} event loop ({args.loop_rounds} proxies):")
+        report(figures)
+    if len(loops) > 1:
+        base = results[loops[0]]
+        for loop in loops[1:]:
+            other = results[loop]
+            print(
+                f"{loop} vs {loops[0]}: added p50 {other['latency_ms']['added_p50']:+.3f} vs "
+                f"{base['latency_ms']['added_p50']:+.3f} ms, proxy's own p50 "
+                f"{other['latency_ms']['own']['p50_ms']:.3f} vs "
+                f"{base['latency_ms']['own']['p50_ms']:.3f} ms"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

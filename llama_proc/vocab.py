@@ -14,6 +14,7 @@ __all__ = [
     "AUTO",
     "BACKENDS",
     "BACKEND_CHOICES",
+    "EVENT_LOOPS",
     "PREFER_CHOICES",
     "InstallSource",
 ]
@@ -26,6 +27,8 @@ BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 """What ``--variant`` and ``Settings.backend`` accept."""
 PREFER_CHOICES: Final = ("prebuilt", "source")
 """Which provisioning path is tried first (``--prefer``, ``LLAMA_PROC_PREFER``)."""
+EVENT_LOOPS: Final = (AUTO, "asyncio", "uvloop")
+"""Event loops the proxy can serve on (``serve --event-loop``)."""
 
 
 class InstallSource(StrEnum):

@@ -44,6 +44,7 @@ from llama_proc.proxy.pool import (
     ServerPool,
 )
 from llama_proc.proxy.upstream import UpstreamConnectionError, UpstreamConnections
+from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -397,6 +398,10 @@ class _Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Route a request to its model's server and pass the response through."""
+        began = time.perf_counter()
+        # Time spent waiting on others (the client's body, a download, the pool, failed
+        # attempts): left out of the proxy's own time (the overhead metric).
+        waited = 0.0
         options = self.options
         declared = request.content_length
         if declared is not None and declared > options.max_body_bytes:
@@ -404,6 +409,7 @@ class _Proxy:
         try:
             async with asyncio.timeout(options.body_timeout):
                 body = await request.read()
+            waited = time.perf_counter() - began
         except TimeoutError:
             return _error(
                 408,
@@ -446,6 +452,7 @@ class _Proxy:
         if spec.ref is not None:
             # A Hugging Face model is fetched before the pool sees it: the download holds no
             # server slot and runs before the server's start clock.
+            fetching = time.perf_counter()
             try:
                 spec = await self.downloads.resolve(spec)
             except LlamaProcError as err:
@@ -457,9 +464,11 @@ class _Proxy:
                     code="model_download_failed",
                     kind="server_error",
                 )
+            waited += time.perf_counter() - fetching
         stream = payload.get("stream")
         arrived = time.perf_counter()
         for attempt in range(1, UPSTREAM_ATTEMPTS + 1):
+            queued = time.perf_counter()
             try:
                 lease = await self.pool.acquire(spec, flags)
             except PoolClosedError:
@@ -489,6 +498,8 @@ class _Proxy:
                     code="server_start_failed",
                     kind="server_error",
                 )
+            acquired = time.perf_counter()
+            waited += acquired - queued
             try:
                 response = await self._pass_through(
                     request,
@@ -498,11 +509,13 @@ class _Proxy:
                     stream,
                     last=attempt == UPSTREAM_ATTEMPTS,
                     arrived=arrived,
+                    own_since=began + waited,
                 )
             finally:
                 lease.release()
             if response is not None:
                 return response
+            waited += time.perf_counter() - acquired
         msg = "unreachable: the last attempt always answers"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 
@@ -516,8 +529,13 @@ class _Proxy:
         *,
         last: bool,
         arrived: float,
+        own_since: float,
     ) -> web.StreamResponse | None:
-        """Forward one request; None = it failed before any response byte, try again."""
+        """Forward one request; None = it failed before any response byte, try again.
+
+        ``own_since`` is the request's start moved later by the time it waited on others: the
+        proxy's own time up to the first byte is what is left after the wait for llama-server.
+        """
         options = self.options
         loop = asyncio.get_running_loop()
         sent = time.perf_counter()
@@ -546,24 +564,28 @@ class _Proxy:
                     out_headers[RESTARTED_HEADER] = "crash"
                 if not upstream_headers.get("content-type", "").startswith("text/event-stream"):
                     data = await upstream.read()
-                    self.metrics.first_byte.observe(time.perf_counter() - sent, spec.id)
-                    return web.Response(body=data, status=upstream.status, headers=out_headers)
+                    answered = time.perf_counter()
+                    self.metrics.first_byte.observe(answered - sent, spec.id)
+                    reply = web.Response(body=data, status=upstream.status, headers=out_headers)
+                    # The body is written as soon as this returns.
+                    own = time.perf_counter() - own_since - (answered - sent)
+                    self.metrics.overhead.observe(own, spec.id)
+                    return reply
                 out_headers["Cache-Control"] = "no-cache"
                 out_headers["X-Accel-Buffering"] = "no"
                 response = web.StreamResponse(status=upstream.status, headers=out_headers)
                 await response.prepare(request)
                 stall = options.stall_timeout
-                first = True
+                first = 0.0
                 while True:
                     chunk = await upstream.readany()
                     if not chunk:
                         self._complete.add(id(request))
                         break
-                    if first:
-                        first = False
-                        now = time.perf_counter()
-                        self.metrics.first_byte.observe(now - sent, spec.id)
-                        self.metrics.ttft.observe(now - arrived, spec.id)
+                    if not first:
+                        first = time.perf_counter()
+                        self.metrics.first_byte.observe(first - sent, spec.id)
+                        self.metrics.ttft.observe(first - arrived, spec.id)
                     if chunk.endswith(b"[DONE]\n\n"):
                         # The client has its whole answer once this is written, and may hang
                         # up before the upstream's end-of-stream arrives.
@@ -574,6 +596,10 @@ class _Proxy:
                         # The client went away (seen here when handler cancellation is off).
                         self.metrics.disconnects.inc(spec.id)
                         return response
+                    if first > 0:
+                        own = time.perf_counter() - own_since - (first - sent)
+                        self.metrics.overhead.observe(own, spec.id)
+                        first = -1.0
                     deadline.reschedule(loop.time() + stall)
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
@@ -832,18 +858,31 @@ def create_app(
     return app
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The uvloop event loop when it is installed (``llama-proc[fast]``), else None (asyncio's).
+def event_loop_factory(
+    choice: str = AUTO,
+) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop to serve on: (its name, a factory for ``asyncio.Runner``; None = asyncio's).
 
-    Measured with ``bench/proxy_overhead.py``: uvloop takes 10-25 % off the proxy's CPU time
-    per request.
+    ``auto`` takes uvloop when it is installed (``llama-proc[fast]``; not on Windows) and
+    asyncio's own loop otherwise. ``bench/proxy_overhead.py`` measures both in one run.
+
+    Raises:
+        ConfigError: ``uvloop`` was asked for and is not installed, or an unknown choice.
     """
+    if choice not in EVENT_LOOPS:
+        msg = f"unknown event loop {choice!r}; choose one of {', '.join(EVENT_LOOPS)}"
+        raise ConfigError(msg)
+    if choice == "asyncio":
+        return "asyncio", None
     try:
         import uvloop  # noqa: PLC0415 - optional, and only wanted when serving
     except ImportError:
-        return None
+        if choice == "uvloop":
+            msg = "uvloop is not installed: pip install 'llama-proc[fast]', or --event-loop asyncio"
+            raise ConfigError(msg) from None
+        return "asyncio", None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    return "uvloop", factory
 
 
 async def run_proxy(

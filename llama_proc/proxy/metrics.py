@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOAD_BUCKETS",
+    "OVERHEAD_BUCKETS",
     "REQUEST_BUCKETS",
     "PoolMetrics",
     "PoolView",
@@ -40,6 +41,9 @@ __all__ = [
 REQUEST_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                           5.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # fmt: skip
 """Histogram buckets (seconds) for request-sized durations: queue wait, first token, requests."""
+OVERHEAD_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005,
+                            0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # fmt: skip
+"""Histogram buckets (seconds) for the proxy's own time per request: sub-millisecond first."""
 LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Histogram buckets (seconds) for server load times."""
 _SAMPLE_RE: Final = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(.+)$")
@@ -280,6 +284,14 @@ class ProxyMetrics:
             ("model",),
             REQUEST_BUCKETS,
         )
+        self.overhead = _histogram(
+            "llama_proc_proxy_overhead_seconds",
+            "Time a forwarded request spent in the proxy itself up to its first response byte: "
+            "routing, checks, forwarding and event-loop waits, with the waits for the client's "
+            "body, a model download, the pool and llama-server left out; by model.",
+            ("model",),
+            OVERHEAD_BUCKETS,
+        )
         self.in_flight = _gauge(
             "llama_proc_proxy_requests_in_flight", "Requests being served right now."
         )
@@ -302,6 +314,7 @@ class ProxyMetrics:
             self.duration,
             self.first_byte,
             self.ttft,
+            self.overhead,
             self.in_flight,
             self.upstream_errors,
             self.disconnects,

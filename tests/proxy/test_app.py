@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ import aiohttp
 import pytest
 from proxy_fakes import FakeFactory, UpstreamBehaviour
 
-from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+from llama_proc.errors import ConfigError
+from llama_proc.proxy.app import ProxyOptions, create_app, event_loop_factory, run_proxy
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import ServerPool
 
@@ -442,3 +444,13 @@ def test_graceful_shutdown_drains_then_stops_servers() -> None:
                     pass
 
     run(main())
+
+
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert event_loop_factory("asyncio") == ("asyncio", None)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    assert event_loop_factory("auto") == ("asyncio", None)
+    with pytest.raises(ConfigError, match=r"llama-proc\[fast\]"):
+        event_loop_factory("uvloop")
+    with pytest.raises(ConfigError, match="choose one of auto, asyncio, uvloop"):
+        event_loop_factory("trio")

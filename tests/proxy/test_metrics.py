@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from proxy_fakes import FakeFactory, serve_pool
+from proxy_fakes import FakeFactory, UpstreamBehaviour, serve_pool
 
 from llama_proc.proxy.metrics import PoolMetrics, ProxyMetrics, render
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
@@ -105,3 +105,32 @@ def test_servers_json_shows_queue_and_restarts() -> None:
     info = asyncio.run(main())
     assert info["restarts"] == 1
     assert info["queued_requests"] == 0
+
+
+def test_overhead_leaves_out_the_pool_and_the_server() -> None:
+    """The proxy's own time excludes the load and llama-server's think time, and only that."""
+
+    async def main() -> str:
+        # Slow at everything the proxy waits for: a 0.4 s start, 0.3 s before the first byte,
+        # then 0.05 s per token.
+        factory = FakeFactory(
+            UpstreamBehaviour(first_delay=0.3, token_delay=0.05, tokens=4), start_delay=0.4
+        )
+        pool = ServerPool(factory, max_servers=1)
+        async with serve_pool(MODELS, pool) as s:
+            for body in (CHAT, {**CHAT, "stream": True}):
+                async with s.post("/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+            async with s.get("/metrics") as r:
+                return await r.text()
+
+    got = samples(asyncio.run(asyncio.wait_for(main(), 60)))
+    model = (("model", "a"),)
+    endpoint = (("endpoint", "/v1/chat/completions"),)
+    assert got["llama_proc_proxy_overhead_seconds_count", model] == 2
+    own = got["llama_proc_proxy_overhead_seconds_sum", model]
+    total = got["llama_proc_proxy_request_duration_seconds_sum", endpoint]
+    # 0.4 + 2 x 0.3 + 0.2 + 0.05 of waiting happened; none of it is the proxy's own time.
+    assert total > 1.2
+    assert 0 < own < 0.15, own

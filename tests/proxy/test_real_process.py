@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @contextlib.contextmanager
 def serve(
     tmp_path: Path, server_bin: Path, model: Path, *extra: str
-) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
-    """Run ``python -m llama_proc serve``; yields (process, base URL, its log file)."""
+) -> Iterator[tuple[subprocess.Popen[str], str, Path, str]]:
+    """Run ``python -m llama_proc serve``; yields (process, base URL, its log file, ready line)."""
     config = tmp_path / "models.toml"
     config.write_text(
         "[models.smol]\n"
@@ -60,7 +60,7 @@ def serve(
             proc.kill()
             proc.wait(10)
             pytest.fail(f"serve did not start: {line!r}\n{log.read_text()}")
-        yield proc, match.group(1), log
+        yield proc, match.group(1), log, line
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -94,7 +94,7 @@ def server_pid(base: str) -> int:
 def test_owner_killed_leaves_no_child(
     tmp_path: Path, llama_server_bin: Path, smol_model: Path
 ) -> None:
-    with serve(tmp_path, llama_server_bin, smol_model) as (proc, base, _):
+    with serve(tmp_path, llama_server_bin, smol_model) as (proc, base, _, _):
         assert chat(base)["choices"]
         pid = server_pid(base)
         assert pid_alive(pid)
@@ -110,6 +110,7 @@ def test_sigterm_drains_running_stream_then_stops_children(
         proc,
         base,
         log,
+        _,
     ):
         assert chat(base)["choices"]
         pid = server_pid(base)
@@ -135,3 +136,35 @@ def test_sigterm_drains_running_stream_then_stops_children(
         assert proc.wait(30) == 0
         assert wait_until(lambda: not pid_alive(pid), 5)
         assert "llama-proc serve: stopped" in log.read_text()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_and_times_its_own_work(
+    tmp_path: Path, llama_server_bin: Path, smol_model: Path, loop: str
+) -> None:
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")  # a test dependency everywhere but Windows
+    with serve(tmp_path, llama_server_bin, smol_model, "--event-loop", loop) as (_, base, _, line):
+        assert f"{loop} event loop" in line
+        assert chat(base)["choices"][0]["message"]["content"]
+        body = {
+            "model": "smol",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+        }
+        request = urllib.request.Request(
+            base + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            events = resp.read().decode()
+        assert events.rstrip().endswith("data: [DONE]")
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
+            metrics = resp.read().decode().splitlines()
+    count = next(m for m in metrics if m.startswith("llama_proc_proxy_overhead_seconds_count"))
+    total = next(m for m in metrics if m.startswith("llama_proc_proxy_overhead_seconds_sum"))
+    assert count.endswith(" 2"), count  # the plain answer and the stream
+    # Two requests of a few milliseconds each; the generation itself is not counted.
+    assert 0 < float(total.split()[-1]) < 0.5, total
