@@ -9,6 +9,9 @@ interleaving the two so drift and noise hit both equally:
 * time to first token: streamed chat, time until the first content chunk;
 * throughput at 1/8/32 concurrent clients: streamed chat (32 tokens each), requests/s and
   tokens/s for each path and their ratio;
+* the floor: the same 1-token completions through a bare TCP relay (a process that copies
+  bytes both ways and does nothing else, on uvloop when installed), interleaved with the other
+  two paths: what any extra process on the path costs on this machine;
 * the proxy's own time per request, read from its ``llama_proc_proxy_overhead_seconds``
   histogram (its time up to the first response byte, the waits for llama-server left out): at
   32 clients the end-to-end difference is llama-server's queue order, this is what the proxy
@@ -28,11 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import math
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from llama_proc.proxy.app import event_loop_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +164,68 @@ def overhead_between(before: dict[str, float], after: dict[str, float]) -> dict[
     return {"n": count, "mean_ms": mean * 1e3, "p50_ms": p50 * 1e3}
 
 
+class _Pipe(asyncio.Protocol):
+    """One side of a relayed connection: bytes received are written to the other side."""
+
+    def __init__(self, peer: _Pipe | None = None) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.pending.append(data)  # the other side is still connecting
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+async def relay(target: str) -> None:
+    """Serve a bare TCP relay to ``target`` (host:port); print the port, run until killed."""
+    host, port = target.rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+
+    def accepted() -> _Pipe:
+        # Bytes from the client wait in ``client.pending`` until the upstream is connected.
+        client = _Pipe()
+        upstream = _Pipe(client)
+        client.peer = upstream
+
+        async def connect() -> None:
+            await loop.create_connection(lambda: upstream, host, int(port))
+            assert upstream.transport is not None
+            for data in client.pending:
+                upstream.transport.write(data)
+            client.pending.clear()
+
+        loop.create_task(connect())  # noqa: RUF006 - lives as long as the process
+        return client
+
+    server = await loop.create_server(accepted, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+
+def start_relay(direct: str) -> tuple[subprocess.Popen[str], str]:
+    """A bare relay process in front of ``direct``; (process, its URL)."""
+    target = direct.split("//", 1)[1]
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--relay-to", target], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}"
+
+
 async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
     """One proxy's raw samples: latencies, TTFTs, throughput runs and its own time per level."""
     connector = aiohttp.TCPConnector(limit=0)
@@ -165,25 +234,32 @@ async def bench(proxy: str, args: argparse.Namespace) -> dict[str, Any]:
         await one_completion(session, proxy)
         async with session.get(proxy + "/servers") as r:
             direct = (await r.json())["data"][0]["url"]
-        for _ in range(20):
-            await one_completion(session, direct)
-            await one_completion(session, proxy)
-        lat_d: list[float] = []
-        lat_p: list[float] = []
-        diffs: list[float] = []
-        own_before = await overhead(session, proxy)
-        for i in range(args.latency_n):
-            if i % 2:
-                p = await one_completion(session, proxy)
-                d = await one_completion(session, direct)
-            else:
-                d = await one_completion(session, direct)
-                p = await one_completion(session, proxy)
-            lat_d.append(d)
-            lat_p.append(p)
-            diffs.append(p - d)
+        relay_proc, relayed = start_relay(direct)
+        try:
+            paths = {"direct": direct, "relay": relayed, "proxy": proxy}
+            for _ in range(20):
+                for url in paths.values():
+                    await one_completion(session, url)
+            lat: dict[str, list[float]] = {name: [] for name in paths}
+            own_before = await overhead(session, proxy)
+            # Every order of the three paths in turn, so none always follows another.
+            orders = list(itertools.permutations(paths))
+            for i in range(args.latency_n):
+                for one in orders[i % len(orders)]:
+                    lat[one].append(await one_completion(session, paths[one]))
+        finally:
+            relay_proc.kill()
+            relay_proc.wait()
         results: dict[str, Any] = {
-            "latency": (lat_d, lat_p, diffs),
+            "latency": (
+                lat["direct"],
+                lat["proxy"],
+                [p - d for p, d in zip(lat["proxy"], lat["direct"], strict=True)],
+            ),
+            "relay": (
+                lat["relay"],
+                [r - d for r, d in zip(lat["relay"], lat["direct"], strict=True)],
+            ),
             "latency_own": overhead_between(own_before, await overhead(session, proxy)),
         }
 
@@ -244,6 +320,12 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "own": _own([r["latency_own"] for r in rounds]),
         }
     }
+    relayed = [x for r in rounds for x in r["relay"][0]]
+    out["latency_ms"]["relay_p50"] = pct(relayed, 50) * 1e3
+    out["latency_ms"]["relay_added_p50"] = (pct(relayed, 50) - pct(lat_d, 50)) * 1e3
+    out["latency_ms"]["relay_paired_diff_median"] = (
+        statistics.median(x for r in rounds for x in r["relay"][1]) * 1e3
+    )
     ttft_d = [x for r in rounds for x in r["ttft"][0]]
     ttft_p = [x for r in rounds for x in r["ttft"][1]]
     out["ttft_ms"] = {
@@ -316,6 +398,12 @@ def report(results: dict[str, Any]) -> None:
         f"    p99 direct {lat['direct_p99']:.3f} ms  proxy {lat['proxy_p99']:.3f} ms  "
         f"added {lat['added_p99']:+.3f} ms"
     )
+    print(
+        f"    floor (a bare TCP relay): p50 {lat['relay_p50']:.3f} ms  added "
+        f"{lat['relay_added_p50']:+.3f} ms  (median paired diff "
+        f"{lat['relay_paired_diff_median']:+.3f}); the proxy over the relay: "
+        f"{lat['proxy_p50'] - lat['relay_p50']:+.3f} ms"
+    )
     print(f"    proxy's own time: p50 {own['p50_ms']:.3f} ms  mean {own['mean_ms']:.3f} ms")
     ttft = results["ttft_ms"]
     print(f"  time to first token (streamed chat, n={ttft['n']} each):")
@@ -372,7 +460,13 @@ def main() -> int:
         "--loop-rounds", type=int, default=2, help="proxies started per loop, alternating loops"
     )
     parser.add_argument("--proxy-url", help="benchmark an already running proxy instead")
+    parser.add_argument("--relay-to", help=argparse.SUPPRESS)  # the relay process's own mode
     args = parser.parse_args()
+    if args.relay_to:
+        _, factory = event_loop_factory()
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(relay(args.relay_to))
+        return 0
     if args.proxy_url:
         report(summarize([asyncio.run(bench(args.proxy_url.rstrip("/"), args))]))
         return 0
