@@ -47,6 +47,7 @@ from llama_proc.provision.sources import obtain_source, tree_fingerprint
 from llama_proc.provision.toolchain import (
     choose_cuda_toolkit,
     compiler_info,
+    cuda_toolkit_dirs,
     find_toolchain,
     version_text,
 )
@@ -188,11 +189,22 @@ def cuda_toolchain(
 def _toolkit_lib_dirs(tools: Toolchain) -> list[Path]:
     if tools.cuda_root:
         root = Path(tools.cuda_root)
-    elif tools.nvcc:
-        root = Path(tools.nvcc).resolve().parent.parent
-    else:
-        return []
-    return [root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))]
+        return [root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))]
+    if tools.nvcc:
+        return cuda_toolkit_dirs(tools.nvcc)[1]
+    return []
+
+
+def driver_stub_dir(lib_dirs: Iterable[Path]) -> str | None:
+    """The folder holding a ``libcuda.so.1`` stand-in (``<lib>/stubs``), if the toolkit has one.
+
+    The package-index toolkit has one (see :mod:`~llama_proc.provision.cuda_wheels`); a system
+    toolkit's ``stubs`` folder holds only ``libcuda.so``, which the loader never asks for.
+    """
+    for folder in lib_dirs:
+        if (folder / "stubs" / "libcuda.so.1").is_file():
+            return str(folder / "stubs")
+    return None
 
 
 def bundle_cuda_runtime(staging: Path, lib_dirs: Iterable[Path]) -> list[str]:
@@ -269,6 +281,7 @@ def build_into(
             "toolkit": cuda_toolkit.as_dict() if cuda_toolkit is not None else None,
             "toolkit_root": tools.cuda_root,
             "libraries": bundled,
+            "driver_stub": driver_stub_dir(_toolkit_lib_dirs(tools)),
         }
     return {
         "variant_id": plan.variant_id,

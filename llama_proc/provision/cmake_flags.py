@@ -34,6 +34,7 @@ __all__ = [
     "is_cuda_build",
     "resolve_cuda_arch",
     "resolve_targets",
+    "toolkit_link_flags",
     "validate_cmake_args",
 ]
 
@@ -164,7 +165,8 @@ def compose_cmake_flags(
     flags (``$ORIGIN`` / ``@loader_path``; none on Windows, where DLLs load from the exe's
     folder), the build number and commit (so ``llama-server --version`` is truthful), the CUDA
     architectures, compiler and toolkit root (``CUDAToolkit_ROOT``: the wheel toolkit, which
-    ``FindCUDAToolkit`` would not look for), the compiler launcher (ccache), the make program
+    ``FindCUDAToolkit`` would not look for, with its :func:`toolkit_link_flags`), the compiler
+    launcher (ccache), the make program
     (Ninja's full
     path, so the ``ninja`` package of a venv that is not activated works), then the user's own
     arguments. The manifest's flags turn ``LLAMA_USE_PREBUILT_UI`` off: llama.cpp otherwise
@@ -185,6 +187,7 @@ def compose_cmake_flags(
         flags.append(f"-DCMAKE_CUDA_COMPILER={cuda_compiler}")
     if is_cuda and cuda_toolkit_root:
         flags.append(f"-DCUDAToolkit_ROOT={cuda_toolkit_root}")
+        flags += toolkit_link_flags(cuda_toolkit_root, os_name)
     if launcher:
         languages = ("C", "CXX", "CUDA") if is_cuda else ("C", "CXX")
         flags += [f"-DCMAKE_{lang}_COMPILER_LAUNCHER={launcher}" for lang in languages]
@@ -192,6 +195,23 @@ def compose_cmake_flags(
         flags.append(f"-DCMAKE_MAKE_PROGRAM={make_program}")
     flags += list(cmake_args)
     return flags
+
+
+def toolkit_link_flags(root: str, os_name: str) -> list[str]:
+    """Linker flags for a CUDA toolkit outside the loader's search path (the wheel toolkit).
+
+    Linking ``llama-server`` against ``libggml-cuda.so`` makes the linker resolve that
+    library's own dependencies (``libcublas.so.13``, ``libcuda.so.1``...) by soname, which it
+    finds on the default paths only for a system toolkit and an installed driver. ``-rpath-link``
+    points it at the toolkit's libraries and the driver stub; nothing of it is recorded in the
+    binaries, which find the bundled runtime through ``$ORIGIN`` and the real driver at run
+    time. Not needed elsewhere: Windows links import libraries, and there is no CUDA on macOS.
+    """
+    if os_name != "linux":
+        return []
+    lib = Path(root) / "lib64"
+    link = f"-Wl,-rpath-link,{lib}:{lib / 'stubs'}"
+    return [f"-DCMAKE_EXE_LINKER_FLAGS={link}", f"-DCMAKE_SHARED_LINKER_FLAGS={link}"]
 
 
 def is_cuda_build(variant: Variant, flags: Sequence[str]) -> bool:

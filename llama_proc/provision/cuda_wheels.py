@@ -11,7 +11,7 @@ accepts::
     cache_dir/toolkits/cuda-13.0-x86_64-<hash>/
         bin/nvcc, bin/ptxas, ...    nvvm/bin/cicc, nvvm/libdevice/
         include/ (+ include/cccl/)  lib64/ (libcudart.so -> libcudart.so.13, ...), lib -> lib64
-        lib64/stubs/libcuda.so      a link-time stand-in for the driver library
+        lib64/stubs/libcuda.so      a link-time stand-in for the driver library (+ libcuda.so.1)
         llama-proc-toolkit.json     what was laid out (written last: the folder is complete)
 
 The wheels carry no ``libcuda`` (the driver's library, which ggml-cuda links for its virtual
@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 TOOLKITS_DIR: Final = "toolkits"
 """Folder under the cache root holding the toolkits laid out from wheels."""
 TOOLKIT_MARKER: Final = "llama-proc-toolkit.json"
+LAYOUT_VERSION: Final = 2
+"""Version of the layout written here; a toolkit laid out by an older llama-proc is redone.
+2: ``lib64/stubs/libcuda.so.1``, the name the linker looks for through ``-rpath-link``."""
 """Written last into a laid-out toolkit: what it holds; its presence means complete."""
 CUDA_RUNTIME_LIBRARIES: Final = ("libcudart", "libcublas", "libcublasLt")
 """The toolkit libraries llama.cpp's CUDA backend links (copied beside the built binaries)."""
@@ -96,6 +99,8 @@ def read_toolkit_marker(root: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not (root / "bin" / "nvcc").is_file():
+        return None
+    if data.get("layout") != LAYOUT_VERSION:
         return None
     return data
 
@@ -140,6 +145,7 @@ def ensure_cuda_toolkit(
         _build_driver_stub(staging)
         _check_nvcc(staging, spec)
         marker = {
+            "layout": LAYOUT_VERSION,
             "cuda": spec.cuda,
             "os": spec.os,
             "arch": spec.arch,
@@ -247,6 +253,9 @@ def _build_driver_stub(root: Path) -> None:
         )
         raise ProvisionError(msg)
     c_file.unlink()
+    # The soname, for the linker: linking an executable against libggml-cuda resolves that
+    # library's own dependencies by soname, through -rpath-link (see cmake_flags).
+    (stubs / "libcuda.so.1").symlink_to("libcuda.so")
 
 
 def _c_compiler() -> str:

@@ -97,6 +97,7 @@ def _record(
     os_name: str,
     version_output: str | None,
     skipped: str,
+    checked: str = "ok",
 ) -> dict[str, Any]:
     missing = [k for k in ("variant_id", "build", "source") if not metadata.get(k)]
     if missing:
@@ -122,8 +123,33 @@ def _record(
     else:
         record.update(parse_version_output(version_output))
         record["version_output"] = version_output.strip()[-_OUTPUT_LIMIT:]
-        record["smoke_check"] = "ok"
+        record["smoke_check"] = checked
     return record
+
+
+_NO_DRIVER: Final = "libcuda.so.1"
+
+
+def _version_check(server: Path, metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """``--version`` of a new install: (its output, what ``install.json`` says of the check).
+
+    A CUDA build made where there is no NVIDIA driver (for other machines) cannot load
+    ``libcuda.so.1``; when its toolkit has a driver stub, the check runs against the stub, which
+    still proves that every other library resolves and the binary starts.
+    """
+    try:
+        return smoke_check(server), "ok"
+    except ProvisionError as err:
+        runtime = metadata.get("cuda_runtime")
+        stub = runtime.get("driver_stub") if isinstance(runtime, dict) else None
+        if not isinstance(stub, str) or _NO_DRIVER not in str(err):
+            raise
+    logger.info("no NVIDIA driver here: checking %s against the libcuda stub in %s", server, stub)
+    output = smoke_check(server, library_path=stub)
+    return output, (
+        f"ok against the libcuda stub in {stub}: this host has no NVIDIA driver, so the CUDA "
+        "backend could not start here"
+    )
 
 
 def install_atomically(
@@ -204,7 +230,7 @@ def install_once(
         found = find_binaries(staging, binaries, os_name)
         server = next(p for k, p in found.items() if "llama-server" in alternatives(k))
         runnable = os_name == host_os()
-        output = smoke_check(server) if runnable and run_here else None
+        output, checked = _version_check(server, metadata) if runnable and run_here else (None, "")
         # A GPU build that cannot see the GPU still passes --version, then serves on the CPU.
         devices = None
         if output is not None and require_device is not None:
@@ -214,7 +240,7 @@ def install_once(
             if not runnable
             else "not run here (installed for another machine)"
         )
-        record = _record(metadata, staging, found, os_name, output, skipped)
+        record = _record(metadata, staging, found, os_name, output, skipped, checked)
         if devices is not None:
             record["devices"] = [d.to_dict() for d in devices]
         (staging / INSTALL_JSON).write_text(

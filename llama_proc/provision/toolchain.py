@@ -39,6 +39,7 @@ __all__ = [
     "ToolkitChoice",
     "choose_cuda_toolkit",
     "compiler_info",
+    "cuda_toolkit_dirs",
     "find_tool",
     "find_toolchain",
     "version_text",
@@ -186,6 +187,49 @@ def _find_nvcc(env: Mapping[str, str]) -> str | None:
     return find_tool("nvcc", env=env, extra_dirs=[*homes, *CUDA_DEFAULT_DIRS])
 
 
+_NVCC_DIRS_RE: Final = re.compile(r'^#\$ (INCLUDES|LIBRARIES)=(.*)$', re.MULTILINE)
+
+
+def cuda_toolkit_dirs(nvcc: str) -> tuple[list[Path], list[Path]]:
+    """The (include, library) folders of the toolkit an ``nvcc`` belongs to.
+
+    Asked of nvcc itself (``-v --dryrun`` prints the ``INCLUDES`` and ``LIBRARIES`` it would
+    pass on), as CMake's ``FindCUDAToolkit`` does, so a wrapper script on ``PATH`` or a
+    ``targets/<triple>`` layout is followed; the folders beside ``bin/`` are added in case.
+    """
+    root = Path(nvcc).resolve().parent.parent
+    includes = [root / "include"]
+    libs = [root / "lib64", root / "lib"]
+    ran = run_with_timeout(
+        [nvcc, "-v", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+        TOOL_PROBE_TIMEOUT,
+    )
+    if ran is not None and not ran.timed_out:
+        for kind, value in _NVCC_DIRS_RE.findall(ran.output):
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                continue
+            for word in words:
+                folder = Path(word[2:])
+                if kind == "INCLUDES" and word.startswith("-I"):
+                    includes.insert(0, folder)
+                elif kind == "LIBRARIES" and word.startswith("-L") and folder.name != "stubs":
+                    libs.insert(0, folder)
+    return list(dict.fromkeys(includes)), list(dict.fromkeys(libs))
+
+
+def _missing_cublas(nvcc: str) -> str | None:
+    """What of cuBLAS (which llama.cpp's CUDA backend links) the toolkit of ``nvcc`` lacks."""
+    includes, libs = cuda_toolkit_dirs(nvcc)
+    if not any((folder / "cublas_v2.h").is_file() for folder in includes):
+        return "it has no cuBLAS headers (cublas_v2.h), which llama.cpp needs"
+    names = ("libcublas.so*", "cublas.lib", "libcublas.dylib")
+    if not any(any(folder.glob(name)) for folder in libs for name in names):
+        return "it has no cuBLAS library (libcublas), which llama.cpp needs"
+    return None
+
+
 def _find_glslc(env: Mapping[str, str]) -> str | None:
     sdk = env.get("VULKAN_SDK")
     extra = [str(Path(sdk) / "bin"), str(Path(sdk) / "Bin")] if sdk else []
@@ -285,6 +329,7 @@ def choose_cuda_toolkit(
         version = _probe_version([nvcc, "--version"])
         problem = "its version cannot be read" if version is None else None
         problem = problem or _toolkit_problem(version or (), driver, arches)
+        problem = problem or _missing_cublas(nvcc)
         if problem is None:
             fits = f"driver CUDA {version_text(driver)}" if driver else "no driver to check against"
             return ToolkitChoice(

@@ -14,6 +14,7 @@ too old, no Vulkan driver). Without it, a CUDA build whose runtime libraries are
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -78,18 +79,29 @@ def parse_version_output(text: str) -> dict[str, Any]:
     return {"version": f"version: {line}", "build_number": number, "commit": commit}
 
 
-def smoke_check(binary: Path, *, timeout: float = SMOKE_TIMEOUT) -> str:
+def smoke_check(
+    binary: Path, *, timeout: float = SMOKE_TIMEOUT, library_path: str | None = None
+) -> str:
     """Run ``binary --version`` and return its output (llama-server prints it to stderr).
 
     A failure is decoded by :func:`llama_proc.diagnosis.diagnose`, the same decoder the runtime
     uses for a server that fails to start, so both name a cause the same way.
 
+    Args:
+        binary: the llama-server to run.
+        timeout: seconds it may take.
+        library_path: a folder searched first for shared libraries (``LD_LIBRARY_PATH``; the
+            CUDA driver stub of a build made where there is no NVIDIA driver).
+
     Raises:
         ProvisionError: it did not start, failed, crashed or hung.
     """
-    ran = run_with_timeout(
-        [str(binary), "--version"], timeout, env=child_environment(), cwd=binary.parent
-    )
+    env = child_environment()
+    if library_path is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (library_path, env.get("LD_LIBRARY_PATH", "")) if p
+        )
+    ran = run_with_timeout([str(binary), "--version"], timeout, env=env, cwd=binary.parent)
     if ran is None:
         msg = (
             f"{binary} cannot run on this host: it could not be started (missing, not "

@@ -20,8 +20,8 @@ import pytest
 from llama_proc.config import Settings
 from llama_proc.errors import ManifestError, ProvisionError
 from llama_proc.provision import cuda_wheels, toolchain
-from llama_proc.provision.build import bundle_cuda_runtime, elf_needed
-from llama_proc.provision.cmake_flags import compose_cmake_flags
+from llama_proc.provision.build import bundle_cuda_runtime, driver_stub_dir, elf_needed
+from llama_proc.provision.cmake_flags import compose_cmake_flags, toolkit_link_flags
 from llama_proc.provision.cuda_wheels import (
     TOOLKIT_MARKER,
     driver_stub_source,
@@ -29,6 +29,7 @@ from llama_proc.provision.cuda_wheels import (
     lay_out_toolkit,
     toolkit_path,
 )
+from llama_proc.provision.installer import install_atomically
 from llama_proc.provision.manifest import CudaToolkitSpec, IndexFile, load_manifest, parse_manifest
 from llama_proc.provision.platform import HostInfo, normalize_arch
 from llama_proc.provision.toolchain import choose_cuda_toolkit, find_tool
@@ -61,11 +62,25 @@ def _host(cuda: str | None, *caps: str) -> HostInfo:
     )
 
 
-def _fake_nvcc(folder: Path, release: str) -> Path:
+def _fake_nvcc(folder: Path, release: str, *, cublas: bool = True) -> Path:
+    """A toolkit in the ``targets/<triple>`` layout, whose nvcc reports it as the real one does."""
     nvcc = folder / "bin" / "nvcc"
     nvcc.parent.mkdir(parents=True, exist_ok=True)
-    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    target = folder / "targets" / "x86_64-linux"
+    nvcc.write_text(
+        "#!/bin/sh\n"
+        f"echo 'Cuda compilation tools, release {release}, V{release}.1'\n"
+        'case "$*" in *--dryrun*)\n'
+        f"  echo '#$ INCLUDES=\"-I{target}/include\"  '\n"
+        f'  echo \'#$ LIBRARIES=  "-L{target}/lib/stubs" "-L{target}/lib"\' ;;\n'
+        "esac\n"
+    )
     nvcc.chmod(0o755)
+    (target / "include").mkdir(parents=True)
+    (target / "lib" / "stubs").mkdir(parents=True)
+    if cublas:
+        (target / "include" / "cublas_v2.h").write_text("/* cuBLAS */\n")
+        (target / "lib" / "libcublas.so.12").write_text("")
     return nvcc
 
 
@@ -129,6 +144,37 @@ def test_system_toolkit_is_preferred_when_it_fits(tmp_path):
     assert choice.source == "system"
     assert choice.nvcc == str(nvcc)
     assert choice.as_dict()["version"] == "12.8"
+
+
+def test_system_toolkit_without_cublas_falls_back_to_wheels(tmp_path):
+    # As a CUDA runtime image has it: nvcc and cudart, but no cuBLAS; reached through a
+    # wrapper script on PATH, which is followed by asking nvcc where its toolkit is.
+    real = _fake_nvcc(tmp_path / "cuda-13.0", "13.0", cublas=False)
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    includes, libs = toolchain.cuda_toolkit_dirs(str(wrapper))
+    target = tmp_path / "cuda-13.0" / "targets" / "x86_64-linux"
+    assert includes[0] == target / "include"
+    assert libs[0] == target / "lib"  # the stubs folder is not a runtime library folder
+    assert target / "lib" / "stubs" not in libs
+    env = {"PATH": str(wrapper.parent)}
+    choice = choose_cuda_toolkit(
+        _host("13.0", "8.6"), [_spec()], os_name="linux", arch="x86_64", env=env
+    )
+    assert choice.source == "wheels"
+    assert f"the system toolkit {wrapper} is not used: it has no cuBLAS headers" in choice.reason
+    (target / "include" / "cublas_v2.h").write_text("")
+    choice = choose_cuda_toolkit(
+        _host("13.0", "8.6"), [_spec()], os_name="linux", arch="x86_64", env=env
+    )
+    assert "it has no cuBLAS library (libcublas)" in choice.reason
+    (target / "lib" / "libcublas.so.13").write_text("")
+    choice = choose_cuda_toolkit(
+        _host("13.0", "8.6"), [_spec()], os_name="linux", arch="x86_64", env=env
+    )
+    assert choice.source == "system"
 
 
 def test_wheels_without_a_system_toolkit(no_system_cuda):
@@ -200,6 +246,15 @@ def test_wheel_toolkit_root_reaches_cmake():
     )
     assert "-DCUDAToolkit_ROOT=/tk" in flags
     assert "-DCMAKE_CUDA_COMPILER=/tk/bin/nvcc" in flags
+    # The linker resolves libggml-cuda's own dependencies by soname when it links the server.
+    link = "-Wl,-rpath-link,/tk/lib64:/tk/lib64/stubs"
+    assert f"-DCMAKE_EXE_LINKER_FLAGS={link}" in flags
+    assert f"-DCMAKE_SHARED_LINKER_FLAGS={link}" in flags
+    windows = compose_cmake_flags(
+        MANIFEST.get("windows-x86_64-cuda13"), (), os_name="windows", cuda_toolkit_root="C:/tk"
+    )
+    assert "-DCUDAToolkit_ROOT=C:/tk" in windows
+    assert not any("LINKER_FLAGS" in f for f in windows)
     cpu = compose_cmake_flags(
         MANIFEST.get("linux-x86_64-cpu"), (), os_name="linux", cuda_toolkit_root="/tk"
     )
@@ -311,9 +366,21 @@ def test_ensure_cuda_toolkit_lays_out_once_and_builds_the_driver_stub(tmp_path, 
     stub = root / "lib64" / "stubs" / "libcuda.so"
     symbols = subprocess.run(["nm", "-D", str(stub)], capture_output=True, text=True).stdout
     assert "cuMemGetInfo_v2" in symbols
+    # Under its soname too, for -rpath-link and for the install check where there is no driver.
+    assert (stub.parent / "libcuda.so.1").readlink() == Path("libcuda.so")
     assert not (root / ".wheels").exists()
     assert ensure_cuda_toolkit(spec, settings) == root
     assert fetched == ["nvcc.whl", "rt.whl"]  # the second call was a cache hit
+
+    # A toolkit laid out by an older llama-proc (no layout version) is laid out again.
+    marker = root / TOOLKIT_MARKER
+    old = json.loads(marker.read_text())
+    del old["layout"]
+    marker.write_text(json.dumps(old))
+    (stub.parent / "libcuda.so.1").unlink()
+    assert ensure_cuda_toolkit(spec, settings) == root
+    assert fetched == ["nvcc.whl", "rt.whl"] * 2
+    assert (stub.parent / "libcuda.so.1").exists()
 
 
 @needs_cc
@@ -368,20 +435,102 @@ def test_bundle_copies_the_linked_cuda_libraries_and_what_they_link(tmp_path):
     assert bundle_cuda_runtime(staging, [lib]) == []  # already there
 
 
+STUB_SERVER_C = """#include <stdio.h>
+int cuInit(unsigned int flags);
+int main(int argc, char **argv) {
+    fprintf(stderr, "version: 11434 (abc1234)\\nbuilt with cc for Linux\\n");
+    return argc > 5 ? cuInit(0) : 0;
+}
+"""
+
+
+def _driverless_build(tmp_path: Path) -> tuple[Path, Path]:
+    """(a staged CUDA build that links libcuda.so.1, the toolkit's stub folder), made with cc."""
+    assert CC is not None
+    stubs = tmp_path / "tk" / "lib64" / "stubs"
+    stubs.mkdir(parents=True)
+    stub_c = stubs / "stub.c"
+    stub_c.write_text("int cuInit(unsigned int flags) { return 34; }\n")
+    subprocess.run(
+        [CC, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stubs / "libcuda.so"),
+         str(stub_c)],
+        check=True,
+    )  # fmt: skip
+    (stubs / "libcuda.so.1").symlink_to("libcuda.so")
+    built = tmp_path / "built"
+    built.mkdir()
+    main_c = built / "server.c"
+    main_c.write_text(STUB_SERVER_C)
+    subprocess.run(
+        [CC, "-o", str(built / "llama-server"), str(main_c), f"-L{stubs}", "-l:libcuda.so.1"],
+        check=True,
+    )
+    main_c.unlink()
+    return built, stubs
+
+
+@needs_cc
+@pytest.mark.skipif(Path("/proc/driver/nvidia").exists(), reason="needs a host without a driver")
+def test_build_for_other_machines_is_checked_against_the_driver_stub(tmp_path):
+    built, stubs = _driverless_build(tmp_path)
+    settings = Settings.from_env({"LLAMA_PROC_CACHE_DIR": str(tmp_path / "cache")})
+    stub = driver_stub_dir([stubs.parent, tmp_path / "missing"])
+    assert stub == str(stubs)
+    assert driver_stub_dir([tmp_path / "missing"]) is None
+
+    def populate(staging: Path, stub: str | None) -> dict[str, object]:
+        shutil.copy2(built / "llama-server", staging / "llama-server")
+        return {
+            "variant_id": "linux-x86_64-cuda13",
+            "build": "b11434",
+            "source": "built",
+            "cuda_runtime": {"driver_stub": stub},
+        }
+
+    def install(target: Path, stub: str | None) -> Path:
+        return install_atomically(
+            target,
+            lambda staging: populate(staging, stub),
+            settings=settings,
+            binaries=("llama-server",),
+            os_name="linux",
+        ).path
+
+    # Without a stub the missing driver library fails the check, and nothing is installed.
+    with pytest.raises(ProvisionError, match=r"libcuda\.so\.1"):
+        install(tmp_path / "cache" / "no-stub", None)
+    assert not (tmp_path / "cache" / "no-stub").exists()
+
+    path = install(tmp_path / "cache" / "with-stub", stub)
+    record = json.loads((path / "install.json").read_text())
+    assert record["smoke_check"].startswith(f"ok against the libcuda stub in {stubs}")
+    assert record["build_number"] == 11434
+    # The stub was only for the check: the installed binary still cannot load here.
+    ran = subprocess.run([str(path / "llama-server")], capture_output=True, text=True)
+    assert ran.returncode != 0
+    assert "libcuda.so.1" in ran.stderr
+
+
 # ---------------------------------------------------------------- real wheels (opt-in, ~0.5 GB)
 
+# llama.cpp's shape: the server links a shared library (ggml-cuda) that links the CUDA libraries.
 CMAKE_PROJECT = """cmake_minimum_required(VERSION 3.18)
 project(wheeltk LANGUAGES CXX CUDA)
 find_package(CUDAToolkit REQUIRED)
 message(STATUS "wheel toolkit ${CUDAToolkit_VERSION} at ${CUDAToolkit_BIN_DIR}")
-add_executable(probe probe.cu)
-target_link_libraries(probe PRIVATE CUDA::cudart CUDA::cublas CUDA::cuda_driver)
+add_library(gpu SHARED probe.cu)
+target_link_libraries(gpu PRIVATE CUDA::cudart CUDA::cublas CUDA::cuda_driver)
+add_executable(probe main.cpp)
+target_link_libraries(probe PRIVATE gpu)
+"""
+MAIN_CPP = """int probe_main();
+int main() { return probe_main(); }
 """
 PROBE_CU = """#include <cstdio>
 #include <cuda.h>
 #include <cublas_v2.h>
 __global__ void twice(float *x) { x[threadIdx.x] *= 2.0f; }
-int main() {
+int probe_main() {
     int version = 0;
     cuDriverGetVersion(&version);
     float *d = nullptr;
@@ -409,6 +558,7 @@ def test_real_wheel_toolkit_compiles_and_links_a_cuda_project(real_settings, tmp
     project.mkdir()
     (project / "CMakeLists.txt").write_text(CMAKE_PROJECT)
     (project / "probe.cu").write_text(PROBE_CU)
+    (project / "main.cpp").write_text(MAIN_CPP)
     build = tmp_path / "build"
     configure = subprocess.run(
         [
@@ -416,6 +566,7 @@ def test_real_wheel_toolkit_compiles_and_links_a_cuda_project(real_settings, tmp
             f"-DCMAKE_CUDA_COMPILER={root / 'bin' / 'nvcc'}",
             f"-DCUDAToolkit_ROOT={root}",
             "-DCMAKE_CUDA_ARCHITECTURES=86",
+            *toolkit_link_flags(str(root), "linux"),
         ],
         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -430,10 +581,12 @@ def test_real_wheel_toolkit_compiles_and_links_a_cuda_project(real_settings, tmp
     )
     assert built.returncode == 0, built.stdout + built.stderr
     probe = build / "probe"
-    needed = elf_needed(probe)
+    assert "libgpu.so" in elf_needed(probe)
+    needed = elf_needed(build / "libgpu.so")
     assert {"libcudart.so.13", "libcublas.so.13", "libcuda.so.1"} <= set(needed)
     out = tmp_path / "install"
     out.mkdir()
     shutil.copy2(probe, out / "probe")
+    shutil.copy2(build / "libgpu.so", out / "libgpu.so")
     added = bundle_cuda_runtime(out, [root / "lib64"])
     assert sorted(added) == ["libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13"]
