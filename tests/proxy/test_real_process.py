@@ -143,7 +143,7 @@ def test_each_event_loop_serves_and_times_its_own_work(
     tmp_path: Path, llama_server_bin: Path, smol_model: Path, loop: str
 ) -> None:
     if loop == "uvloop":
-        pytest.importorskip("uvloop")  # a test dependency everywhere but Windows
+        pytest.importorskip("uvloop")  # a dependency everywhere but Windows
     with serve(tmp_path, llama_server_bin, smol_model, "--event-loop", loop) as (_, base, _, line):
         assert f"{loop} event loop" in line
         assert chat(base)["choices"][0]["message"]["content"]
