@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_fakes import FakeFactory, UpstreamBehaviour, serve_pool
@@ -12,6 +12,9 @@ from proxy_fakes import FakeFactory, UpstreamBehaviour, serve_pool
 from llama_proc.proxy.metrics import PoolMetrics, ProxyMetrics, render
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import ServerPool
+
+if TYPE_CHECKING:
+    import aiohttp
 
 A = ModelSpec(id="a", path=Path("/m/a.gguf"))
 MODELS = ModelsConfig({"a": A})
@@ -26,15 +29,20 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+async def plain_and_stream(session: aiohttp.ClientSession) -> None:
+    """One plain and one streamed chat request, each read to the end."""
+    for body in (CHAT, {**CHAT, "stream": True}):
+        async with session.post("/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.read()
+
+
 def test_metrics_are_valid_prometheus_text_with_per_model_series() -> None:
     async def main() -> str:
         factory = FakeFactory()
         pool = ServerPool(factory, max_servers=1)
         async with serve_pool(MODELS, pool) as s:
-            for body in (CHAT, {**CHAT, "stream": True}):
-                async with s.post("/v1/chat/completions", json=body) as r:
-                    assert r.status == 200
-                    await r.read()
+            await plain_and_stream(s)
             factory.servers[0].crash()
             async with s.post("/v1/chat/completions", json=CHAT) as r:
                 assert r.status == 200
@@ -118,10 +126,7 @@ def test_overhead_leaves_out_the_pool_and_the_server() -> None:
         )
         pool = ServerPool(factory, max_servers=1)
         async with serve_pool(MODELS, pool) as s:
-            for body in (CHAT, {**CHAT, "stream": True}):
-                async with s.post("/v1/chat/completions", json=body) as r:
-                    assert r.status == 200
-                    await r.read()
+            await plain_and_stream(s)
             async with s.get("/metrics") as r:
                 return await r.text()
 

@@ -69,11 +69,13 @@ def serve(
             proc.stdout.close()
 
 
-def chat(base: str, max_tokens: int = 2) -> dict[str, Any]:
+def post_chat(base: str, max_tokens: int = 2, *, stream: bool = False) -> bytes:
+    """The raw response body of one chat request ("hi") to the proxy at ``base``."""
     body = {
         "model": "smol",
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": max_tokens,
+        "stream": stream,
     }
     request = urllib.request.Request(
         base + "/v1/chat/completions",
@@ -81,7 +83,12 @@ def chat(base: str, max_tokens: int = 2) -> dict[str, Any]:
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as resp:
-        reply: dict[str, Any] = json.loads(resp.read())
+        data: bytes = resp.read()
+    return data
+
+
+def chat(base: str, max_tokens: int = 2) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(post_chat(base, max_tokens))
     return reply
 
 
@@ -147,19 +154,7 @@ def test_each_event_loop_serves_and_times_its_own_work(
     with serve(tmp_path, llama_server_bin, smol_model, "--event-loop", loop) as (_, base, _, line):
         assert f"{loop} event loop" in line
         assert chat(base)["choices"][0]["message"]["content"]
-        body = {
-            "model": "smol",
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4,
-            "stream": True,
-        }
-        request = urllib.request.Request(
-            base + "/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as resp:
-            events = resp.read().decode()
+        events = post_chat(base, 4, stream=True).decode()
         assert events.rstrip().endswith("data: [DONE]")
         with urllib.request.urlopen(base + "/metrics", timeout=30) as resp:
             metrics = resp.read().decode().splitlines()
