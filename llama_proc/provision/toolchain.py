@@ -187,7 +187,7 @@ def _find_nvcc(env: Mapping[str, str]) -> str | None:
     return find_tool("nvcc", env=env, extra_dirs=[*homes, *CUDA_DEFAULT_DIRS])
 
 
-_NVCC_DIRS_RE: Final = re.compile(r'^#\$ (INCLUDES|LIBRARIES)=(.*)$', re.MULTILINE)
+_NVCC_DIRS_RE: Final = re.compile(r"^#\$ (INCLUDES|LIBRARIES)=(.*)$", re.MULTILINE)
 
 
 def cuda_toolkit_dirs(nvcc: str) -> tuple[list[Path], list[Path]]:
