@@ -162,6 +162,16 @@ _LOAD_RULES: Final[tuple[_Rule, ...]] = (
     ),
     (
         "missing_library",
+        re.compile(
+            r"error while loading shared libraries: (?P<detail>libcuda\.so\.1|libnvidia-[\w.-]+)"
+        ),
+        (
+            "the NVIDIA driver is not installed ({detail} comes with it): this CUDA build runs "
+            "only where there is an NVIDIA GPU and its driver; use --variant cpu (or auto) here"
+        ),
+    ),
+    (
+        "missing_library",
         re.compile(r"(?:error while loading shared libraries|Library not loaded): (?P<detail>.+)"),
         "missing shared library: {detail}; the install is incomplete or needs a GPU runtime",
     ),

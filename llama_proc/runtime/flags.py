@@ -252,6 +252,10 @@ def _run_help(path: Path, env: Mapping[str, str] | None) -> BinaryFlags | None:
         why = "it could not be started" if ran is None else f"it hung for {HELP_TIMEOUT:g}s"
         logger.warning("could not run %s --help (%s); passing options without checking", path, why)
         return None
+    if ran.returncode != 0:
+        # It does not run (a missing library, a crash): starting it reports the cause.
+        logger.debug("%s --help exited with %s; options are not checked", path, ran.returncode)
+        return None
     flags = parse_help(ran.output, str(path))
     if "--port" not in flags or "--host" not in flags:
         logger.warning(

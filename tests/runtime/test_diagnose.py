@@ -60,6 +60,12 @@ MISSING_LIB = [
         "object file: No such file or directory"
     )
 ]
+NO_DRIVER = [
+    (
+        "/opt/llama-server: error while loading shared libraries: libcuda.so.1: cannot open shared "
+        "object file: No such file or directory"
+    )
+]
 
 
 @pytest.mark.parametrize(
@@ -72,6 +78,7 @@ MISSING_LIB = [
         pytest.param(PORT_IN_USE, 1, "port_in_use", "port: 49901", id="port"),
         pytest.param(OOM, 1, "out_of_memory", "failed to allocate", id="oom"),
         pytest.param(MISSING_LIB, 127, "missing_library", "libcudart.so.12", id="lib"),
+        pytest.param(NO_DRIVER, 127, "missing_library", "NVIDIA driver is not installed", id="drv"),
         pytest.param([], -signal.SIGILL, "illegal_instruction", "CPU features", id="sigill"),
         pytest.param([], -signal.SIGKILL, "killed", "SIGKILL", id="sigkill"),
         pytest.param([], -signal.SIGSEGV, "crashed", "SIGSEGV", id="segv"),

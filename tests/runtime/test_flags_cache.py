@@ -113,3 +113,22 @@ def test_settings_default_to_the_environment(tmp_path: Path) -> None:
     probe_flags(binary)
     cache = Settings.from_env().cache_dir
     assert list((cache / FLAGS_CACHE_FOLDER).glob("*.json"))
+
+
+def test_a_binary_that_cannot_load_is_not_probed_into_a_warning(
+    tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As a CUDA build on a host without the driver: the loader fails before main().
+    script = tmp_path / "llama-server"
+    script.write_text(
+        "#!/bin/sh\necho 'llama-server: error while loading shared libraries: libcuda.so.1: "
+        "cannot open shared object file' >&2\nexit 127\n"
+    )
+    script.chmod(0o755)
+    clear_flags_cache()
+    with caplog.at_level("DEBUG", logger="llama_proc"):
+        assert probe_flags(script, settings=settings) is None
+    # Starting it reports the real cause; the probe adds no misleading warning of its own.
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "exited with 127" in caplog.text
+    assert not list((settings.cache_dir / FLAGS_CACHE_FOLDER).glob("*.json"))
