@@ -401,12 +401,19 @@ def test_smoke_check_reports_illegal_instruction(tmp_path):
         smoke_check(binary)
 
 
-def test_smoke_check_reports_missing_library(tmp_path):
+@pytest.mark.parametrize(
+    ("library", "said"),
+    [
+        ("libcublas.so.13", "missing shared library: libcublas.so.13"),
+        ("libcuda.so.1", "the NVIDIA driver is not installed"),
+    ],
+)
+def test_smoke_check_reports_missing_library(tmp_path, library, said):
     binary = _shim(
         tmp_path / "llama-server",
-        extra='echo "llama-server: error while loading shared libraries: libcuda.so.1" >&2; exit 127\n',
+        extra=f'echo "llama-server: error while loading shared libraries: {library}" >&2; exit 127\n',
     )
-    with pytest.raises(ProvisionError, match="shared library"):
+    with pytest.raises(ProvisionError, match=said):
         smoke_check(binary)
 
 
