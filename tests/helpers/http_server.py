@@ -103,22 +103,19 @@ class Hit:
         return next((v for k, v in self.headers.items() if k.lower() == wanted), None)
 
 
-class FileServer:
-    """Thread-served loopback HTTP server; a context manager. See the module docstring."""
+class LoopbackServer:
+    """An HTTP server on ``127.0.0.1:<free port>``, served by a daemon thread; a context manager.
 
-    def __init__(self) -> None:
-        self._routes: dict[str, Route] = {}
-        self._log: list[Hit] = []
-        self._lock = threading.Lock()
-        handler = _make_handler(self)
+    Subclasses set up their state, then call ``super().__init__`` with their handler class.
+    """
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self._httpd = _QuietServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
 
-    # -- lifecycle ---------------------------------------------------------------------------
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>`` (no trailing slash)."""
@@ -135,6 +132,16 @@ class FileServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FileServer(LoopbackServer):
+    """Thread-served loopback HTTP server; a context manager. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+        self._log: list[Hit] = []
+        self._lock = threading.Lock()
+        super().__init__(_make_handler(self))
 
     def reset(self) -> None:
         """Forget every route and the request log (reuse one server across tests)."""
