@@ -140,8 +140,8 @@ def register(subparsers: Any) -> None:
         "--event-loop",
         choices=EVENT_LOOPS,
         default=AUTO,
-        help="event loop to serve on: uvloop (pip install 'llama-proc[fast]') spends less CPU "
-        "per request; auto takes it when installed (default: auto)",
+        help="event loop to serve on: uvloop (a dependency everywhere but Windows) adds less "
+        "latency and CPU per request; auto takes it where it is installed (default: auto)",
     )
     tmo = p.add_argument_group("request timeouts")
     tmo.add_argument(
@@ -321,9 +321,9 @@ def run(args: argparse.Namespace) -> int:
     binary = ensure_server(settings).server_binary
 
     from llama_proc.proxy.app import ProxyOptions, create_app, event_loop_factory, run_proxy
+    from llama_proc.proxy.downloads import ModelDownloads
 
     loop_name, loop_factory = event_loop_factory(args.event_loop)
-    from llama_proc.proxy.downloads import ModelDownloads
 
     defaults = ProxyOptions()
     options = ProxyOptions(

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import struct
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import BuildError, ToolNotFoundError
@@ -55,6 +54,7 @@ from llama_proc.vocab import InstallSource
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from pathlib import Path
 
     from llama_proc.config import Settings
     from llama_proc.provision.build_plan import BuildPlan, BuildRequest
@@ -187,12 +187,8 @@ def cuda_toolchain(
 
 
 def _toolkit_lib_dirs(tools: Toolchain) -> list[Path]:
-    if tools.cuda_root:
-        root = Path(tools.cuda_root)
-        return [root / "lib64", root / "lib", *sorted(root.glob("targets/*/lib"))]
-    if tools.nvcc:
-        return cuda_toolkit_dirs(tools.nvcc)[1]
-    return []
+    """The library folders of a build's CUDA toolkit (the wheel toolkit's or a system one)."""
+    return cuda_toolkit_dirs(tools.nvcc)[1] if tools.nvcc else []
 
 
 def driver_stub_dir(lib_dirs: Iterable[Path]) -> str | None:
@@ -275,13 +271,14 @@ def build_into(
     tools = plan.toolchain
     cuda_runtime: dict[str, Any] | None = None
     if tools.nvcc is not None:  # found only for a CUDA build
-        bundled = bundle_cuda_runtime(staging, _toolkit_lib_dirs(tools))
+        lib_dirs = _toolkit_lib_dirs(tools)  # asks nvcc: once for both uses
+        bundled = bundle_cuda_runtime(staging, lib_dirs)
         copied += bundled
         cuda_runtime = {
             "toolkit": cuda_toolkit.as_dict() if cuda_toolkit is not None else None,
             "toolkit_root": tools.cuda_root,
             "libraries": bundled,
-            "driver_stub": driver_stub_dir(_toolkit_lib_dirs(tools)),
+            "driver_stub": driver_stub_dir(lib_dirs),
         }
     return {
         "variant_id": plan.variant_id,

@@ -63,10 +63,10 @@ logger = logging.getLogger(__name__)
 TOOLKITS_DIR: Final = "toolkits"
 """Folder under the cache root holding the toolkits laid out from wheels."""
 TOOLKIT_MARKER: Final = "llama-proc-toolkit.json"
+"""Written last into a laid-out toolkit: what it holds; its presence means complete."""
 LAYOUT_VERSION: Final = 2
 """Version of the layout written here; a toolkit laid out by an older llama-proc is redone.
 2: ``lib64/stubs/libcuda.so.1``, the name the linker looks for through ``-rpath-link``."""
-"""Written last into a laid-out toolkit: what it holds; its presence means complete."""
 CUDA_RUNTIME_LIBRARIES: Final = ("libcudart", "libcublas", "libcublasLt")
 """The toolkit libraries llama.cpp's CUDA backend links (copied beside the built binaries)."""
 HASH_LENGTH: Final = 10

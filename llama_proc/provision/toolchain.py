@@ -211,7 +211,7 @@ def cuda_toolkit_dirs(nvcc: str) -> tuple[list[Path], list[Path]]:
             except ValueError:
                 continue
             for word in words:
-                folder = Path(word[2:])
+                folder = Path(os.path.normpath(word[2:]))  # "bin/../lib64" names "lib64"
                 if kind == "INCLUDES" and word.startswith("-I"):
                     includes.insert(0, folder)
                 elif kind == "LIBRARIES" and word.startswith("-L") and folder.name != "stubs":

@@ -863,7 +863,7 @@ def event_loop_factory(
 ) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
     """The event loop to serve on: (its name, a factory for ``asyncio.Runner``; None = asyncio's).
 
-    ``auto`` takes uvloop when it is installed (``llama-proc[fast]``; not on Windows) and
+    ``auto`` takes uvloop where it is installed (a dependency everywhere but Windows) and
     asyncio's own loop otherwise. ``bench/proxy_overhead.py`` measures both in one run.
 
     Raises:
