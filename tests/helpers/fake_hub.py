@@ -236,16 +236,26 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
-        def _model_info(
-            self, name: str, revision: str, blobs: bool, token: str | None, head: bool
-        ) -> None:
+        def _at(
+            self, name: str, revision: str, token: str | None, head: bool
+        ) -> tuple[_Repo, str] | None:
+            """The repo and the commit ``revision`` names, or None once the error is sent."""
             repo = self._find(name, token, head)
             if repo is None:
-                return
+                return None
             commit = repo.commit_of(revision)
             if commit is None:
                 self._fail(404, "RevisionNotFound", "Invalid rev id: " + revision, head=head)
+                return None
+            return repo, commit
+
+        def _model_info(
+            self, name: str, revision: str, blobs: bool, token: str | None, head: bool
+        ) -> None:
+            found = self._at(name, revision, token, head)
+            if found is None:
                 return
+            repo, commit = found
             siblings: list[dict[str, Any]] = []
             for filename, blob in sorted(repo.commits[commit].items()):
                 entry: dict[str, Any] = {"rfilename": filename}
@@ -275,13 +285,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _resolve(
             self, name: str, revision: str, filename: str, token: str | None, head: bool
         ) -> None:
-            repo = self._find(name, token, head)
-            if repo is None:
+            found = self._at(name, revision, token, head)
+            if found is None:
                 return
-            commit = repo.commit_of(revision)
-            if commit is None:
-                self._fail(404, "RevisionNotFound", "Invalid rev id: " + revision, head=head)
-                return
+            repo, commit = found
             if repo.gated and token not in repo.tokens:
                 status = 401 if token is None else 403
                 message = (

@@ -1002,6 +1002,20 @@ def test_pinned_builds_never_fetch_the_web_ui(tmp_path, settings):
 
 
 @posix_only
+def _interrupted_build(tmp_path, monkeypatch, child: str) -> float:
+    """Run ``python -c child`` as a build, Ctrl-C at its first progress line; seconds it took."""
+    run = Run(tmp_path / "log", progress=False)
+
+    def interrupt(bar, line):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_advance", interrupt)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run([sys.executable, "-c", child], show_progress=True)
+    return time.monotonic() - started
+
+
 def test_run_interrupt_stops_the_whole_build_tree(tmp_path, monkeypatch):
     """Ctrl-C during a build leaves no compiler behind (grandchildren included)."""
     pidfile = tmp_path / "grandchild.pid"
@@ -1012,16 +1026,7 @@ def test_run_interrupt_stops_the_whole_build_tree(tmp_path, monkeypatch):
         "print('[1/2] compiling', flush=True)\n"
         "p.wait()\n"
     )
-    run = Run(tmp_path / "log", progress=False)
-
-    def interrupt(bar, line):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(run, "_advance", interrupt)
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run([sys.executable, "-c", child], show_progress=True)
-    assert time.monotonic() - started < build_run.STOP_GRACE + 5
+    assert _interrupted_build(tmp_path, monkeypatch, child) < build_run.STOP_GRACE + 5
     grandchild = int(pidfile.read_text())
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -1160,14 +1165,5 @@ def test_run_interrupt_sends_sigint_first(tmp_path, monkeypatch):
         "print('[1/2] compiling', flush=True)\n"
         "time.sleep(60)\n"
     )
-    run = Run(tmp_path / "log", progress=False)
-
-    def interrupt(bar, line):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(run, "_advance", interrupt)
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        run([sys.executable, "-c", child], show_progress=True)
-    assert time.monotonic() - started < build_run.STOP_GRACE
+    assert _interrupted_build(tmp_path, monkeypatch, child) < build_run.STOP_GRACE
     assert marker.read_text() == "SIGINT"
