@@ -40,10 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
+from llama_proc.provision.platform import HostInfo
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
+    "LINUX",
+    "ON_LINUX",
     "ReleaseFixture",
     "fake_gguf",
     "host_flavor",
@@ -51,6 +57,7 @@ __all__ = [
     "make_tar",
     "make_wheel",
     "make_zip",
+    "needs_linux",
     "serve_index",
     "serve_release",
     "sha256_of",
@@ -62,6 +69,17 @@ REPO = "ggml-org/llama.cpp"
 COMMIT = "abcdef0"
 _MTIME = 1_700_000_000
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+LINUX = HostInfo(
+    os="linux",
+    arch="x86_64",
+    libc="glibc",
+    libc_version="2.39",
+    cpu_features=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}),
+)
+"""A Linux x86_64 host (glibc 2.39, AVX2) that the shipped CPU prebuilt fits."""
+ON_LINUX = sys.platform.startswith("linux")
+needs_linux = pytest.mark.skipif(not ON_LINUX, reason="runs the Linux shims (smoke check)")
 
 
 def sha256_of(path: Path) -> str:

@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from http_server import FileServer
 from release_fixtures import (
+    LINUX,
+    ON_LINUX,
     ReleaseFixture,
     make_release,
+    needs_linux,
     serve_release,
     write_variants_toml,
 )
@@ -35,7 +38,6 @@ from llama_proc.provision.installer import install_atomically
 from llama_proc.provision.inventory import list_installs, verify_installs
 from llama_proc.provision.layout import INSTALL_JSON, install_dir
 from llama_proc.provision.manifest import Manifest, load_manifest
-from llama_proc.provision.platform import HostInfo
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
@@ -45,15 +47,6 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shi
 
 TAG = "b11434"
 CPU = "linux-x86_64-cpu"
-LINUX = HostInfo(
-    os="linux",
-    arch="x86_64",
-    libc="glibc",
-    libc_version="2.39",
-    cpu_features=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}),
-)
-ON_LINUX = sys.platform.startswith("linux")
-needs_linux = pytest.mark.skipif(not ON_LINUX, reason="runs the Linux shims (smoke check)")
 HOST_OS = "linux" if ON_LINUX else "macos"
 SERVER_SHIM = (
     "#!/bin/sh\n"

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from filelock import FileLock
 from release_fixtures import (
+    LINUX,
     ReleaseFixture,
     make_release,
     make_tar,
+    needs_linux,
     serve_release,
     shim_script,
     write_variants_toml,
@@ -63,16 +65,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shi
 TAG = "b11434"
 CPU = "linux-x86_64-cpu"
 ASSET = f"llama-{TAG}-bin-ubuntu-x64.tar.gz"
-LINUX = HostInfo(
-    os="linux",
-    arch="x86_64",
-    libc="glibc",
-    libc_version="2.39",
-    cpu_features=frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"}),
-)
 REPO_ROOT = Path(llama_proc.__file__).resolve().parents[1]
-ON_LINUX = sys.platform.startswith("linux")
-needs_linux = pytest.mark.skipif(not ON_LINUX, reason="runs the Linux shims (smoke check)")
 
 
 @pytest.fixture(autouse=True)
