@@ -155,6 +155,15 @@ def test_install_json_records_every_file(settings: Settings) -> None:
 
 
 # ----------------------------------------------------------------------------- escaping paths
+def _outside_server(tmp_path: Path) -> Path:
+    """A runnable llama-server shim in a folder outside any install; returns the folder."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "llama-server").write_text(SERVER_SHIM)
+    (outside / "llama-server").chmod(0o755)
+    return outside
+
+
 @pytest.mark.parametrize(
     "escape",
     [
@@ -168,10 +177,7 @@ def test_install_json_records_every_file(settings: Settings) -> None:
 def test_binary_path_outside_the_install_is_refused(
     settings: Settings, tmp_path: Path, escape: str
 ) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "llama-server").write_text(SERVER_SHIM)
-    (outside / "llama-server").chmod(0o755)
+    outside = _outside_server(tmp_path)
     install = _install(settings)
     record = _record(install.path)
     record["binaries"]["llama-server"]["path"] = escape.format(outside=outside)
@@ -200,10 +206,7 @@ def test_recorded_file_path_outside_the_install_is_refused(settings: Settings) -
 def test_binary_symlink_resolving_outside_is_refused(
     settings: Settings, tmp_path: Path, legacy: bool
 ) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "llama-server").write_text(SERVER_SHIM)
-    (outside / "llama-server").chmod(0o755)
+    outside = _outside_server(tmp_path)
     install = _install(settings)
     record = _record(install.path)
     if legacy:
