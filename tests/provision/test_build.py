@@ -1001,12 +1001,11 @@ def test_pinned_builds_never_fetch_the_web_ui(tmp_path, settings):
             assert "-DLLAMA_USE_PREBUILT_UI=OFF" in plan.flags, variant.id
 
 
-@posix_only
-def _interrupted_build(tmp_path, monkeypatch, child: str) -> float:
+def _interrupted_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: str) -> float:
     """Run ``python -c child`` as a build, Ctrl-C at its first progress line; seconds it took."""
     run = Run(tmp_path / "log", progress=False)
 
-    def interrupt(bar, line):
+    def interrupt(bar: object, line: str) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run, "_advance", interrupt)
@@ -1016,6 +1015,7 @@ def _interrupted_build(tmp_path, monkeypatch, child: str) -> float:
     return time.monotonic() - started
 
 
+@posix_only
 def test_run_interrupt_stops_the_whole_build_tree(tmp_path, monkeypatch):
     """Ctrl-C during a build leaves no compiler behind (grandchildren included)."""
     pidfile = tmp_path / "grandchild.pid"
