@@ -35,14 +35,22 @@ def make_cache(cache: Path) -> Path:
     from llama_proc.provision.layout import install_dir
     from llama_proc.provision.resolve import plan
 
-    settings = Settings(cache_dir=cache)
+    # The shim cannot serve the compute check's model: it is installed unchecked, with the
+    # record a checked install carries, so `which` takes the ordinary cache-hit path.
+    settings = Settings(cache_dir=cache, compute_check=False)
     res = plan(settings)
 
     def populate(staging: Path) -> dict[str, str]:
         for name in ("llama-server", "ggml-rpc-server"):
             (staging / name).write_text(SHIM)
             (staging / name).chmod(0o755)
-        return {"variant_id": res.variant.id, "build": res.build, "source": "prebuilt"}
+        checked = {"ok": True, "reason": "bench stand-in", "features_off": []}
+        return {
+            "variant_id": res.variant.id,
+            "build": res.build,
+            "source": "prebuilt",
+            "compute_check": checked,
+        }
 
     install = install_atomically(
         install_dir(settings, res.build, res.variant.id),

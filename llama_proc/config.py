@@ -24,6 +24,9 @@ LLAMA_PROC_DOWNLOAD_TIMEOUT    seconds for connect/read on each HTTP request (de
 LLAMA_PROC_LOCK_TIMEOUT        seconds to wait for another process's install (default 3600)
 LLAMA_PROC_PROGRESS            1 / 0 to force progress bars on / off (default: on a TTY)
 LLAMA_PROC_GITHUB_TOKEN        token sent to the GitHub API to lift anonymous rate limits
+LLAMA_PROC_COMPUTE_CHECK       0 = install without proving that the binary computes (default 1)
+LLAMA_PROC_CPU_OFF             CPU feature groups new installs must not use, comma-separated:
+                               amx, avx512ext, avx512, avx2 (x86-64); sme, sve, i8mm (arm64)
 LLAMA_PROC_SOURCE              build backend only: auto, prebuilt, build or none (what the
                                wheel bundles; ``-C llama-proc.source=...``)
 LLAMA_PROC_PORTABLE            build backend only: 1 = compile for any CPU of the arch
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import ConfigError
-from llama_proc.vocab import BACKEND_CHOICES, PREFER_CHOICES
+from llama_proc.vocab import BACKEND_CHOICES, CPU_GROUPS, PREFER_CHOICES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -126,6 +129,12 @@ class Settings:
         default=None, repr=False, metadata=_meta("GITHUB_TOKEN", "str")
     )
     """Token for the GitHub API (rate limits). Env: LLAMA_PROC_GITHUB_TOKEN."""
+    compute_check: bool = field(default=True, metadata=_meta("COMPUTE_CHECK", "bool"))
+    """Serve a tiny generated model with every new install (and once with each older one)
+    and compare its answer with a reference before using it. Env: LLAMA_PROC_COMPUTE_CHECK."""
+    cpu_off: tuple[str, ...] = field(default=(), metadata=_meta("CPU_OFF", "cpu_groups"))
+    """CPU feature groups new installs must not use (``amx``, ``avx512``...), on top of those the
+    manifest knows to be broken; ``fetch --force`` re-installs with them. Env: LLAMA_PROC_CPU_OFF."""
 
     def __post_init__(self) -> None:
         # Accept str paths from library callers the same way from_env does.
@@ -135,6 +144,7 @@ class Settings:
         if self.backend not in BACKEND_CHOICES:
             msg = f"unknown variant {self.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}"
             raise ConfigError(msg)
+        object.__setattr__(self, "cpu_off", _check_cpu_groups("cpu_off", self.cpu_off))
         if self.prefer not in PREFER_CHOICES:
             msg = f"prefer={self.prefer!r} is invalid; choose {' or '.join(PREFER_CHOICES)}"
             raise ConfigError(msg)
@@ -271,6 +281,21 @@ def _parse_url(name: str, raw: str) -> str:
     return value
 
 
+def _check_cpu_groups(name: str, groups: Any) -> tuple[str, ...]:
+    if isinstance(groups, str):
+        groups = [g for g in (part.strip().lower() for part in groups.split(",")) if g]
+    out = tuple(dict.fromkeys(groups))
+    unknown = [g for g in out if g not in CPU_GROUPS]
+    if unknown:
+        where = f"{name}: " if name else ""
+        msg = (
+            f"{where}unknown CPU feature group {unknown[0]!r}; choose from "
+            f"{', '.join(CPU_GROUPS)} (comma-separated)"
+        )
+        raise ConfigError(msg)
+    return out
+
+
 _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "path": lambda _name, raw: Path(raw).expanduser(),
     "str": lambda _name, raw: raw.strip(),
@@ -281,6 +306,7 @@ _PARSERS: Final[dict[str, Callable[[str, str], object]]] = {
     "backend": _parse_backend,
     "prefer": _parse_prefer,
     "build": _parse_build,
+    "cpu_groups": _check_cpu_groups,
 }
 
 

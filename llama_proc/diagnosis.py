@@ -93,8 +93,11 @@ class Cause:
 
 
 _ILLEGAL_INSTRUCTION_TEXT: Final = (
-    "illegal instruction: this llama-server uses CPU features the host lacks; use a portable "
-    "build (LLAMA_PROC_VARIANT=cpu with a portable build)"
+    "illegal instruction: this llama-server uses CPU features this host cannot run; "
+    "`llama-proc fetch --force` installs one proven to compute here (its compute check turns "
+    "off the CPU feature group that crashes); to turn off more, name the groups: "
+    "`LLAMA_PROC_CPU_OFF=avx512 llama-proc fetch --force` (`llama-proc doctor` lists this "
+    "host's groups)"
 )
 _WINDOWS_ILLEGAL_INSTRUCTION: Final = 0xC000001D
 """``STATUS_ILLEGAL_INSTRUCTION``: the exit status Windows reports for the same crash."""

@@ -17,6 +17,7 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
     * OfflineError                           offline mode and nothing usable is cached
     * BinaryNotFoundError                    the resolution ladder found no llama-server
     * DeviceNotFoundError                    a GPU build lists no GPU on a host that has one
+    * ComputeCheckError                      an install does not compute correctly on this host
   * ServerError
     * InvalidArgumentError (also ValueError) a server option or extra flag was refused
     * ModelFileError (also ValueError)       model file missing or not GGUF
@@ -42,6 +43,7 @@ __all__ = [
     "BuildError",
     "CacheLockTimeoutError",
     "ChecksumMismatchError",
+    "ComputeCheckError",
     "ConfigError",
     "CpuFallbackError",
     "DeviceNotFoundError",
@@ -180,6 +182,14 @@ class DeviceNotFoundError(ProvisionError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ComputeCheckError(ProvisionError):
+    """An install crashed on, or computed wrong numbers for, the compute check's tiny model.
+
+    Nothing was installed (or the cached install was marked broken). The message says what
+    failed, what was already turned off and what to do next.
+    """
 
 
 class ServerError(LlamaProcError):

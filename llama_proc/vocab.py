@@ -14,6 +14,7 @@ __all__ = [
     "AUTO",
     "BACKENDS",
     "BACKEND_CHOICES",
+    "CPU_GROUPS",
     "EVENT_LOOPS",
     "PREFER_CHOICES",
     "InstallSource",
@@ -26,6 +27,9 @@ AUTO: Final = "auto"
 BACKEND_CHOICES: Final = (AUTO, *BACKENDS)
 """What ``--variant`` and ``Settings.backend`` accept."""
 PREFER_CHOICES: Final = ("prebuilt", "source")
+CPU_GROUPS: Final = ("amx", "avx512ext", "avx512", "avx2", "sme", "sve", "i8mm")
+"""CPU feature groups that can be turned off (``LLAMA_PROC_CPU_OFF``), newest first per arch:
+x86-64 ``amx`` ... ``avx2``, arm64 ``sme`` ... ``i8mm`` (see ``provision.compute.ladder``)."""
 """Which provisioning path is tried first (``--prefer``, ``LLAMA_PROC_PREFER``)."""
 EVENT_LOOPS: Final = (AUTO, "asyncio", "uvloop")
 """Event loops the proxy can serve on (``serve --event-loop``)."""

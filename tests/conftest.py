@@ -41,6 +41,33 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LLAMA_PROC_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _fakes_cannot_compute(
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    _isolate_env: None,  # set up first: it clears every LLAMA_PROC_* variable
+) -> None:
+    """Most provisioning tests install stand-in binaries that only print ``--version``.
+
+    They cannot serve the compute check's model, so for them the check answers "not run" (and
+    is switched off for the commands they run in subprocesses);
+    tests marked ``compute_check`` run the real check (with the real server, or with the fake
+    server, which computes honestly). The run's real builds are made by session fixtures,
+    before any test's patches, so they always pass the real check.
+    """
+    if request.node.get_closest_marker("compute_check") is not None:
+        return
+    from llama_proc.provision.compute import check
+
+    monkeypatch.setenv("LLAMA_PROC_COMPUTE_CHECK", "0")  # for the CLI and pip in subprocesses
+
+    def not_run(server: Path, **_kw: object) -> check.ComputeReport:
+        reason = "not run: a test's stand-in binary cannot compute"
+        return check.ComputeReport(ok=True, reason=reason, seconds=0.0, threads=1)
+
+    monkeypatch.setattr(check, "run_compute_check", not_run)
+
+
 @pytest.fixture(scope="session")
 def real_settings() -> Settings:
     """Settings for the persistent cache that holds the run's real build and model."""
@@ -56,6 +83,9 @@ def llama_server_bin(real_settings: Settings) -> Path:
     from llama_proc.provision import ensure_server
 
     install = ensure_server(real_settings.replace(backend="cpu"))
+    computed = install.compute or {}
+    assert computed.get("ok") is True, f"the run's llama-server does not compute: {computed}"
+    assert "not run" not in str(computed.get("reason")), computed
     return install.server_binary
 
 

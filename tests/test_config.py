@@ -226,6 +226,7 @@ def test_every_field_can_be_set_from_the_environment() -> None:
         "backend": ("metal", "metal"),
         "prefer": ("source", "source"),
         "build": ("b7", "b7"),
+        "cpu_groups": ("AMX, avx2", ("amx", "avx2")),
     }
     for f in dataclasses.fields(Settings):
         raw, value = samples[f.metadata["parse"]]

@@ -39,6 +39,7 @@ def register(subparsers: Any) -> None:
         "build_source",
         "cuda_arch",
         "jobs",
+        "cpu_off",
         backend={
             "help": "backend to build (rpc = cpu + the ggml-rpc-server worker); default: "
             "$LLAMA_PROC_VARIANT or auto-detect from this host's hardware",

@@ -183,6 +183,17 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
             "(default: $LLAMA_PROC_CUDA_ARCH, else the compute capability of this host's GPUs)",
         },
     ),
+    "cpu_off": (
+        ("--cpu-off",),
+        {
+            "type": field_type("cpu_off"),
+            "metavar": "GROUPS",
+            "help": "CPU feature groups the new install must not use, comma-separated: amx, "
+            "avx512ext, avx512, avx2 (x86-64), sme, sve, i8mm (arm64); added to those the "
+            "manifest knows to be broken and those the compute check turns off (default: "
+            "$LLAMA_PROC_CPU_OFF; `llama-proc doctor` lists this host's groups)",
+        },
+    ),
     "jobs": (
         ("--jobs", "-j"),
         {

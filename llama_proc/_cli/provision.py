@@ -41,11 +41,13 @@ def register(subparsers: Any) -> None:
         description=(
             "Walk the resolution ladder (explicit binary, bundled in the wheel, cache, prebuilt "
             "download, source build) and install what is missing. Prebuilt archives are "
-            "sha256-verified, extracted atomically and smoke-checked with --version. Prints the "
+            "sha256-verified, extracted atomically, smoke-checked with --version and proven to "
+            "compute (a tiny generated model is served and its answer compared with a "
+            "reference; CPU feature groups that crash are turned off). Prints the "
             "llama-server path on stdout and one line per ladder step on stderr."
         ),
     )
-    add_settings_flags(p, *PROVISION_FLAGS, "prefer", "no_build")
+    add_settings_flags(p, *PROVISION_FLAGS, "prefer", "no_build", "cpu_off")
     p.add_argument(
         "--force",
         action="store_true",
@@ -253,8 +255,19 @@ def _fetch(args: argparse.Namespace) -> int:
     finally:
         if not args.quiet:
             _explain(explain)
+    if not args.quiet:
+        _explain([_compute_line(install)])
     print(install.server_binary)
     return 0
+
+
+def _compute_line(install: Install) -> str:
+    """What the compute check said of the install in use (explicit binaries are never run)."""
+    from llama_proc.provision.install import compute_summary
+
+    if not install.metadata:
+        return "compute: not checked (an explicit binary is used as it is)"
+    return f"compute: {compute_summary(install.compute)}"
 
 
 def _which(args: argparse.Namespace) -> int:
@@ -298,6 +311,7 @@ def _which(args: argparse.Namespace) -> int:
                 len(explain),
             )
             _explain([*explain[:at], *chain, *explain[at:]], skip=(StepName.SELECT,))
+    _explain([_compute_line(install)])
     print(install.server_binary)
     return 0
 
@@ -514,6 +528,7 @@ def _cuda_toolkit_line(host: HostInfo, manifest: Manifest) -> str:
 
 def _cache_lines(settings: Settings) -> list[str]:
     from llama_proc.provision.download import PART_SUFFIX
+    from llama_proc.provision.install import compute_summary
     from llama_proc.provision.inventory import list_installs
     from llama_proc.provision.layout import downloads_dir, servers_dir
     from llama_proc.provision.locking import LOCK_SUFFIX, OLD_MARK, STAGING_MARK
@@ -523,7 +538,10 @@ def _cache_lines(settings: Settings) -> list[str]:
         i.metadata.get("size", 0) for i in installs if isinstance(i.metadata.get("size"), int)
     )
     lines = [f"cache: {settings.cache_dir} ({len(installs)} installs, {_size(total)})"]
-    lines.extend(f"  {i.id} ({i.source}, {i.version or '?'})" for i in installs)
+    lines.extend(
+        f"  {i.id} ({i.source}, {i.version or '?'}); compute: {compute_summary(i.compute)}"
+        for i in installs
+    )
     stale = [
         p
         for build in _children(servers_dir(settings))
@@ -551,6 +569,21 @@ def _children(folder: Any) -> list[Any]:
         return []
 
 
+def _cpu_off_line(host: HostInfo, manifest: Manifest, settings: Settings) -> str:
+    """Which CPU feature groups new installs here leave off from the start, and why."""
+    from llama_proc.provision.compute.plan import initial_off
+
+    build = settings.build or manifest.build
+    ladder, off = initial_off(
+        host.arch, host.cpu_features, manifest.known_bad_groups(build), settings.cpu_off
+    )
+    head = f"cpu feature groups: {', '.join(g.name for g in ladder) or 'none'} on this host"
+    if not off:
+        return f"{head}; none off for new installs (the compute check confirms each install)"
+    why = "; ".join(f"{name}: {text}" for name, text in off.items())
+    return f"{head}; off for new installs: {why}"
+
+
 def _doctor(args: argparse.Namespace) -> int:
     import platform as pyplatform
 
@@ -576,6 +609,7 @@ def _doctor(args: argparse.Namespace) -> int:
         f"manifest: {manifest.path} (pinned build {manifest.build}, "
         f"{len(manifest.for_platform(host.os, host.arch))} variants for {host.platform})"
     )
+    print(_cpu_off_line(host, manifest, settings))
     print(
         f"settings: variant={settings.backend} build={settings.build or manifest.build} "
         f"prefer={settings.prefer} no_build={settings.no_build} "
@@ -604,6 +638,7 @@ def _doctor(args: argparse.Namespace) -> int:
     except LlamaProcError as err:
         result = f"=> not ready: {err}"
     else:
+        explain.append(_compute_line(install))
         result = f"=> {install.server_binary}"
     _explain(explain, skip=(StepName.SELECT,), out=sys.stdout)  # the selection is printed above
     print(f"  {result}")

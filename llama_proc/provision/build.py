@@ -23,16 +23,24 @@ and the failure hints in :mod:`~llama_proc.provision.build_diagnosis`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import BuildError, ToolNotFoundError
 from llama_proc.provision.build_plan import check_request, plan_build
 from llama_proc.provision.build_run import run_build
-from llama_proc.provision.cmake_flags import install_flavor
+from llama_proc.provision.cmake_flags import flag_value, install_flavor
+from llama_proc.provision.compute.ladder import (
+    native_flags,
+    prune_cpu_variants,
+    with_compiler_flags,
+)
+from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.cuda_wheels import (
     CUDA_RUNTIME_LIBRARIES,
     ensure_cuda_toolkit,
@@ -40,6 +48,7 @@ from llama_proc.provision.cuda_wheels import (
 )
 from llama_proc.provision.installer import install_atomically
 from llama_proc.provision.layout import install_dir
+from llama_proc.provision.locking import remove_tree
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.platform import detect_host
 from llama_proc.provision.sources import obtain_source, tree_fingerprint
@@ -58,6 +67,7 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.build_plan import BuildPlan, BuildRequest
+    from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.install import Install
     from llama_proc.provision.manifest import Manifest, Variant
     from llama_proc.provision.platform import HostInfo
@@ -309,6 +319,51 @@ def build_into(
     }
 
 
+@dataclass(frozen=True)
+class _CpuPlan:
+    """The CPU feature groups of one build: the host's ladder and what is off from the start."""
+
+    native: bool
+    """Compiled for this CPU (``GGML_NATIVE``): groups are turned off by compiler flags; else
+    the build has CPU-variant libraries, and groups are turned off by removing them."""
+    ladder: tuple[FeatureGroup, ...]
+    why: dict[str, str]
+    """Groups off from the start -> why."""
+    can_repair: bool
+
+    @property
+    def initial(self) -> tuple[FeatureGroup, ...]:
+        """The groups off from the start, in ladder order."""
+        return tuple(g for g in self.ladder if g.name in self.why)
+
+
+def _cpu_plan(
+    request: BuildRequest,
+    host: HostInfo,
+    manifest: Manifest,
+    build: str | None,
+    settings: Settings,
+) -> _CpuPlan:
+    flags = (
+        request.variant.portable_cmake_flags if request.portable else request.variant.cmake_flags
+    )
+    dynamic = flag_value(flags, "GGML_BACKEND_DL") == "ON"
+    native = not dynamic and flag_value(flags, "GGML_NATIVE") != "OFF"
+    ladder, why = initial_off(
+        host.arch,
+        host.cpu_features,
+        manifest.known_bad_groups(build or "unknown"),
+        settings.cpu_off,
+    )
+    if native:
+        # MSVC has no -mno-* flags, and native Arm builds pick their features in ggml's CMake:
+        # there, only groups with GCC/Clang flags can be turned off.
+        usable = request.os_name != "windows"
+        ladder = tuple(g for g in ladder if usable and g.compiler_flags)
+        why = {name: text for name, text in why.items() if any(g.name == name for g in ladder)}
+    return _CpuPlan(native=native, ladder=ladder, why=why, can_repair=bool(ladder))
+
+
 def build_variant(
     variant: Variant,
     settings: Settings,
@@ -357,6 +412,7 @@ def build_variant(
         host = detect_host()
     request = check_request(variant, host=host, cmake_args=cmake_args, portable=portable)
     tree = obtain_source(settings, manifest, build=source_build)
+    cpu = _cpu_plan(request, host or detect_host(gpu_details=False), manifest, tree.build, settings)
     flavor = install_flavor(
         tree,
         variant,
@@ -369,14 +425,26 @@ def build_variant(
 
     built: list[dict[str, Any]] = []
 
-    def populate(staging: Path) -> dict[str, Any]:
+    def build_with(staging: Path, groups: tuple[FeatureGroup, ...]) -> dict[str, Any]:
+        """Build with ``groups`` off: compiler flags (native) or fewer CPU variants (portable)."""
         tools, choice = toolchain, None
         if tools is None and variant.backend == "cuda":
             tools, choice = cuda_toolchain(request, manifest, settings)
-        plan = plan_build(request, tree, settings, manifest=manifest, toolchain=tools)
+        flags = native_flags(groups) if cpu.native else []
+        wanted = dataclasses.replace(
+            request, cmake_args=tuple(with_compiler_flags(request.cmake_args, flags))
+        )
+        plan = plan_build(wanted, tree, settings, manifest=manifest, toolchain=tools)
+        remove_tree(staging)
         metadata = build_into(staging, plan, settings=settings, cuda_toolkit=choice)
+        if not cpu.native:
+            metadata["cpu_variants_removed"] = prune_cpu_variants(staging, groups)
+        metadata["cpu_off"] = [g.name for g in groups]
         built.append(metadata)
         return metadata
+
+    def populate(staging: Path) -> dict[str, Any]:
+        return build_with(staging, cpu.initial)
 
     populate_fn: Callable[[Path], Mapping[str, Any]] = populate
     install = install_atomically(
@@ -387,12 +455,15 @@ def build_variant(
         os_name=request.os_name,
         force=force,
         require_device=require_device,
+        compute=ComputePlan(
+            ladder=cpu.ladder, off=cpu.why, repair=build_with if cpu.can_repair else None
+        ),
     )
     origin = install.metadata.get("source_origin", tree.origin)
     lines = [f"source: {origin} (build {tree.build or 'unknown'})"]
     if built:
-        meta = built[0]
-        steps = meta["build_steps"]
+        meta = built[-1]
+        steps = sum(m["build_steps"] or 0 for m in built)
         work = f"{steps} build steps" if steps else "already up to date"
         lines.append(
             f"built {', '.join(meta['targets'])} in {meta['build_seconds']} s ({work}; "

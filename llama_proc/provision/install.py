@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "COMPUTE_KEY",
     "FILES_KEY",
     "INSTALL_SCHEMA",
     "FileProblem",
@@ -40,6 +41,7 @@ __all__ = [
     "alternatives",
     "check_install",
     "complete_install",
+    "compute_summary",
     "scan_tree",
 ]
 
@@ -47,13 +49,26 @@ logger = logging.getLogger(__name__)
 
 INSTALL_SCHEMA: Final = 1
 """The ``schema`` written into every ``install.json``."""
+COMPUTE_KEY: Final = "compute_check"
+"""The ``install.json`` key of the compute record (absent in installs made before it existed:
+they are checked once, on first use)."""
 FILES_KEY: Final = "file_records"
 """The ``install.json`` key recording every file (absent in installs made before it existed)."""
 _ALIASES: Final = {"rpc-server": "ggml-rpc-server|rpc-server"}
 """Names callers may use for binaries that upstream renamed."""
 
 ProblemKind = Literal[
-    "missing", "size", "mtime", "type", "link", "dangling", "outside", "sha256", "extra", "record"
+    "missing",
+    "size",
+    "mtime",
+    "type",
+    "link",
+    "dangling",
+    "outside",
+    "sha256",
+    "extra",
+    "record",
+    "compute",
 ]
 """What is wrong with one file of an install (see :class:`FileProblem`)."""
 
@@ -120,6 +135,7 @@ class FileProblem:
             "sha256": "content differs from install.json (sha256)",
             "extra": "not part of the install",
             "record": str(self.actual),
+            "compute": f"failed the compute check: {self.actual}",
         }
         return f"{self.path}: {messages[self.kind]}"
 
@@ -207,6 +223,12 @@ class Install:
         value = self.metadata.get("version")
         return value if isinstance(value, str) else None
 
+    @property
+    def compute(self) -> Mapping[str, Any] | None:
+        """The compute check's record (None: made before the check existed, or never run)."""
+        value = self.metadata.get(COMPUTE_KEY)
+        return value if isinstance(value, dict) else None
+
     def binary(self, name: str) -> Path:
         """The executable called ``name``; ``rpc-server`` also finds ``ggml-rpc-server``.
 
@@ -264,7 +286,8 @@ class Install:
         """What differs from ``install.json``, by the cheap facts (stat calls only).
 
         Every binary must resolve to a file inside the install; every recorded file must be
-        there with its recorded kind, size and mtime. Contents are not read: ``cache verify``
+        there with its recorded kind, size and mtime; a failed compute check recorded on first
+        use makes the install broken too. Contents are not read: ``cache verify``
         re-hashes them. An install without file records is checked by its binaries only.
 
         Returns:
@@ -272,6 +295,9 @@ class Install:
         """
         root = self.path.resolve()
         found = [p for p in (self._binary_problem(root, b) for b in self.binaries.values()) if p]
+        computed = self.compute
+        if computed is not None and computed.get("ok") is False:
+            found.append(FileProblem(INSTALL_JSON, "compute", actual=str(computed.get("reason"))))
         seen = {p.path for p in found}
         base = str(self.path)  # plain strings: this loop runs on every cache hit
         for rel, record in (self.files or {}).items():
@@ -350,6 +376,20 @@ def _parse_files(record: Path, raw: object) -> dict[str, FileRecord] | None:
         )
         raise ProvisionError(msg)
     return files
+
+
+def compute_summary(record: Mapping[str, Any] | None) -> str:
+    """One line on an install's compute check, for ``which -v`` and ``doctor``."""
+    if record is None:
+        return "not checked yet (checked once, on its first use)"
+    reason = str(record.get("reason") or "?")
+    off = record.get("features_off") or []
+    if off:
+        reason += f"; CPU feature groups off: {', '.join(map(str, off))}"
+    buffers = record.get("buffers") or []
+    if buffers:
+        reason += f"; weights in {', '.join(map(str, buffers))}"
+    return reason if record.get("ok") is not False else f"FAILED: {reason}"
 
 
 def check_install(target: Path) -> tuple[Install | None, list[FileProblem]]:

@@ -1,7 +1,9 @@
 """Making an install: stage, find the binaries, smoke-check, write ``install.json``, rename.
 
 An install is made in a staging folder beside its final place, smoke-checked
-(``llama-server --version``, :mod:`~llama_proc.provision.verify`), described by an
+(``llama-server --version``, :mod:`~llama_proc.provision.verify`), proven to compute (a tiny
+generated model served and compared with a reference, :mod:`~llama_proc.provision.compute`,
+repaired down the CPU-feature ladder when the caller can), described by an
 ``install.json`` written inside it, and only then renamed into place
 (:func:`~llama_proc.provision.locking.create_once`): ``install.json``'s presence means the
 install is complete (:class:`~llama_proc.provision.install.Install` reads it).
@@ -12,6 +14,7 @@ process that waited on the lock while another one installed can say so instead o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -25,6 +28,7 @@ from llama_proc.errors import ProvisionError
 from llama_proc.provision.archive import find_binaries
 from llama_proc.provision.download import file_sha256
 from llama_proc.provision.install import (
+    COMPUTE_KEY,
     FILES_KEY,
     INSTALL_SCHEMA,
     FileRecord,
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from llama_proc.config import Settings
+    from llama_proc.provision.compute.plan import ComputePlan
 
 __all__ = ["Installed", "install_atomically", "install_once"]
 
@@ -128,6 +133,27 @@ def _record(
 
 
 _NO_DRIVER: Final = "libcuda.so.1"
+_ALL_LAYERS: Final = 999
+"""``-ngl`` for the compute check of a GPU build on a host with its GPU: every layer."""
+
+
+def _compute_record(
+    staging: Path,
+    compute: ComputePlan | None,
+    *,
+    server: Callable[[], Path],
+    checked: str,
+    gpu: bool,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Prove the staged install computes: (the record for ``install.json``, metadata updates)."""
+    from llama_proc.provision.compute.plan import ComputePlan, prove_computes  # noqa: PLC0415
+
+    if checked != "ok":  # --version only passed against a driver stub: no GPU to compute on
+        return {"ok": None, "reason": f"skipped: {checked}"}, {}
+    plan = compute or ComputePlan()
+    if gpu:
+        plan = dataclasses.replace(plan, gpu_layers=_ALL_LAYERS)
+    return prove_computes(staging, plan, server)
 
 
 def _version_check(server: Path, metadata: Mapping[str, Any]) -> tuple[str, str]:
@@ -161,6 +187,7 @@ def install_atomically(
     os_name: str,
     force: bool = False,
     require_device: DeviceRequirement | None = None,
+    compute: ComputePlan | None = None,
 ) -> Install:
     """Create (or find) the install at ``target``, atomically and under its lock.
 
@@ -179,6 +206,7 @@ def install_atomically(
         os_name=os_name,
         force=force,
         require_device=require_device,
+        compute=compute,
     ).install
 
 
@@ -192,6 +220,7 @@ def install_once(
     force: bool = False,
     run_here: bool = True,
     require_device: DeviceRequirement | None = None,
+    compute: ComputePlan | None = None,
 ) -> Installed:
     """Create (or find) the install at ``target``, atomically and under its lock.
 
@@ -208,6 +237,9 @@ def install_once(
         require_device: after the smoke check, ``llama-server --list-devices`` must list a
             GPU of this backend (:func:`~llama_proc.provision.verify.device_requirement`);
             the devices are recorded in ``install.json``.
+        compute: how to prove the install computes and how to repair it
+            (:class:`~llama_proc.provision.compute.plan.ComputePlan`); None checks without
+            repairs. Skipped when ``settings.compute_check`` is off or nothing runs here.
 
     Returns:
         The install now at ``target``, and whether this call made it.
@@ -218,6 +250,8 @@ def install_once(
             is left behind), or the cache folder is not writable.
         DeviceNotFoundError: ``require_device`` is set and the build lists no such GPU
             (nothing is left behind).
+        ComputeCheckError: the install does not compute correctly here and could not be
+            repaired (nothing is left behind).
     """
     target = Path(target)
     made: list[bool] = []
@@ -226,15 +260,29 @@ def install_once(
         made.append(True)
         if not force:
             _log_repair(target)
-        metadata = populate(staging)
-        found = find_binaries(staging, binaries, os_name)
-        server = next(p for k, p in found.items() if "llama-server" in alternatives(k))
+        metadata = dict(populate(staging))
+
+        def staged_server() -> Path:
+            found = find_binaries(staging, binaries, os_name)
+            return next(p for k, p in found.items() if "llama-server" in alternatives(k))
+
+        server = staged_server()
         runnable = os_name == host_os()
         output, checked = _version_check(server, metadata) if runnable and run_here else (None, "")
         # A GPU build that cannot see the GPU still passes --version, then serves on the CPU.
         devices = None
         if output is not None and require_device is not None:
             devices = check_devices(server, require_device)
+        computed: dict[str, Any] | None = None
+        if output is not None and settings.compute_check:
+            # --version says nothing about whether it can multiply matrices on this CPU.
+            computed, updates = _compute_record(
+                staging, compute, server=staged_server, checked=checked, gpu=devices is not None
+            )
+            metadata.update(updates)
+            if updates:  # repaired: the binaries changed, so their checks run again
+                output, checked = _version_check(staged_server(), metadata)
+        found = find_binaries(staging, binaries, os_name)
         skipped = (
             f"{os_name} binaries cannot run on {host_os()}"
             if not runnable
@@ -243,6 +291,8 @@ def install_once(
         record = _record(metadata, staging, found, os_name, output, skipped, checked)
         if devices is not None:
             record["devices"] = [d.to_dict() for d in devices]
+        if computed is not None:
+            record[COMPUTE_KEY] = computed
         (staging / INSTALL_JSON).write_text(
             json.dumps(record, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
         )

@@ -31,6 +31,7 @@ __all__ = [
     "AssetRole",
     "CudaToolkitSpec",
     "IndexFile",
+    "KnownBadCpu",
     "Manifest",
     "NamedAsset",
     "Requirements",
@@ -278,6 +279,28 @@ class CudaToolkitSpec:
 
 
 @dataclass(frozen=True)
+class KnownBadCpu:
+    """A CPU feature group whose ggml kernels are broken in some builds (``[[known_bad_cpu]]``).
+
+    Installs of those builds turn the group off from the start on hosts that have it (so an
+    AMX host builds once, not twice); the compute check still confirms the result.
+    """
+
+    group: str
+    """A ladder group name (:data:`~llama_proc.provision.compute.ladder.LADDERS`): ``amx``..."""
+    why: str
+    """What breaks, with the upstream reference (recorded in ``install.json``)."""
+    first_fixed: str = ""
+    """The first build with the fix (``bNNNN``); empty while upstream has not fixed it."""
+
+    def applies_to(self, build: str) -> bool:
+        """Whether ``build`` (``bNNNN``; anything else counts as affected) has the problem."""
+        if not self.first_fixed or not _BUILD_RE.match(build):
+            return True
+        return int(build[1:]) < int(self.first_fixed[1:])
+
+
+@dataclass(frozen=True)
 class SourceSpec:
     """Where llama.cpp source for builds comes from."""
 
@@ -302,6 +325,12 @@ class Manifest:
     path: str = field(default="", compare=False)
     cuda_toolkits: tuple[CudaToolkitSpec, ...] = ()
     """Toolkits from the package index for CUDA source builds, in manifest order."""
+    known_bad_cpu: tuple[KnownBadCpu, ...] = ()
+    """CPU feature groups known to be broken, and in which builds."""
+
+    def known_bad_groups(self, build: str) -> dict[str, str]:
+        """The feature groups known to be broken in ``build``: name -> why."""
+        return {k.group: k.why for k in self.known_bad_cpu if k.applies_to(build)}
 
     def get(self, variant_id: str) -> Variant:
         """Return the variant with this id.
@@ -438,6 +467,30 @@ def _cuda_toolkit(ctx: _Ctx, data: Any, nth: int) -> CudaToolkitSpec:
         if not wheel.filename.endswith(".whl"):
             raise ctx.fail("cuda_toolkit.wheels.filename", f"{wheel.filename} is no wheel", **loc)
     return CudaToolkitSpec(cuda=cuda, os=os_name, arch=arch, wheels=wheels)
+
+
+def _known_bad_cpu(ctx: _Ctx, data: Any, nth: int) -> KnownBadCpu:
+    from llama_proc.provision.compute.ladder import feature_group  # noqa: PLC0415  a leaf
+
+    loc: dict[str, Any] = {"table": "[[known_bad_cpu]]", "nth": nth}
+    if not isinstance(data, dict):
+        raise ctx.fail("known_bad_cpu", "must be a table", **loc)
+    known = {"group", "why", "first_fixed"}
+    for key in data:
+        if key not in known:
+            raise ctx.fail(f"known_bad_cpu.{key}", f"unknown key; expected {sorted(known)}", **loc)
+    group = _str(ctx, data, "group", "known_bad_cpu.group", **loc)
+    try:
+        feature_group(group)
+    except KeyError:
+        raise ctx.fail(
+            "known_bad_cpu.group", f"{group!r} is not a CPU feature group", **loc
+        ) from None
+    fixed = _opt_str(ctx, data, "first_fixed", "known_bad_cpu.first_fixed", **loc)
+    if fixed and not _BUILD_RE.match(fixed):
+        raise ctx.fail("known_bad_cpu.first_fixed", "must look like b1234", **loc)
+    why = _str(ctx, data, "why", "known_bad_cpu.why", **loc)
+    return KnownBadCpu(group=group, why=why, first_fixed=fixed)
 
 
 def _requirements(ctx: _Ctx, data: Any, name: str, nth: int) -> Requirements:
@@ -634,6 +687,9 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
     toolkits_raw = data.get("cuda_toolkit", [])
     if not isinstance(toolkits_raw, list):
         raise ctx.fail("cuda_toolkit", "must be an array of tables ([[cuda_toolkit]])")
+    bad_raw = data.get("known_bad_cpu", [])
+    if not isinstance(bad_raw, list):
+        raise ctx.fail("known_bad_cpu", "must be an array of tables ([[known_bad_cpu]])")
     return Manifest(
         schema=SCHEMA_VERSION,
         repo=_str(ctx, llama, "repo", "llama_cpp.repo", **loc),
@@ -647,6 +703,7 @@ def parse_manifest(text: str, origin: str = "variants.toml") -> Manifest:
         variants=variants,
         path=origin,
         cuda_toolkits=tuple(_cuda_toolkit(ctx, t, i) for i, t in enumerate(toolkits_raw)),
+        known_bad_cpu=tuple(_known_bad_cpu(ctx, k, i) for i, k in enumerate(bad_raw)),
     )
 
 

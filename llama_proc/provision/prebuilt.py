@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from llama_proc.errors import ConfigError, ManifestError, ProvisionError
 from llama_proc.provision import archive, download, releases
+from llama_proc.provision.compute.ladder import prune_cpu_variants
+from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.install import Install
 from llama_proc.provision.installer import Installed, install_once
 from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     import requests
 
     from llama_proc.config import Settings
+    from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
     from llama_proc.provision.releases import ReleaseAsset
     from llama_proc.provision.resolve import Resolution
@@ -150,8 +153,16 @@ def _install(
     force: bool,
     run_here: bool,
     require_device: DeviceRequirement | None = None,
+    cpu: tuple[tuple[FeatureGroup, ...], dict[str, str]] = ((), {}),
 ) -> Installed:
-    """Fetch, verify and unpack ``variant``'s archives into ``target`` (atomically, locked)."""
+    """Fetch, verify and unpack ``variant``'s archives into ``target`` (atomically, locked).
+
+    ``cpu`` is this host's feature-group ladder and the groups off from the start (-> why):
+    the CPU-variant libraries that use them are removed, and more on the way down the ladder
+    when the compute check fails.
+    """
+    ladder, why = cpu
+    initial = tuple(g for g in ladder if g.name in why)
     owned: list[requests.Session] = []
     downloaded: list[Path] = []
 
@@ -164,7 +175,10 @@ def _install(
             owned.append(sess)
         items = _archives(variant, repo, build, settings, sess)
         downloaded.extend(_unpack(item, staging, settings, sess) for item in items)
+        removed = _prune(staging, initial) or []
         return {
+            "cpu_off": [g.name for g in initial],
+            "cpu_variants_removed": removed,
             "variant_id": variant.id,
             "build": build,
             "source": InstallSource.PREBUILT,
@@ -177,6 +191,12 @@ def _install(
             **metadata,
         }
 
+    def repair(staging: Path, groups: tuple[FeatureGroup, ...]) -> dict[str, Any] | None:
+        removed = _prune(staging, groups)
+        if not removed:
+            return None
+        return {"cpu_off": [g.name for g in groups], "cpu_variants_removed": removed}
+
     populate_fn: Callable[[Path], Mapping[str, Any]] = populate
     try:
         done = install_once(
@@ -188,6 +208,7 @@ def _install(
             force=force,
             run_here=run_here,
             require_device=require_device,
+            compute=ComputePlan(ladder=ladder, off=why, repair=repair),
         )
     finally:
         for sess in owned:
@@ -195,6 +216,17 @@ def _install(
     # Only now, with the install committed, are the archives no longer needed.
     _discard_downloads(downloaded)
     return done
+
+
+def _prune(staging: Path, groups: tuple[FeatureGroup, ...]) -> list[str] | None:
+    """Remove the staged CPU-variant libraries that use ``groups``; the names removed.
+
+    They sit beside the binary, in the archive's one top folder. None when none was removed.
+    """
+    removed: list[str] = []
+    for folder in {p.parent for p in staging.rglob("*ggml-cpu-*")}:
+        removed += prune_cpu_variants(folder, groups)
+    return removed or None
 
 
 def install_prebuilt(
@@ -228,6 +260,12 @@ def install_prebuilt(
     """
     target = install_dir(settings, res.build, res.variant.id)
     metadata = {"host": res.host.to_dict(), "manifest": res.manifest.path}
+    cpu = initial_off(
+        res.host.arch,
+        res.host.cpu_features,
+        res.manifest.known_bad_groups(res.build),
+        settings.cpu_off,
+    )
     return _install(
         target,
         res.variant,
@@ -239,6 +277,7 @@ def install_prebuilt(
         force=force,
         run_here=True,
         require_device=require_device,
+        cpu=cpu,
     )
 
 

@@ -176,10 +176,11 @@ def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, st
         key=lambda i: (i.path != canonical, i.source != preferred, str(i.metadata.get("created")))
     )
     reasons: list[str] = []
-    for install in installs:
-        if settings.no_prebuilt and install.source == InstallSource.PREBUILT:
-            reasons.append(f"{install.id} is a prebuilt and LLAMA_PROC_NO_PREBUILT is set")
+    for listed in installs:
+        if settings.no_prebuilt and listed.source == InstallSource.PREBUILT:
+            reasons.append(f"{listed.id} is a prebuilt and LLAMA_PROC_NO_PREBUILT is set")
             continue
+        install = _check_first_use(listed, settings) if _unchecked(listed, settings) else listed
         problems = install.problems()
         if problems:
             # Said once, by the cache step (and by the installer when it repairs it).
@@ -187,6 +188,22 @@ def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, st
             continue
         return install, ""
     return None, "; ".join(reasons)
+
+
+def _unchecked(install: Install, settings: Settings) -> bool:
+    """Whether a cache install still needs its one compute check (made before it existed)."""
+    return (
+        settings.compute_check
+        and install.compute is None
+        and install.metadata.get("smoke_check") == "ok"  # it ran on a host like this one
+    )
+
+
+def _check_first_use(install: Install, settings: Settings) -> Install:
+    # Imported here: a cache hit of a checked install never loads the check.
+    from llama_proc.provision.compute.first_use import check_on_first_use  # noqa: PLC0415
+
+    return check_on_first_use(install, settings.lock_timeout)
 
 
 def _fallback_ok(err: LlamaProcError) -> bool:

@@ -21,6 +21,16 @@ driver too old for it. ``--list-devices`` prints upstream's list (or ``(none)`` 
 error a debug build of ggml logs), and a server given ``--n-gpu-layers`` logs where the layers
 went (b11434's lines: "using device", "offloaded N/M layers", "model buffer size", or "no usable
 GPU found" for a CPU build). ``--version`` prints ``version: 11434 (abcdef0)``.
+
+The compute check: ``POST /completion`` with a token-id prompt and ``n_probs`` answers the way
+llama-server does (``completion_probabilities`` of a greedy continuation), computed honestly
+with llama-proc's pure-Python reference on the check's tiny model; ``--fake-compute wrong``
+adds 1.0 to every log-probability (a kernel that computes wrong numbers), ``nan`` answers NaN.
+A file ``fake-cpu`` in ``--fake-lib-dir`` makes the server die with SIGILL right after
+``llama threadpool init`` (where real broken kernels die), by lines:
+``sigill-if-lib NAME`` (a ``libggml-cpu-NAME.so`` lies in that folder: ggml's loader would take
+it) and ``sigill-unless-flag FLAG`` (``--fake-cflags``, which a fake build bakes into its shim,
+lacks FLAG).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 START = time.monotonic()
 
@@ -123,6 +134,43 @@ def log_placement(backend: str | None, lib_dir: str) -> None:
         log_raw("I", "load_tensors:   CPU_Mapped model buffer size =    92.10 MiB")
 
 
+def cpu_crash(lib_dir: str, cflags: str) -> str | None:
+    """Why this fake dies with SIGILL (a ``fake-cpu`` rule that matches), or None."""
+    try:
+        with open(os.path.join(lib_dir, "fake-cpu"), encoding="utf-8") as fh:
+            rules = [line.split() for line in fh if line.strip()]
+    except OSError:
+        return None
+    names = set(os.listdir(lib_dir))
+    for kind, value in rules:
+        if kind == "sigill-if-lib" and f"libggml-cpu-{value}.so" in names:
+            return f"libggml-cpu-{value}.so"
+        if kind == "sigill-unless-flag" and value not in cflags.split():
+            return f"built without {value}"
+    return None
+
+
+def completion(body: dict[str, Any], mode: str) -> dict[str, Any]:
+    """What llama-server answers the compute check: a greedy continuation with top logprobs."""
+    from llama_proc.provision.compute.reference import Reference, log_softmax
+    from llama_proc.provision.compute.tiny_model import make_tiny_model
+
+    reference = Reference(make_tiny_model())
+    tokens = [int(t) for t in body["prompt"]]
+    probs = []
+    for _ in range(int(body.get("n_predict", 1))):
+        logits = reference.logits(tokens, [len(tokens) - 1])[0]
+        lp = log_softmax(logits)
+        order = sorted(range(len(lp)), key=lambda i: -lp[i])[: int(body.get("n_probs", 1))]
+        shift = 1.0 if mode == "wrong" else 0.0
+        top = [
+            {"id": i, "logprob": float("nan") if mode == "nan" else lp[i] + shift} for i in order
+        ]
+        probs.append({"id": order[0], "logprob": top[0]["logprob"], "top_logprobs": top})
+        tokens.append(order[0])
+    return {"content": "", "completion_probabilities": probs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
@@ -136,6 +184,8 @@ def main() -> int:
     parser.add_argument("--list-devices", action="store_true")
     parser.add_argument("--version", action="store_true")
     parser.add_argument("--n-gpu-layers", "--gpu-layers", "-ngl", dest="ngl", default=None)
+    parser.add_argument("--fake-compute", choices=["right", "wrong", "nan"], default="right")
+    parser.add_argument("--fake-cflags", default="")
     args, _unknown = parser.parse_known_args()
 
     if args.version:
@@ -166,6 +216,7 @@ def main() -> int:
 
     ready = threading.Event()
     hang = threading.Event()
+    crash = cpu_crash(args.fake_lib_dir, args.fake_cflags)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -180,6 +231,14 @@ def main() -> int:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if self.path == "/completion" and isinstance(body.get("prompt"), list):
+                self._send(200, completion(body, args.fake_compute))
+            else:
+                self._send(404, {"error": {"code": 404, "message": "File Not Found"}})
 
         def do_GET(self) -> None:
             if self.path == "/health":
@@ -214,6 +273,12 @@ def main() -> int:
     if args.ngl is not None:
         log_placement(args.fake_gpu, args.fake_lib_dir)
 
+    if crash is not None:
+        log_raw("I", "cmn          init: llama threadpool init, n_threads = 2")
+        sys.stderr.write(f"fake: illegal instruction ({crash})\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGILL, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGILL)
     if args.mode in ("ready", "hang-after-health", "ignore-term", "lose-first-term"):
         time.sleep(args.delay)
         ready.set()
