@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 
 from llama_proc.config import Settings
-from llama_proc.provision.build_plan import BuildPlan, check_request, plan_build
-from llama_proc.provision.build_run import run_build
-from llama_proc.provision.cuda_wheels import ensure_cuda_toolkit
+from llama_proc.provision.compile.build_plan import BuildPlan, check_request, plan_build
+from llama_proc.provision.compile.build_run import run_build
+from llama_proc.provision.compile.cuda_wheels import ensure_cuda_toolkit
+from llama_proc.provision.compile.toolchain import find_toolchain
+from llama_proc.provision.fetch.sources import obtain_source
+from llama_proc.provision.host.platform import normalize_arch
 from llama_proc.provision.manifest import load_manifest
-from llama_proc.provision.platform import normalize_arch
-from llama_proc.provision.sources import obtain_source
-from llama_proc.provision.toolchain import find_toolchain
 
 
 def _plan(settings: Settings, arch: str, root: Path) -> BuildPlan:

@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers")]
 from http_server import FileServer
 
 from llama_proc.config import Settings
-from llama_proc.provision.download import download_file, file_sha256
+from llama_proc.provision.fetch.download import download_file, file_sha256
 
 MB = 1_000_000
 

@@ -34,9 +34,9 @@ def main() -> int:
     from gguf import GGUFReader
 
     from llama_proc.config import Settings
+    from llama_proc.models.gguf import read_gguf
+    from llama_proc.models.gguf_info import read_model_info
     from llama_proc.provision import fetch_smoke_model
-    from llama_proc.runtime.gguf import read_gguf
-    from llama_proc.runtime.gguf_info import read_model_info
 
     model = args.model or fetch_smoke_model(Settings.from_env())
     timings: dict[str, list[float]] = {"read_gguf": [], "read_model_info": [], "GGUFReader": []}

@@ -31,8 +31,8 @@ SHIM = (
 
 def make_cache(cache: Path) -> Path:
     from llama_proc.config import Settings
-    from llama_proc.provision.installer import install_atomically
-    from llama_proc.provision.layout import install_dir
+    from llama_proc.provision.cache.installer import install_atomically
+    from llama_proc.provision.cache.layout import install_dir
     from llama_proc.provision.resolve import plan
 
     # The shim cannot serve the compute check's model: it is installed unchecked, with the

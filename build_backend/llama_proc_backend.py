@@ -50,9 +50,9 @@ import scikit_build_core.build as _skbuild
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Variant
-    from llama_proc.provision.platform import HostInfo
 
 __all__ = [
     "build_editable",
@@ -190,8 +190,8 @@ def _obtain(request: Request) -> tuple[Install, Variant, HostInfo]:
     host = detect_host()
     manifest = load_manifest()
     if request.source == "build" and request.portable:
-        from llama_proc.provision.build import build_variant
-        from llama_proc.provision.selection import select_variant
+        from llama_proc.provision.compile.build import build_variant
+        from llama_proc.provision.host.selection import select_variant
 
         variant = select_variant(manifest, host, settings.backend).variant
         install = build_variant(

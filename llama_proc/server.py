@@ -12,7 +12,7 @@ and :mod:`llama_proc.runtime` (how it runs)::
         openai_client = server.openai_client()      # the openai SDK on server.base_url
 
 The model is a path or a Hugging Face reference as users copy it (``"org/repo:Q4_K_M"``,
-``"hf://org/repo/file.gguf"``; see :class:`~llama_proc.provision.hub.ModelRef`): a path that
+``"hf://org/repo/file.gguf"``; see :class:`~llama_proc.models.hub.ModelRef`): a path that
 exists wins, and a reference is downloaded into the shared Hugging Face cache on the first
 ``start()`` (or :meth:`LlamaServer.fetch_model`), before the start timeout begins to count.
 
@@ -47,7 +47,8 @@ from llama_proc.errors import (
     ServerRequestError,
     ServerStartError,
 )
-from llama_proc.provision.hub import ModelFiles, ModelRef, fetch_model
+from llama_proc.models.gguf import check_gguf
+from llama_proc.models.hub import ModelFiles, ModelRef, fetch_model
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.client import (
     REQUEST_TIMEOUT,
@@ -57,7 +58,6 @@ from llama_proc.runtime.client import (
     LlamaEndpoints,
 )
 from llama_proc.runtime.flags import probe_flags
-from llama_proc.runtime.gguf import check_gguf
 from llama_proc.runtime.process import (
     LOG_CAPACITY,
     LOG_TAIL,

@@ -20,7 +20,7 @@ from hub_env import use_fake_hub
 from tiny_gguf import write_model
 
 from llama_proc import cli
-from llama_proc.provision import hub as hub_module
+from llama_proc.models import hub as hub_module
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -187,7 +187,7 @@ def test_inspect_prints_the_header_and_the_estimate(
 
 
 def test_inspect_json(capsys: pytest.CaptureFixture[str], tiny: Path) -> None:
-    from llama_proc.runtime.gguf_info import estimate_memory, read_model_info
+    from llama_proc.models.gguf_info import estimate_memory, read_model_info
 
     code, out, _ = run(capsys, "inspect", "--json", str(tiny), "--parallel", "2")
     assert code == 0

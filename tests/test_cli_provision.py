@@ -22,13 +22,14 @@ from release_fixtures import ReleaseFixture, make_release, serve_release, shim_s
 import llama_proc
 from llama_proc import cli
 from llama_proc.config import Settings
-from llama_proc.provision import build as build_module
-from llama_proc.provision import bundle, download
-from llama_proc.provision.installer import install_atomically
-from llama_proc.provision.layout import install_dir
+from llama_proc.provision import bundle
+from llama_proc.provision.cache.installer import install_atomically
+from llama_proc.provision.cache.layout import install_dir
+from llama_proc.provision.compile import build as build_module
+from llama_proc.provision.fetch import download
+from llama_proc.provision.host.platform import detect_host
+from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import load_manifest
-from llama_proc.provision.platform import detect_host
-from llama_proc.provision.selection import select_variant
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -417,7 +418,7 @@ def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[s
 # ----------------------------------------------------------------------------- the auto chain
 def _fabricated_selection(requested: str = "auto") -> Any:
     """A selection whose reasons exist only as structured data: its ``why`` says nothing."""
-    from llama_proc.provision.selection import Blocker, BlockerKind, Candidate, Selection
+    from llama_proc.provision.host.selection import Blocker, BlockerKind, Candidate, Selection
 
     host = detect_host(gpu_details=False)
     variants = load_manifest().for_platform(host.os, host.arch)
@@ -445,7 +446,7 @@ def _fabricated_selection(requested: str = "auto") -> Any:
 
 
 def _patch_selection(monkeypatch: pytest.MonkeyPatch) -> Any:
-    from llama_proc.provision import selection as selection_module
+    from llama_proc.provision.host import selection as selection_module
 
     fabricated = _fabricated_selection()
     monkeypatch.setattr(selection_module, "select_variant", lambda *_a, **_k: fabricated)
@@ -498,8 +499,8 @@ def test_which_verbose_prints_the_chain_between_the_ladder_steps(
 def test_doctor_names_a_requested_backends_warnings(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llama_proc.provision import selection as selection_module
-    from llama_proc.provision.selection import Blocker, BlockerKind, Candidate
+    from llama_proc.provision.host import selection as selection_module
+    from llama_proc.provision.host.selection import Blocker, BlockerKind, Candidate
 
     fabricated = _fabricated_selection()
     blocked = Candidate(
@@ -520,7 +521,7 @@ def test_doctor_names_a_requested_backends_warnings(
 def test_doctor_says_which_cuda_toolkit_a_build_would_use(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llama_proc.provision import toolchain
+    from llama_proc.provision.compile import toolchain
 
     seen: list[object] = []
     real = toolchain.choose_cuda_toolkit

@@ -77,10 +77,10 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llama_proc.provision.build import build_variant
+    from llama_proc.provision.compile.build import build_variant
+    from llama_proc.provision.host.platform import detect_host
+    from llama_proc.provision.host.selection import select_variant
     from llama_proc.provision.manifest import load_manifest
-    from llama_proc.provision.platform import detect_host
-    from llama_proc.provision.selection import select_variant
 
     settings = settings_from_args(args)
     manifest = load_manifest()

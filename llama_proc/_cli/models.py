@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import argparse
 
     from llama_proc.config import Settings
-    from llama_proc.runtime.gguf_info import MemoryEstimate, ModelInfo
+    from llama_proc.models.gguf_info import MemoryEstimate, ModelInfo
 
 _MIB: Final = 1 << 20
 _GIB: Final = 1 << 30
@@ -111,7 +111,7 @@ def _fetch(
     from pathlib import Path
 
     from llama_proc.errors import ModelFileError
-    from llama_proc.provision.hub import ModelFiles, ModelRef, fetch_model
+    from llama_proc.models.hub import ModelFiles, ModelRef, fetch_model
 
     ref = ModelRef.parse(text)
     if ref is None:
@@ -149,7 +149,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from llama_proc.runtime.gguf_info import estimate_memory, read_model_info
+    from llama_proc.models.gguf_info import estimate_memory, read_model_info
 
     settings = settings_from_args(args)
     files = _fetch(args.model, settings)

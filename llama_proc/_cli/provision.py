@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
     from llama_proc.config import Settings
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.host.platform import HostInfo
+    from llama_proc.provision.host.selection import Blocker, Selection
     from llama_proc.provision.manifest import Manifest
-    from llama_proc.provision.platform import HostInfo
-    from llama_proc.provision.selection import Blocker, Selection
 
 _MB: Final = 1024 * 1024
 #: Tools ``doctor`` looks for on PATH (and in this interpreter's scripts folder).
@@ -212,7 +212,7 @@ def _platform(text: str) -> str:
     import argparse
 
     from llama_proc.errors import ConfigError
-    from llama_proc.provision.prebuilt import parse_platform
+    from llama_proc.provision.fetch.prebuilt import parse_platform
 
     try:
         return parse_platform(text).platform
@@ -224,7 +224,7 @@ def _fetch_for_platform(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from llama_proc.errors import ConfigError
-    from llama_proc.provision.prebuilt import fetch_for_platform
+    from llama_proc.provision.fetch.prebuilt import fetch_for_platform
 
     if args.platform is None or args.dest is None:
         msg = (
@@ -263,7 +263,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _compute_line(install: Install) -> str:
     """What the compute check said of the install in use (explicit binaries are never run)."""
-    from llama_proc.provision.install import compute_summary
+    from llama_proc.provision.cache.install import compute_summary
 
     if not install.metadata:
         return "compute: not checked (an explicit binary is used as it is)"
@@ -322,7 +322,7 @@ def _chain_lines(selection: Selection, requested: str) -> list[str]:
     Read from :attr:`Selection.candidates` and their :class:`Blocker` kinds and texts, never
     from the selection's reasoning lines.
     """
-    from llama_proc.provision.selection import AUTO_CHAIN
+    from llama_proc.provision.host.selection import AUTO_CHAIN
     from llama_proc.vocab import AUTO
 
     auto = requested == AUTO
@@ -346,7 +346,7 @@ def _reasons(blockers: Sequence[Blocker]) -> str:
 
 
 def _installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
-    from llama_proc.provision.inventory import list_installs
+    from llama_proc.provision.cache.inventory import list_installs
 
     out: dict[str, list[Install]] = {}
     for install in list_installs(settings):
@@ -356,13 +356,13 @@ def _installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
 
 def _list(args: argparse.Namespace) -> int:
     from llama_proc.errors import NoMatchingVariantError
-    from llama_proc.provision.manifest import load_manifest
-    from llama_proc.provision.platform import detect_host
-    from llama_proc.provision.selection import (
+    from llama_proc.provision.host.platform import detect_host
+    from llama_proc.provision.host.selection import (
         prebuilt_problems,
         runtime_problems,
         select_variant,
     )
+    from llama_proc.provision.manifest import load_manifest
 
     settings = settings_from_args(args)
     manifest = load_manifest()
@@ -405,7 +405,7 @@ def _cache_path(args: argparse.Namespace) -> int:
 
 
 def _cache_ls(args: argparse.Namespace) -> int:
-    from llama_proc.provision.inventory import list_installs
+    from llama_proc.provision.cache.inventory import list_installs
 
     settings = settings_from_args(args)
     installs = list_installs(settings)
@@ -423,7 +423,7 @@ def _cache_ls(args: argparse.Namespace) -> int:
 
 
 def _cache_rm(args: argparse.Namespace) -> int:
-    from llama_proc.provision.inventory import remove
+    from llama_proc.provision.cache.inventory import remove
 
     print(f"removed {remove(settings_from_args(args), args.install_id)}")
     return 0
@@ -432,7 +432,7 @@ def _cache_rm(args: argparse.Namespace) -> int:
 def _cache_verify(args: argparse.Namespace) -> int:
     import json
 
-    from llama_proc.provision.inventory import verify_installs
+    from llama_proc.provision.cache.inventory import verify_installs
 
     settings = settings_from_args(args)
     reports = verify_installs(settings)
@@ -461,7 +461,7 @@ def _cache_verify(args: argparse.Namespace) -> int:
 
 
 def _cache_prune(args: argparse.Namespace) -> int:
-    from llama_proc.provision.inventory import prune
+    from llama_proc.provision.cache.inventory import prune
 
     removed = prune(settings_from_args(args), keep_builds=args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -473,7 +473,7 @@ def _cache_prune(args: argparse.Namespace) -> int:
 
 
 def _host_lines(host: HostInfo) -> list[str]:
-    from llama_proc.provision.platform import LLAMA_CPU_FEATURES
+    from llama_proc.provision.host.platform import LLAMA_CPU_FEATURES
 
     cpu = [f for f in LLAMA_CPU_FEATURES if f in host.cpu_features]
     lines = [
@@ -517,7 +517,7 @@ def _tool_lines() -> list[str]:
 
 def _cuda_toolkit_line(host: HostInfo, manifest: Manifest) -> str:
     """Which CUDA toolkit a CUDA source build here would use, and why."""
-    from llama_proc.provision.toolchain import choose_cuda_toolkit
+    from llama_proc.provision.compile.toolchain import choose_cuda_toolkit
 
     choice = choose_cuda_toolkit(
         host, manifest.cuda_toolkits, os_name=host.os, arch=host.arch
@@ -527,11 +527,11 @@ def _cuda_toolkit_line(host: HostInfo, manifest: Manifest) -> str:
 
 
 def _cache_lines(settings: Settings) -> list[str]:
-    from llama_proc.provision.download import PART_SUFFIX
-    from llama_proc.provision.install import compute_summary
-    from llama_proc.provision.inventory import list_installs
-    from llama_proc.provision.layout import downloads_dir, servers_dir
-    from llama_proc.provision.locking import LOCK_SUFFIX, OLD_MARK, STAGING_MARK
+    from llama_proc.provision.cache.install import compute_summary
+    from llama_proc.provision.cache.inventory import list_installs
+    from llama_proc.provision.cache.layout import downloads_dir, servers_dir
+    from llama_proc.provision.cache.locking import LOCK_SUFFIX, OLD_MARK, STAGING_MARK
+    from llama_proc.provision.fetch.download import PART_SUFFIX
 
     installs = list_installs(settings)
     total = sum(
@@ -590,10 +590,10 @@ def _doctor(args: argparse.Namespace) -> int:
     from llama_proc._version import __version__
     from llama_proc.errors import LlamaProcError
     from llama_proc.provision.explain import StepName
+    from llama_proc.provision.host.platform import detect_host
+    from llama_proc.provision.host.selection import select_variant
     from llama_proc.provision.manifest import load_manifest
-    from llama_proc.provision.platform import detect_host
     from llama_proc.provision.resolve import resolve_server
-    from llama_proc.provision.selection import select_variant
 
     settings = settings_from_args(args)
     print(f"llama-proc {__version__} (Python {pyplatform.python_version()}, {sys.executable})")

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Final
 from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from llama_proc.provision.build import build_variant
-    from llama_proc.provision.install import Install
-    from llama_proc.provision.installer import install_atomically
-    from llama_proc.provision.inventory import list_installs
+    from llama_proc.models.smoke_model import fetch_smoke_model
+    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.installer import install_atomically
+    from llama_proc.provision.cache.inventory import list_installs
+    from llama_proc.provision.compile.build import build_variant
+    from llama_proc.provision.host.platform import HostInfo, detect_host
+    from llama_proc.provision.host.selection import Selection, select_variant
     from llama_proc.provision.manifest import Manifest, Variant, load_manifest
-    from llama_proc.provision.platform import HostInfo, detect_host
     from llama_proc.provision.resolve import ensure_server, resolve_server
-    from llama_proc.provision.selection import Selection, select_variant
-    from llama_proc.provision.smoke_model import fetch_smoke_model
 
 __all__ = [
     "HostInfo",
@@ -38,20 +38,20 @@ __all__ = [
 ]
 
 _WHERE: Final = {
-    "HostInfo": "platform",
-    "Install": "install",
+    "HostInfo": "host.platform",
+    "Install": "cache.install",
     "Manifest": "manifest",
-    "Selection": "selection",
+    "Selection": "host.selection",
     "Variant": "manifest",
-    "build_variant": "build",
-    "detect_host": "platform",
+    "build_variant": "compile.build",
+    "detect_host": "host.platform",
     "ensure_server": "resolve",
-    "fetch_smoke_model": "smoke_model",
-    "install_atomically": "installer",
-    "list_installs": "inventory",
+    "fetch_smoke_model": "llama_proc.models.smoke_model",
+    "install_atomically": "cache.installer",
+    "list_installs": "cache.inventory",
     "load_manifest": "manifest",
     "resolve_server": "resolve",
-    "select_variant": "selection",
+    "select_variant": "host.selection",
 }
 
 

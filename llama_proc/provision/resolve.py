@@ -5,12 +5,12 @@ saying what it did or why it was skipped:
 
 1. ``explicit``: ``settings.server_binary`` (``LLAMA_PROC_SERVER_BIN``) is used as is.
 2. ``select``: the variant and build to look for (remembered per host and manifest by
-   :mod:`~llama_proc.provision.memo`, so a cache hit parses no manifest and probes no host).
+   :mod:`~llama_proc.provision.cache.memo`, so a cache hit parses no manifest and probes no host).
 3. ``bundled``: the install inside this llama-proc's wheel, when its variant and build are the
    ones requested.
 4. ``cache``: a complete install of the selected variant and build in the cache.
 5. ``prebuilt`` and ``build`` in the order ``settings.prefer`` gives: download the release
-   archive (:mod:`~llama_proc.provision.prebuilt`) or compile from source. A prebuilt that
+   archive (:mod:`~llama_proc.provision.fetch.prebuilt`) or compile from source. A prebuilt that
    fails (no asset, download error, does not run here) falls back to the build with a warning.
    A GPU install on a host with that GPU must list it (``--list-devices``); one that does not
    is refused, and ``auto`` falls to the next variant of the chain (an explicit backend fails).
@@ -37,18 +37,19 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision import bundle, memo
+from llama_proc.provision import bundle
+from llama_proc.provision.cache import memo
+from llama_proc.provision.cache.install import Install
+from llama_proc.provision.cache.inventory import list_installs
+from llama_proc.provision.cache.layout import install_dir
 from llama_proc.provision.explain import Outcome, Step, StepName
-from llama_proc.provision.install import Install
-from llama_proc.provision.inventory import list_installs
-from llama_proc.provision.layout import install_dir
 from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
+    from llama_proc.provision.cache.verify import DeviceRequirement
+    from llama_proc.provision.host.platform import HostInfo
+    from llama_proc.provision.host.selection import Selection
     from llama_proc.provision.manifest import Manifest, Variant
-    from llama_proc.provision.platform import HostInfo
-    from llama_proc.provision.selection import Selection
-    from llama_proc.provision.verify import DeviceRequirement
 
 __all__ = ["Resolution", "ensure_server", "plan", "resolve_server"]
 
@@ -100,9 +101,9 @@ def plan(
     """
     # Parsing the manifest (tomllib), probing the host (ctypes, subprocess) and selecting
     # (packaging) are what a remembered plan saves; a cache hit must not import them either.
+    from llama_proc.provision.host.platform import detect_host  # noqa: PLC0415  off the hit path
+    from llama_proc.provision.host.selection import select_variant  # noqa: PLC0415  off the hit path
     from llama_proc.provision.manifest import load_manifest  # noqa: PLC0415  off the hit path
-    from llama_proc.provision.platform import detect_host  # noqa: PLC0415  off the hit path
-    from llama_proc.provision.selection import select_variant  # noqa: PLC0415  off the hit path
 
     manifest = manifest or load_manifest()
     # Selection needs the driver and CUDA versions, not the GPU list: skip the cuInit probe.
@@ -304,7 +305,7 @@ def resolve_server(
 
 def _device_need(res: Resolution) -> DeviceRequirement | None:
     """The GPU the new install must see (its backend's, when this host has one)."""
-    from llama_proc.provision.verify import device_requirement  # noqa: PLC0415  install path only
+    from llama_proc.provision.cache.verify import device_requirement  # noqa: PLC0415  install path only
 
     return device_requirement(res.variant, res.host)
 
@@ -389,7 +390,7 @@ def _provision(
                 continue
             # The download stack (requests, archives) is only imported when something is
             # downloaded: never on a cache hit.
-            from llama_proc.provision.prebuilt import install_prebuilt  # noqa: PLC0415
+            from llama_proc.provision.fetch.prebuilt import install_prebuilt  # noqa: PLC0415
 
             try:
                 installed = install_prebuilt(res, settings, force=force, require_device=need)
@@ -447,8 +448,8 @@ def _build(
     need: DeviceRequirement | None = None,
 ) -> Install:
     # The build modules take ~30 ms to import: only a build, never a cache hit, pays for them.
-    from llama_proc.provision.build import build_variant  # noqa: PLC0415
-    from llama_proc.provision.platform import detect_host  # noqa: PLC0415  off the hit path
+    from llama_proc.provision.compile.build import build_variant  # noqa: PLC0415
+    from llama_proc.provision.host.platform import detect_host  # noqa: PLC0415  off the hit path
 
     canonical = install_dir(settings, res.build, res.variant.id)
     replace_prebuilt = False

@@ -1,7 +1,7 @@
 """Hugging Face models named in the proxy's config, fetched before their servers start.
 
 A model whose config names a reference (``model = "org/repo:Q4_K_M"``) is downloaded on its
-first request with :func:`~llama_proc.provision.hub.fetch_model`, outside the server pool: a
+first request with :func:`~llama_proc.models.hub.fetch_model`, outside the server pool: a
 download holds no server slot, evicts nothing, and no start or health timeout runs during it
 (the server's start clock begins once the files are local). Requests for the same reference
 share one download; a failed one is tried again by the next request. :meth:`ModelDownloads.snapshot`
@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 
 from llama_proc.errors import DownloadError, LlamaProcError
-from llama_proc.provision.hub import ModelFiles, ModelRef, fetch_model
+from llama_proc.models.hub import ModelFiles, ModelRef, fetch_model
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -19,7 +19,7 @@ A TOML file (``llama-proc serve --config FILE`` or ``LLAMA_PROC_CONFIG``)::
 
 A model table names its GGUF with ``path`` or with ``model``: a Hugging Face reference as
 users copy it (``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf``, a hub link; see
-:class:`~llama_proc.provision.hub.ModelRef`) or a path (a path that exists wins). A reference
+:class:`~llama_proc.models.hub.ModelRef`) or a path (a path that exists wins). A reference
 is downloaded on the model's first request, into the shared Hugging Face cache
 (:mod:`llama_proc.proxy.downloads`). Keys in a model table other than ``path``, ``model``,
 ``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags`` and ``mmproj = true`` are
@@ -57,7 +57,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
-from llama_proc.provision.hub import ModelRef
+from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.flag_policy import FlagCaps, FlagChecker, FlagPolicy
 from llama_proc.runtime.args import ServerArgs
 

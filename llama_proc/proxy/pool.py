@@ -51,10 +51,10 @@ from llama_proc.errors import (
     ServerError,
     ServerStartError,
 )
+from llama_proc.models.gguf_info import cached_model_info, estimate_memory
 from llama_proc.proxy.metrics import PoolMetrics
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.flags import BinaryFlags, probe_flags
-from llama_proc.runtime.gguf_info import cached_model_info, estimate_memory
 from llama_proc.server import AsyncLlamaServer
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def server_key(model_id: str, flags: tuple[str, ...]) -> str:
 def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:
     """Bytes a llama-server for ``spec`` with ``flags`` is expected to use.
 
-    :func:`~llama_proc.runtime.gguf_info.estimate_memory` (weights, KV cache, slots, process
+    :func:`~llama_proc.models.gguf_info.estimate_memory` (weights, KV cache, slots, process
     overhead) for the model's header, read once per file identity, and the context size,
     slots and KV cache type the server gets: the config's options, then its ``extra_args``,
     then the request's flags, the last one winning. Unset, they are llama-server's defaults:

@@ -17,10 +17,10 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.diagnosis import Cause, diagnose
+    from llama_proc.models.gguf import GgufHeader, check_gguf
     from llama_proc.runtime.args import ServerArgs, validate_extra_args
     from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient, parse_metrics
     from llama_proc.runtime.flags import BinaryFlags, probe_flags
-    from llama_proc.runtime.gguf import GgufHeader, check_gguf
     from llama_proc.runtime.health import probe_health
     from llama_proc.runtime.process import ServerProcess, child_environment
 
@@ -45,11 +45,11 @@ _WHERE: Final = {
     "AsyncLlamaClient": "client",
     "BinaryFlags": "flags",
     "Cause": "llama_proc.diagnosis",
-    "GgufHeader": "gguf",
+    "GgufHeader": "llama_proc.models.gguf",
     "LlamaClient": "client",
     "ServerArgs": "args",
     "ServerProcess": "process",
-    "check_gguf": "gguf",
+    "check_gguf": "llama_proc.models.gguf",
     "child_environment": "process",
     "diagnose": "llama_proc.diagnosis",
     "parse_metrics": "client",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.runtime.flags import normalize_flag
-from llama_proc.runtime.rpc_protocol import parse_endpoint
+from llama_proc.runtime.rpc.protocol import parse_endpoint
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence

@@ -122,7 +122,7 @@ def host_os() -> str:
 
 def can_build_c() -> bool:
     """cmake (PATH or this interpreter's scripts) and a C compiler are available."""
-    from llama_proc.provision.toolchain import find_tool
+    from llama_proc.provision.compile.toolchain import find_tool
 
     if find_tool("cmake") is None:
         return False

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from llama_proc.provision.platform import HostInfo
+from llama_proc.provision.host.platform import HostInfo
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -424,7 +424,7 @@ def serve_index(
     The page lives at ``{prefix}/{normalized project}/`` and links each file with a relative
     URL (``../../files/<name>``) and its sha256 (``hashes`` overrides; None omits it).
     """
-    from llama_proc.provision.index import normalize_project
+    from llama_proc.provision.fetch.index import normalize_project
 
     entries = []
     for name, body in files.items():

@@ -15,8 +15,8 @@ import pytest
 from release_fixtures import make_release, make_tar, make_zip
 
 from llama_proc.errors import ArchiveError
-from llama_proc.provision import archive as archive_mod
-from llama_proc.provision.archive import (
+from llama_proc.provision.fetch import archive as archive_mod
+from llama_proc.provision.fetch.archive import (
     MAX_COMPRESSION_RATIO,
     MAX_EXTRACT_BYTES,
     archive_kind,

@@ -30,7 +30,8 @@ from llama_proc.errors import (
     ProvisionError,
     ToolNotFoundError,
 )
-from llama_proc.provision import (
+from llama_proc.provision.cache.locking import cache_lock, lock_path
+from llama_proc.provision.compile import (
     build,
     build_diagnosis,
     build_plan,
@@ -38,12 +39,11 @@ from llama_proc.provision import (
     cmake_flags,
     toolchain,
 )
-from llama_proc.provision import platform as platform_module
-from llama_proc.provision.build import build_into, build_variant, copy_outputs
-from llama_proc.provision.build_diagnosis import diagnose
-from llama_proc.provision.build_plan import BuildPlan, check_request, plan_build
-from llama_proc.provision.build_run import Run, parse_progress, run_build
-from llama_proc.provision.cmake_flags import (
+from llama_proc.provision.compile.build import build_into, build_variant, copy_outputs
+from llama_proc.provision.compile.build_diagnosis import diagnose
+from llama_proc.provision.compile.build_plan import BuildPlan, check_request, plan_build
+from llama_proc.provision.compile.build_run import Run, parse_progress, run_build
+from llama_proc.provision.compile.cmake_flags import (
     build_key,
     compose_cmake_flags,
     defined_targets,
@@ -52,11 +52,11 @@ from llama_proc.provision.cmake_flags import (
     resolve_targets,
     validate_cmake_args,
 )
-from llama_proc.provision.locking import cache_lock, lock_path
+from llama_proc.provision.compile.toolchain import Toolchain, find_toolchain
+from llama_proc.provision.fetch.sources import SourceTree, obtain_source
+from llama_proc.provision.host import platform as platform_module
+from llama_proc.provision.host.platform import HostInfo
 from llama_proc.provision.manifest import load_manifest
-from llama_proc.provision.platform import HostInfo
-from llama_proc.provision.sources import SourceTree, obtain_source
-from llama_proc.provision.toolchain import Toolchain, find_toolchain
 
 MANIFEST = load_manifest()
 FAKE_TOOLS = Toolchain(cmake="cmake", cmake_version=(3, 28, 0), ninja="/usr/bin/ninja")
@@ -854,7 +854,7 @@ def test_build_variant_refuses_unverified_release(settings):
 @pytest.mark.compile
 def test_real_llama_cpp_build(llama_server_bin, real_settings):
     """The run's one shared CPU build: inspect it, then building again must be a cache hit."""
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.cache.install import Install
 
     version = _run_binary(llama_server_bin, "--version")
     assert "build 11434" in version.stderr + version.stdout

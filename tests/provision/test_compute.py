@@ -25,7 +25,9 @@ from llama_proc import cli
 from llama_proc.config import Settings
 from llama_proc.diagnosis import diagnose
 from llama_proc.errors import ComputeCheckError, ManifestError, ProvisionError
-from llama_proc.provision import bundle, download
+from llama_proc.provision import bundle
+from llama_proc.provision.cache.install import COMPUTE_KEY, Install
+from llama_proc.provision.cache.layout import INSTALL_JSON, install_dir
 from llama_proc.provision.compute import check, ladder, plan
 from llama_proc.provision.compute.check import (
     GENERATED_TOKENS,
@@ -35,11 +37,10 @@ from llama_proc.provision.compute.check import (
 from llama_proc.provision.compute.quants import QuantType, dequantize_row
 from llama_proc.provision.compute.reference import Reference
 from llama_proc.provision.compute.tiny_model import make_tiny_model, write_gguf
-from llama_proc.provision.install import COMPUTE_KEY, Install
-from llama_proc.provision.layout import INSTALL_JSON, install_dir
+from llama_proc.provision.fetch import download
+from llama_proc.provision.fetch.prebuilt import install_prebuilt
+from llama_proc.provision.host.platform import HostInfo
 from llama_proc.provision.manifest import load_manifest, parse_manifest
-from llama_proc.provision.platform import HostInfo
-from llama_proc.provision.prebuilt import install_prebuilt
 from llama_proc.provision.resolve import ensure_server
 from llama_proc.provision.resolve import plan as resolve_plan
 
@@ -144,7 +145,7 @@ def test_the_run_install_records_what_is_off_on_this_host(llama_server_bin: Path
         install = Install.from_dir(llama_server_bin.parent)
     except ProvisionError:  # an explicit binary outside the cache
         pytest.skip(f"{llama_server_bin} is not a llama-proc install")
-    from llama_proc.provision.platform import detect_host
+    from llama_proc.provision.host.platform import detect_host
 
     record = install.compute
     assert record is not None
@@ -511,7 +512,7 @@ def _script_tree(root: Path) -> Path:
 def _build(tmp_path: Path, *, known_bad: bool, cpu_off: Iterable[str] = ()) -> Install:
     from build_fixtures import can_build_c, fake_variant
 
-    from llama_proc.provision.build import build_variant
+    from llama_proc.provision.compile.build import build_variant
 
     if not can_build_c():
         pytest.skip("needs cmake and a C compiler")
@@ -579,7 +580,7 @@ def _as_shipped(monkeypatch: pytest.MonkeyPatch, manifest_path: Path) -> None:
         "llama_proc.provision.manifest._manifest_text",
         lambda: (manifest_path.read_text(), "variants.toml"),
     )
-    monkeypatch.setattr("llama_proc.provision.platform.detect_host", lambda **_kw: AMX_HOST)
+    monkeypatch.setattr("llama_proc.provision.host.platform.detect_host", lambda **_kw: AMX_HOST)
 
 
 def _plant_old_install(settings: Settings, *, crashes: bool) -> Path:

@@ -18,25 +18,27 @@ from release_fixtures import make_release, make_tar, serve_release, write_varian
 
 from llama_proc.config import Settings
 from llama_proc.errors import DeviceNotFoundError, ProvisionError
-from llama_proc.provision import build as build_module
-from llama_proc.provision import bundle, download, memo
+from llama_proc.provision import bundle
 from llama_proc.provision import manifest as manifest_module
-from llama_proc.provision import platform as platform_module
-from llama_proc.provision.explain import Outcome, StepName, steps
-from llama_proc.provision.layout import INSTALL_JSON, install_dir
-from llama_proc.provision.manifest import Manifest, load_manifest
-from llama_proc.provision.platform import HostInfo
-from llama_proc.provision.resolve import ensure_server, resolve_server
-from llama_proc.provision.verify import (
+from llama_proc.provision.cache import memo
+from llama_proc.provision.cache.layout import INSTALL_JSON, install_dir
+from llama_proc.provision.cache.verify import (
     DeviceRequirement,
     check_devices,
     device_requirement,
 )
+from llama_proc.provision.compile import build as build_module
+from llama_proc.provision.explain import Outcome, StepName, steps
+from llama_proc.provision.fetch import download
+from llama_proc.provision.host import platform as platform_module
+from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from http_server import FileServer
 
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.cache.install import Install
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="runs Linux shell shims"

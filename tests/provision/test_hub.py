@@ -25,7 +25,7 @@ from fake_hub import FakeHub, sha256_of
 
 from llama_proc.config import Settings
 from llama_proc.errors import DownloadError, ModelFileError, OfflineError, ProvisionError
-from llama_proc.provision.hub import ModelFiles, ModelRef, choose_files, fetch_model
+from llama_proc.models.hub import ModelFiles, ModelRef, choose_files, fetch_model
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -469,7 +469,7 @@ def test_plain_path_comes_back_unchanged(tmp_path: Path) -> None:
 _PULL = textwrap.dedent(
     """
     import sys
-    from llama_proc.provision.hub import fetch_model
+    from llama_proc.models.hub import fetch_model
     print(fetch_model(sys.argv[1], progress=False).model)
     """
 )

@@ -11,8 +11,8 @@ from release_fixtures import serve_index
 
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
-from llama_proc.provision import download
-from llama_proc.provision.index import (
+from llama_proc.provision.fetch import download
+from llama_proc.provision.fetch.index import (
     PEP691_JSON,
     fetch_index_file,
     find_index_file,

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from llama_proc.provision import platform as hostmod
-from llama_proc.provision.platform import (
+from llama_proc.provision.host import platform as hostmod
+from llama_proc.provision.host.platform import (
     HostInfo,
     cuda_version_from_int,
     detect_host,

@@ -36,15 +36,17 @@ from llama_proc.errors import (
     NoMatchingVariantError,
     ProvisionError,
 )
-from llama_proc.provision import archive, bundle, download, installer
-from llama_proc.provision import build as build_module
-from llama_proc.provision.install import Install
-from llama_proc.provision.inventory import list_installs
-from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
-from llama_proc.provision.locking import lock_path
+from llama_proc.provision import bundle
+from llama_proc.provision.cache import installer
+from llama_proc.provision.cache.install import Install
+from llama_proc.provision.cache.inventory import list_installs
+from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.cache.locking import lock_path
+from llama_proc.provision.compile import build as build_module
+from llama_proc.provision.fetch import archive, download
+from llama_proc.provision.fetch.prebuilt import fetch_for_platform, install_prebuilt, parse_platform
+from llama_proc.provision.host.platform import HostInfo
 from llama_proc.provision.manifest import Manifest, load_manifest
-from llama_proc.provision.platform import HostInfo
-from llama_proc.provision.prebuilt import fetch_for_platform, install_prebuilt, parse_platform
 from llama_proc.provision.resolve import ensure_server, plan
 
 if TYPE_CHECKING:

@@ -23,9 +23,8 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision import download
-from llama_proc.provision.manifest import load_manifest, parse_manifest
-from llama_proc.provision.releases import (
+from llama_proc.provision.fetch import download
+from llama_proc.provision.fetch.releases import (
     GITHUB_API,
     ReleaseAsset,
     ReleasePins,
@@ -38,6 +37,7 @@ from llama_proc.provision.releases import (
     pin_manifest_text,
     pin_release,
 )
+from llama_proc.provision.manifest import load_manifest, parse_manifest
 
 if TYPE_CHECKING:
     from llama_proc.provision.manifest import Manifest
@@ -320,7 +320,7 @@ def test_manifest_fixture_roundtrip_download_extract_run(
 
     from release_fixtures import host_flavor, write_variants_toml
 
-    from llama_proc.provision.archive import extract_archive, find_binaries
+    from llama_proc.provision.fetch.archive import extract_archive, find_binaries
 
     release = make_release(tmp_path, "b4242", ["ubuntu-x64", "win-cuda-12.4-x64"])
     mirror = serve_release(server, release)

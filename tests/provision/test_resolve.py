@@ -42,23 +42,25 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision import build as build_module
-from llama_proc.provision import bundle, download, memo
+from llama_proc.provision import bundle
 from llama_proc.provision import manifest as manifest_module
-from llama_proc.provision import platform as platform_module
 from llama_proc.provision import resolve as resolve_module
+from llama_proc.provision.cache import memo
+from llama_proc.provision.cache.installer import install_atomically
+from llama_proc.provision.cache.inventory import list_installs, remove
+from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.explain import Outcome, Step, StepName, steps
-from llama_proc.provision.installer import install_atomically
-from llama_proc.provision.inventory import list_installs, remove
-from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.fetch import download
+from llama_proc.provision.host import platform as platform_module
+from llama_proc.provision.host.platform import HostInfo
 from llama_proc.provision.manifest import Manifest, Variant, load_manifest
-from llama_proc.provision.platform import HostInfo
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from http_server import FileServer
 
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.cache.install import Install
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims")
 
@@ -522,12 +524,12 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from llama_proc.config import Settings
     from llama_proc.provision.manifest import load_manifest
-    from llama_proc.provision.platform import HostInfo
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.resolve import ensure_server
 
     cache, mirror, manifest_path, mode, marker = sys.argv[1:6]
     if mode == "slow-extract":
-        from llama_proc.provision import archive
+        from llama_proc.provision.fetch import archive
 
         real = archive.extract_archive
 
@@ -793,7 +795,7 @@ def test_cache_hit_imports_no_download_manifest_or_probe_code(
         assert cli.main(["which"]) == 0
         heavy = ("requests", "tqdm", "filelock", "tomllib", "packaging", "ctypes", "subprocess",
                  "tarfile", "zipfile", "llama_proc.provision.manifest",
-                 "llama_proc.provision.platform", "llama_proc.provision.download")
+                 "llama_proc.provision.host.platform", "llama_proc.provision.fetch.download")
         print(sorted(m for m in sys.modules if m.startswith(heavy)))
         """
     )

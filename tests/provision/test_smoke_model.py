@@ -10,9 +10,9 @@ from release_fixtures import fake_gguf, make_wheel, serve_index
 
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, ManifestError, OfflineError, ProvisionError
-from llama_proc.provision import download
+from llama_proc.models.smoke_model import fetch_smoke_model, smoke_model_path
+from llama_proc.provision.fetch import download
 from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
-from llama_proc.provision.smoke_model import fetch_smoke_model, smoke_model_path
 
 if TYPE_CHECKING:
     from pathlib import Path

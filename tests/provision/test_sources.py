@@ -21,15 +21,15 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision import archive, download, sources
-from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
-from llama_proc.provision.sources import (
+from llama_proc.provision.fetch import archive, download, sources
+from llama_proc.provision.fetch.sources import (
     find_llama_root,
     git_build_info,
     obtain_source,
     parse_source_spec,
     tree_fingerprint,
 )
+from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
 
 SHA_A = "a" * 64
 

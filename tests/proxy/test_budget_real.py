@@ -16,6 +16,7 @@ import pytest
 from proxy_fakes import serve_pool
 from tiny_gguf import write_model
 
+from llama_proc.models.gguf_info import estimate_memory, read_model_info
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import (
     AUTO_PARALLEL,
@@ -24,7 +25,6 @@ from llama_proc.proxy.pool import (
     ServerPool,
     estimate_server_memory,
 )
-from llama_proc.runtime.gguf_info import estimate_memory, read_model_info
 
 START_TIMEOUT = 120
 TEST_TIMEOUT = 300

@@ -26,7 +26,7 @@ from gguf import (
 from tiny_gguf import write_model
 
 from llama_proc.errors import ModelFileError
-from llama_proc.runtime.gguf import (
+from llama_proc.models.gguf import (
     FILE_TYPES,
     GGML_TYPES,
     INLINE_ARRAY_MAX,

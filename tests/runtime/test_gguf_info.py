@@ -19,8 +19,8 @@ from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
 from tiny_gguf import write_model
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError
-from llama_proc.runtime import gguf_info
-from llama_proc.runtime.gguf_info import (
+from llama_proc.models import gguf_info
+from llama_proc.models.gguf_info import (
     ESTIMATE_ERROR_BOUND,
     LOGIT_BYTES,
     PROCESS_OVERHEAD,

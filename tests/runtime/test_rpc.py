@@ -332,7 +332,7 @@ def test_port_in_use_is_a_clear_start_error(worker_bin):
 
 def test_free_port_taken_before_bind_is_retried(worker_bin, monkeypatch):
     from llama_proc._proc import free_port as real_free_port
-    from llama_proc.runtime import rpc_worker as rpc
+    from llama_proc.runtime.rpc import worker as rpc
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))

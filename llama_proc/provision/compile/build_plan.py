@@ -4,7 +4,7 @@
 CMake arguments are ``-D`` definitions); :func:`plan_build` then finds the tools and decides the
 flags, targets, CUDA architectures, parallel jobs and build folder, reading the rest from
 :class:`~llama_proc.config.Settings`. The resulting :class:`BuildPlan` is what
-:func:`~llama_proc.provision.build_run.run_build` executes.
+:func:`~llama_proc.provision.compile.build_run.run_build` executes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ConfigError, ProvisionError
-from llama_proc.provision.cmake_flags import (
+from llama_proc.provision.compile.cmake_flags import (
     build_key,
     compose_cmake_flags,
     defined_targets,
@@ -24,18 +24,18 @@ from llama_proc.provision.cmake_flags import (
     resolve_targets,
     validate_cmake_args,
 )
-from llama_proc.provision.platform import host_os
-from llama_proc.provision.toolchain import find_toolchain
+from llama_proc.provision.compile.toolchain import find_toolchain
+from llama_proc.provision.host.platform import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from llama_proc.config import Settings
+    from llama_proc.provision.compile.toolchain import Toolchain
+    from llama_proc.provision.fetch.sources import SourceTree
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Manifest, Variant
-    from llama_proc.provision.platform import HostInfo
-    from llama_proc.provision.sources import SourceTree
-    from llama_proc.provision.toolchain import Toolchain
 
 __all__ = [
     "BUILD_DIR",
@@ -201,7 +201,7 @@ def plan_build(
         settings: cache root, ``jobs`` (default: the CPU count) and ``cuda_arch`` (default:
             the host's GPUs).
         manifest: ``[build] cmake_flags``.
-        toolchain: the tools to use (default: :func:`~llama_proc.provision.toolchain.find_toolchain`).
+        toolchain: the tools to use (default: :func:`~llama_proc.provision.compile.toolchain.find_toolchain`).
 
     Raises:
         ToolNotFoundError: a needed tool is missing.

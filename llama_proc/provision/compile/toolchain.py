@@ -1,7 +1,7 @@
 """The build tools of a source build: find cmake, compilers, nvcc and glslc, or say what to install.
 
 CUDA: :func:`choose_cuda_toolkit` decides between a system toolkit and NVIDIA's toolkit wheels
-from the package index (:mod:`~llama_proc.provision.cuda_wheels`): a system toolkit is preferred
+from the package index (:mod:`~llama_proc.provision.compile.cuda_wheels`): a system toolkit is preferred
 when it can compile for the detected GPUs and the driver can run what it builds; otherwise the
 newest pinned wheel toolkit the driver supports is used. The choice says why, for ``doctor``.
 
@@ -29,8 +29,8 @@ from llama_proc.errors import ToolNotFoundError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import CudaToolkitSpec
-    from llama_proc.provision.platform import HostInfo
 
 __all__ = [
     "MIN_CMAKE",
@@ -384,7 +384,7 @@ def find_toolchain(
         os_name: ``linux``, ``macos`` or ``windows``.
         env: environment to search (default: ``os.environ``).
         cuda_root: a CUDA toolkit root to use (the wheel toolkit,
-            :func:`~llama_proc.provision.cuda_wheels.ensure_cuda_toolkit`) instead of searching.
+            :func:`~llama_proc.provision.compile.cuda_wheels.ensure_cuda_toolkit`) instead of searching.
 
     Raises:
         ToolNotFoundError: cmake missing or too old, no C/C++ compiler, no nvcc for CUDA,

@@ -5,10 +5,10 @@ Layout under ``settings.cache_dir``::
     servers/<build>/<variant_id>[+<flavor>]/     one complete install (install.json inside)
     servers/<build>/<variant_id>[+<flavor>].lock the lock that guards it (beside, not inside)
     servers/<build>/.<name>.incoming-<random>/   staging of an install in progress
-    servers/.resolved.json                       the last resolutions (see provision.memo)
+    servers/.resolved.json                       the last resolutions (see provision.cache.memo)
     downloads/<asset>[.part|.lock]               archives and index files while they are fetched
-    models/<file>.gguf                           the smoke-test model (provision.smoke_model)
-    sources/<archive>-<sha>/                     unpacked llama.cpp source (provision.sources)
+    models/<file>.gguf                           the smoke-test model (models.smoke_model)
+    sources/<archive>-<sha>/                     unpacked llama.cpp source (provision.fetch.sources)
 """
 
 from __future__ import annotations

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ConfigError, ProvisionError
+from llama_proc.provision.compile.toolchain import version_text
 from llama_proc.provision.manifest import split_alternatives
-from llama_proc.provision.toolchain import version_text
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
 
+    from llama_proc.provision.fetch.sources import SourceTree
     from llama_proc.provision.manifest import Variant
-    from llama_proc.provision.sources import SourceTree
 
 __all__ = [
     "build_key",

@@ -37,10 +37,10 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision import archive
-from llama_proc.provision.download import download_file, file_sha256
-from llama_proc.provision.index import fetch_index_file
-from llama_proc.provision.locking import create_once
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.fetch import archive
+from llama_proc.provision.fetch.download import download_file, file_sha256
+from llama_proc.provision.fetch.index import fetch_index_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable

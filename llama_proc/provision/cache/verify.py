@@ -25,13 +25,13 @@ from llama_proc._proc import run_with_timeout
 from llama_proc.devices import Device, parse_device_list
 from llama_proc.diagnosis import Cause, diagnose, diagnose_gpu
 from llama_proc.errors import DeviceNotFoundError, ProvisionError
-from llama_proc.provision.selection import runtime_problems
+from llama_proc.provision.host.selection import runtime_problems
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Variant
-    from llama_proc.provision.platform import HostInfo
 
 __all__ = [
     "DEVICE_TIMEOUT",

@@ -4,7 +4,7 @@ NVIDIA publishes the parts of the CUDA toolkit as wheels (``nvidia-cuda-nvcc``,
 ``nvidia-cuda-runtime``, ``nvidia-cublas``, ...). They need only the NVIDIA driver, so a host
 with a driver and no toolkit can still build llama.cpp's CUDA backend.
 :func:`ensure_cuda_toolkit` fetches the wheels a ``[[cuda_toolkit]]`` table of the manifest pins
-(sha256-checked, through :func:`~llama_proc.provision.index.fetch_index_file`) and lays them out,
+(sha256-checked, through :func:`~llama_proc.provision.fetch.index.fetch_index_file`) and lays them out,
 once and under the cache's lock-and-stage protocol, as the folder CMake's ``FindCUDAToolkit``
 accepts::
 
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._proc import run_with_timeout
 from llama_proc.errors import ProvisionError, ToolNotFoundError
-from llama_proc.provision.archive import extract_archive
-from llama_proc.provision.index import fetch_index_file
-from llama_proc.provision.locking import create_once
-from llama_proc.provision.toolchain import find_tool
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.compile.toolchain import find_tool
+from llama_proc.provision.fetch.archive import extract_archive
+from llama_proc.provision.fetch.index import fetch_index_file
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -116,7 +116,7 @@ def ensure_cuda_toolkit(
 
     Args:
         spec: the pinned wheels
-            (:func:`~llama_proc.provision.toolchain.choose_cuda_toolkit` picks them).
+            (:func:`~llama_proc.provision.compile.toolchain.choose_cuda_toolkit` picks them).
         settings: ``cache_dir``, ``index_url``, offline flag, timeouts.
         session: a ``requests`` session to reuse for the downloads.
         force: lay it out again even when complete.

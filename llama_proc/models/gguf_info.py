@@ -1,6 +1,6 @@
 """What a GGUF model's header says, and how much memory llama-server needs to serve it.
 
-:func:`read_model_info` reads the header (:func:`~llama_proc.runtime.gguf.read_gguf`):
+:func:`read_model_info` reads the header (:func:`~llama_proc.models.gguf.read_gguf`):
 architecture, parameter count, layers, trained context, quantization, attention and KV heads,
 head sizes, and the bytes of its tensors. The ``gguf`` package (llama.cpp's own reader) parses
 every metadata value, the tokenizer's vocabulary too: 2-4 s for SmolLM2-135M's 49k tokens,
@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError
-from llama_proc.runtime.gguf import FILE_TYPES, GGML_TYPES, GgufArray, read_gguf
+from llama_proc.models.gguf import FILE_TYPES, GGML_TYPES, GgufArray, read_gguf
 
 if TYPE_CHECKING:
     import os
     from collections.abc import Mapping, Sequence
 
-    from llama_proc.runtime.gguf import GgufTensor, MetadataValue
+    from llama_proc.models.gguf import GgufTensor, MetadataValue
 
 __all__ = [
     "ESTIMATE_ERROR_BOUND",

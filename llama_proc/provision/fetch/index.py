@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import OfflineError, ProvisionError
-from llama_proc.provision.download import download_file, fetch_page, file_sha256
-from llama_proc.provision.layout import downloads_dir
-from llama_proc.provision.locking import create_once
+from llama_proc.provision.cache.layout import downloads_dir
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.fetch.download import download_file, fetch_page, file_sha256
 
 if TYPE_CHECKING:
     from pathlib import Path

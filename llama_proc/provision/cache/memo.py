@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import llama_proc
 from llama_proc._version import __version__
-from llama_proc.provision.layout import servers_dir
+from llama_proc.provision.cache.layout import servers_dir
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings

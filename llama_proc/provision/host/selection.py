@@ -1,7 +1,7 @@
 """Choose the manifest variant a host should run, and say why.
 
 Pure functions over :class:`~llama_proc.provision.manifest.Manifest` and
-:class:`~llama_proc.provision.platform.HostInfo`, so every decision is table-testable.
+:class:`~llama_proc.provision.host.platform.HostInfo`, so every decision is table-testable.
 
 ``auto`` walks a chain of backends, best first: CUDA (the newest toolkit the driver can run
 first, so CUDA 13 before CUDA 12), ROCm, Metal, Vulkan, then the CPU. Each step it passes over
@@ -24,8 +24,8 @@ from llama_proc.vocab import AUTO
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Manifest, Variant
-    from llama_proc.provision.platform import HostInfo
 
 __all__ = [
     "AUTO_CHAIN",

@@ -1,7 +1,7 @@
 """What the cache holds, and taking things out of it: listing, verifying, removal, pruning.
 
 Removal and pruning take the same per-install lock as installing
-(:mod:`~llama_proc.provision.locking`), so an install in progress is never deleted under the
+(:mod:`~llama_proc.provision.cache.locking`), so an install in progress is never deleted under the
 process making it. Verifying (``llama-proc cache verify``) re-hashes every file of every install
 against its ``install.json``; it only reads.
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_proc.errors import ManifestError, ProvisionError
-from llama_proc.provision.install import (
+from llama_proc.provision.cache.install import (
     FileProblem,
     Install,
     check_install,
     scan_tree,
 )
-from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, servers_dir
-from llama_proc.provision.locking import (
+from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, servers_dir
+from llama_proc.provision.cache.locking import (
     LOCK_SUFFIX,
     OLD_MARK,
     STAGING_MARK,
@@ -111,7 +111,7 @@ class Verification:
 def verify_install(path: Path) -> Verification:
     """Re-hash every file of the install at ``path`` against its ``install.json``.
 
-    On top of :meth:`~llama_proc.provision.install.Install.problems` (the stat facts a cache
+    On top of :meth:`~llama_proc.provision.cache.install.Install.problems` (the stat facts a cache
     hit compares): each regular file's sha256, each symlink's target (it must still say what
     was recorded and stay inside the folder), and files that were not part of the install. An
     install without file records is checked by its binaries' recorded sha256 only.
@@ -123,7 +123,7 @@ def verify_install(path: Path) -> Verification:
         The verdict; its ``problems`` are empty when the install is intact.
     """
     # hashlib comes with the download module: verifying is rare, a cache hit never hashes.
-    from llama_proc.provision.download import file_sha256  # noqa: PLC0415  off the hit path
+    from llama_proc.provision.fetch.download import file_sha256  # noqa: PLC0415  off the hit path
 
     def sha256(file: Path) -> str | None:
         try:
@@ -400,7 +400,7 @@ def _delete(path: Path) -> bool:
 
 
 def _prune_downloads(settings: Settings, *, dry_run: bool) -> list[Path]:
-    from llama_proc.provision.download import PART_SUFFIX  # noqa: PLC0415  off the hit path
+    from llama_proc.provision.fetch.download import PART_SUFFIX  # noqa: PLC0415  off the hit path
 
     folder = downloads_dir(settings)
     names = {

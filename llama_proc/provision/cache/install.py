@@ -1,14 +1,14 @@
 """A complete llama-server install and its ``install.json``: what an install *is*.
 
 Reading one is cheap (no downloads, archives or host probes are imported), because every cache
-hit ends here. Making one is :mod:`~llama_proc.provision.installer`'s job; where installs live
-is :mod:`~llama_proc.provision.layout`'s.
+hit ends here. Making one is :mod:`~llama_proc.provision.cache.installer`'s job; where installs live
+is :mod:`~llama_proc.provision.cache.layout`'s.
 
 ``install.json`` records every file of the install under ``file_records`` (relative path ->
 size, mtime_ns and sha256, or the target of a symlink). :meth:`Install.problems` compares the
 cheap facts (one ``lstat`` per file, no reading): a truncated binary, a deleted or replaced
 library makes the install broken, and the installer replaces it. Re-hashing everything is
-``llama-proc cache verify``'s job (:func:`~llama_proc.provision.inventory.verify_installs`).
+``llama-proc cache verify``'s job (:func:`~llama_proc.provision.cache.inventory.verify_installs`).
 Installs made before file records existed have none: only their binaries are checked.
 Every path ``install.json`` names must stay inside the install folder, lexically and after
 following symlinks; one that leaves it makes the install broken, never followed.
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from llama_proc.errors import BinaryNotFoundError, ProvisionError
-from llama_proc.provision.layout import INSTALL_JSON
+from llama_proc.provision.cache.layout import INSTALL_JSON
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

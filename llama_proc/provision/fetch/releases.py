@@ -20,7 +20,7 @@ The trust chain:
   way. It is refused before any connection unless every asset the variant fetches has a sha256
   pinned in ``variants.toml``, and its listing's digests are never used.
 * Each asset's size from the listing is checked as well as its sha256 (see
-  :func:`llama_proc.provision.download.download_file`).
+  :func:`llama_proc.provision.fetch.download.download_file`).
 * :func:`pin_release` reads the sha256 and size of every asset of a build, and the commit of
   its tag, for maintainers to pin in ``variants.toml``.
 """
@@ -45,7 +45,7 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision.download import fetch_page, make_session
+from llama_proc.provision.fetch.download import fetch_page, make_session
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 
 if TYPE_CHECKING:

@@ -1,24 +1,24 @@
 """Build llama-server from llama.cpp source with CMake, into a verified cache install.
 
-:func:`build_variant` checks the request (:func:`~llama_proc.provision.build_plan.check_request`),
-gets a source tree (:func:`~llama_proc.provision.sources.obtain_source`), then lets
-:func:`~llama_proc.provision.installer.install_atomically` call :func:`build_into`, which runs the
-plan (:func:`~llama_proc.provision.build_plan.plan_build`,
-:func:`~llama_proc.provision.build_run.run_build`) in a persistent build folder
+:func:`build_variant` checks the request (:func:`~llama_proc.provision.compile.build_plan.check_request`),
+gets a source tree (:func:`~llama_proc.provision.fetch.sources.obtain_source`), then lets
+:func:`~llama_proc.provision.cache.installer.install_atomically` call :func:`build_into`, which runs the
+plan (:func:`~llama_proc.provision.compile.build_plan.plan_build`,
+:func:`~llama_proc.provision.compile.build_run.run_build`) in a persistent build folder
 ``cache_dir/build/<key>`` and copies the whole ``bin/`` folder (binaries, shared libraries,
 symlink chains) into the install. A CUDA build uses the toolkit
-:func:`~llama_proc.provision.toolchain.choose_cuda_toolkit` picks (the system's, else NVIDIA's
-wheels from the package index, laid out by :mod:`~llama_proc.provision.cuda_wheels`) and copies
+:func:`~llama_proc.provision.compile.toolchain.choose_cuda_toolkit` picks (the system's, else NVIDIA's
+wheels from the package index, laid out by :mod:`~llama_proc.provision.compile.cuda_wheels`) and copies
 the CUDA runtime libraries the binaries link (libcudart, libcublas, libcublasLt) beside them, so
 they load through ``$ORIGIN`` with no ``LD_LIBRARY_PATH``. The key hashes the source identity, the generator and the
 configure flags, not the targets, so the rpc variant reuses the cpu variant's objects and a
 rebuild of the same inputs is incremental. A second :func:`build_variant` of the same inputs
 is a pure cache hit: the install is found before any tool is even looked for.
 
-Where the rest lives: the tools in :mod:`~llama_proc.provision.toolchain`, the ``-D`` flags,
-CUDA architectures, targets and keys in :mod:`~llama_proc.provision.cmake_flags`, the plan in
-:mod:`~llama_proc.provision.build_plan`, running it in :mod:`~llama_proc.provision.build_run`
-and the failure hints in :mod:`~llama_proc.provision.build_diagnosis`.
+Where the rest lives: the tools in :mod:`~llama_proc.provision.compile.toolchain`, the ``-D`` flags,
+CUDA architectures, targets and keys in :mod:`~llama_proc.provision.compile.cmake_flags`, the plan in
+:mod:`~llama_proc.provision.compile.build_plan`, running it in :mod:`~llama_proc.provision.compile.build_run`
+and the failure hints in :mod:`~llama_proc.provision.compile.build_diagnosis`.
 """
 
 from __future__ import annotations
@@ -32,33 +32,33 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import BuildError, ToolNotFoundError
-from llama_proc.provision.build_plan import check_request, plan_build
-from llama_proc.provision.build_run import run_build
-from llama_proc.provision.cmake_flags import flag_value, install_flavor
-from llama_proc.provision.compute.ladder import (
-    native_flags,
-    prune_cpu_variants,
-    with_compiler_flags,
-)
-from llama_proc.provision.compute.plan import ComputePlan, initial_off
-from llama_proc.provision.cuda_wheels import (
+from llama_proc.provision.cache.installer import install_atomically
+from llama_proc.provision.cache.layout import install_dir
+from llama_proc.provision.cache.locking import remove_tree
+from llama_proc.provision.compile.build_plan import check_request, plan_build
+from llama_proc.provision.compile.build_run import run_build
+from llama_proc.provision.compile.cmake_flags import flag_value, install_flavor
+from llama_proc.provision.compile.cuda_wheels import (
     CUDA_RUNTIME_LIBRARIES,
     ensure_cuda_toolkit,
     runtime_library_files,
 )
-from llama_proc.provision.installer import install_atomically
-from llama_proc.provision.layout import install_dir
-from llama_proc.provision.locking import remove_tree
-from llama_proc.provision.manifest import load_manifest
-from llama_proc.provision.platform import detect_host
-from llama_proc.provision.sources import obtain_source, tree_fingerprint
-from llama_proc.provision.toolchain import (
+from llama_proc.provision.compile.toolchain import (
     choose_cuda_toolkit,
     compiler_info,
     cuda_toolkit_dirs,
     find_toolchain,
     version_text,
 )
+from llama_proc.provision.compute.ladder import (
+    native_flags,
+    prune_cpu_variants,
+    with_compiler_flags,
+)
+from llama_proc.provision.compute.plan import ComputePlan, initial_off
+from llama_proc.provision.fetch.sources import obtain_source, tree_fingerprint
+from llama_proc.provision.host.platform import detect_host
+from llama_proc.provision.manifest import load_manifest
 from llama_proc.vocab import InstallSource
 
 if TYPE_CHECKING:
@@ -66,13 +66,13 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from llama_proc.config import Settings
-    from llama_proc.provision.build_plan import BuildPlan, BuildRequest
+    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.verify import DeviceRequirement
+    from llama_proc.provision.compile.build_plan import BuildPlan, BuildRequest
+    from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.compute.ladder import FeatureGroup
-    from llama_proc.provision.install import Install
+    from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Manifest, Variant
-    from llama_proc.provision.platform import HostInfo
-    from llama_proc.provision.toolchain import Toolchain, ToolkitChoice
-    from llama_proc.provision.verify import DeviceRequirement
 
 __all__ = [
     "build_into",
@@ -204,7 +204,7 @@ def _toolkit_lib_dirs(tools: Toolchain) -> list[Path]:
 def driver_stub_dir(lib_dirs: Iterable[Path]) -> str | None:
     """The folder holding a ``libcuda.so.1`` stand-in (``<lib>/stubs``), if the toolkit has one.
 
-    The package-index toolkit has one (see :mod:`~llama_proc.provision.cuda_wheels`); a system
+    The package-index toolkit has one (see :mod:`~llama_proc.provision.compile.cuda_wheels`); a system
     toolkit's ``stubs`` folder holds only ``libcuda.so``, which the loader never asks for.
     """
     for folder in lib_dirs:
@@ -216,7 +216,7 @@ def driver_stub_dir(lib_dirs: Iterable[Path]) -> str | None:
 def bundle_cuda_runtime(staging: Path, lib_dirs: Iterable[Path]) -> list[str]:
     """Put the CUDA runtime libraries the staged binaries link beside them.
 
-    The libraries (:data:`~llama_proc.provision.cuda_wheels.CUDA_RUNTIME_LIBRARIES`) named in
+    The libraries (:data:`~llama_proc.provision.compile.cuda_wheels.CUDA_RUNTIME_LIBRARIES`) named in
     the ``DT_NEEDED`` entries of the files in ``staging`` are taken from ``lib_dirs`` (a
     hard link where the cache shares a file system, else a copy) under their soname, so the
     ``$ORIGIN`` rpath finds them. Libraries already there are kept.
@@ -256,7 +256,7 @@ def build_into(
 
     Args:
         staging: folder to fill (created).
-        plan: what to build (:func:`~llama_proc.provision.build_plan.plan_build`).
+        plan: what to build (:func:`~llama_proc.provision.compile.build_plan.plan_build`).
         settings: ``progress`` and ``lock_timeout`` of the run.
         cuda_toolkit: the CUDA toolkit choice of a CUDA build (recorded in the metadata).
 
@@ -395,7 +395,7 @@ def build_variant(
         toolchain: the tools to use (default: found on this host).
         explain: gets one line per decision (source used, cache hit or build time).
         require_device: the GPU the new build must list before it is installed
-            (:func:`~llama_proc.provision.verify.device_requirement`; None = no check).
+            (:func:`~llama_proc.provision.cache.verify.device_requirement`; None = no check).
 
     Returns:
         The complete install; ``metadata["source_origin"]`` says which source was used.

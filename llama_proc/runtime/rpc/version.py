@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ServerNotReadyError, ServerStartError
-from llama_proc.runtime.rpc_worker import READY_TIMEOUT, RpcWorker
+from llama_proc.runtime.rpc.worker import READY_TIMEOUT, RpcWorker
 
 if TYPE_CHECKING:
     import os
 
-    from llama_proc.runtime.rpc_protocol import RpcVersion
+    from llama_proc.runtime.rpc.protocol import RpcVersion
 
 __all__ = ["find_rpc_server", "local_rpc_version", "rpc_protocol_version"]
 

@@ -3,7 +3,7 @@
 Every build command goes through one :class:`Run`: it logs the command, appends all output to
 the build folder's ``build.log`` (kept), drives a progress bar from Ninja's ``[n/m]`` and make's
 ``[ nn%]`` lines, and on failure raises :class:`~llama_proc.errors.BuildError` with the log tail
-and a diagnosed likely cause (:func:`~llama_proc.provision.build_diagnosis.diagnose`). An
+and a diagnosed likely cause (:func:`~llama_proc.provision.compile.build_diagnosis.diagnose`). An
 interrupted command is stopped with its whole process tree (compilers included).
 """
 
@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 from llama_proc._proc import group_popen_kwargs, stop_tree
 from llama_proc.errors import BuildError, ToolNotFoundError
-from llama_proc.provision.build_diagnosis import diagnose, error_tail
-from llama_proc.provision.locking import cache_lock, lock_path
+from llama_proc.provision.cache.locking import cache_lock, lock_path
+from llama_proc.provision.compile.build_diagnosis import diagnose, error_tail
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from llama_proc.config import Settings
-    from llama_proc.provision.build_plan import BuildPlan
+    from llama_proc.provision.compile.build_plan import BuildPlan
 
 __all__ = ["BuildResult", "Run", "parse_progress", "run_build"]
 
@@ -207,7 +207,7 @@ def run_build(plan: BuildPlan, settings: Settings) -> BuildResult:
     The build folder is locked for the whole run: the cpu and rpc variants share it.
 
     Args:
-        plan: what to run (:func:`~llama_proc.provision.build_plan.plan_build`).
+        plan: what to run (:func:`~llama_proc.provision.compile.build_plan.plan_build`).
         settings: ``progress`` (the progress bar) and ``lock_timeout``.
 
     Raises:

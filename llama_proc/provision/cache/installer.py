@@ -1,12 +1,12 @@
 """Making an install: stage, find the binaries, smoke-check, write ``install.json``, rename.
 
 An install is made in a staging folder beside its final place, smoke-checked
-(``llama-server --version``, :mod:`~llama_proc.provision.verify`), proven to compute (a tiny
+(``llama-server --version``, :mod:`~llama_proc.provision.cache.verify`), proven to compute (a tiny
 generated model served and compared with a reference, :mod:`~llama_proc.provision.compute`,
 repaired down the CPU-feature ladder when the caller can), described by an
 ``install.json`` written inside it, and only then renamed into place
-(:func:`~llama_proc.provision.locking.create_once`): ``install.json``'s presence means the
-install is complete (:class:`~llama_proc.provision.install.Install` reads it).
+(:func:`~llama_proc.provision.cache.locking.create_once`): ``install.json``'s presence means the
+install is complete (:class:`~llama_proc.provision.cache.install.Install` reads it).
 
 :func:`install_once` also says whether this call made the install or found it complete, so a
 process that waited on the lock while another one installed can say so instead of "installed".
@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._version import __version__
 from llama_proc.errors import ProvisionError
-from llama_proc.provision.archive import find_binaries
-from llama_proc.provision.download import file_sha256
-from llama_proc.provision.install import (
+from llama_proc.provision.cache.install import (
     COMPUTE_KEY,
     FILES_KEY,
     INSTALL_SCHEMA,
@@ -38,15 +36,17 @@ from llama_proc.provision.install import (
     complete_install,
     scan_tree,
 )
-from llama_proc.provision.layout import INSTALL_JSON
-from llama_proc.provision.locking import create_once
-from llama_proc.provision.platform import host_os
-from llama_proc.provision.verify import (
+from llama_proc.provision.cache.layout import INSTALL_JSON
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.cache.verify import (
     DeviceRequirement,
     check_devices,
     parse_version_output,
     smoke_check,
 )
+from llama_proc.provision.fetch.archive import find_binaries
+from llama_proc.provision.fetch.download import file_sha256
+from llama_proc.provision.host.platform import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -225,7 +225,7 @@ def install_once(
     """Create (or find) the install at ``target``, atomically and under its lock.
 
     Args:
-        target: the install folder, usually from :func:`~llama_proc.provision.layout.install_dir`.
+        target: the install folder, usually from :func:`~llama_proc.provision.cache.layout.install_dir`.
         populate: fills the staging folder it is given and returns the metadata for
             ``install.json`` (at least ``variant_id``, ``build`` and ``source``).
         settings: ``lock_timeout``.
@@ -235,7 +235,7 @@ def install_once(
         run_here: smoke-check the binaries when they are this host's OS; False never runs
             them (an install meant for another machine).
         require_device: after the smoke check, ``llama-server --list-devices`` must list a
-            GPU of this backend (:func:`~llama_proc.provision.verify.device_requirement`);
+            GPU of this backend (:func:`~llama_proc.provision.cache.verify.device_requirement`);
             the devices are recorded in ``install.json``.
         compute: how to prove the install computes and how to repair it
             (:class:`~llama_proc.provision.compute.plan.ComputePlan`); None checks without

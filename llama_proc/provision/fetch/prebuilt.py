@@ -4,8 +4,8 @@ A variant's archives are :meth:`~llama_proc.provision.manifest.Variant.assets`: 
 archive first, then its runtime twins (upstream's ``cudart-`` archives, without which the CUDA
 backend cannot load). Each is fetched into ``downloads/`` and checked against its sha256 (the
 pin in ``variants.toml``, else the listing's digest) and its size from the listing, then
-unpacked into one staging folder (:func:`~llama_proc.provision.archive.extract_archive` with
-``merge=True``), which :func:`~llama_proc.provision.installer.install_once` smoke-checks and
+unpacked into one staging folder (:func:`~llama_proc.provision.fetch.archive.extract_archive` with
+``merge=True``), which :func:`~llama_proc.provision.cache.installer.install_once` smoke-checks and
 renames into place.
 
 The verified archives stay in ``downloads/`` until the install is committed, so a process
@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_proc.errors import ConfigError, ManifestError, ProvisionError
-from llama_proc.provision import archive, download, releases
+from llama_proc.provision.cache.install import Install
+from llama_proc.provision.cache.installer import Installed, install_once
+from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
+from llama_proc.provision.cache.locking import cache_lock, lock_path, try_lock
 from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
-from llama_proc.provision.install import Install
-from llama_proc.provision.installer import Installed, install_once
-from llama_proc.provision.layout import INSTALL_JSON, downloads_dir, install_dir
-from llama_proc.provision.locking import cache_lock, lock_path, try_lock
+from llama_proc.provision.fetch import archive, download, releases
+from llama_proc.provision.host.platform import HostInfo, normalize_arch, normalize_os
+from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
-from llama_proc.provision.platform import HostInfo, normalize_arch, normalize_os
-from llama_proc.provision.selection import select_variant
 from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
@@ -45,11 +45,11 @@ if TYPE_CHECKING:
     import requests
 
     from llama_proc.config import Settings
+    from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compute.ladder import FeatureGroup
+    from llama_proc.provision.fetch.releases import ReleaseAsset
     from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
-    from llama_proc.provision.releases import ReleaseAsset
     from llama_proc.provision.resolve import Resolution
-    from llama_proc.provision.verify import DeviceRequirement
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]
 
@@ -240,7 +240,7 @@ def install_prebuilt(
     """Download, verify, unpack and smoke-check the variant's release archives into the cache.
 
     The binary archive and its runtime twins land in one folder. With ``require_device`` (the
-    resolver's :func:`~llama_proc.provision.verify.device_requirement`) the build must also
+    resolver's :func:`~llama_proc.provision.cache.verify.device_requirement`) the build must also
     list that GPU, or the install is refused with DeviceNotFoundError.
 
     Returns:

@@ -25,7 +25,7 @@ from llama_proc.errors import (
 )
 from llama_proc.runtime.health import POLL_INTERVAL
 from llama_proc.runtime.process import ServerProcess
-from llama_proc.runtime.rpc_protocol import WorkerInfo, check_bind_host, probe_worker
+from llama_proc.runtime.rpc.protocol import WorkerInfo, check_bind_host, probe_worker
 
 if TYPE_CHECKING:
     import os

@@ -1,0 +1,3 @@
+"""Getting llama.cpp over the network: downloads, releases, archives, sources."""
+
+from __future__ import annotations
