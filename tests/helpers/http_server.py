@@ -25,7 +25,8 @@ Faults (all per route, all optional):
   then close the connection; the first K body responses do this.
 * ``wrong_bytes=True``: flip one byte in the middle of the body (same length).
 * ``delay=s``: sleep before each chunk of ``chunk_size`` bytes; ``header_delay=s``: sleep before
-  the status line.
+  the status line; ``header_trickle=s``: send the status line and headers one byte every ``s``
+  seconds (every read gets a byte in time; the headers never end in time).
 * ``ranges=False``: ignore ``Range`` and always answer 200 with the whole body.
 * ``redirect="/other"``: answer 302 to that location (relative or absolute).
 * ``retry_after="1"``: send this ``Retry-After`` with injected 429/503 answers.
@@ -73,6 +74,7 @@ class Route:
     wrong_bytes: bool = False
     delay: float = 0.0
     header_delay: float = 0.0
+    header_trickle: float = 0.0
     chunk_size: int = _DEFAULT_CHUNK
     ranges: bool = True
     redirect: str | None = None
@@ -231,6 +233,19 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # keep pytest output clean
 
+        trickle = 0.0
+
+        def flush_headers(self) -> None:
+            buffered: list[bytes] = getattr(self, "_headers_buffer", [])
+            if not self.trickle or not buffered:
+                super().flush_headers()
+                return
+            data = b"".join(buffered)
+            buffered.clear()
+            for index in range(len(data)):
+                self.wfile.write(data[index : index + 1])
+                time.sleep(self.trickle)
+
         def do_HEAD(self) -> None:
             self._serve(head=True)
 
@@ -264,6 +279,7 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 return
             if route.header_delay:
                 time.sleep(route.header_delay)
+            self.trickle = route.header_trickle
             fault = server._next_fault_status(route)
             if fault is not None:
                 extra = {"Retry_After": route.retry_after} if route.retry_after else {}

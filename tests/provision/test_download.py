@@ -714,3 +714,74 @@ def test_total_bound_spans_retries(
     with pytest.raises(DownloadError, match="too slow"):
         download_file(server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings)
     assert server.hits("/f.bin") < download.MAX_REQUESTS
+
+
+# --------------------------------------------------------------------- slowly sent headers
+@pytest.mark.parametrize("call", ["download", "page"])
+def test_trickled_headers_fail_within_the_headers_deadline(
+    server: FileServer, tmp_path: Path, waits: list[float], call: str
+) -> None:
+    # One header byte every 0.5 s: every read gets a byte well within its timeout, so only a
+    # deadline for the headers as a whole ends it (the headers alone would take over a minute).
+    server.add("/f.bin", DATA, header_trickle=0.5)
+    settings = Settings(cache_dir=tmp_path / "cache", download_timeout=2.0, progress=False)
+    limit = download._headers_timeout(settings.download_timeout)
+    start = time.monotonic()
+
+    def fetch() -> object:
+        if call == "download":
+            return download_file(
+                server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings
+            )
+        return fetch_page(server.url_for("/f.bin"), settings)
+
+    with pytest.raises(DownloadError, match="status line and headers within 2 s") as info:
+        fetch()
+    elapsed = time.monotonic() - start
+    attempts = download.NO_ANSWER_ATTEMPTS
+    assert elapsed < attempts * limit + 1.5, elapsed
+    assert server.hits("/f.bin") == attempts
+    # The message gives the real figures: attempts, the time they took, the deadline.
+    message = str(info.value)
+    assert f"after {attempts} attempts in " in message
+    stated = float(message.split(" attempts in ")[1].split(" s", maxsplit=1)[0])
+    assert abs(stated - elapsed) < 0.5, (stated, elapsed)
+    assert not _part(_dest(tmp_path)).exists() or _part(_dest(tmp_path)).stat().st_size == 0
+
+
+def test_headers_deadline_applies_with_the_default_download_timeout(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "HEADERS_TIMEOUT", 1.0)
+    server.add("/f.bin", DATA, header_trickle=0.3)
+    settings = Settings(cache_dir=tmp_path / "cache", progress=False)  # download_timeout 60
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="within 1 s"):
+        download_file(server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings)
+    assert time.monotonic() - start < download.NO_ANSWER_ATTEMPTS * 1.0 + 1.5
+
+
+def test_headers_count_against_the_total_budget(
+    server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The headers deadline (5 s here) is cut to what is left of the whole transfer's budget.
+    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.8)
+    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    server.add("/f.bin", DATA, header_trickle=0.2)
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"too slow|within 0\.8"):
+        download_file(server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings)
+    assert time.monotonic() - start < 2.5
+
+
+def test_trickled_listing_states_the_size_it_was_sent(
+    server: FileServer, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = b"[" + b" " * 199_998 + b"]"
+    server.add("/releases", body, content_type="application/json", delay=0.02, chunk_size=2000)
+    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.5)
+    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    with pytest.raises(DownloadError, match="too slow") as info:
+        fetch_page(server.url_for("/releases"), settings)
+    assert "of 200000 bytes" in str(info.value)
+    assert "unknown size" not in str(info.value)

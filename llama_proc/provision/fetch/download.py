@@ -5,10 +5,12 @@ whatever lock protects it. Bytes land in ``<dest>.part`` beside ``dest`` (same f
 the final :func:`os.replace` is atomic) and only reach ``dest`` once their sha256 matches.
 
 Every wait is bounded: connecting (:data:`CONNECT_TIMEOUT`), the server's first byte
-(:data:`FIRST_BYTE_TIMEOUT`, tried :data:`NO_ANSWER_ATTEMPTS` times), a stall mid-transfer
-(``settings.download_timeout``) and the whole transfer (:data:`TOTAL_TIME_FLOOR` plus the size
-at :data:`MIN_AVERAGE_RATE`), so a server that accepts and never answers fails in seconds and
-one that trickles cannot hold a download forever. Given the release listing's size, a file is
+(:data:`FIRST_BYTE_TIMEOUT`), connecting, status line and headers together
+(:data:`HEADERS_TIMEOUT`; these three are tried :data:`NO_ANSWER_ATTEMPTS` times), a stall
+mid-transfer (``settings.download_timeout``) and the whole transfer, headers and body of every
+request (:data:`TOTAL_TIME_FLOOR` plus the size at :data:`MIN_AVERAGE_RATE`), so a server that
+accepts and never answers fails in seconds and one that trickles, headers or body, cannot hold
+a download forever. Given the release listing's size, a file is
 refused when the server announces or sends another length, and when its filesystem lacks the
 room; a write that fails (a full disk) removes the ``.part`` instead of leaving it to fill it.
 """
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from llama_proc._version import __version__
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
+from llama_proc.provision._headers_deadline import headers_deadline, watched_adapter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -73,6 +76,10 @@ CONNECT_TIMEOUT: Final = 10.0
 FIRST_BYTE_TIMEOUT: Final = 10.0
 """Most seconds to wait for the answer's first byte, headers and then body
 (``download_timeout`` when that is smaller). After it, ``download_timeout`` bounds stalls."""
+HEADERS_TIMEOUT: Final = 20.0
+"""Most seconds from the start of a request to its last header byte: connecting, the status
+line and every header together (``download_timeout`` when that is smaller). The per-read
+timeouts alone let a server that sends a header byte every few seconds hold a request forever."""
 WAIT_NOTICE_AFTER: Final = 5.0
 """A server silent this long gets a log line, so a wait is never silent without a terminal."""
 TOTAL_TIME_FLOOR: Final = 300.0
@@ -103,6 +110,10 @@ def _attempts_for(reason: str) -> int:
 def _timeouts(download_timeout: float) -> tuple[float, float]:
     """``(connect, first byte)`` deadlines for one request."""
     return min(download_timeout, CONNECT_TIMEOUT), min(download_timeout, FIRST_BYTE_TIMEOUT)
+
+
+def _headers_timeout(download_timeout: float) -> float:
+    return min(download_timeout, HEADERS_TIMEOUT)
 
 
 def _mb(count: int) -> str:
@@ -151,6 +162,8 @@ def make_session(settings: Settings) -> requests.Session:
 
     session = requests.Session()
     session.headers["User-Agent"] = USER_AGENT
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, watched_adapter())
     if settings.github_token:
         session.auth = _GitHubTokenAuth(settings.github_token)
     return session
@@ -315,14 +328,30 @@ class _Pace:
     def __init__(self, url: str) -> None:
         self.url = url
         self.started = time.monotonic()
+        self.total: int | None = None
+        """The size, once a listing or the server said it."""
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def left(self, received: int) -> float:
+        """Seconds left of the budget, for the next wait (headers included)."""
+        return self._budget(received, self.total) - self.elapsed
+
+    def _budget(self, received: int, total: int | None) -> float:
+        return TOTAL_TIME_FLOOR + max(total or 0, received) / MIN_AVERAGE_RATE
 
     def check(self, received: int, total: int | None) -> None:
-        budget = TOTAL_TIME_FLOOR + max(total or 0, received) / MIN_AVERAGE_RATE
-        elapsed = time.monotonic() - self.started
+        if total is not None:
+            self.total = total
+        total = self.total
+        budget = self._budget(received, total)
+        elapsed = self.elapsed
         if elapsed > budget:
             of = f"{total} bytes" if total is not None else "an unknown size"
             msg = (
-                f"download of {self.url} is too slow: {received} of {of} in {elapsed:.0f} s "
+                f"download of {self.url} is too slow: {received} of {of} in {elapsed:.1f} s "
                 f"(the floor is {MIN_AVERAGE_RATE // 1000} kB/s on average); try again later "
                 "or use a closer LLAMA_PROC_MIRROR"
             )
@@ -533,8 +562,9 @@ def _stream_with_retries(job: _Job) -> None:
                 failures = 1 if progressed else failures + 1
                 if failures >= err.attempts or requests_made >= MAX_REQUESTS:
                     msg = (
-                        f"download of {url} failed after {requests_made} attempts: "
-                        f"{err.reason}; check the network (or LLAMA_PROC_MIRROR) and try again"
+                        f"download of {url} failed after {requests_made} attempts in "
+                        f"{job.pace.elapsed:.1f} s: {err.reason}; check the network (or "
+                        "LLAMA_PROC_MIRROR) and try again"
                     )
                     raise DownloadError(msg) from err.__cause__
                 # A transfer that moved forward resumes at once; a dead end backs off.
@@ -560,8 +590,12 @@ def _get(
     url: str,
     headers: Mapping[str, str],
     download_timeout: float,
+    budget_left: float,
 ) -> requests.Response:
-    """One streamed GET under the connect and first-byte deadlines, logging a long silence.
+    """One streamed GET under the connect, first-byte and headers deadlines.
+
+    The headers deadline is cut to ``budget_left`` (what remains of the whole transfer's
+    budget). A long silence gets a log line.
 
     Raises:
         _RetryableError: a network failure or a deadline passed.
@@ -570,17 +604,30 @@ def _get(
     import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
 
     connect, first_byte = _timeouts(download_timeout)
+    limit = max(min(_headers_timeout(download_timeout), budget_left), 0.0)
     safe = _safe_url(url)
     host = urllib.parse.urlsplit(url).hostname or safe
     notice = threading.Timer(
         WAIT_NOTICE_AFTER,
         logger.warning,
-        ("waiting for %s to answer (giving up after %g s)", safe, first_byte),
+        ("waiting for %s to answer (giving up within %g s)", safe, limit),
     )
     notice.daemon = True
     notice.start()
+    started = time.monotonic()
     try:
-        return session.get(url, headers=dict(headers), stream=True, timeout=(connect, first_byte))
+        with headers_deadline(limit) as watch:
+            try:
+                response = session.get(
+                    url, headers=dict(headers), stream=True, timeout=(connect, first_byte)
+                )
+            except requests.RequestException as err:
+                if watch.fired:
+                    raise _headers_too_slow(host, limit, started) from err
+                raise
+        if watch.fired:  # the cut came as the last header arrived, or ended them early
+            response.close()
+            raise _headers_too_slow(host, limit, started)
     except requests.ConnectTimeout as err:
         reason = f"could not connect to {host} within {connect:g} s (timed out)"
         raise _RetryableError(reason, attempts=NO_ANSWER_ATTEMPTS) from err
@@ -596,8 +643,19 @@ def _get(
     except requests.RequestException as err:
         msg = f"cannot fetch {safe}: {_describe(err)}"
         raise DownloadError(msg) from err
+    else:
+        return response
     finally:
         notice.cancel()
+
+
+def _headers_too_slow(host: str, limit: float, started: float) -> _RetryableError:
+    elapsed = time.monotonic() - started
+    reason = (
+        f"{host} did not finish its status line and headers within {limit:g} s "
+        f"(timed out after {elapsed:.1f} s)"
+    )
+    return _RetryableError(reason, attempts=NO_ANSWER_ATTEMPTS)
 
 
 def _attempt(job: _Job) -> None:
@@ -606,7 +664,7 @@ def _attempt(job: _Job) -> None:
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    response = _get(job.session, job.url, headers, job.timeout)
+    response = _get(job.session, job.url, headers, job.timeout, job.pace.left(part.size))
     with response:
         status = response.status_code
         if status == 416 and offset:
@@ -815,13 +873,17 @@ def fetch_page(
     pace = _Pace(safe)
     try:
         for attempt in range(1, ATTEMPTS + 1):
+            pace.check(0, None)
             try:
                 return _fetch_once(
                     sess, url, request_headers, settings.download_timeout, pace, hints
                 )
             except _RetryableError as err:
                 if attempt >= err.attempts:
-                    msg = f"fetching {safe} failed after {attempt} attempts: {err.reason}"
+                    msg = (
+                        f"fetching {safe} failed after {attempt} attempts in "
+                        f"{pace.elapsed:.1f} s: {err.reason}"
+                    )
                     raise DownloadError(msg + "; check the network and try again") from (
                         err.__cause__
                     )
@@ -845,7 +907,7 @@ def _fetch_once(
     hints: Mapping[int, str] | None,
 ) -> Page:
     safe = _safe_url(url)
-    response = _get(session, url, headers, download_timeout)
+    response = _get(session, url, headers, download_timeout, pace.left(0))
     with response:
         status = response.status_code
         if status >= 400:
@@ -858,6 +920,7 @@ def _fetch_once(
             msg = f"fetching {safe} failed: {reason}"
             raise DownloadError(msg + (f"; {hint}" if hint else ""))
         body = bytearray()
+        size = _int_header(response.headers.get("Content-Length"))
         for chunk in _chunks(response):
             if not body:
                 _set_read_timeout(response, download_timeout)
@@ -868,7 +931,7 @@ def _fetch_once(
                     "or index page (check LLAMA_PROC_MIRROR and LLAMA_PROC_INDEX_URL)"
                 )
                 raise DownloadError(msg)
-            pace.check(len(body), None)
+            pace.check(len(body), size)
         # requests' own choice for a declared charset; JSON (and an undeclared one) is UTF-8.
         text = bytes(body).decode(response.encoding or "utf-8", errors="replace")
         return Page(response.url, response.headers.get("Content-Type", ""), text)
