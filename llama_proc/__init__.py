@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         ServerNotReadyError,
         ServerRequestError,
         ServerStartError,
+        ServerTimeoutError,
         ToolNotFoundError,
     )
     from llama_proc.provision import (
@@ -85,6 +86,7 @@ __all__ = [
     "ServerProcess",
     "ServerRequestError",
     "ServerStartError",
+    "ServerTimeoutError",
     "Settings",
     "ToolNotFoundError",
     "Variant",

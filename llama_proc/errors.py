@@ -27,6 +27,7 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
     * ServerNotReadyError (also TimeoutError)  /health did not return 200 in time
     * ServerRequestError                     an HTTP call to a running server failed
       * ServerExitedError                    the server exited during the request; .returncode
+      * ServerTimeoutError (also TimeoutError)  silent too long, or past the total deadline
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ __all__ = [
     "ServerNotReadyError",
     "ServerRequestError",
     "ServerStartError",
+    "ServerTimeoutError",
     "ToolNotFoundError",
 ]
 
@@ -318,4 +320,13 @@ class CpuFallbackError(ServerStartError):
 
     Raised by ``LlamaServer.start()`` (the server is stopped) unless the caller chose to be
     warned instead (``cpu_fallback="warn"``); ``cause`` says why the GPU was not used.
+    """
+
+
+class ServerTimeoutError(ServerRequestError, TimeoutError):
+    """A request to llama-server ran out of time; the message names the limit.
+
+    Either the server sent nothing for the longest silence allowed (the clients' ``timeout``,
+    ``request_timeout`` on a server) or the request passed its total deadline
+    (``total_timeout``, ``request_total_timeout``).
     """

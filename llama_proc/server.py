@@ -146,7 +146,11 @@ class LlamaServer(LlamaEndpoints):
             ``LLAMA_API_KEY`` are always removed from it (see
             :func:`~llama_proc.runtime.process.child_environment`).
         lifetime: how the child is tied to this process ("auto" = the platform's way).
-        request_timeout: seconds the client waits for each response.
+        request_timeout: the longest silence, in seconds, the client waits for (no byte from
+            the server for that long fails the request with ServerTimeoutError); a stream that
+            keeps producing tokens is never cut. None = wait forever.
+        request_total_timeout: the most seconds one request may take in all, streamed body
+            included; None (the default) = no limit beyond ``request_timeout``.
         log_capacity: lines of server output kept.
         check_rpc_workers: probe ``rpc`` workers before spawning, for a clear error.
         cpu_fallback: when GPU layers were asked for (``n_gpu_layers`` > 0 or ``"all"``) but
@@ -178,6 +182,7 @@ class LlamaServer(LlamaEndpoints):
         env: Mapping[str, str] | None = None,
         lifetime: Lifetime = "auto",
         request_timeout: float | None = REQUEST_TIMEOUT,
+        request_total_timeout: float | None = None,
         log_capacity: int = LOG_CAPACITY,
         check_rpc_workers: bool = True,
         cpu_fallback: CpuFallback = "error",
@@ -218,6 +223,7 @@ class LlamaServer(LlamaEndpoints):
         self.env = None if env is None else dict(env)
         self.lifetime: Lifetime = lifetime
         self.request_timeout = request_timeout
+        self.request_total_timeout = request_total_timeout
         self.log_capacity = log_capacity
         self.check_rpc_workers = check_rpc_workers
         if cpu_fallback not in ("error", "warn"):
@@ -317,6 +323,7 @@ class LlamaServer(LlamaEndpoints):
                     proc.url,
                     api_key=self.args.api_key,
                     timeout=self.request_timeout,
+                    total_timeout=self.request_total_timeout,
                     on_connection_error=self._connection_failed,
                 )
                 return self
@@ -671,6 +678,7 @@ class AsyncLlamaServer(AsyncLlamaEndpoints):
             self._server.url,
             api_key=self._server.api_key,
             timeout=self._server.request_timeout,
+            total_timeout=self._server.request_total_timeout,
             on_connection_error=self._connection_failed,
         )
         return self

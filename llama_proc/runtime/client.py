@@ -14,18 +14,29 @@ has empty ``choices`` and carries ``usage`` and ``timings``. An error in mid-str
 chunk by chunk, never buffered to a fixed size. llama-server closes the connection after each
 stream, so streams are sent with ``Connection: close``.
 
+Time limits, the same in both clients: ``timeout`` is the longest silence (no byte from the
+server for that long: a read timeout, so a long generation that keeps producing tokens is never
+cut), and ``total_timeout`` (None by default) bounds a whole request, streamed body included.
+Either raises :class:`~llama_proc.errors.ServerTimeoutError` naming the limit that ran out.
+
 ``requests`` and ``aiohttp`` are imported when a client is first used, not at import time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from typing import TYPE_CHECKING, Any, Final, Self
 
-from llama_proc.errors import ServerExitedError, ServerRequestError, ServerStartError
+from llama_proc.errors import (
+    ServerExitedError,
+    ServerRequestError,
+    ServerStartError,
+    ServerTimeoutError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,7 +56,10 @@ __all__ = [
 ]
 
 REQUEST_TIMEOUT: Final = 600.0
-"""Default seconds to wait for a response (generation can be slow on CPU)."""
+"""Default longest silence, in seconds, before a request fails (a prompt can take long to
+process on CPU before the first byte; a stream that keeps producing tokens is never cut)."""
+TOTAL_SLACK: Final = 0.05
+"""A timed-out read this close to the total deadline counts as the total deadline's doing."""
 CONNECT_TIMEOUT: Final = 10.0
 """Seconds to establish a connection."""
 KEEPALIVE_TIMEOUT: Final = 3.0
@@ -144,6 +158,75 @@ def _exited(
     except ServerStartError as dead:
         return ServerExitedError("llama-server", dead.returncode, dead.cause, dead.log_tail)
     return None
+
+
+class _Limits:
+    """The two time limits of one request: the longest silence and the whole request."""
+
+    def __init__(self, what: str, silence: float | None, total: float | None) -> None:
+        self.what = what
+        self.silence = silence
+        self.total = total
+        self.started = time.monotonic()
+
+    def left(self) -> float | None:
+        if self.total is None:
+            return None
+        return max(self.total - (time.monotonic() - self.started), 0.0)
+
+    def read_timeout(self) -> float | None:
+        """The next read's timeout: the silence limit, cut to what is left of the total."""
+        left = self.left()
+        if left is None:
+            return self.silence
+        return left if self.silence is None else min(self.silence, left)
+
+    def overdue(self) -> bool:
+        left = self.left()
+        return left is not None and left <= TOTAL_SLACK
+
+    def error(self) -> ServerTimeoutError:
+        """The error for a timed-out read or an overdue request, naming the limit."""
+        what = self.what
+        elapsed = time.monotonic() - self.started
+        if self.overdue() or self.silence is None:
+            msg = (
+                f"{what}: not finished within its total timeout of {self.total:g} s "
+                f"(total_timeout; request_total_timeout on a server); raise it, or leave it "
+                "unset to bound only silences"
+            )
+        else:
+            msg = (
+                f"{what}: llama-server sent nothing for {self.silence:g} s, the longest "
+                f"silence allowed (timeout; request_timeout on a server), {elapsed:.1f} s into "
+                "the request; the server may be wedged or overloaded, or the prompt needs a "
+                "longer timeout"
+            )
+        return ServerTimeoutError(msg)
+
+
+def _read_timed_out(err: BaseException) -> bool:
+    """Whether a requests/urllib3 error (at any depth) is a read that timed out."""
+    seen: set[int] = set()
+    todo: list[object] = [err]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        name = type(item).__name__
+        if isinstance(item, TimeoutError) or name in ("ReadTimeout", "ReadTimeoutError"):
+            return True
+        todo.extend([item.__cause__, item.__context__, *item.args])
+    return False
+
+
+def _set_read_timeout(response: requests.Response, seconds: float | None) -> None:
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(seconds)
 
 
 def _worth_checking(err: ServerRequestError, check: object) -> bool:
@@ -360,7 +443,10 @@ class LlamaClient(LlamaEndpoints):
     Args:
         base_url: the server root, e.g. ``http://127.0.0.1:8080`` (no ``/v1``).
         api_key: sent as ``Authorization: Bearer`` when the server requires a key.
-        timeout: seconds to wait for each response; None = forever.
+        timeout: the longest silence, in seconds (no byte for that long fails the request);
+            None = wait forever.
+        total_timeout: the most seconds one request may take in all, streamed body included;
+            None (the default) = no limit beyond ``timeout``.
         session: a ``requests.Session`` to use (default: a new one, closed by :meth:`close`).
         on_connection_error: called with every error that has no HTTP status (unreachable,
             timed out, broken stream) before it is raised; it may raise a better error instead
@@ -373,12 +459,14 @@ class LlamaClient(LlamaEndpoints):
         *,
         api_key: str | None = None,
         timeout: float | None = REQUEST_TIMEOUT,
+        total_timeout: float | None = None,
         session: requests.Session | None = None,
         on_connection_error: Callable[[ServerRequestError], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.on_connection_error = on_connection_error
         self._session = session
         self._owns_session = session is None
@@ -412,15 +500,22 @@ class LlamaClient(LlamaEndpoints):
         json_body: Any = None,
         stream: bool = False,
         headers: Mapping[str, str] | None = None,
+        limits: _Limits | None = None,
     ) -> requests.Response:
         """Send a request and return the response after checking its status.
 
         Raises:
-            ServerRequestError: the server is unreachable, timed out, or answered >= 400.
+            ServerTimeoutError: the server was silent for ``timeout`` s, or the request took
+                ``total_timeout`` s.
+            ServerRequestError: the server is unreachable or answered >= 400.
         """
         import requests  # noqa: PLC0415 - heavy; loaded on first use (cheap package import)
 
         url = f"{self.base_url}{path}"
+        limits = limits or self._limits(method, path)
+        connect = CONNECT_TIMEOUT
+        if (left := limits.left()) is not None:
+            connect = min(connect, left)
         try:
             response = self.session.request(
                 method,
@@ -428,9 +523,14 @@ class LlamaClient(LlamaEndpoints):
                 json=json_body,
                 headers={**self._headers(), **(headers or {})},
                 stream=stream,
-                timeout=(CONNECT_TIMEOUT, self.timeout),
+                timeout=(connect, limits.read_timeout()),
             )
+        except requests.ConnectTimeout as err:
+            msg = f"{method} {url} failed: could not connect within {connect:g} s"
+            raise ServerRequestError(msg) from err
         except requests.RequestException as err:
+            if _read_timed_out(err):
+                raise limits.error() from err
             msg = f"{method} {url} failed: {err}"
             raise ServerRequestError(msg) from err
         if response.status_code >= 400:
@@ -439,6 +539,9 @@ class LlamaClient(LlamaEndpoints):
             msg = f"{method} {path} failed: {_error_message(body)}"
             raise ServerRequestError(msg, response.status_code, body[:_ERROR_BODY_LIMIT])
         return response
+
+    def _limits(self, method: str, path: str) -> _Limits:
+        return _Limits(f"{method} {path}", self.timeout, self.total_timeout)
 
     def _failed(self, err: ServerRequestError) -> None:
         # A killed server's socket closes a moment before its exit status can be read.
@@ -473,9 +576,10 @@ class LlamaClient(LlamaEndpoints):
     def _stream(self, path: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         import requests  # noqa: PLC0415 - heavy; loaded on first use (cheap package import)
 
+        limits = self._limits("POST", path)
         try:
             response = self.request(
-                "POST", path, json_body=body, stream=True, headers=_STREAM_HEADERS
+                "POST", path, json_body=body, stream=True, headers=_STREAM_HEADERS, limits=limits
             )
             with response:
                 try:
@@ -484,9 +588,16 @@ class LlamaClient(LlamaEndpoints):
                         event = parse_sse_line(line)
                         if is_done(event):
                             return
+                        if limits.overdue():
+                            raise limits.error()
                         if event is not None:
                             yield event
+                        if limits.total is not None:
+                            # No read may wait past the total deadline.
+                            _set_read_timeout(response, limits.read_timeout())
                 except requests.RequestException as err:
+                    if _read_timed_out(err):
+                        raise limits.error() from err
                     msg = f"POST {path}: the stream broke: {err}"
                     raise ServerRequestError(msg) from err
         except ServerRequestError as err:
@@ -517,7 +628,9 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
     Args:
         base_url: the server root (no ``/v1``).
         api_key: sent as ``Authorization: Bearer`` when set.
-        timeout: seconds to wait for each response; None = forever.
+        timeout: the longest silence, in seconds, as for :class:`LlamaClient`.
+        total_timeout: the most seconds one request may take in all, as for
+            :class:`LlamaClient`.
         on_connection_error: as for :class:`LlamaClient`.
     """
 
@@ -527,11 +640,13 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
         *,
         api_key: str | None = None,
         timeout: float | None = REQUEST_TIMEOUT,
+        total_timeout: float | None = None,
         on_connection_error: Callable[[ServerRequestError], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.total_timeout = total_timeout
         self.on_connection_error = on_connection_error
         self._session: aiohttp.ClientSession | None = None
 
@@ -551,7 +666,11 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
                 # llama-server (cpp-httplib) closes idle keep-alive connections after 5 s;
                 # aiohttp would reuse them for 15 s and fail with "Can not write request body".
                 connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_TIMEOUT),
-                timeout=aiohttp.ClientTimeout(total=self.timeout, connect=CONNECT_TIMEOUT),
+                # sock_read: the longest silence (reset by every byte), like the sync client's
+                # read timeout; total: the optional deadline for the whole request.
+                timeout=aiohttp.ClientTimeout(
+                    total=self.total_timeout, connect=CONNECT_TIMEOUT, sock_read=self.timeout
+                ),
                 headers={} if self.api_key is None else {"Authorization": f"Bearer {self.api_key}"},
             )
         return self._session
@@ -563,20 +682,29 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
         *,
         json_body: Any = None,
         headers: Mapping[str, str] | None = None,
+        limits: _Limits | None = None,
     ) -> aiohttp.ClientResponse:
         """Send a request; the caller must release the response.
 
         Raises:
-            ServerRequestError: the server is unreachable, timed out, or answered >= 400.
+            ServerTimeoutError: the server was silent for ``timeout`` s, or the request took
+                ``total_timeout`` s.
+            ServerRequestError: the server is unreachable or answered >= 400.
         """
         import aiohttp  # noqa: PLC0415 - heavy optional dependency, loaded on first use
 
         url = f"{self.base_url}{path}"
+        limits = limits or self._limits(method, path)
         try:
             response = await self._get_session().request(
                 method, url, json=json_body, headers=headers
             )
-        except (aiohttp.ClientError, TimeoutError) as err:
+        except aiohttp.ConnectionTimeoutError as err:
+            msg = f"{method} {url} failed: could not connect within {CONNECT_TIMEOUT:g} s"
+            raise ServerRequestError(msg) from err
+        except TimeoutError as err:  # sock_read (silence) or total
+            raise limits.error() from err
+        except aiohttp.ClientError as err:
             msg = f"{method} {url} failed: {err!r}"
             raise ServerRequestError(msg) from err
         if response.status >= 400:
@@ -585,6 +713,9 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
             msg = f"{method} {path} failed: {_error_message(body)}"
             raise ServerRequestError(msg, response.status, body[:_ERROR_BODY_LIMIT])
         return response
+
+    def _limits(self, method: str, path: str) -> _Limits:
+        return _Limits(f"{method} {path}", self.timeout, self.total_timeout)
 
     async def _failed(self, err: ServerRequestError) -> None:
         # A killed server's socket closes a moment before its exit status can be read.
@@ -622,8 +753,11 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
     async def _stream(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
         import aiohttp  # noqa: PLC0415 - heavy optional dependency, loaded on first use
 
+        limits = self._limits("POST", path)
         try:
-            response = await self.request("POST", path, json_body=body, headers=_STREAM_HEADERS)
+            response = await self.request(
+                "POST", path, json_body=body, headers=_STREAM_HEADERS, limits=limits
+            )
             async with response:
                 pending = b""
                 try:
@@ -636,7 +770,9 @@ class AsyncLlamaClient(AsyncLlamaEndpoints):
                                 return
                             if event is not None:
                                 yield event
-                except (aiohttp.ClientError, TimeoutError) as err:
+                except TimeoutError as err:  # sock_read (silence) or total
+                    raise limits.error() from err
+                except aiohttp.ClientError as err:
                     msg = f"POST {path}: the stream broke: {err!r}"
                     raise ServerRequestError(msg) from err
         except ServerRequestError as err:

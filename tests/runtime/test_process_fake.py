@@ -15,7 +15,11 @@ from collections.abc import Callable
 
 import pytest
 
-from llama_proc.errors import ServerNotReadyError, ServerRequestError, ServerStartError
+from llama_proc.errors import (
+    ServerNotReadyError,
+    ServerStartError,
+    ServerTimeoutError,
+)
 from llama_proc.runtime import process as process_module
 from llama_proc.runtime.client import LlamaClient
 from llama_proc.runtime.health import probe_health
@@ -204,7 +208,7 @@ def test_hang_after_health_hits_the_request_timeout(fake_argv: Argv) -> None:
     with ServerProcess(fake_argv(port, "hang-after-health", delay=0.0), port=port) as proc:
         client = LlamaClient(proc.url, timeout=0.5)
         started = time.monotonic()
-        with pytest.raises(ServerRequestError, match="timed out"):
+        with pytest.raises(ServerTimeoutError, match=r"sent nothing for 0\.5 s"):
             client.models()
         assert time.monotonic() - started < 5
         client.close()

@@ -24,6 +24,7 @@ from llama_proc.errors import (
     ServerRequestError,
     ServerStartError,
 )
+from llama_proc.runtime.client import AsyncLlamaClient
 from llama_proc.runtime.health import probe_health
 from llama_proc.server import AsyncLlamaServer, LlamaServer
 
@@ -142,6 +143,41 @@ def test_async_server(llama_server_bin: Path, smol_model: Path) -> None:
         assert pid is not None
 
     asyncio.run(main())
+
+
+def test_async_stream_longer_than_request_timeout_completes(
+    llama_server_bin: Path, smol_model: Path
+) -> None:
+    # request_timeout is the longest silence, not a total: a stream that keeps producing
+    # tokens for longer must finish (with a total deadline it broke at request_timeout). The
+    # length is sized from the rate measured first, so a loaded machine does not flake it.
+    silence = 6.0
+    story = [{"role": "user", "content": "Tell me a long story about a lighthouse."}]
+
+    async def main() -> tuple[int, float, list[dict[str, object]]]:
+        async with AsyncLlamaServer(
+            smol_model, binary=llama_server_bin, ctx_size=2048, request_timeout=silence,
+            start_timeout=START_TIMEOUT,
+        ) as srv:  # fmt: skip
+            probe = 32
+            # Warm up and measure with a patient client: a fresh server's first answer can
+            # take seconds on a loaded machine, which the silence limit would rightly refuse.
+            async with AsyncLlamaClient(srv.url, timeout=START_TIMEOUT) as patient:
+                [c async for c in patient.chat_stream(story, max_tokens=4, ignore_eos=True)]
+                start = time.monotonic()
+                [c async for c in patient.chat_stream(story, max_tokens=probe, ignore_eos=True)]
+                rate = probe / (time.monotonic() - start)
+            tokens = min(max(int(rate * 2.5 * silence), 40), 1900)
+            start = time.monotonic()
+            stream = srv.chat_stream(story, temperature=0, max_tokens=tokens, ignore_eos=True)
+            chunks = [c async for c in stream]
+            return tokens, time.monotonic() - start, chunks
+
+    tokens, elapsed, chunks = asyncio.run(main())
+    usage = chunks[-1]["usage"]
+    assert isinstance(usage, dict)
+    assert usage["completion_tokens"] == tokens
+    assert elapsed > silence, (elapsed, tokens)
 
 
 def test_async_start_cancelled_stops_the_child(llama_server_bin: Path, smol_model: Path) -> None:
