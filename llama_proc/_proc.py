@@ -104,6 +104,10 @@ def stop_tree(
 ) -> int | None:
     """Stop ``proc``'s process tree: a first signal, up to ``grace`` seconds, then a kill.
 
+    On POSIX each stop signal is followed by ``SIGCONT``: a stopped process (SIGSTOP, a
+    debugger, a wedge test) leaves SIGTERM pending until it runs again, so without it every
+    stop of a stopped process would wait out the whole grace before the kill.
+
     Args:
         proc: a child started with :func:`group_popen_kwargs`.
         grace: seconds to wait after the first signal before killing the tree.
@@ -117,13 +121,13 @@ def stop_tree(
     """
     if proc.poll() is not None:
         return proc.returncode
-    signal_tree(proc, first_signal)
+    _signal_running(proc, first_signal)
     waited = 0.0
     if repeat_after is not None and repeat_after < grace:
         try:
             return proc.wait(repeat_after)
         except subprocess.TimeoutExpired:
-            signal_tree(proc, first_signal)
+            _signal_running(proc, first_signal)
             waited = repeat_after
     try:
         return proc.wait(max(grace - waited, 0.0))
@@ -134,6 +138,13 @@ def stop_tree(
         return proc.wait(KILL_WAIT)
     except subprocess.TimeoutExpired:
         return None
+
+
+def _signal_running(proc: subprocess.Popen[Any], sig: int) -> None:
+    """Send ``sig``, then continue the group so a stopped process can act on it at once."""
+    signal_tree(proc, sig)
+    if sys.platform != "win32":
+        signal_tree(proc, signal.SIGCONT)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,7 @@ if gone():
     sys.exit(0)
 try:
     os.killpg(pgid, signal.SIGTERM)
+    os.killpg(pgid, signal.SIGCONT)  # a stopped server handles SIGTERM only once continued
 except ProcessLookupError:
     sys.exit(0)
 deadline = time.monotonic() + grace

@@ -264,3 +264,19 @@ def test_reserve_port_gives_a_bindable_port() -> None:
     port = reserve_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX job control")
+def test_stopping_a_stopped_server_does_not_wait_out_the_grace(fake_argv: Argv) -> None:
+    # A SIGSTOPped process never handles SIGTERM: without a SIGCONT the stop waits the whole
+    # grace period before its SIGKILL.
+    port = reserve_port()
+    proc = ServerProcess(fake_argv(port, delay=0.05), port=port)
+    proc.start().wait_ready(timeout=20)
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    code = proc.stop(grace=10)
+    assert time.monotonic() - started < 2, code
+    assert code is not None
+    assert not proc.is_running

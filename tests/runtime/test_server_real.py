@@ -21,6 +21,7 @@ from llama_proc.errors import (
     InvalidArgumentError,
     ModelFileError,
     ServerExitedError,
+    ServerNotReadyError,
     ServerRequestError,
     ServerStartError,
 )
@@ -229,6 +230,55 @@ def test_start_stop_cycles(llama_server_bin: Path, smol_model: Path) -> None:
     assert code in (0, 1)  # 1: llama-server's "second interrupt" exit (see ServerProcess.stop)
     assert srv.stop() == code  # idempotent
     assert len(set(pids)) == 3
+
+
+def test_stopping_a_sigstopped_server_is_quick(llama_server_bin: Path, smol_model: Path) -> None:
+    # SIGTERM waits while a process is stopped: stop() must not wait out its 10 s grace.
+    srv = _new(llama_server_bin, smol_model)
+    srv.start()
+    try:
+        assert srv.pid is not None
+        os.kill(srv.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        code = srv.stop()
+        elapsed = time.monotonic() - started
+    finally:
+        srv.stop()
+    assert elapsed < 3, (elapsed, code)
+    assert code is not None
+    assert srv.stop_grace >= 10
+
+
+def test_a_start_stalled_by_sigstop_fails_at_the_stall_timeout(
+    llama_server_bin: Path, smol_model: Path
+) -> None:
+    # Stopped while loading: the stall is found after stall_timeout, and stopping the stopped
+    # child must not add the 10 s grace to the error (it came at 15 s with stall_timeout=5).
+    srv = _new(llama_server_bin, smol_model, stall_timeout=2)
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            srv.start()
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            failure.append(err)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while srv.pid is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert srv.pid is not None
+        os.kill(srv.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        thread.join(60)
+        elapsed = time.monotonic() - stopped_at
+    finally:
+        srv.stop()
+    assert failure, "the start should have stalled"
+    assert isinstance(failure[0], ServerNotReadyError), failure[0]
+    assert elapsed < 2 + 3, elapsed
 
 
 def test_two_servers_at_once(llama_server_bin: Path, smol_model: Path) -> None:
