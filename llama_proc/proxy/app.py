@@ -640,9 +640,16 @@ class _Proxy:
                 # The exit status can lag the broken connection by a moment.
                 await asyncio.sleep(RETRY_PAUSE)
                 alive = lease.check_alive()
-            kind = "connection" if alive else "crash"
+            healed = None if alive else lease.healed()
+            kind = "connection" if alive else "crash" if healed is None else healed.reason
             self.metrics.upstream_errors.inc(spec.id, kind)
-            if alive:
+            if healed is not None:
+                # The pool stopped a live but unresponsive server: that broke the connection.
+                message = (
+                    f"llama-server for {spec.id!r} was wedged: it {healed.what}, so it was "
+                    "stopped; it restarts on the next request"
+                )
+            elif alive:
                 message = (
                     f"llama-server for {spec.id!r} failed during the request: "
                     f"{err or type(err).__name__}"

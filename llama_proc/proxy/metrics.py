@@ -297,7 +297,8 @@ class ProxyMetrics:
         )
         self.upstream_errors = _counter(
             "llama_proc_proxy_upstream_errors",
-            "Forwarded requests that failed: timeout, stall, connection, crash.",
+            "Forwarded requests that failed: timeout, stall, connection, crash, wedge (the "
+            "pool stopped the unresponsive server under it).",
             ("model", "kind"),
         )
         self.disconnects = _counter(

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_FAIR_SHARE",
     "DEFAULT_MAX_QUEUE",
+    "Healed",
     "Lease",
     "LlamaServerFactory",
     "ModelTooLargeError",
@@ -127,6 +128,15 @@ _SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 State = Literal["stopped", "queued", "starting", "ready", "stopping"]
 EvictReason = Literal["lru", "memory", "idle", "manual"]
 HealReason = Literal["crash", "wedge", "stall"]
+
+
+@dataclass(frozen=True)
+class Healed:
+    """Why the pool stopped a server that was still running (see :meth:`Lease.healed`)."""
+
+    reason: Literal["wedge", "stall"]
+    what: str
+    """What it did, e.g. ``stopped answering (3 health probes failed)``."""
 
 
 @runtime_checkable
@@ -372,6 +382,8 @@ class _Entry:
     ready_since: float | None = None
     probe_failures: int = 0
     crash_unseen: bool = False
+    healed: tuple[ServerHandle, Healed] | None = None
+    """The handle last stopped for a wedge or stall, and why."""
     start_task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
 
@@ -422,6 +434,16 @@ class Lease:
     def check_alive(self) -> bool:
         """After an upstream connection error: is the server still up? Records a crash if not."""
         return self._pool._check_alive(self._entry)
+
+    def healed(self) -> Healed | None:
+        """Why the pool stopped this lease's server while it ran (wedged, stalled), if it did.
+
+        A connection broken by that stop is the wedge's doing, not a crash.
+        """
+        healed = self._entry.healed
+        if healed is None or healed[0] is not self._handle:
+            return None
+        return healed[1]
 
     def report_stall(self) -> None:
         """The server stopped sending mid-response past the stall limit: restart it."""
@@ -876,6 +898,8 @@ class ServerPool:
             "stall": "stalled mid-response",
         }.get(reason, reason)
         entry.last_error = f"llama-server for {entry.spec.id!r} {what}"
+        if reason != "crash" and entry.handle is not None:
+            entry.healed = (entry.handle, Healed(reason, what))
         tail = _log_tail(entry.handle)
         logger.warning(
             "%s [key %s]; it restarts on the next request%s%s",

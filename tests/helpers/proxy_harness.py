@@ -32,8 +32,10 @@ class ProxyThread:
         idle_ttl: float | None = 0,
         queue_timeout: float = 120,
         options: ProxyOptions | None = None,
+        pool_options: dict[str, Any] | None = None,
     ) -> None:
         self.models = models
+        self.pool_options = pool_options or {}
         self.factory = factory
         self.max_servers = max_servers
         self.idle_ttl = idle_ttl
@@ -62,6 +64,7 @@ class ProxyThread:
             max_servers=self.max_servers,
             idle_ttl=self.idle_ttl,
             queue_timeout=self.queue_timeout,
+            **self.pool_options,
         )
         app = create_app(self.models, self.pool, self.options)
 

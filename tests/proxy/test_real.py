@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import threading
@@ -291,6 +292,53 @@ def test_crashed_server_is_restarted_and_reported(
         assert after["crashes"] == 1
         assert after["starts"] == 2
         assert "exited unexpectedly" in after["last_error"]
+
+
+def test_sigstopped_server_mid_stream_is_reported_as_wedged(
+    smol_model: Path, factory: LlamaServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A stopped process is alive but silent: the health probes find it wedged, the pool stops
+    # it, and the client, the log and the metrics must say so (not "crashed ... exit status
+    # unknown", which is what the broken stream looked like).
+    models = ModelsConfig({"smol": spec(smol_model, "smol", ctx_size=4096)})
+    probes = {"probe_interval": 0.3, "probe_timeout": 0.5, "wedge_after": 2}
+    with (
+        caplog.at_level(logging.INFO, logger="llama_proc"),
+        running_proxy(models, factory, pool_options=probes) as proxy,
+    ):
+        sdk = client(proxy)
+        sdk.chat.completions.create(model="smol", messages=HI, max_tokens=1)
+        [info] = proxy.servers()
+        stream = sdk.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "Tell me a very long story."}],
+            max_tokens=3000,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        it = iter(stream)
+        for _ in range(3):
+            next(it)
+        os.kill(info["pid"], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        with pytest.raises(openai.APIError) as err:
+            for _ in it:
+                pass
+        told_after = time.monotonic() - stopped_at
+        assert wait_until(lambda: not pid_alive(info["pid"]), 5), "the wedged server lives on"
+        metrics = urllib.request.urlopen(proxy.base_url + "/metrics", timeout=30).read().decode()
+        [after] = proxy.servers()
+    message = str(err.value)
+    assert "wedged" in message, message
+    assert "crash" not in message, message
+    assert "exit status unknown" not in message, message
+    assert told_after < 10, told_after  # 2 failed probes of 0.5 s, 0.3 s apart, and the stop
+    assert 'llama_proc_proxy_upstream_errors_total{model="smol",kind="wedge"} 1' in metrics
+    assert 'kind="crash"' not in metrics
+    assert after["crashes"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("wedged" in w for w in warnings), warnings
+    assert not any("crashed" in w for w in warnings), warnings
 
 
 def test_bad_model_file_is_a_clear_start_failure(
