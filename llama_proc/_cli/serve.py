@@ -98,7 +98,8 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="N",
         help="most llama-servers up at once; the least recently used idle one is stopped to "
-        "make room, a busy one only after its requests end (default: 1)",
+        "make room, a busy one only after its requests end (default: 1); with N > 1 each "
+        "server gets cores/N threads unless its model sets threads",
     )
     pool.add_argument(
         "--idle-ttl",
@@ -278,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         ServerPool,
         parse_memory_budget,
     )
+    from llama_proc.proxy.threads import split_threads, usable_cpus
 
     log = logging.getLogger("llama_proc.proxy")
     if not args.allow_remote and not is_loopback(args.host):
@@ -344,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
         settings=settings,
         start_timeout=args.start_timeout,
         api_key=secrets.token_urlsafe(32) if api_keys or admin_keys else None,
+        # Servers running at once share the cores instead of each taking all of them.
+        threads=split_threads(usable_cpus(), args.max_servers or DEFAULT_MAX_SERVERS),
     )
 
     def ready(host: str, port: int) -> None:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import InvalidArgumentError
+from llama_proc.proxy.threads import usable_cpus
 from llama_proc.runtime.args import (
     ServerArgs,
     allowed_untrusted_flags,
@@ -87,13 +87,6 @@ _BOUND_KEYS: Final = frozenset({"min", "max"})
 _QUOTING: Final = frozenset("'\"\\")
 MAX_CACHED_CHECKS: Final = 1024
 """Accepted (header, model) pairs remembered, so a repeated header costs a dict lookup."""
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _show(value: float) -> str:
@@ -208,8 +201,8 @@ class FlagCaps:
             set; ``0`` or unset leaves it to the model file).
     """
 
-    max_threads: int = field(default_factory=_cpu_count)
-    max_threads_http: int = field(default_factory=lambda: max(MIN_HTTP_THREADS_CAP, _cpu_count()))
+    max_threads: int = field(default_factory=usable_cpus)
+    max_threads_http: int = field(default_factory=lambda: max(MIN_HTTP_THREADS_CAP, usable_cpus()))
     max_parallel: int = DEFAULT_MAX_PARALLEL
     max_batch: int = DEFAULT_MAX_BATCH
     max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS

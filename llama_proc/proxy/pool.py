@@ -53,6 +53,7 @@ from llama_proc.errors import (
 )
 from llama_proc.models.gguf_info import cached_model_info, estimate_memory
 from llama_proc.proxy.metrics import PoolMetrics
+from llama_proc.proxy.threads import with_threads
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.flags import BinaryFlags, probe_flags
 from llama_proc.server import AsyncLlamaServer
@@ -1240,6 +1241,9 @@ class LlamaServerFactory:
         common_options: ServerArgs options applied before each model's own options.
         api_key: a key every server requires (sent by the proxy); set it when the proxy
             itself needs keys, so local users cannot go around it to the servers' ports.
+        threads: CPU threads for each server whose model (and request flags) name none
+            (``serve`` passes its share of the cores, see :mod:`llama_proc.proxy.threads`);
+            None = llama-server's own default.
     """
 
     def __init__(
@@ -1250,8 +1254,10 @@ class LlamaServerFactory:
         start_timeout: float | None = None,
         common_options: Mapping[str, Any] | None = None,
         api_key: str | None = None,
+        threads: int | None = None,
     ) -> None:
         self.binary = binary
+        self.threads = threads
         self.api_key = api_key
         self.settings = settings
         self.start_timeout = start_timeout
@@ -1277,6 +1283,7 @@ class LlamaServerFactory:
         """
         options: dict[str, Any] = {"metrics": True, **self.common_options, **spec.options}
         extra = (*tuple(options.pop("extra_args", ())), *spec.extra_args, *flags)
+        options = with_threads(options, extra, self.threads)
         server = AsyncLlamaServer(
             spec.path,
             binary=self.binary,
