@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from llama_proc._version import __version__
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
-from llama_proc.provision._headers_deadline import headers_deadline, watched_adapter
+from llama_proc.provision.fetch._headers_deadline import headers_deadline, watched_adapter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
