@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import DownloadError, ModelFileError, OfflineError, ProvisionError
+from llama_proc.errors import (
+    DownloadError,
+    LlamaProcError,
+    ModelFileError,
+    OfflineError,
+    ProvisionError,
+)
+from llama_proc.provision.hub_trust import check_commit, guarded, revision_problem
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -98,6 +105,13 @@ class ModelRef:
             object.__setattr__(self, "quant", self.quant.upper())
         if self.quant is not None and self.file is not None:
             msg = f"name either a quantization or a file of {self.repo}, not both"
+            raise ModelFileError(msg)
+        if self.revision is not None and (problem := revision_problem(self.revision)):
+            # huggingface_hub writes refs/<revision> in its cache: no path may hide in it.
+            msg = (
+                f"revision {self.revision!r} of {self.repo} {problem}; name a branch, tag "
+                "or commit of the repository"
+            )
             raise ModelFileError(msg)
 
     @classmethod
@@ -438,6 +452,26 @@ def fetch_model(
     )
     if offline is None:
         offline = (settings is not None and settings.offline) or hub.offline_by_env()
+    with guarded():
+        return _fetch(
+            hub,
+            parsed,
+            offline=offline,
+            with_mmproj=with_mmproj,
+            progress=progress,
+            on_progress=on_progress,
+        )
+
+
+def _fetch(
+    hub: _Hub,
+    parsed: ModelRef,
+    *,
+    offline: bool,
+    with_mmproj: bool,
+    progress: bool | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> ModelFiles:
     listing = hub.cached_listing() if offline else hub.listing()
     try:
         parts, mmproj = choose_files(parsed, listing.names, with_mmproj=with_mmproj)
@@ -564,6 +598,8 @@ class _Hub:
             info = api.model_info(
                 self.ref.repo, revision=self.revision, files_metadata=True, timeout=self.timeout
             )
+        except LlamaProcError:
+            raise  # the hub's answer was refused (hub_trust); the message says why
         except Exception as err:
             if _is_connection_error(err):
                 # Like hf_hub_download: an unreachable hub falls back to what is cached.
@@ -579,7 +615,8 @@ class _Hub:
             if size is not None:
                 sizes[sibling.rfilename] = size
         names = tuple(s.rfilename for s in info.siblings or ())
-        return _Listing(names, sizes, info.sha)
+        commit = check_commit(info.sha, f"the listing of {self.ref.repo} on {self.endpoint}")
+        return _Listing(names, sizes, commit)
 
     def cached_listing(self) -> _Listing:
         """The GGUF files of the revision that the cache holds; no network."""
@@ -639,6 +676,8 @@ class _Hub:
             if offline:
                 raise self.offline_error(name) from err
             raise self._error(err.__cause__ or err, name) from err
+        except LlamaProcError:
+            raise  # the hub's answer was refused (hub_trust); the message says why
         except Exception as err:
             raise self._error(err, name) from err
         return Path(path)

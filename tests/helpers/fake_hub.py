@@ -18,6 +18,10 @@ Errors carry the hub's ``X-Error-Code`` header, which huggingface_hub maps to it
 ``RepoNotFound`` (401 without a token, 404 with one), ``RevisionNotFound`` and
 ``EntryNotFound`` (404), ``GatedRepo`` (401 without a token, 403 with one not granted access).
 A revision is a branch or tag name or the 40-hex commit id.
+
+A hostile hub: :attr:`FakeHub.resolve_headers` replaces headers of every ``resolve`` answer
+(``X-Linked-Etag``, ``X-Repo-Commit``, ``Location``...) and :attr:`FakeHub.info_fields`
+replaces fields of every model-info answer (``sha``, ``siblings``...).
 """
 
 from __future__ import annotations
@@ -100,6 +104,10 @@ class FakeHub(LoopbackServer):
         self._repos: dict[str, _Repo] = {}
         self._log: list[HubHit] = []
         self._lock = threading.Lock()
+        self.resolve_headers: dict[str, str] = {}
+        """Headers that replace the hub's own on every ``resolve`` answer (a hostile hub)."""
+        self.info_fields: dict[str, Any] = {}
+        """Fields that replace the hub's own in every model-info answer (a hostile hub)."""
         super().__init__(_make_handler(self))
 
     def close(self) -> None:
@@ -279,6 +287,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 "disabled": False,
                 "tags": ["gguf"],
                 "siblings": siblings,
+                **hub.info_fields,
             }
             self._send(200, json.dumps(info).encode(), head=head, Content_Type="application/json")
 
@@ -301,14 +310,14 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if blob is None:
                 self._fail(404, "EntryNotFound", "Entry not found", head=head, X_Repo_Commit=commit)
                 return
-            self._send(
-                302,
-                head=head,
-                Location=f"{hub.storage.url}/lfs/{blob.sha256}",
-                ETag=f'"{hashlib.sha1(blob.sha256.encode(), usedforsecurity=False).hexdigest()}"',
-                X_Repo_Commit=commit,
-                X_Linked_Etag=f'"{blob.sha256}"',
-                X_Linked_Size=str(blob.size),
-            )
+            headers = {
+                "Location": f"{hub.storage.url}/lfs/{blob.sha256}",
+                "ETag": f'"{hashlib.sha1(blob.sha256.encode(), usedforsecurity=False).hexdigest()}"',
+                "X-Repo-Commit": commit,
+                "X-Linked-Etag": f'"{blob.sha256}"',
+                "X-Linked-Size": str(blob.size),
+                **hub.resolve_headers,
+            }
+            self._send(302, b"", head=head, **headers)
 
     return Handler

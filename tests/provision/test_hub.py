@@ -18,7 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 from fake_hub import FakeHub, sha256_of
@@ -26,9 +26,6 @@ from fake_hub import FakeHub, sha256_of
 from llama_proc.config import Settings
 from llama_proc.errors import DownloadError, ModelFileError, OfflineError, ProvisionError
 from llama_proc.models.hub import ModelFiles, ModelRef, choose_files, fetch_model
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 REPO = "unsloth/SmolLM2-135M-Instruct-GGUF"
 REAL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -236,21 +233,6 @@ def test_choose_mmproj(quant: str | None, names: list[str], expected: str | None
 
 
 # -- fetching against the fake hub --------------------------------------------------------------
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    # Nothing of the user's Hugging Face home (saved token, xet cache) leaks into a test.
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    with FakeHub() as server:
-        yield server
-
-
-@pytest.fixture
-def hf_cache(tmp_path: Path) -> Path:
-    return tmp_path / "hf-cache"
 
 
 def _fetch(hub: FakeHub, cache: Path, ref: str, **kwargs: Any) -> ModelFiles:
