@@ -27,6 +27,8 @@ LLAMA_PROC_GITHUB_TOKEN        token sent to the GitHub API to lift anonymous ra
 LLAMA_PROC_COMPUTE_CHECK       0 = install without proving that the binary computes (default 1)
 LLAMA_PROC_CPU_OFF             CPU feature groups new installs must not use, comma-separated:
                                amx, avx512ext, avx512, avx2 (x86-64); sme, sve, i8mm (arm64)
+LLAMA_PROC_ALLOW_INSECURE_HUB  1 = accept a plain-http HF_ENDPOINT or hub redirect to another
+                               machine (default: https, or http on loopback only)
 LLAMA_PROC_SOURCE              build backend only: auto, prebuilt, build or none (what the
                                wheel bundles; ``-C llama-proc.source=...``)
 LLAMA_PROC_PORTABLE            build backend only: 1 = compile for any CPU of the arch
@@ -135,6 +137,9 @@ class Settings:
     cpu_off: tuple[str, ...] = field(default=(), metadata=_meta("CPU_OFF", "cpu_groups"))
     """CPU feature groups new installs must not use (``amx``, ``avx512``...), on top of those the
     manifest knows to be broken; ``fetch --force`` re-installs with them. Env: LLAMA_PROC_CPU_OFF."""
+    allow_insecure_hub: bool = field(default=False, metadata=_meta("ALLOW_INSECURE_HUB", "bool"))
+    """Accept plain http to another machine for the Hugging Face Hub (``HF_ENDPOINT``, its
+    redirects). Env: LLAMA_PROC_ALLOW_INSECURE_HUB."""
 
     def __post_init__(self) -> None:
         # Accept str paths from library callers the same way from_env does.

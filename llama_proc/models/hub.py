@@ -22,7 +22,9 @@ errors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import shutil
 import urllib.parse
@@ -30,14 +32,24 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc.config import parse_bool
 from llama_proc.errors import (
+    ChecksumMismatchError,
     DownloadError,
     LlamaProcError,
     ModelFileError,
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision.hub_trust import check_commit, guarded, revision_problem
+from llama_proc.provision.hub_trust import (
+    ALLOW_INSECURE_ENV,
+    SHA256_RE,
+    check_commit,
+    check_endpoint,
+    guarded,
+    name_problem,
+    revision_problem,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +71,9 @@ PREFERRED_MMPROJ_TAG: Final = "F16"
 LOGIN_HINT: Final = "set HF_TOKEN (or run `hf auth login`)"
 # Names llama.cpp never loads as the main model: projectors, importance matrices, draft heads.
 _NOT_A_MODEL: Final = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+MAX_SPLIT_PARTS: Final = 256
+"""Most parts of a split GGUF fetched (the largest published models have a few dozen)."""
+_HASH_CHUNK: Final = 1 << 20
 _GIB: Final = 1 << 30
 _MIB: Final = 1 << 20
 
@@ -280,6 +295,12 @@ def _split_parts(repo: str, names: Sequence[str], primary: str) -> tuple[str, ..
     first = _gguf_name(primary)
     if first is None or first.count <= 1:
         return (primary,)
+    if first.count > MAX_SPLIT_PARTS:
+        msg = (
+            f"{repo} lists the split model {_shown(first.prefix)} in {first.count} parts; "
+            f"llama-proc fetches at most {MAX_SPLIT_PARTS}: pick another quantization"
+        )
+        raise ModelFileError(msg)
     found: dict[int, str] = {}
     for path in names:
         info = _gguf_name(path)
@@ -394,6 +415,7 @@ class _Listing:
     names: tuple[str, ...]
     sizes: Mapping[str, int]
     commit: str | None
+    sha256: Mapping[str, str] = field(default_factory=dict)  # LFS files only
 
 
 def fetch_model(
@@ -443,6 +465,11 @@ def fetch_model(
         return ModelFiles(model=path, parts=(path,))
     if settings is not None and progress is None:
         progress = settings.progress
+    allow_insecure = (
+        settings.allow_insecure_hub
+        if settings is not None
+        else parse_bool(ALLOW_INSECURE_ENV, os.environ.get(ALLOW_INSECURE_ENV, ""))
+    )
     hub = _Hub(
         parsed,
         cache_dir=cache_dir,
@@ -452,7 +479,13 @@ def fetch_model(
     )
     if offline is None:
         offline = (settings is not None and settings.offline) or hub.offline_by_env()
-    with guarded():
+    if not offline:
+        check_endpoint(
+            hub.endpoint,
+            allow_insecure=allow_insecure,
+            what="the hub endpoint" if endpoint else "HF_ENDPOINT",
+        )
+    with guarded(hub.endpoint, allow_insecure=allow_insecure):
         return _fetch(
             hub,
             parsed,
@@ -482,12 +515,19 @@ def _fetch(
         raise hub.offline_error(cached=listing.names) from err
     wanted = (*parts, mmproj) if mmproj else parts
     total = 0
+    fresh: set[str] = set()
     if not offline:
-        total = _check_disk_space(hub, listing, wanted)
+        fresh = {name for name in wanted if not hub.is_cached(name, listing)}
+        total = _check_disk_space(hub, listing, fresh)
     bar = _bar_class(
         progress=progress, counter=_Counter(total, on_progress) if on_progress else None
     )
-    paths = [hub.download(name, offline=offline, bar_class=bar) for name in wanted]
+    paths = []
+    for name in wanted:
+        path = hub.download(name, offline=offline, bar_class=bar)
+        if not offline:
+            _check_bytes(hub, listing, name, path, hash_it=name in fresh)
+        paths.append(path)
     logger.info("model %s ready at %s", parsed, paths[0])
     return ModelFiles(
         model=paths[0], parts=tuple(paths[: len(parts)]), mmproj=paths[-1] if mmproj else None
@@ -527,13 +567,56 @@ def _bar_class(*, progress: bool | None, counter: _Counter | None) -> type[Any] 
     return _Bar
 
 
-def _check_disk_space(hub: _Hub, listing: _Listing, wanted: Sequence[str]) -> int:
+def _check_bytes(hub: _Hub, listing: _Listing, name: str, path: Path, *, hash_it: bool) -> None:
+    """Hold a fetched file to the hub's listing: its size, and its LFS sha256 once downloaded.
+
+    huggingface_hub checks neither, so bytes altered on a CDN or behind a redirect would be
+    used as they came. A file that fails is removed from the cache, so the next fetch
+    downloads it again.
+    """
+    size = listing.sizes.get(name)
+    actual_size = path.stat().st_size
+    if size is not None and actual_size != size:
+        _discard(hub, path)
+        msg = (
+            f"{_shown(name)} of {hub.ref} is {actual_size} bytes but the hub lists {size}; "
+            "it was removed from the cache: run it again, or check HF_ENDPOINT"
+        )
+        raise DownloadError(msg)
+    expected = listing.sha256.get(name)
+    if not hash_it or expected is None:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        _discard(hub, path)
+        what = f"{hub.ref.repo}/{_shown(name)}"
+        raise ChecksumMismatchError(what, expected, digest.hexdigest())
+
+
+def _discard(hub: _Hub, path: Path) -> None:
+    """Remove a refused file (the snapshot's link and the blob it points to) from the cache."""
+    blob = path.resolve()
+    for each in (path, blob):
+        if each.is_relative_to(hub.cache_dir.resolve()) or each == path:
+            each.unlink(missing_ok=True)
+
+
+def _shown(name: str) -> str:
+    """A name from the hub, safe to print: escaped and cut short."""
+    text = repr(name)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _check_disk_space(hub: _Hub, listing: _Listing, fresh: set[str]) -> int:
     """Refuse before downloading when the cache's disk cannot hold the missing files.
 
     Returns:
         The bytes still to download.
     """
-    need = sum(listing.sizes.get(name, 0) for name in wanted if not hub.is_cached(name, listing))
+    need = sum(listing.sizes.get(name, 0) for name in fresh)
     if need == 0:
         return 0
     cache = hub.cache_dir
@@ -609,14 +692,35 @@ class _Hub:
                 except OfflineError:
                     raise self._error(err) from err
             raise self._error(err) from err
+        where = f"the listing of {self.ref.repo} on {self.endpoint}"
+        commit = check_commit(info.sha, where)
         sizes: dict[str, int] = {}
+        sha256: dict[str, str] = {}
+        names: list[str] = []
         for sibling in info.siblings or ():
-            size = sibling.lfs.size if sibling.lfs is not None else sibling.size
+            name = getattr(sibling, "rfilename", None)
+            problem = name_problem(name)
+            if problem or not isinstance(name, str):
+                raise self._refused(where, f"file {_shown(str(name))} {problem}")
+            names.append(name)
+            lfs = sibling.lfs
+            size = lfs.size if lfs is not None else sibling.size
             if size is not None:
-                sizes[sibling.rfilename] = size
-        names = tuple(s.rfilename for s in info.siblings or ())
-        commit = check_commit(info.sha, f"the listing of {self.ref.repo} on {self.endpoint}")
-        return _Listing(names, sizes, commit)
+                if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                    raise self._refused(where, f"size {_shown(str(size))} of {_shown(name)}")
+                sizes[name] = size
+            if lfs is not None:
+                if not isinstance(lfs.sha256, str) or not SHA256_RE.fullmatch(lfs.sha256):
+                    raise self._refused(
+                        where, f"sha256 {_shown(str(lfs.sha256))} of {_shown(name)}"
+                    )
+                sha256[name] = lfs.sha256
+        return _Listing(tuple(names), sizes, commit, sha256)
+
+    @staticmethod
+    def _refused(where: str, what: str) -> DownloadError:
+        msg = f"{where} holds an invalid {what}; the hub or HF_ENDPOINT mirror is broken or hostile"
+        return DownloadError(msg)
 
     def cached_listing(self) -> _Listing:
         """The GGUF files of the revision that the cache holds; no network."""
