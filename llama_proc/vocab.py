@@ -16,6 +16,7 @@ __all__ = [
     "BACKEND_CHOICES",
     "CPU_GROUPS",
     "EVENT_LOOPS",
+    "MAX_SPLIT_PARTS",
     "PREFER_CHOICES",
     "InstallSource",
 ]
@@ -31,6 +32,8 @@ CPU_GROUPS: Final = ("amx", "avx512ext", "avx512", "avx2", "sme", "sve", "i8mm")
 """CPU feature groups that can be turned off (``LLAMA_PROC_CPU_OFF``), newest first per arch:
 x86-64 ``amx`` ... ``avx2``, arm64 ``sme`` ... ``i8mm`` (see ``provision.compute.ladder``)."""
 """Which provisioning path is tried first (``--prefer``, ``LLAMA_PROC_PREFER``)."""
+MAX_SPLIT_PARTS: Final = 256
+"""Most parts of a split GGUF fetched or read (the largest published models have a few dozen)."""
 EVENT_LOOPS: Final = (AUTO, "asyncio", "uvloop")
 """Event loops the proxy can serve on (``serve --event-loop``)."""
 

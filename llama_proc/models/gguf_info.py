@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError
-from llama_proc.models.gguf import FILE_TYPES, GGML_TYPES, GgufArray, read_gguf
+from llama_proc.models.gguf import FILE_TYPES, GGML_TYPES, GgufArray, ReadBudget, read_gguf
+from llama_proc.vocab import MAX_SPLIT_PARTS
 
 if TYPE_CHECKING:
     import os
@@ -68,6 +69,10 @@ ESTIMATE_ERROR_BOUND: Final = 0.10
 KV_CACHE_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 """What llama-server's ``--cache-type-k``/``--cache-type-v`` accept."""
 
+MAX_LAYERS: Final = 512
+"""``LLAMA_MAX_LAYERS``: llama.cpp loads no model with more blocks."""
+MAX_COUNT: Final = (1 << 32) - 1
+"""Head counts, lengths and context sizes are uint32 in llama.cpp."""
 INFO_CACHE_SIZE: Final = 64
 """Models :func:`cached_model_info` remembers (least recently read ones are dropped first)."""
 _CACHE: Final[dict[Path, tuple[tuple[tuple[int, int], ...] | None, ModelInfo]]] = {}
@@ -164,8 +169,9 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
             header cannot be parsed or names no architecture.
     """
     model = Path(path).expanduser()
-    header = read_gguf(model)
-    fields = _Fields(header.metadata)
+    budget = ReadBudget()  # shared by every part: the whole read is bounded, not each file
+    header = read_gguf(model, budget=budget)
+    fields = _Fields(model, header.metadata)
     arch = fields.string("general.architecture")
     if not arch:
         msg = f"{model} names no general.architecture; it is not a llama.cpp model file"
@@ -173,8 +179,14 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     parts = _parts(model, fields.integer("split.count"))
     tensors = list(header.tensors)
     for part in parts[1:]:
-        tensors.extend(read_gguf(part).tensors)
+        tensors.extend(read_gguf(part, budget=budget).tensors)
     n_layer = fields.integer(f"{arch}.block_count") or 0
+    if n_layer > MAX_LAYERS:
+        msg = (
+            f"{model} claims {n_layer} layers; llama.cpp loads at most {MAX_LAYERS}: the header "
+            "is corrupt or hostile"
+        )
+        raise ModelFileError(msg)
     n_head = fields.per_layer(f"{arch}.attention.head_count", n_layer)
     n_head_kv = fields.per_layer(f"{arch}.attention.head_count_kv", n_layer) or n_head
     embedding = fields.integer(f"{arch}.embedding_length")
@@ -289,8 +301,18 @@ def estimate_memory(
 class _Fields:
     """Typed access to a header's metadata values."""
 
-    def __init__(self, metadata: Mapping[str, MetadataValue]) -> None:
+    def __init__(self, path: Path, metadata: Mapping[str, MetadataValue]) -> None:
+        self._path = path
         self._metadata = metadata
+
+    def _count(self, key: str, value: int) -> int:
+        if not 0 <= value <= MAX_COUNT:
+            msg = (
+                f"{self._path} has {key} = {value}, not a count llama.cpp accepts "
+                f"(0 to {MAX_COUNT}): the header is corrupt or hostile"
+            )
+            raise ModelFileError(msg)
+        return value
 
     def string(self, key: str) -> str | None:
         value = self._metadata.get(key)
@@ -298,15 +320,17 @@ class _Fields:
 
     def integer(self, key: str) -> int | None:
         value = self._metadata.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return self._count(key, value)
+        return None
 
     def per_layer(self, key: str, n_layer: int) -> tuple[int, ...]:
         """A count that is one number for every layer, or an array with one per layer."""
         value = self._metadata.get(key)
         if isinstance(value, tuple):
-            return tuple(int(v) for v in value)
+            return tuple(self._count(key, int(v)) for v in value)
         if isinstance(value, int) and not isinstance(value, bool):
-            return (value,) * n_layer
+            return (self._count(key, value),) * n_layer
         return ()
 
     def length(self, key: str) -> int | None:
@@ -331,14 +355,23 @@ def _parts(model: Path, count: int | None) -> tuple[Path, ...]:
     match = _SPLIT_RE.search(model.name)
     if not count or count <= 1 or match is None:
         return (model,)
+    if count > MAX_SPLIT_PARTS:
+        msg = (
+            f"{model} claims to be one of {count} parts; llama-proc reads at most "
+            f"{MAX_SPLIT_PARTS}: the header is corrupt or hostile"
+        )
+        raise ModelFileError(msg)
     stem = model.name[: match.start()]
     parts = tuple(
         model.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
     )
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
         msg = (
-            f"{model} is part of a split model of {count} files but {', '.join(missing)} "
+            f"{model} is part of a split model of {count} files but {shown} "
             f"is missing beside it; fetch every part"
         )
         raise ModelFileError(msg)

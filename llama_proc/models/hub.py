@@ -50,6 +50,7 @@ from llama_proc.provision.hub_trust import (
     name_problem,
     revision_problem,
 )
+from llama_proc.vocab import MAX_SPLIT_PARTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,8 +72,6 @@ PREFERRED_MMPROJ_TAG: Final = "F16"
 LOGIN_HINT: Final = "set HF_TOKEN (or run `hf auth login`)"
 # Names llama.cpp never loads as the main model: projectors, importance matrices, draft heads.
 _NOT_A_MODEL: Final = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
-MAX_SPLIT_PARTS: Final = 256
-"""Most parts of a split GGUF fetched (the largest published models have a few dozen)."""
 _HASH_CHUNK: Final = 1 << 20
 _GIB: Final = 1 << 30
 _MIB: Final = 1 << 20

@@ -33,6 +33,7 @@ from llama_proc.models.gguf import (
     MAX_ARRAY_DEPTH,
     MAX_ARRAY_LENGTH,
     MAX_HEADER_BYTES,
+    MAX_INLINE_ITEMS,
     MAX_METADATA_COUNT,
     MAX_STRING_LENGTH,
     GgufArray,
@@ -334,3 +335,49 @@ def test_a_header_larger_than_the_bound_is_refused_without_reading_it(tmp_path: 
     with pytest.raises(ModelFileError, match=f"larger than {MAX_HEADER_BYTES >> 20} MiB"):
         read_gguf(path)
     assert time.perf_counter() - began < READ_TIME_LIMIT
+
+
+# -- total work: counts times sizes, not each field alone ---------------------------------------
+
+
+def _timed_refusal(path: Path, match: str) -> float:
+    began = time.perf_counter()
+    with pytest.raises(ModelFileError, match=match) as info:
+        read_gguf(path)
+    elapsed = time.perf_counter() - began
+    assert "\n" not in str(info.value)
+    return elapsed
+
+
+def test_many_small_tensors_are_bounded_in_total(tmp_path: Path) -> None:
+    # Each tensor is tiny and the count is under the per-field bound; together they would
+    # cost seconds of Python.
+    count = 200_000
+    body = b"".join(_tensor(f"t{i}", (1,)) for i in range(count))
+    path = tmp_path / "tensors.gguf"
+    path.write_bytes(_kv_file(tensors=count, tail=body + bytes(64)))
+    assert _timed_refusal(path, "too much work") < READ_TIME_LIMIT
+
+
+def test_many_string_arrays_are_bounded_in_total(tmp_path: Path) -> None:
+    # 64 arrays of 64k empty strings: each array is far inside MAX_ARRAY_LENGTH.
+    arrays = [_kv(f"k{i}", 9, _array(8, 1 << 16, bytes(8 << 16))) for i in range(64)]
+    path = tmp_path / "strings.gguf"
+    path.write_bytes(_kv_file(*arrays))
+    assert _timed_refusal(path, "too much work") < READ_TIME_LIMIT
+
+
+def test_short_numeric_arrays_are_not_all_built(tmp_path: Path) -> None:
+    # 2,048 keys of 4,096 u8 each (8 MiB): read inline one by one they make 8M Python ints.
+    keys = 2048
+    arrays = [
+        _kv(f"k{i}", 9, _array(0, INLINE_ARRAY_MAX, bytes(INLINE_ARRAY_MAX))) for i in range(keys)
+    ]
+    path = tmp_path / "inline.gguf"
+    path.write_bytes(_kv_file(*arrays))
+    began = time.perf_counter()
+    metadata = read_gguf(path).metadata
+    assert time.perf_counter() - began < READ_TIME_LIMIT
+    built = sum(len(v) for v in metadata.values() if isinstance(v, tuple))
+    assert built <= MAX_INLINE_ITEMS
+    assert metadata[f"k{keys - 1}"] == GgufArray(0, INLINE_ARRAY_MAX)

@@ -298,3 +298,78 @@ def test_estimate_matches_the_real_servers_rss(
     for ctx, (idle_error, peak_error) in errors.items():
         assert abs(idle_error) <= ESTIMATE_ERROR_BOUND, (ctx, report)
         assert abs(peak_error) <= ESTIMATE_ERROR_BOUND, (ctx, report)
+
+
+# -- hostile counts: one line, at once ---------------------------------------------------------
+
+
+def _hostile(path: Path, **values: tuple[int, str]) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    for key, (value, kind) in values.items():
+        getattr(writer, f"add_{kind}")(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        pytest.param({"llama.block_count": (200_000_000, "uint32")}, "200000000 layers", id="200M"),
+        pytest.param(
+            {
+                "llama.block_count": (U32_MAX, "uint32"),
+                "llama.attention.head_count": (U32_MAX, "uint32"),
+                "llama.attention.head_count_kv": (U32_MAX, "uint32"),
+                "llama.context_length": (U32_MAX, "uint32"),
+            },
+            "layers",
+            id="u32-max",
+        ),
+        pytest.param(
+            {
+                "llama.block_count": (U64_MAX, "uint64"),
+                "llama.attention.key_length": (U64_MAX, "uint64"),
+            },
+            "block_count",
+            id="u64-max",
+        ),
+        pytest.param(
+            {"llama.block_count": (8, "uint32"), "llama.attention.head_count_kv": (-1, "int32")},
+            "head_count_kv",
+            id="negative",
+        ),
+        pytest.param(
+            {"llama.block_count": (8, "uint32"), "llama.context_length": (U64_MAX, "uint64")},
+            "context_length",
+            id="context",
+        ),
+    ],
+)
+def test_hostile_counts_are_refused_at_once(
+    tmp_path: Path, values: dict[str, tuple[int, str]], match: str
+) -> None:
+    path = _hostile(tmp_path / "hostile.gguf", **values)
+    assert path.stat().st_size < 4096
+    began = time.perf_counter()
+    with pytest.raises(ModelFileError, match=match) as info:
+        estimate_memory(read_model_info(path), 4096)
+    assert time.perf_counter() - began < 0.5
+    assert "\n" not in str(info.value)
+
+
+def test_a_split_count_beyond_the_cap_is_one_short_line(tmp_path: Path) -> None:
+    path = _hostile(tmp_path / "m-00001-of-65535.gguf", **{"split.count": (65535, "uint16")})
+    began = time.perf_counter()
+    with pytest.raises(ModelFileError, match="65535 parts") as info:
+        read_model_info(path)
+    assert time.perf_counter() - began < 0.5
+    assert len(str(info.value)) < 400
