@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,12 @@ def check_gguf(path: str | os.PathLike[str]) -> GgufHeader:
     model = Path(path).expanduser()
     try:
         with model.open("rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                # A pipe or device never ends or answers what it likes; nothing reads it twice.
+                msg = f"model path {model} is not a regular file; pass the path of a .gguf file"
+                raise ModelFileError(msg)
+            size = info.st_size
             head = fh.read(_HEADER.size)
     except FileNotFoundError:
         msg = f"model file {model} does not exist; pass the path of a .gguf file"

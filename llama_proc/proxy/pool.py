@@ -621,9 +621,18 @@ class ServerPool:
         ):
             return self._grant(entry, waited=0.0)
         if entry is None:
-            entry = self._entries[key] = _Entry(key=key, spec=spec, flags=flags)
+            memory = 0
             if self.memory_budget is not None:
-                entry.memory = self._estimate(spec, flags)
+                # Reading the header is file I/O and parsing: off the event loop, so a slow
+                # disk or a hostile header stalls this request only, never /health or others.
+                memory = await asyncio.to_thread(self._estimate, spec, flags)
+                if self._closing:
+                    msg = "llama-proc proxy is shutting down"
+                    raise PoolClosedError(msg)
+            entry = self._entries.get(key)  # another request may have made it meanwhile
+            if entry is None:
+                entry = self._entries[key] = _Entry(key=key, spec=spec, flags=flags)
+                entry.memory = memory
         if self.memory_budget is not None and entry.memory > self.memory_budget:
             self.metrics.rejected.inc(spec.id, "too_large")
             msg = (

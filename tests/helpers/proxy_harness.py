@@ -33,6 +33,7 @@ class ProxyThread:
         queue_timeout: float = 120,
         options: ProxyOptions | None = None,
         pool_options: dict[str, Any] | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         self.models = models
         self.pool_options = pool_options or {}
@@ -40,6 +41,7 @@ class ProxyThread:
         self.max_servers = max_servers
         self.idle_ttl = idle_ttl
         self.queue_timeout = queue_timeout
+        self.memory_budget = memory_budget
         self.options = options or ProxyOptions()
         self.base_url = ""
         self.pool: ServerPool | None = None
@@ -65,6 +67,7 @@ class ProxyThread:
             idle_ttl=self.idle_ttl,
             queue_timeout=self.queue_timeout,
             **self.pool_options,
+            memory_budget=self.memory_budget,
         )
         app = create_app(self.models, self.pool, self.options)
 
