@@ -11,7 +11,9 @@ Members are written by this module, never by ``tarfile``'s extraction, so Python
 without tarfile's ``data`` filter get the same checks. Writing never follows a symlink: a file
 replaces a link of the same name instead of writing through it, and a member below a link is
 refused, which is what makes merging several archives into one folder safe (``merge=True``).
-Data is streamed to disk with a running count of the real bytes; past
+A tar's extended headers (pax, GNU long names) pass our own bounded scan before ``tarfile``
+parses them (:mod:`~llama_proc.provision.tar_headers`). Data is streamed to disk with a
+running count of the real bytes; past
 :data:`MAX_EXTRACT_BYTES` or :data:`MAX_COMPRESSION_RATIO` times the archive's size the
 extraction stops and removes what it wrote (an archive bomb).
 """
@@ -23,6 +25,7 @@ import dataclasses
 import functools
 import gzip
 import logging
+import lzma
 import os
 import stat
 import tarfile
@@ -33,12 +36,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final, Literal
 
 from llama_proc.errors import ArchiveError
+from llama_proc.provision.tar_headers import MAX_EXTENDED_HEADER, scan_tar_headers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
 __all__ = [
     "MAX_COMPRESSION_RATIO",
+    "MAX_EXTENDED_HEADER",
     "MAX_EXTRACT_BYTES",
     "MAX_MEMBERS",
     "archive_kind",
@@ -173,6 +178,8 @@ def extract_archive(
         budget = _Budget(archive, max_bytes, max_ratio)
         dest.mkdir(parents=True, exist_ok=True)
         if kind == "tar":
+            # Extended headers are checked by our own bounded scan before tarfile parses any.
+            scan_tar_headers(archive, max_headers=2 * MAX_MEMBERS, max_offset=budget.limit)
             with tarfile.open(archive, "r:*") as tar:
                 members = _tar_members(tar, archive, budget)
                 return _extract(members, archive, dest, merge=merge, budget=budget)
@@ -181,8 +188,17 @@ def extract_archive(
             return _extract(members, archive, dest, merge=merge, budget=budget)
     except ArchiveError:
         raise
-    except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, zlib.error, EOFError) as err:
-        msg = f"{archive.name} is corrupt or truncated ({err}); delete it and download again"
+    except (
+        tarfile.TarError,
+        zipfile.BadZipFile,
+        gzip.BadGzipFile,
+        zlib.error,
+        EOFError,
+        lzma.LZMAError,
+        ValueError,  # tarfile's own, on some malformed headers (an embedded NUL byte)
+    ) as err:
+        detail = " ".join(str(err).split())
+        msg = f"{archive.name} is corrupt or truncated ({detail}); delete it and download again"
         raise ArchiveError(msg) from err
     except OSError as err:
         msg = f"cannot extract {archive.name} into {dest}: {err.strerror or err}"
