@@ -825,3 +825,68 @@ def test_step_is_its_line_and_carries_its_fields() -> None:
     with pytest.raises(AttributeError):
         step.reason = "changed"
     assert steps([step, "a plain line"]) == [step]
+
+
+# ----------------------------------------------------------------------------- cache ownership
+def _plant(install: Install, tmp_path: Path) -> Path:
+    """Replace the installed llama-server with a program that leaves a mark when run."""
+    mark = tmp_path / "planted-ran"
+    install.server_binary.write_text(f"#!/bin/sh\ntouch {mark}\n")
+    return mark
+
+
+@needs_linux
+@pytest.mark.parametrize("folder", ["cache", "servers", "build", "install"])
+def test_a_cache_folder_writable_by_others_is_refused(
+    served: FileServer,
+    manifest: Manifest,
+    settings: Settings,
+    tmp_path: Path,
+    folder: str,
+) -> None:
+    install = ensure_server(settings, host=LINUX, manifest=manifest)
+    mark = _plant(install, tmp_path)
+    target = {
+        "cache": settings.cache_dir,
+        "servers": settings.cache_dir / "servers",
+        "build": install.path.parent,
+        "install": install.path,
+    }[folder]
+    target.chmod(0o777)
+
+    with pytest.raises(ProvisionError) as info:
+        ensure_server(settings, host=LINUX, manifest=manifest)
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(target) in message
+    assert "chmod go-w" in message
+    assert "LLAMA_PROC_CACHE_DIR" in message
+    assert not mark.exists()
+
+
+@needs_linux
+def test_a_cache_of_another_user_is_refused(
+    served: FileServer, manifest: Manifest, settings: Settings, tmp_path: Path
+) -> None:
+    install = ensure_server(settings, host=LINUX, manifest=manifest)
+    mark = _plant(install, tmp_path)
+    other = os.geteuid() + 4242
+    os.chown(install.path, other, -1)
+
+    with pytest.raises(ProvisionError, match=f"owned by uid {other}") as info:
+        ensure_server(settings, host=LINUX, manifest=manifest)
+
+    assert "\n" not in str(info.value)
+    assert "chown" in str(info.value)
+    assert not mark.exists()
+
+
+@needs_linux
+def test_a_private_cache_is_accepted(
+    served: FileServer, manifest: Manifest, settings: Settings
+) -> None:
+    install = ensure_server(settings, host=LINUX, manifest=manifest)
+    settings.cache_dir.chmod(0o700)
+    install.path.chmod(0o755)
+    assert ensure_server(settings, host=LINUX, manifest=manifest) == install

@@ -9,18 +9,25 @@ Layout under ``settings.cache_dir``::
     downloads/<asset>[.part|.lock]               archives and index files while they are fetched
     models/<file>.gguf                           the smoke-test model (models.smoke_model)
     sources/<archive>-<sha>/                     unpacked llama.cpp source (provision.fetch.sources)
+
+llama-proc runs the programs it finds here, so, as ssh does for its keys, the cache root and
+every existing folder from it down to an install must belong to the current user (or root)
+and must not be writable by others (:func:`check_private`); group-writable is accepted only
+for a user-private group. POSIX only: on Windows the folders' ACLs are not checked.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import stat
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ProvisionError
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from llama_proc.config import Settings
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "INSTALL_JSON",
     "MODELS_DIR",
     "SERVERS_DIR",
+    "check_private",
     "downloads_dir",
     "install_dir",
     "models_dir",
@@ -43,8 +51,73 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def servers_dir(settings: Settings) -> Path:
-    """``cache_dir/servers``: where installs live."""
-    return settings.cache_dir / SERVERS_DIR
+    """``cache_dir/servers``: where installs live.
+
+    Raises:
+        ProvisionError: the cache root or this folder is open to other users
+            (:func:`check_private`).
+    """
+    path = settings.cache_dir / SERVERS_DIR
+    check_private(path, root=settings.cache_dir)
+    return path
+
+
+def check_private(path: Path, *, root: Path) -> None:
+    """Refuse when ``root`` or an existing folder from it down to ``path`` is open to others.
+
+    Each must belong to the current user or to root and must not be writable by other users,
+    nor by a group other than the user's private one.
+
+    Raises:
+        ProvisionError: one is not; the message says how to fix it.
+    """
+    if os.name != "posix":
+        return  # Windows keeps permissions in ACLs, which this check does not read
+    uid = os.geteuid()
+    folder = Path(root)
+    for part in ("", *Path(path).relative_to(root).parts):
+        folder = folder / part if part else folder
+        try:
+            info = folder.stat()
+        except OSError:
+            return  # not created yet: llama-proc creates it
+        problem, fix = _exposure(info, uid, shlex.quote(str(folder)))
+        if problem:
+            msg = (
+                f"{folder} is {problem}: another user could replace what llama-proc runs from "
+                f"its cache; {fix}, or point LLAMA_PROC_CACHE_DIR at a folder of your own"
+            )
+            raise ProvisionError(msg)
+
+
+def _exposure(info: os.stat_result, uid: int, shown: str) -> tuple[str, str]:
+    """What makes a folder writable by someone else, and the command that fixes it."""
+    if info.st_uid not in (uid, 0):
+        return (
+            f"owned by uid {info.st_uid}, not by you (uid {uid})",
+            f"run `chown {uid} {shown}` if it is yours",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & stat.S_IWOTH:
+        return f"writable by every user (mode {mode:o})", f"run `chmod go-w {shown}`"
+    if mode & stat.S_IWGRP and not _private_group(info.st_gid, uid):
+        return f"writable by group {info.st_gid} (mode {mode:o})", f"run `chmod g-w {shown}`"
+    return "", ""
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """Whether ``gid`` is ``uid``'s own group (the user-private-group scheme, umask 002)."""
+    import grp  # noqa: PLC0415 - POSIX only
+    import pwd  # noqa: PLC0415 - POSIX only
+
+    try:
+        user = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return (
+        user.pw_gid == gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+    )
 
 
 def downloads_dir(settings: Settings) -> Path:
@@ -73,4 +146,6 @@ def install_dir(settings: Settings, build: str, variant_id: str, flavor: str = "
     name = _check_name("variant id", variant_id)
     if flavor:
         name += "+" + _check_name("flavor", flavor)
-    return servers_dir(settings) / _check_name("build", build) / name
+    path = servers_dir(settings) / _check_name("build", build) / name
+    check_private(path, root=settings.cache_dir)
+    return path
