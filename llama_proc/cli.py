@@ -66,19 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
+    from llama_proc._text import PrintableFormatter, printable_lines
     from llama_proc.errors import LlamaProcError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     # --log-level is about llama-proc's own messages; other libraries keep warnings and above.
-    logging.basicConfig(level=logging.WARNING, format="llama-proc: %(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("llama-proc: %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     ours = logging.getLogger(LOGGER_NAME)
     previous_level = ours.level
     ours.setLevel(args.log_level)
     try:
         return int(args.handler(args))
     except LlamaProcError as err:
-        text = str(err)
+        # Names from models, files and hubs can hold terminal escapes: never printed raw.
+        text = printable_lines(str(err))
         print(f"llama-proc: error: {text}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

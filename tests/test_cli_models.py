@@ -222,6 +222,32 @@ def test_inspect_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "unknown KV cache type" in _one_error_line(err)
 
 
+HOSTILE = "\x1b]0;owned\x07\x1b[2J\u202etxt.exe\u2066\u200b"
+"""Terminal escapes (title, clear screen) and bidi / zero-width characters."""
+
+
+def _raw_controls(text: str) -> list[str]:
+    return [c for c in text if not c.isprintable() and c != "\n"]
+
+
+def test_inspect_escapes_control_and_bidi_characters(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = write_model(tmp_path / f"m{HOSTILE}.gguf", name=f"model{HOSTILE}")
+    code, out, err = run(capsys, "inspect", str(model))
+    assert code == 0, err
+    assert _raw_controls(out) == []
+    assert "\\x1b]0;owned\\x07" in out
+    assert "\\u202etxt.exe" in out
+
+    bad = tmp_path / f"bad{HOSTILE}.gguf"
+    bad.write_bytes(b"not a model at all")
+    code, out, err = run(capsys, "inspect", str(bad))
+    assert code == 1
+    assert _raw_controls(err) == []
+    assert "not a GGUF model file" in _one_error_line(err)
+
+
 def test_models_module_imports_only_argparse() -> None:
     code = (
         "import sys, json; import llama_proc._cli.models, llama_proc._cli.maintain; "

@@ -15,6 +15,7 @@ from llama_proc._cli.common import (
     positive_int,
     settings_from_args,
 )
+from llama_proc._text import printable
 
 if TYPE_CHECKING:
     import argparse
@@ -159,7 +160,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps({**info.to_dict(), "memory": estimate.to_dict()}, indent=2))
         return 0
     for line in _info_lines(info, estimate):
-        print(line)
+        print(printable(line))  # the model's name and path may hold terminal escapes
     return 0
 
 
@@ -216,4 +217,4 @@ def _bytes(n: int) -> str:
 
 
 def _err(line: str) -> None:
-    print(line, file=sys.stderr)
+    print(printable(line), file=sys.stderr)

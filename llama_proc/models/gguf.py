@@ -30,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, BinaryIO, Final, NamedTuple, NoReturn
 
+from llama_proc._text import printable
 from llama_proc.errors import ModelFileError
 
 if TYPE_CHECKING:
@@ -86,35 +87,36 @@ def check_gguf(path: str | os.PathLike[str]) -> GgufHeader:
             (wrong magic bytes), is truncated, or uses an unknown GGUF version.
     """
     model = Path(path).expanduser()
+    shown = printable(str(model))  # a file name may hold terminal escapes
     try:
         with model.open("rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
                 # A pipe or device never ends or answers what it likes; nothing reads it twice.
-                msg = f"model path {model} is not a regular file; pass the path of a .gguf file"
+                msg = f"model path {shown} is not a regular file; pass the path of a .gguf file"
                 raise ModelFileError(msg)
             size = info.st_size
             head = fh.read(_HEADER.size)
     except FileNotFoundError:
-        msg = f"model file {model} does not exist; pass the path of a .gguf file"
+        msg = f"model file {shown} does not exist; pass the path of a .gguf file"
         raise ModelFileError(msg) from None
     except IsADirectoryError:
-        msg = f"model path {model} is a directory; pass the path of a .gguf file"
+        msg = f"model path {shown} is a directory; pass the path of a .gguf file"
         raise ModelFileError(msg) from None
     except OSError as err:
-        msg = f"cannot read model file {model}: {err.strerror or err}"
+        msg = f"cannot read model file {shown}: {err.strerror or err}"
         raise ModelFileError(msg) from None
     if head[:4] != GGUF_MAGIC:
         hint = (
             " (it looks like a Git LFS pointer, not the model)" if head.startswith(b"vers") else ""
         )
         msg = (
-            f"{model} is not a GGUF model file: it starts with {head[:4]!r}, not b'GGUF'{hint}; "
+            f"{shown} is not a GGUF model file: it starts with {head[:4]!r}, not b'GGUF'{hint}; "
             "convert it with llama.cpp's convert_hf_to_gguf.py or download a .gguf"
         )
         raise ModelFileError(msg)
     if len(head) < _HEADER_V1.size:
-        msg = f"{model} is truncated ({size} bytes): the GGUF header is incomplete"
+        msg = f"{shown} is truncated ({size} bytes): the GGUF header is incomplete"
         raise ModelFileError(msg)
     order = "little"
     (version,) = struct.unpack_from("<I", head, 4)
@@ -124,7 +126,7 @@ def check_gguf(path: str | os.PathLike[str]) -> GgufHeader:
             order, version = "big", swapped
         else:
             msg = (
-                f"{model} uses GGUF version {version}, which this check does not know "
+                f"{shown} uses GGUF version {version}, which this check does not know "
                 f"(known: {', '.join(map(str, sorted(_KNOWN_VERSIONS)))}); the file may be corrupt"
             )
             raise ModelFileError(msg)
@@ -132,12 +134,12 @@ def check_gguf(path: str | os.PathLike[str]) -> GgufHeader:
     if version == 1:
         _, _, tensors, kvs = struct.unpack(prefix + "4sIII", head[: _HEADER_V1.size])
     elif len(head) < _HEADER.size:
-        msg = f"{model} is truncated ({size} bytes): the GGUF header is incomplete"
+        msg = f"{shown} is truncated ({size} bytes): the GGUF header is incomplete"
         raise ModelFileError(msg)
     else:
         _, _, tensors, kvs = struct.unpack(prefix + "4sIQQ", head)
     if tensors > _MAX_COUNT or kvs > _MAX_COUNT:
-        msg = f"{model} has a corrupt GGUF header (tensor count {tensors}, metadata count {kvs})"
+        msg = f"{shown} has a corrupt GGUF header (tensor count {tensors}, metadata count {kvs})"
         raise ModelFileError(msg)
     return GgufHeader(model, version, tensors, kvs, size, order)
 
@@ -360,7 +362,7 @@ def read_gguf(path: str | os.PathLike[str], *, budget: ReadBudget | None = None)
     header = check_gguf(path)
     if header.version == 1:
         msg = (
-            f"{header.path} is a GGUF version 1 file, which llama.cpp no longer loads; "
+            f"{printable(str(header.path))} is a GGUF version 1 file, which llama.cpp no longer loads; "
             "convert the model again with a current convert_hf_to_gguf.py"
         )
         raise ModelFileError(msg)
@@ -368,7 +370,7 @@ def read_gguf(path: str | os.PathLike[str], *, budget: ReadBudget | None = None)
         with header.path.open("rb") as fh:
             return _Parser(fh, header, budget or ReadBudget()).parse()
     except OSError as err:
-        msg = f"cannot read model file {header.path}: {err.strerror or err}"
+        msg = f"cannot read model file {printable(str(header.path))}: {err.strerror or err}"
         raise ModelFileError(msg) from None
 
 
@@ -381,6 +383,7 @@ class _Parser:
         self._fh = fh
         self._buf = bytearray()
         self._header = header
+        self._shown = printable(str(header.path))
         self._end = os.fstat(fh.fileno()).st_size
         self._pos = _HEADER.size
         self._budget = budget
@@ -526,7 +529,7 @@ class _Parser:
         offset = self._u64_at()
         if kind not in GGML_TYPES:
             msg = (
-                f"{self._header.path}: tensor {name!r} has ggml type {kind}, which this reader "
+                f"{self._shown}: tensor {name!r} has ggml type {kind}, which this reader "
                 "does not know; update llama-proc, or the file is corrupt"
             )
             raise ModelFileError(msg)
@@ -549,9 +552,9 @@ class _Parser:
             self._corrupt(f"{count} {what} entries")
 
     def _corrupt(self, detail: str) -> NoReturn:
-        msg = f"{self._header.path} has a corrupt GGUF header: {detail}; the file is not usable"
+        msg = f"{self._shown} has a corrupt GGUF header: {detail}; the file is not usable"
         raise ModelFileError(msg)
 
     def _truncated(self, detail: str) -> NoReturn:
-        msg = f"{self._header.path} is truncated ({self._end} bytes): {detail}; download it again"
+        msg = f"{self._shown} is truncated ({self._end} bytes): {detail}; download it again"
         raise ModelFileError(msg)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc._text import printable
 from llama_proc.errors import InvalidArgumentError, ModelFileError
 from llama_proc.models.gguf import FILE_TYPES, GGML_TYPES, GgufArray, ReadBudget, read_gguf
 from llama_proc.vocab import MAX_SPLIT_PARTS
@@ -174,7 +175,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     fields = _Fields(model, header.metadata)
     arch = fields.string("general.architecture")
     if not arch:
-        msg = f"{model} names no general.architecture; it is not a llama.cpp model file"
+        msg = f"{printable(str(model))} names no general.architecture; it is not a llama.cpp model file"
         raise ModelFileError(msg)
     parts = _parts(model, fields.integer("split.count"))
     tensors = list(header.tensors)
@@ -183,7 +184,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     n_layer = fields.integer(f"{arch}.block_count") or 0
     if n_layer > MAX_LAYERS:
         msg = (
-            f"{model} claims {n_layer} layers; llama.cpp loads at most {MAX_LAYERS}: the header "
+            f"{printable(str(model))} claims {n_layer} layers; llama.cpp loads at most {MAX_LAYERS}: the header "
             "is corrupt or hostile"
         )
         raise ModelFileError(msg)
@@ -281,7 +282,7 @@ def estimate_memory(
         raise InvalidArgumentError(msg)
     ctx = ctx_size or info.context_length
     if not ctx:
-        msg = f"{info.path} names no trained context length; pass ctx_size"
+        msg = f"{printable(str(info.path))} names no trained context length; pass ctx_size"
         raise InvalidArgumentError(msg)
     head_elements = (info.key_length or 0) + (info.value_length or 0)
     kv_elements = ctx * sum(info.n_head_kv) * head_elements
@@ -308,7 +309,7 @@ class _Fields:
     def _count(self, key: str, value: int) -> int:
         if not 0 <= value <= MAX_COUNT:
             msg = (
-                f"{self._path} has {key} = {value}, not a count llama.cpp accepts "
+                f"{printable(str(self._path))} has {key} = {value}, not a count llama.cpp accepts "
                 f"(0 to {MAX_COUNT}): the header is corrupt or hostile"
             )
             raise ModelFileError(msg)
@@ -357,7 +358,7 @@ def _parts(model: Path, count: int | None) -> tuple[Path, ...]:
         return (model,)
     if count > MAX_SPLIT_PARTS:
         msg = (
-            f"{model} claims to be one of {count} parts; llama-proc reads at most "
+            f"{printable(str(model))} claims to be one of {count} parts; llama-proc reads at most "
             f"{MAX_SPLIT_PARTS}: the header is corrupt or hostile"
         )
         raise ModelFileError(msg)
@@ -371,7 +372,7 @@ def _parts(model: Path, count: int | None) -> tuple[Path, ...]:
             f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         )
         msg = (
-            f"{model} is part of a split model of {count} files but {shown} "
+            f"{printable(str(model))} is part of a split model of {count} files but {shown} "
             f"is missing beside it; fetch every part"
         )
         raise ModelFileError(msg)

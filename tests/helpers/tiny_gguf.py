@@ -25,11 +25,12 @@ def write_model(
     file_type: int | None = int(LlamaFileType.MOSTLY_F16),
     vocab: int = 100,
     split_max_tensors: int = 0,
+    name: str = "tiny test model",
 ) -> Path:
     """A tiny llama-shaped GGUF: metadata as given, one f16 and one f32 tensor per layer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
-    writer.add_name("tiny test model")
+    writer.add_name(name)
     writer.add_block_count(layers)
     writer.add_context_length(context)
     writer.add_embedding_length(embedding)
