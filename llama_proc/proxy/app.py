@@ -31,7 +31,13 @@ from aiohttp import http_exceptions, web
 from yarl import URL
 
 from llama_proc.diagnosis import diagnose
-from llama_proc.errors import ConfigError, InvalidArgumentError, LlamaProcError, ServerExitedError
+from llama_proc.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    LlamaProcError,
+    ModelFileError,
+    ServerExitedError,
+)
 from llama_proc.proxy.downloads import ModelDownloads
 from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagCaps, FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
@@ -43,6 +49,7 @@ from llama_proc.proxy.pool import (
     PoolQueueFullError,
     ServerPool,
 )
+from llama_proc.proxy.tenant import tenant_reason
 from llama_proc.proxy.upstream import UpstreamConnectionError, UpstreamConnections
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
@@ -458,9 +465,13 @@ class _Proxy:
             except LlamaProcError as err:
                 if self._shutting_down:
                     return _shutting_down()
+                logger.warning("model %r could not be fetched: %s", spec.id, err)
                 return _error(
                     503,
-                    f"model {spec.id!r} could not be fetched: {err}",
+                    # The hub's answers about the reference (no such quantization: these
+                    # exist) help the tenant; the host's paths and network do not.
+                    f"model {spec.id!r} could not be fetched: "
+                    f"{tenant_reason(err, shown=(ModelFileError,))}",
                     code="model_download_failed",
                     kind="server_error",
                 )
@@ -494,7 +505,7 @@ class _Proxy:
             except LlamaProcError as err:
                 return _error(
                     503,
-                    f"llama-server for model {spec.id!r} failed to start: {err}",
+                    f"llama-server for model {spec.id!r} failed to start: {tenant_reason(err)}",
                     code="server_start_failed",
                     kind="server_error",
                 )
