@@ -321,6 +321,25 @@ def test_redirect_is_followed(server: FileServer, settings: Settings, tmp_path: 
     assert dest.read_bytes() == DATA
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["http://mirror.example/f.bin", "http://203.0.113.7:8080/f.bin"],
+)
+def test_a_redirect_to_plain_http_on_another_machine_is_refused(
+    server: FileServer, settings: Settings, tmp_path: Path, target: str
+) -> None:
+    # The mirror (here on loopback) is trusted; a host it redirects to over plain http is not:
+    # anyone on that path could swap the bytes and, for a listing, the digests vouching for them.
+    server.add("/f.bin", b"", redirect=target)
+    dest = _dest(tmp_path)
+    with pytest.raises(DownloadError, match="plain http to another machine") as info:
+        download_file(server.url_for("/f.bin"), dest, sha256=SHA, settings=settings)
+    assert "\n" not in str(info.value)
+    assert not dest.exists()
+    with pytest.raises(DownloadError, match="plain http to another machine"):
+        fetch_page(server.url_for("/f.bin"), settings=settings)
+
+
 def test_serves_large_file_from_disk(
     server: FileServer, settings: Settings, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import logging
 import re
 import shutil
@@ -50,7 +51,9 @@ __all__ = [
     "download_file",
     "fetch_page",
     "file_sha256",
+    "is_local_url",
     "make_session",
+    "plain_remote",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,9 +167,57 @@ def make_session(settings: Settings) -> requests.Session:
     session.headers["User-Agent"] = USER_AGENT
     for prefix in ("https://", "http://"):
         session.mount(prefix, watched_adapter())
+    session.hooks["response"].append(_refuse_downgrade)
     if settings.github_token:
         session.auth = _GitHubTokenAuth(settings.github_token)
     return session
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` stays on this machine: ``file://`` or an http(s) loopback host."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return True
+    if scheme not in ("http", "https"):
+        return False
+    try:
+        host = parts.hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_remote(url: str) -> bool:
+    """Plain http to another machine: anyone on the path can change what it serves."""
+    return urllib.parse.urlsplit(url).scheme.lower() == "http" and not is_local_url(url)
+
+
+def _refuse_downgrade(response: requests.Response, *_args: Any, **_kwargs: Any) -> None:
+    """Refuse a redirect to plain http on another machine, before it is followed.
+
+    Like a plain-http mirror: anyone on that path could swap the bytes, and for a listing the
+    digests that vouch for them. Only a redirect from such a host itself (a plain-http mirror,
+    allowed only with every asset pinned) may stay on plain http.
+    """
+    if not response.is_redirect:
+        return
+    target = urllib.parse.urljoin(response.url, response.headers.get("Location", ""))
+    if plain_remote(target) and not plain_remote(response.url):
+        msg = (
+            f"{_safe_url(response.url)} redirects to {_safe_url(target)}, plain http to another "
+            "machine: anyone on the path could swap what it serves; refused (use an https:// "
+            "mirror, or one whose redirects stay on https)"
+        )
+        response.close()  # raising here skips requests' own close of a followed redirect
+        raise DownloadError(msg)
 
 
 def file_sha256(path: Path) -> str:

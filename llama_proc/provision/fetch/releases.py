@@ -27,7 +27,6 @@ The trust chain:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision.fetch.download import fetch_page, make_session
+from llama_proc.provision.fetch.download import fetch_page, is_local_url, make_session, plain_remote
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 
 if TYPE_CHECKING:
@@ -125,33 +124,6 @@ def listing_cache_path(settings: Settings, repo: str, tag: str) -> Path:
     return settings.cache_dir / "releases" / repo.replace("/", "_") / f"{tag}.json"
 
 
-def is_local_url(url: str) -> bool:
-    """Whether ``url`` stays on this machine: ``file://`` or an http(s) loopback host."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return True
-    if scheme not in ("http", "https"):
-        return False
-    try:
-        host = parts.hostname
-    except ValueError:
-        return False
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _plain_remote(url: str) -> bool:
-    """Plain http to another machine: anyone on the path can change what it serves."""
-    return urllib.parse.urlsplit(url).scheme.lower() == "http" and not is_local_url(url)
-
-
 def _unpinned_patterns(variant: Variant, build: str) -> list[str]:
     if not variant.has_prebuilt:
         return [f"(variant {variant.id} has no prebuilt)"]
@@ -176,7 +148,7 @@ def require_trusted_mirror(settings: Settings, variant: Variant | None, build: s
             fetches has no pinned sha256.
     """
     mirror = settings.mirror
-    if not mirror or not _plain_remote(mirror):
+    if not mirror or not plain_remote(mirror):
         return
     unpinned = ["(no variant given)"] if variant is None else _unpinned_patterns(variant, build)
     if not unpinned:
@@ -377,7 +349,7 @@ def parse_listing(data: Any, repo: str, tag: str, mirror: str | None = None) -> 
             "refusing it (check LLAMA_PROC_MIRROR)"
         )
         raise ProvisionError(msg)
-    trust_digests = mirror is None or not _plain_remote(mirror)
+    trust_digests = mirror is None or not plain_remote(mirror)
     out: list[ReleaseAsset] = []
     for raw in raw_assets:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
@@ -573,7 +545,7 @@ def pin_release(
     build = build or manifest.build
     _check_repo_tag(repo, build)
     origin = api_base(settings)
-    if _plain_remote(origin):
+    if plain_remote(origin):
         msg = (
             f"LLAMA_PROC_MIRROR {origin} is plain http to another machine: anyone on the path "
             "can swap the digests to pin; pin from GitHub's API, an https:// mirror or a local one"
