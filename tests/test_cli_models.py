@@ -163,6 +163,24 @@ def test_pull_through_hf_endpoint_in_a_subprocess(hub: FakeHub, tmp_path: Path) 
     assert out.stderr == ""
 
 
+def test_pull_from_a_hub_with_a_hostile_etag_writes_nothing_outside_the_cache(
+    capsys: pytest.CaptureFixture[str], hub: FakeHub, hf_cache: Path, tmp_path: Path
+) -> None:
+    # The upstream bug: huggingface_hub names the cached blob after the hub's ETag, unchecked;
+    # this one climbs from the blobs folder to a stand-in for site-packages beside the cache.
+    site = tmp_path / "site"
+    site.mkdir()
+    hub.add_repo(REPO, {"tiny-Q8_0.gguf": b"import os; os.system('id')\n"})
+    hub.resolve_headers["X-Linked-Etag"] = '"../../../../site/evil.pth"'
+
+    code, out, err = run(capsys, "pull", f"{REPO}:Q8_0")
+
+    assert (code, out) == (1, "")
+    assert "X-Linked-Etag" in _one_error_line(err)
+    assert list(site.iterdir()) == []
+    assert not hub.storage.log
+
+
 # ----------------------------------------------------------------------------- inspect
 def test_inspect_prints_the_header_and_the_estimate(
     capsys: pytest.CaptureFixture[str], tiny: Path
