@@ -218,9 +218,10 @@ def _on_response(response: httpx2.Response) -> None:
     commit = response.headers.get(_COMMIT_HEADER)
     if commit is not None:
         check_commit(commit, f"{_where(response)} {_COMMIT_HEADER}")
-    if response.request.method == "HEAD":
-        # A file's metadata: huggingface_hub names the cached blob after this ETag.
-        _check_etag(response)
+        if response.request.method == "HEAD":
+            # A file's metadata (huggingface_hub refuses one without a commit): it names the
+            # cached blob after this ETag.
+            _check_etag(response)
 
 
 def _where(response: httpx2.Response) -> str:
