@@ -41,7 +41,7 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
-from llama_proc.provision.hub_trust import (
+from llama_proc.models.hub_trust import (
     ALLOW_INSECURE_ENV,
     SHA256_RE,
     check_commit,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from llama_proc.errors import ArchiveError
-from llama_proc.provision.archive import MAX_EXTENDED_HEADER, extract_archive
+from llama_proc.provision.fetch.archive import MAX_EXTENDED_HEADER, extract_archive
 
 if TYPE_CHECKING:
     from pathlib import Path

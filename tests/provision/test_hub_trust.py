@@ -16,8 +16,8 @@ import pytest
 
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, DownloadError, ModelFileError
-from llama_proc.provision.hub import ModelRef, choose_files, fetch_model
-from llama_proc.provision.hub_trust import check_endpoint
+from llama_proc.models.hub import ModelRef, choose_files, fetch_model
+from llama_proc.models.hub_trust import check_endpoint
 from llama_proc.vocab import MAX_SPLIT_PARTS
 
 if TYPE_CHECKING:

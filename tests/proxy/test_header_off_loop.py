@@ -24,8 +24,8 @@ import pytest
 from proxy_fakes import FakeFactory
 from proxy_harness import running_proxy, wait_until
 
+from llama_proc.models.gguf import check_gguf
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.runtime.gguf import check_gguf
 
 if TYPE_CHECKING:
     from pathlib import Path

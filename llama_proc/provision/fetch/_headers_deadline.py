@@ -2,7 +2,7 @@
 
 ``requests`` and urllib3 bound each socket read, never a sequence of them, so a server that
 sends one header byte every few seconds is never timed out. Sessions made by
-:func:`llama_proc.provision.download.make_session` mount :func:`watched_adapter`, whose
+:func:`llama_proc.provision.fetch.download.make_session` mount :func:`watched_adapter`, whose
 connection pools note the connection that each request takes; :func:`headers_deadline` arms
 a timer that shuts that connection's socket down when the deadline passes, which ends the
 blocked read at once. A session from elsewhere (without the adapter) keeps only the per-read
