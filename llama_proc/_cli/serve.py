@@ -18,9 +18,18 @@ from llama_proc.vocab import AUTO, EVENT_LOOPS
 if TYPE_CHECKING:
     import argparse
 
+    from llama_proc.proxy.body_policy import BodyCaps
     from llama_proc.proxy.flag_policy import FlagCaps
 
-__all__ = ["API_KEYS_ENV", "flag_caps", "is_loopback", "read_api_keys", "register", "run"]
+__all__ = [
+    "API_KEYS_ENV",
+    "body_caps",
+    "flag_caps",
+    "is_loopback",
+    "read_api_keys",
+    "register",
+    "run",
+]
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
@@ -90,6 +99,14 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="N",
         help="largest request body accepted (default: 16 MiB)",
+    )
+    net.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest non-streamed answer relayed; a bigger one is cut off with 502 and the "
+        "server's connection closed (default: 64 MiB)",
     )
     pool = p.add_argument_group("server pool")
     pool.add_argument(
@@ -174,6 +191,15 @@ def register(subparsers: Any) -> None:
     )
     for flag, what in _CAP_FLAGS:
         caps.add_argument(flag, type=int, default=None, metavar="N", help=what)
+    body = p.add_argument_group(
+        "request-body caps",
+        "checked before a request is forwarded (over one: 400 naming the field); a model's "
+        "request_body table may lower them, never raise them. Unknown top-level fields are "
+        "refused unless that table allows them (fields = [...], unknown_fields = "
+        '"strip" or "allow")',
+    )
+    for flag, what in _BODY_FLAGS:
+        body.add_argument(flag, type=int, default=None, metavar="N", help=what)
     p.set_defaults(handler=run)
 
 
@@ -186,6 +212,35 @@ _CAP_FLAGS: Final = (
         "--max-context-tokens",
         "largest context size x parallel slots, -c times -np (default: 131072)",
     ),
+)
+
+
+_BODY_FLAGS: Final = (
+    ("--max-n-probs", "most n_probs / top_logprobs / logprobs per request (default: 20)"),
+    (
+        "--max-predict",
+        (
+            "most max_tokens / max_completion_tokens / n_predict; the model's context size, "
+            "when set, lowers it (default: 131072)"
+        ),
+    ),
+    ("--max-choices", "most completions per request, n / n_cmpl (default: 4)"),
+    ("--max-logit-bias", "most logit_bias entries (default: 1024)"),
+    ("--max-images", "most media parts (images, audio, video) per request (default: 8)"),
+    ("--max-image-bytes", "largest decoded media part in bytes (default: 8 MiB)"),
+    (
+        "--max-grammar-bytes",
+        "longest GBNF grammar in bytes (default: 64 KiB; at most 256 KiB)",
+    ),
+    (
+        "--max-grammar-depth",
+        "deepest nesting of ( ) groups in a grammar (default: 64; at most 256)",
+    ),
+    (
+        "--max-schema-bytes",
+        "largest JSON schema (json_schema, response_format, tools) in bytes (default: 64 KiB)",
+    ),
+    ("--max-schema-depth", "deepest nesting in a JSON schema (default: 32; at most 64)"),
 )
 
 
@@ -261,6 +316,28 @@ def flag_caps(args: argparse.Namespace) -> FlagCaps:
     return FlagCaps(**given)
 
 
+def body_caps(args: argparse.Namespace) -> BodyCaps:
+    """The request-body caps from ``--max-n-probs`` and friends (defaults where not given).
+
+    Raises:
+        ConfigError: a cap below 0 or above its hard ceiling.
+    """
+    from llama_proc.errors import ConfigError, InvalidArgumentError
+    from llama_proc.proxy.body_policy import CAP_FLAGS, BodyCaps
+
+    given: dict[str, int] = {}
+    for name, flag in CAP_FLAGS.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None:
+            given[name] = value
+    try:
+        return BodyCaps(**given)
+    except InvalidArgumentError as err:
+        flag = next((f for n, f in CAP_FLAGS.items() if str(err).startswith(n + "=")), "")
+        msg = f"{flag}: {err}" if flag else str(err)
+        raise ConfigError(msg) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT/SIGTERM."""
     import asyncio
@@ -312,8 +389,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.allow_remote and not is_loopback(args.host) and not (api_keys or admin_keys):
         log.warning("serving %s without API keys: anyone who can reach it can use it", args.host)
+    if args.max_response_bytes is not None and args.max_response_bytes < 1024:
+        msg = "--max-response-bytes must be at least 1024"
+        raise ConfigError(msg)
     caps = flag_caps(args)
-    models = load_models(args.config, args.models_dir, caps=caps)
+    bodies = body_caps(args)
+    models = load_models(args.config, args.models_dir, caps=caps, body_caps=bodies)
 
     # Resolve the binary once, up front: a provisioning problem shows now, not on the first
     # request, and every server in the pool runs the same build.
@@ -336,6 +417,8 @@ def run(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout or defaults.stall_timeout,
         drain_timeout=args.drain_timeout if args.drain_timeout is not None else 30.0,
         flag_caps=caps,
+        body_caps=bodies,
+        max_response_bytes=args.max_response_bytes or defaults.max_response_bytes,
     )
     # With proxy keys, the servers get a key of their own too: they listen on loopback ports
     # any local user could reach, and the proxy's keys must not be that easy to go around.

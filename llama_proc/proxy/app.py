@@ -38,6 +38,7 @@ from llama_proc.errors import (
     ModelFileError,
     ServerExitedError,
 )
+from llama_proc.proxy.body_policy import BodyCaps, BodyChecker, context_size
 from llama_proc.proxy.downloads import ModelDownloads
 from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagCaps, FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
@@ -65,6 +66,7 @@ __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_STALL_TIMEOUT",
     "MAX_JSON_DEPTH",
     "ProxyOptions",
@@ -78,6 +80,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+"""Largest non-streamed answer the proxy buffers and relays (502 above it)."""
 DEFAULT_FIRST_BYTE_TIMEOUT: Final = 600.0
 """Seconds until llama-server's first response byte; for a non-streamed answer, the whole
 generation happens before it, so this is generous."""
@@ -144,6 +148,10 @@ class ProxyOptions:
             is closed to make room, or the new one is refused (503) when none is idle.
         flag_caps: server-wide caps on threads, slots, batch and context size that every
             model's config and every request's ``X-Llama-Flags`` must keep.
+        body_caps: server-wide caps on what a request body may ask (``n_probs``, grammar
+            size...): see :mod:`llama_proc.proxy.body_policy`.
+        max_response_bytes: largest non-streamed answer relayed; a bigger one is cut off
+            (the upstream connection closed) and answered 502.
     """
 
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -156,6 +164,8 @@ class ProxyOptions:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     flag_caps: FlagCaps = field(default_factory=FlagCaps)
+    body_caps: BodyCaps = field(default_factory=BodyCaps)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
 
 def _error(
@@ -239,6 +249,7 @@ class _Proxy:
         self.downloads = downloads if downloads is not None else ModelDownloads()
         self.metrics = ProxyMetrics(pool)
         self.flags = FlagChecker(options.flag_caps)
+        self.bodies = BodyChecker(options.body_caps)
         self.session: aiohttp.ClientSession | None = None
         self.created = int(time.time())
         self._keys: tuple[tuple[bytes, Role], ...] = tuple(
@@ -454,6 +465,10 @@ class _Proxy:
                 flags = self.flags.check_request(header, spec)
             except InvalidArgumentError as err:
                 return _error(400, str(err), code="invalid_flags", param=FLAGS_HEADER)
+        checked = _check_body(self.bodies, request.path, payload, spec, flags)
+        if isinstance(checked, web.Response):
+            return checked
+        body = checked or body
         if self._shutting_down:
             return _shutting_down()
         if spec.ref is not None:
@@ -574,7 +589,10 @@ class _Proxy:
                 if lease.restarted:
                     out_headers[RESTARTED_HEADER] = "crash"
                 if not upstream_headers.get("content-type", "").startswith("text/event-stream"):
-                    data = await upstream.read()
+                    data = await _read_capped(upstream, options.max_response_bytes)
+                    if data is None:
+                        self.metrics.upstream_errors.inc(spec.id, "too_large")
+                        return _answer_too_large(spec.id, options.max_response_bytes, lease.key)
                     answered = time.perf_counter()
                     self.metrics.first_byte.observe(answered - sent, spec.id)
                     reply = web.Response(body=data, status=upstream.status, headers=out_headers)
@@ -794,6 +812,55 @@ class _Proxy:
         ]
         self.metrics.scrape_errors.set(value=sum(1 for t in texts if t is None))
         return merge_upstream(parts)
+
+
+def _check_body(
+    checker: BodyChecker,
+    path: str,
+    payload: dict[str, Any],
+    spec: ModelSpec,
+    flags: tuple[str, ...],
+) -> web.Response | bytes | None:
+    """Check a body against its model's limits before it is forwarded.
+
+    Returns:
+        A 400 answer, the body re-encoded without stripped fields, or None to forward it as
+        it came.
+    """
+    context = context_size(spec.options, (*spec.extra_args, *flags))
+    verdict = checker.check(path, payload, spec.request_body, context=context)
+    if verdict.refusal is not None:
+        refusal = verdict.refusal
+        return _error(400, refusal.message, code=refusal.code, param=refusal.param)
+    if not verdict.strip:
+        return None
+    kept = {k: v for k, v in payload.items() if k not in verdict.strip}
+    return json.dumps(kept).encode()
+
+
+async def _read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
+    """The whole body of a non-streamed answer, or None once it is longer than ``limit``."""
+    declared = upstream.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    while piece := await upstream.readany():
+        size += len(piece)
+        if size > limit:
+            return None
+        parts.append(piece)
+    return b"".join(parts)
+
+
+def _answer_too_large(model: str, limit: int, key: str) -> web.Response:
+    """The 502 for an answer over ``limit`` (its connection is closed by the caller)."""
+    message = (
+        f"llama-server's answer for {model!r} is larger than {limit} bytes; it was not relayed "
+        "(stream it, ask for less, or raise serve --max-response-bytes)."
+    )
+    logger.warning("%s [key %s]", message, key)
+    return _error(502, message, code="response_too_large", kind="server_error")
 
 
 def _exit_cause(handle: object) -> str:

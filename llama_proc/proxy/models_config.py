@@ -22,7 +22,8 @@ users copy it (``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf``, a hub li
 :class:`~llama_proc.models.hub.ModelRef`) or a path (a path that exists wins). A reference
 is downloaded on the model's first request, into the shared Hugging Face cache
 (:mod:`llama_proc.proxy.downloads`). Keys in a model table other than ``path``, ``model``,
-``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags`` and ``mmproj = true`` are
+``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags``, ``request_body`` and
+``mmproj = true`` are
 :class:`~llama_proc.runtime.ServerArgs` fields. ``host`` and ``port`` are chosen by the pool
 and refused here.
 
@@ -33,6 +34,16 @@ one in ``[defaults]``, which a model's own replaces) lists them, with bounds for
     [models.smollm2.request_flags]
     "--ctx-size" = { min = 512, max = 4096 }   # any spelling of the option
     "--temp" = true                            # allowed within default bounds
+
+Request bodies are held to server-wide :class:`~llama_proc.proxy.body_policy.BodyCaps`
+(``serve --max-n-probs``, ...); a model's ``request_body`` table (or the one in
+``[defaults]``, which a model's own replaces) may lower them and allow more top-level fields
+(see :mod:`llama_proc.proxy.body_policy`)::
+
+    [models.smollm2.request_body]
+    n_probs = { max = 5 }
+    grammar = { max_bytes = 16384, max_depth = 16 }
+    fields = ["my_extension"]
 
 Given server-wide :class:`~llama_proc.proxy.flag_policy.FlagCaps` (``serve --max-threads``,
 ...), every model's options and ``extra_args``, and every ``request_flags`` max, are checked
@@ -58,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
 from llama_proc.models.hub import ModelRef
+from llama_proc.proxy.body_policy import BodyCaps, BodyPolicy
 from llama_proc.proxy.flag_policy import FlagCaps, FlagChecker, FlagPolicy
 from llama_proc.runtime.args import ServerArgs
 
@@ -79,9 +91,9 @@ CONFIG_ENV: Final = "LLAMA_PROC_CONFIG"
 """Environment variable naming the models config file when ``--config`` is not given."""
 
 _MODEL_KEYS: Final = frozenset(
-    {"path", "model", "extra_args", "aliases", "idle_ttl", "request_flags"}
+    {"path", "model", "extra_args", "aliases", "idle_ttl", "request_flags", "request_body"}
 )
-_DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags"})
+_DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags", "request_body"})
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
 _SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})$")
 _ID_RE: Final = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
@@ -105,6 +117,7 @@ class ModelSpec:
         source: where the entry came from (for ``/v1/models`` and error messages).
         request_flags: which ``X-Llama-Flags`` clients may send for this model (none by
             default).
+        request_body: this model's limits on request bodies, under the server-wide caps.
     """
 
     id: str
@@ -117,6 +130,7 @@ class ModelSpec:
     idle_ttl: float | None = None
     source: str = ""
     request_flags: FlagPolicy = field(default_factory=FlagPolicy)
+    request_body: BodyPolicy = field(default_factory=BodyPolicy)
 
     def __post_init__(self) -> None:
         if self.path is None and self.ref is None:
@@ -155,13 +169,17 @@ class ModelsConfig:
         return iter(self.models.values())
 
 
-def load_models_config(path: Path, *, caps: FlagCaps | None = None) -> ModelsConfig:
+def load_models_config(
+    path: Path, *, caps: FlagCaps | None = None, body_caps: BodyCaps | None = None
+) -> ModelsConfig:
     """Read a models config TOML file.
 
     Args:
         path: the file; relative model paths in it are taken relative to its folder.
         caps: server-wide caps every model's options and ``extra_args`` (and every
             ``request_flags`` max) must keep; None = not checked here.
+        body_caps: server-wide request-body caps every ``request_body`` limit must keep;
+            None = only the hard ceilings.
 
     Raises:
         ConfigError: the file is missing, not valid TOML, or an entry is invalid or beyond a
@@ -175,11 +193,17 @@ def load_models_config(path: Path, *, caps: FlagCaps | None = None) -> ModelsCon
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         msg = f"models config {path} is not valid TOML: {err}"
         raise ConfigError(msg) from err
-    return _models_from_mapping(data, base=path.parent, where=str(path), caps=caps)
+    return _models_from_mapping(
+        data, base=path.parent, where=str(path), caps=caps, body_caps=body_caps
+    )
 
 
 def scan_models_dir(
-    directory: Path, *, defaults: Mapping[str, Any] | None = None, caps: FlagCaps | None = None
+    directory: Path,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    caps: FlagCaps | None = None,
+    body_caps: BodyCaps | None = None,
 ) -> ModelsConfig:
     """Offer every GGUF file under ``directory`` as a model.
 
@@ -187,6 +211,7 @@ def scan_models_dir(
         directory: folder to scan recursively (hidden folders and files are skipped).
         defaults: a ``[defaults]``-style table applied to every scanned model.
         caps: server-wide caps the defaults must keep; None = not checked here.
+        body_caps: server-wide request-body caps; None = only the hard ceilings.
 
     Raises:
         ConfigError: the folder does not exist, or the defaults are invalid or beyond a cap.
@@ -194,9 +219,8 @@ def scan_models_dir(
     if not directory.is_dir():
         msg = f"models directory {directory} does not exist or is not a folder"
         raise ConfigError(msg)
-    base_options, base_extra, base_ttl, base_flags = _split_defaults(
-        defaults or {}, where=str(directory), caps=caps
-    )
+    base = _split_defaults(defaults or {}, where=str(directory), caps=caps, body_caps=body_caps)
+    base_options, base_extra, base_ttl, base_flags, base_body = base
     models: dict[str, ModelSpec] = {}
     for gguf in sorted(_iter_gguf(directory)):
         rel = gguf.relative_to(directory).with_suffix("").as_posix()
@@ -213,6 +237,7 @@ def scan_models_dir(
             idle_ttl=base_ttl,
             source=f"dir:{directory}",
             request_flags=base_flags,
+            request_body=base_body,
         )
     if not models:
         logger.warning("no .gguf files found under %s", directory)
@@ -225,6 +250,7 @@ def load_models(
     env: Mapping[str, str] | None = None,
     *,
     caps: FlagCaps | None = None,
+    body_caps: BodyCaps | None = None,
 ) -> ModelsConfig:
     """Build the served model set from a config file and/or a models directory.
 
@@ -233,6 +259,7 @@ def load_models(
         models_dir: a folder to scan; its ``[defaults]`` come from the config file.
         env: environment to read; ``os.environ`` when None.
         caps: server-wide caps every model must keep; None = not checked here.
+        body_caps: server-wide request-body caps; None = only the hard ceilings.
 
     Raises:
         ConfigError: neither source was given, one is invalid, or no model was found.
@@ -246,11 +273,11 @@ def load_models(
     models: dict[str, ModelSpec] = {}
     defaults: Mapping[str, Any] = {}
     if config is not None:
-        configured = load_models_config(config, caps=caps)
+        configured = load_models_config(config, caps=caps, body_caps=body_caps)
         defaults = _read_defaults(config)
         models.update(configured.models)
     if models_dir is not None:
-        for spec in scan_models_dir(models_dir, defaults=defaults, caps=caps):
+        for spec in scan_models_dir(models_dir, defaults=defaults, caps=caps, body_caps=body_caps):
             models.setdefault(spec.id, spec)
     if not models:
         msg = "no models configured: the config file and models directory list none"
@@ -276,7 +303,12 @@ def _iter_gguf(directory: Path) -> Iterable[Path]:
 
 
 def _models_from_mapping(
-    data: Mapping[str, Any], *, base: Path, where: str, caps: FlagCaps | None
+    data: Mapping[str, Any],
+    *,
+    base: Path,
+    where: str,
+    caps: FlagCaps | None,
+    body_caps: BodyCaps | None = None,
 ) -> ModelsConfig:
     unknown = set(data) - {"defaults", "models"}
     if unknown:
@@ -286,8 +318,8 @@ def _models_from_mapping(
     if not isinstance(defaults, dict):
         msg = f"{where}: [defaults] must be a table"
         raise ConfigError(msg)
-    base_options, base_extra, base_ttl, base_flags = _split_defaults(
-        defaults, where=where, caps=caps
+    base_options, base_extra, base_ttl, base_flags, base_body = _split_defaults(
+        defaults, where=where, caps=caps, body_caps=body_caps
     )
     tables = data.get("models", {})
     if not isinstance(tables, dict):
@@ -320,6 +352,11 @@ def _models_from_mapping(
         flags = (
             _policy(table["request_flags"], ctx, caps) if "request_flags" in table else base_flags
         )
+        body = (
+            _body_policy(table["request_body"], ctx, body_caps)
+            if "request_body" in table
+            else base_body
+        )
         _check_caps(options, extra, ctx, caps)
         models[model_id] = ModelSpec(
             id=model_id,
@@ -332,6 +369,7 @@ def _models_from_mapping(
             idle_ttl=ttl,
             source=f"config:{where}",
             request_flags=flags,
+            request_body=body,
         )
     try:
         return ModelsConfig(models)
@@ -376,8 +414,12 @@ def _config_path(text: str, base: Path) -> Path:
 
 
 def _split_defaults(
-    defaults: Mapping[str, Any], *, where: str, caps: FlagCaps | None
-) -> tuple[dict[str, Any], tuple[str, ...], float | None, FlagPolicy]:
+    defaults: Mapping[str, Any],
+    *,
+    where: str,
+    caps: FlagCaps | None,
+    body_caps: BodyCaps | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...], float | None, FlagPolicy, BodyPolicy]:
     ctx = f"{where}: [defaults]"
     if {"path", "model", "aliases"} & set(defaults):
         msg = f"{ctx}: path, model and aliases belong in a [models.<id>] table"
@@ -387,8 +429,13 @@ def _split_defaults(
     _check_options(options, ctx, extra)
     ttl = _ttl(defaults["idle_ttl"], ctx) if "idle_ttl" in defaults else None
     flags = _policy(defaults["request_flags"], ctx, caps) if "request_flags" in defaults else None
+    body = (
+        _body_policy(defaults["request_body"], ctx, body_caps)
+        if "request_body" in defaults
+        else BodyPolicy()
+    )
     _check_caps(options, extra, ctx, caps)
-    return options, extra, ttl, flags or FlagPolicy()
+    return options, extra, ttl, flags or FlagPolicy(), body
 
 
 def _policy(value: object, ctx: str, caps: FlagCaps | None) -> FlagPolicy:
@@ -399,6 +446,17 @@ def _policy(value: object, ctx: str, caps: FlagCaps | None) -> FlagPolicy:
         return FlagPolicy.from_table(value, caps=caps)
     except InvalidArgumentError as err:
         msg = f"{ctx}: request_flags: {err}"
+        raise ConfigError(msg) from None
+
+
+def _body_policy(value: object, ctx: str, caps: BodyCaps | None) -> BodyPolicy:
+    if not isinstance(value, dict):
+        msg = f"{ctx}: request_body must be a table such as n_probs = {{ max = 5 }}"
+        raise ConfigError(msg)
+    try:
+        return BodyPolicy.from_table(value, caps=caps)
+    except InvalidArgumentError as err:
+        msg = f"{ctx}: request_body: {err}"
         raise ConfigError(msg) from None
 
 
