@@ -1,0 +1,114 @@
+"""The request-body attacks against the real llama-server (b11434, SmolLM2) through the proxy.
+
+Before the body policy, the proxy forwarded both bodies unchecked (measured on 2 cores): the
+vocabulary-sized ``top_logprobs`` made a 150 MB answer from 32 tokens in 12 s and grew the
+server from 142 to 2,274 MiB RSS (kept), and the grammar nested 20,000 groups deep killed the
+server with SIGSEGV (502 to the client; 15,000 did not).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from proxy_harness import pid_alive, running_proxy
+
+from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+from llama_proc.proxy.pool import LlamaServerFactory
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+VOCAB = 49152
+"""SmolLM2's vocabulary size: the most n_probs llama-server itself allows."""
+CRASH_DEPTH = 20000
+"""Grammar nesting that crashed llama-server b11434 with SIGSEGV (measured; 15,000 did not)."""
+RSS_SLACK_MIB = 24
+
+
+@pytest.fixture
+def factory(llama_server_bin: Path) -> LlamaServerFactory:
+    return LlamaServerFactory(binary=llama_server_bin, start_timeout=120)
+
+
+def models(model: Path) -> ModelsConfig:
+    options = MappingProxyType({"threads": 1, "parallel": 1, "ctx_size": 512})
+    return ModelsConfig({"smol": ModelSpec(id="smol", path=model, options=options)})
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def rss_mib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        line = next(line for line in fh if line.startswith("VmRSS:"))
+    return int(line.split()[1]) // 1024
+
+
+def test_vocabulary_sized_n_probs_is_refused(smol_model: Path, factory: LlamaServerFactory) -> None:
+    chat = {"model": "smol", "messages": [{"role": "user", "content": "Count to ten."}]}
+    with running_proxy(models(smol_model), factory, max_servers=1) as proxy:
+        base = proxy.base_url
+        status, _ = post(base + "/v1/chat/completions", {**chat, "max_tokens": 4})
+        assert status == 200
+        [info] = proxy.servers()
+        before = rss_mib(info["pid"])
+        attacks = [
+            ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": VOCAB}),
+            ("/v1/completions", {"model": "smol", "prompt": "One, two,", "n_probs": VOCAB}),
+            ("/v1/completions", {"model": "smol", "prompt": "One, two,", "logprobs": VOCAB}),
+        ]
+        for path, body in attacks:
+            status, reply = post(base + path, {**body, "max_tokens": 32, "temperature": 0})
+            assert status == 400, reply[:200]
+            error = json.loads(reply)["error"]
+            assert error["code"] == "request_body_limit"
+            assert error["param"] in ("top_logprobs", "n_probs", "logprobs")
+            assert "limit of 20" in error["message"]
+        assert rss_mib(info["pid"]) - before < RSS_SLACK_MIB
+        # Within the limit, probabilities still come back.
+        status, reply = post(
+            base + "/v1/chat/completions",
+            {**chat, "max_tokens": 4, "logprobs": True, "top_logprobs": 3},
+        )
+        assert status == 200, reply[:200]
+        [after] = proxy.servers()
+        assert after["pid"] == info["pid"]
+        assert after["requests"] == 2
+
+
+def test_deeply_nested_grammar_is_refused_and_the_server_lives(
+    smol_model: Path, factory: LlamaServerFactory
+) -> None:
+    grammar = "root ::= " + "(" * CRASH_DEPTH + '"a"' + ")" * CRASH_DEPTH
+    with running_proxy(models(smol_model), factory, max_servers=1) as proxy:
+        url = proxy.base_url + "/v1/completions"
+        ordinary = {"model": "smol", "prompt": "Hello", "max_tokens": 2}
+        assert post(url, ordinary)[0] == 200
+        [info] = proxy.servers()
+        status, reply = post(url, {**ordinary, "grammar": grammar})
+        assert status == 400, reply[:200]
+        error = json.loads(reply)["error"]
+        assert error["param"] == "grammar"
+        assert "deeper than 64" in error["message"]
+        # A grammar within the limits is still llama-server's to run.
+        shallow = "root ::= " + "(" * 8 + '"a" | "b"' + ")" * 8
+        status, reply = post(url, {**ordinary, "grammar": shallow})
+        assert status == 200, reply[:200]
+        assert json.loads(reply)["choices"][0]["text"] in ("a", "b")
+        assert pid_alive(info["pid"])
+        [after] = proxy.servers()
+        assert after["pid"] == info["pid"]
+        assert after["crashes"] == 0
