@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -118,6 +119,8 @@ LINGER_TIME: Final = 1.0
 """Seconds an unread body is drained after an early answer (401, 413) before closing."""
 MAX_JSON_DEPTH: Final = 64
 """Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
+SUMMARY_FIELDS: Final = 24
+"""Most top-level fields named when the operator log describes a request that crashed a server."""
 THREAD_PARSE_BYTES: Final = 64 * 1024
 """Bodies larger than this are checked and parsed in a worker thread, off the event loop."""
 Role = Literal["admin", "inference"]
@@ -694,7 +697,12 @@ class _Proxy:
                     ).summary
                     + "; it restarts on the next request"
                 )
-            logger.warning("%s [key %s]", message, lease.key)
+            logger.warning(
+                "%s [key %s]%s",
+                message,
+                lease.key,
+                "" if alive else f"; the request it died on: {_request_summary(request, body)}",
+            )
             return await self._fail(request, response, 502, message, "upstream_error")
         finally:
             if upstream is not None:
@@ -861,6 +869,36 @@ def _answer_too_large(model: str, limit: int, key: str) -> web.Response:
     )
     logger.warning("%s [key %s]", message, key)
     return _error(502, message, code="response_too_large", kind="server_error")
+
+
+def _request_summary(request: web.Request, body: bytes) -> str:
+    """Who sent a request and what it held, for the operator's log (never for tenants).
+
+    The API key is named by a fingerprint, the body by its size, digest and top-level fields.
+    """
+    auth = request.headers.get("Authorization", "").partition(" ")[2].strip()
+    key = auth or request.headers.get("X-Api-Key", "")
+    who = (
+        "key sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
+        if key
+        else "no key"
+    )
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    fields = (
+        ", ".join(
+            f"{name[:40]!a} ({len(json.dumps(value))} bytes)"
+            for name, value in list(payload.items())[:SUMMARY_FIELDS]
+        )
+        if isinstance(payload, dict)
+        else "not a JSON object"
+    )
+    return (
+        f"{request.method} {request.path} from {request.remote}, {who}, {len(body)}-byte body "
+        f"sha256:{hashlib.sha256(body).hexdigest()[:16]}, fields: {fields}"
+    )
 
 
 def _exit_cause(handle: object) -> str:

@@ -900,6 +900,10 @@ class ServerPool:
         now = self._clock()
         if entry.ready_since is not None and now - entry.ready_since >= STABLE_AFTER:
             entry.streak = 0
+        if reason == "crash" and entry.active > 0:
+            # It died serving a request: that request is the likely cause, not a server that
+            # cannot run, and a restart serves the next one, which must not wait on backoff.
+            entry.streak = 0
         entry.streak += 1
         backoff = _backoff(entry.streak)
         entry.retry_at = now + backoff

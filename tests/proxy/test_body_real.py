@@ -9,6 +9,10 @@ server with SIGSEGV (502 to the client; 15,000 did not).
 from __future__ import annotations
 
 import json
+import logging
+import os
+import signal
+import time
 import urllib.error
 import urllib.request
 from types import MappingProxyType
@@ -28,6 +32,7 @@ VOCAB = 49152
 CRASH_DEPTH = 20000
 """Grammar nesting that crashed llama-server b11434 with SIGSEGV (measured; 15,000 did not)."""
 RSS_SLACK_MIB = 24
+CRASHES = 5
 
 
 @pytest.fixture
@@ -112,3 +117,38 @@ def test_deeply_nested_grammar_is_refused_and_the_server_lives(
         [after] = proxy.servers()
         assert after["pid"] == info["pid"]
         assert after["crashes"] == 0
+
+
+def test_a_request_that_kills_the_server_does_not_put_it_in_backoff(
+    smol_model: Path, factory: LlamaServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each of five requests in a row dies with its server (SIGKILL mid-answer, as a crash on
+    a hostile body would); before, every crash within a minute doubled the restart delay (the
+    fifth restart waited 8 s), and the log did not say which request it died on."""
+    caplog.set_level(logging.WARNING, logger="llama_proc")
+    body = {"model": "smol", "prompt": "Once upon a time", "max_tokens": 400, "stream": True}
+    with running_proxy(models(smol_model), factory, max_servers=1) as proxy:
+        url = proxy.base_url + "/v1/completions"
+        assert post(url, {"model": "smol", "prompt": "Hi", "max_tokens": 2})[0] == 200
+        for _ in range(CRASHES):
+            request = urllib.request.Request(
+                url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=120) as resp:
+                assert resp.readline().startswith(b"data: ")  # the server is generating
+                [info] = proxy.servers()
+                os.kill(info["pid"], signal.SIGKILL)
+                rest = resp.read().decode()
+            assert "crashed" in rest
+            assert "sha256" not in rest  # the request's description is the operator's
+        began = time.monotonic()
+        status, reply = post(url, {"model": "smol", "prompt": "Hi", "max_tokens": 2})
+        waited = time.monotonic() - began
+        assert status == 200, reply[:200]
+        [info] = proxy.servers()
+        assert info["crashes"] == CRASHES
+        assert waited < 4.0, f"the request after {CRASHES} crashes waited {waited:.1f}s"
+    described = [r.getMessage() for r in caplog.records if "the request it died on" in r.message]
+    assert len(described) == CRASHES
+    assert "POST /v1/completions from 127.0.0.1, no key" in described[0]
+    assert "'max_tokens' (3 bytes)" in described[0]
