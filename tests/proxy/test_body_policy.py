@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from proxy_fakes import FakeFactory, FakeUpstream, serve_pool
+from proxy_fakes import FakeFactory, FakeUpstream, UpstreamBehaviour, serve_pool
 
 from llama_proc._cli import serve
 from llama_proc.errors import ConfigError, InvalidArgumentError
@@ -383,3 +385,31 @@ def test_proxy_does_not_buffer_an_unbounded_answer() -> None:
             assert server.sent < server.answer_bytes
 
     run(go())
+
+
+def test_the_request_a_server_died_on_is_named_for_the_operator_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = "tenant-secret-key"
+    caplog.set_level(logging.WARNING, logger="llama_proc")
+
+    async def go() -> str:
+        factory = FakeFactory(UpstreamBehaviour(tokens=5, crash_after=2))
+        pool = ServerPool(factory, max_servers=1)
+        body = chat(stream=True, max_tokens=5)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with (
+            serve_pool(MODELS, pool, api_keys=(key,)) as session,
+            session.post(CHAT, json=body, headers=headers) as resp,
+        ):
+            return await resp.text()
+
+    tenant_sees = run(go())
+    assert "crashed" in tenant_sees
+    assert "sha256" not in tenant_sees
+    [logged] = [r.getMessage() for r in caplog.records if "the request it died on" in r.message]
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
+    assert f"POST {CHAT} from 127.0.0.1, key sha256:{fingerprint}" in logged
+    assert "'messages' (" in logged
+    assert key not in logged
+    assert "\n" not in logged
