@@ -3,7 +3,9 @@
 Before the body policy, the proxy forwarded both bodies unchecked (measured on 2 cores): the
 vocabulary-sized ``top_logprobs`` made a 150 MB answer from 32 tokens in 12 s and grew the
 server from 142 to 2,274 MiB RSS (kept), and the grammar nested 20,000 groups deep killed the
-server with SIGSEGV (502 to the client; 15,000 did not).
+server with SIGSEGV (502 to the client; 15,000 did not). Also: a server killed mid-answer five
+times in a row restarts at once (before: the next request waited 8.3 s on backoff), and an
+answer over the response cap is cut off with 502 while the server lives on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from proxy_harness import pid_alive, running_proxy
 
+from llama_proc.proxy.app import ProxyOptions
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.pool import LlamaServerFactory
 
@@ -152,3 +155,25 @@ def test_a_request_that_kills_the_server_does_not_put_it_in_backoff(
     assert len(described) == CRASHES
     assert "POST /v1/completions from 127.0.0.1, no key" in described[0]
     assert "'max_tokens' (3 bytes)" in described[0]
+
+
+def test_an_answer_over_the_response_cap_is_cut_off(
+    smol_model: Path, factory: LlamaServerFactory
+) -> None:
+    options = ProxyOptions(max_response_bytes=4096)
+    with running_proxy(models(smol_model), factory, max_servers=1, options=options) as proxy:
+        url = proxy.base_url + "/v1/completions"
+        small = {"model": "smol", "prompt": "Hi", "max_tokens": 2}
+        assert post(url, small)[0] == 200
+        big = {"model": "smol", "prompt": "One, two,", "max_tokens": 64, "logprobs": 20}
+        status, reply = post(url, big)
+        assert status == 502, len(reply)
+        error = json.loads(reply)["error"]
+        assert error["code"] == "response_too_large"
+        assert "4096 bytes" in error["message"]
+        # The server is unharmed and serves the next request.
+        [info] = proxy.servers()
+        assert post(url, small)[0] == 200
+        [after] = proxy.servers()
+        assert after["pid"] == info["pid"]
+        assert after["crashes"] == 0
