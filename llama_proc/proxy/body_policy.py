@@ -3,9 +3,9 @@
 The proxy checks every forwarded body before the pool sees it (:class:`BodyChecker`), so a
 refused request never reaches a server: a field over its limit is answered 400 in OpenAI's
 shape, naming the field and the limit. The checks are our own and bounded: a GBNF ``grammar``
-is measured (bytes, parenthesis nesting, repetition counts) by regexes and one pass over its
-parentheses, and a JSON schema (``json_schema``, ``response_format``, ``tools``) by an
-iterative walk that stops at the first node past a limit. llama-server (b11434) caps
+is measured (bytes, parenthesis nesting, repetition counts) and a JSON schema
+(``json_schema``, ``response_format``, ``tools``) walked, in bounded time
+(:mod:`llama_proc.proxy.body_shapes`). llama-server (b11434) caps
 ``n_probs`` only at the vocabulary size and parses grammars recursively, so both are refused
 here rather than left to it.
 
@@ -29,7 +29,7 @@ schema_depth   JSON schemas, nesting of objects/arrays      ``--max-schema-depth
 =============  ===========================================  ==========================  =====
 
 Repetition counts (``x{n,m}`` in a grammar; ``minItems``, ``maxLength``... in a schema) are
-at most :data:`MAX_REPEAT`: llama.cpp copies the repeated element that many times. The caps
+at most :data:`~llama_proc.proxy.body_shapes.MAX_REPEAT`: llama.cpp copies the repeated element that many times. The caps
 themselves are at most :data:`BODY_CEILINGS`: llama-server b11434 crashed with SIGSEGV on
 a grammar whose groups nest 20,000 levels deep (a 40 KB string), and on a chain of 100,000
 rules (1.7 MB).
@@ -54,11 +54,11 @@ says so.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from llama_proc.errors import InvalidArgumentError
+from llama_proc.proxy.body_shapes import grammar_problem, schema_problem
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -66,19 +66,13 @@ if TYPE_CHECKING:
 __all__ = [
     "BODY_CEILINGS",
     "KNOWN_FIELDS",
-    "MAX_REPEAT",
     "BodyCaps",
     "BodyChecker",
     "BodyPolicy",
     "Refusal",
     "context_size",
-    "grammar_problem",
-    "schema_problem",
 ]
 
-MAX_REPEAT: Final = 2000
-"""Largest repetition count in a grammar (``{n,m}``) or schema (``minItems``, ``maxLength``...);
-llama.cpp b11434 refuses grammars over the same count."""
 DEFAULT_MAX_PREDICT: Final = 131072
 """Default cap on tokens to generate; a model's known context size lowers it."""
 UnknownFields = Literal["refuse", "strip", "allow"]
@@ -229,12 +223,6 @@ _MEDIA_PARTS: Final = {
     "input_video": "input_video",
     "video_url": "video_url",
 }
-_REPEAT_KEYS: Final = frozenset(
-    {
-        "minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
-        "minContains", "maxContains",
-    }
-)  # fmt: skip
 _CTX_FLAGS: Final = frozenset({"-c", "--ctx-size"})
 
 
@@ -335,79 +323,6 @@ def context_size(options: Mapping[str, object], flags: Sequence[str]) -> int | N
             if text.isascii() and text.isdigit():
                 ctx = int(text)
     return ctx or None
-
-
-# -- grammar and schema shapes ---------------------------------------------------------------
-
-# Quoted strings, character classes and comments, where parentheses and braces mean nothing.
-# An unterminated string or class runs to the end of the text, so every match succeeds on
-# its first try: a hostile text of lone quotes and backslashes costs one pass, not one per
-# quote.
-_GBNF_INERT: Final = re.compile(
-    r'"(?:[^"\\]|\\.?)*(?:"|\Z)|\[(?:[^\]\\]|\\.?)*(?:\]|\Z)|#[^\r\n]*', re.DOTALL
-)
-_GBNF_REPEAT: Final = re.compile(r"\{([^{}]*)\}")
-_NOT_PAREN: Final = re.compile(r"[^()]+")
-
-
-def grammar_problem(grammar: str, *, max_bytes: int, max_depth: int) -> str | None:
-    """What makes a GBNF grammar too big for the limits, or None; linear time, no recursion.
-
-    Checks the length in UTF-8 bytes, the nesting of parenthesised groups (llama.cpp parses
-    each level with a recursive call) and repetition counts (each copies the element).
-    """
-    size = len(grammar.encode("utf-8", "surrogatepass"))
-    if size > max_bytes:
-        return f"is {size} bytes long; the limit is {max_bytes}"
-    bare = _GBNF_INERT.sub(" ", grammar)
-    if bare.count("(") > max_depth:
-        depth = 0
-        for char in _NOT_PAREN.sub("", bare):
-            depth += 1 if char == "(" else -1
-            if depth > max_depth:
-                return f"nests groups deeper than {max_depth} levels"
-    for match in _GBNF_REPEAT.finditer(bare):
-        for part in match.group(1).split(","):
-            text = part.strip()
-            if text and (not text.isdigit() or len(text) > 9 or int(text) > MAX_REPEAT):
-                return f"repeats an element {{{match.group(1)[:20]}}} times; at most {MAX_REPEAT}"
-    return None
-
-
-def schema_problem(schema: object, *, max_bytes: int, max_depth: int) -> str | None:
-    """What makes a JSON schema too big for the limits, or None.
-
-    An iterative walk that stops at the first node past a limit: size counts keys and string
-    values in UTF-8 bytes and 8 per other value; depth counts nested objects and arrays.
-    Repetition keywords (``minItems``, ``maxLength``...) must be at most :data:`MAX_REPEAT`.
-    """
-    size = 0
-    todo: list[tuple[object, int]] = [(schema, 1)]
-    while todo:
-        node, depth = todo.pop()
-        if isinstance(node, dict | list):
-            if depth > max_depth:
-                return f"nests objects and arrays deeper than {max_depth} levels"
-            if isinstance(node, dict):
-                for key, value in node.items():
-                    size += len(key.encode("utf-8", "surrogatepass"))
-                    if key in _REPEAT_KEYS and _too_many(value):
-                        return f"asks for {key} = {value}; at most {MAX_REPEAT}"
-                    todo.append((value, depth + 1))
-            else:
-                todo.extend((item, depth + 1) for item in node)
-            size += 2
-        elif isinstance(node, str):
-            size += len(node.encode("utf-8", "surrogatepass"))
-        else:
-            size += 8
-        if size > max_bytes:
-            return f"is larger than {max_bytes} bytes"
-    return None
-
-
-def _too_many(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_REPEAT
 
 
 def _number_over(value: object, limit: int) -> bool:

@@ -28,9 +28,8 @@ from llama_proc.proxy.body_policy import (
     BodyChecker,
     BodyPolicy,
     context_size,
-    grammar_problem,
-    schema_problem,
 )
+from llama_proc.proxy.body_shapes import grammar_problem, schema_problem
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec, load_models_config
 from llama_proc.proxy.pool import ServerPool
 
