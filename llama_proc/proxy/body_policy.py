@@ -5,19 +5,19 @@ refused request never reaches a server: a field over its limit is answered 400 i
 shape, naming the field and the limit. The checks are our own and bounded: a GBNF ``grammar``
 is measured (bytes, parenthesis nesting, repetition counts) and a JSON schema
 (``json_schema``, ``response_format``, ``tools``) walked, in bounded time
-(:mod:`llama_proc.proxy.body_shapes`). llama-server (b11434) caps
-``n_probs`` only at the vocabulary size and parses grammars recursively, so both are refused
-here rather than left to it.
+(:mod:`llama_proc.proxy.body_shapes`). llama-server (b11434) caps ``n_probs`` only at the
+vocabulary size and parses grammars recursively, so both are refused here rather than left
+to it.
 
 What is bounded (the names in a model's ``request_body`` table; the serve flag that sets the
 server-wide cap; its default):
 
-=============  ===========================================  ==========================  =====
+=============  ===========================================  ==========================  ======
 key            request fields                               cap (serve)                 def.
-=============  ===========================================  ==========================  =====
+=============  ===========================================  ==========================  ======
 n_probs        ``n_probs``, ``top_logprobs``, ``logprobs``  ``--max-n-probs``           20
-max_tokens     ``max_tokens``, ``max_completion_tokens``,   ``--max-predict``           ctx
-               ``n_predict`` (also: the model's context)
+max_tokens     ``max_tokens``, ``max_completion_tokens``,   ``--max-predict``           131072
+               ``n_predict`` (and the model's context)
 n              ``n``, ``n_cmpl``                            ``--max-choices``           4
 logit_bias     entries in ``logit_bias``                    ``--max-logit-bias``        1024
 images         media parts (image, audio, video)            ``--max-images``            8
@@ -26,13 +26,13 @@ grammar_bytes  ``grammar`` (GBNF) length in bytes           ``--max-grammar-byte
 grammar_depth  ``grammar`` parenthesis nesting              ``--max-grammar-depth``     64
 schema_bytes   JSON schemas, bytes of keys and values       ``--max-schema-bytes``      64 KiB
 schema_depth   JSON schemas, nesting of objects/arrays      ``--max-schema-depth``      32
-=============  ===========================================  ==========================  =====
+=============  ===========================================  ==========================  ======
 
 Repetition counts (``x{n,m}`` in a grammar; ``minItems``, ``maxLength``... in a schema) are
-at most :data:`~llama_proc.proxy.body_shapes.MAX_REPEAT`: llama.cpp copies the repeated element that many times. The caps
-themselves are at most :data:`BODY_CEILINGS`: llama-server b11434 crashed with SIGSEGV on
-a grammar whose groups nest 20,000 levels deep (a 40 KB string), and on a chain of 100,000
-rules (1.7 MB).
+at most :data:`~llama_proc.proxy.body_shapes.MAX_REPEAT`: llama.cpp copies the repeated
+element that many times. The caps themselves are at most :data:`BODY_CEILINGS`: llama-server
+b11434 crashed with SIGSEGV on a grammar whose groups nest 20,000 levels deep (a 40 KB
+string), and on a chain of 100,000 rules (1.7 MB).
 
 A model's table may lower any limit (never raise it above the cap) and says which top-level
 fields besides llama-server's documented ones are passed on::
@@ -65,8 +65,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BODY_CEILINGS",
+    "CAP_FLAGS",
     "KNOWN_FIELDS",
     "BodyCaps",
+    "BodyCheck",
     "BodyChecker",
     "BodyPolicy",
     "Refusal",
