@@ -75,6 +75,8 @@ __all__ = [
     "context_size",
 ]
 
+IMPLIED_TOP_LOGPROBS: Final = 20
+"""What llama-server b11434 sends per token for ``logprobs: true`` without ``top_logprobs``."""
 DEFAULT_MAX_PREDICT: Final = 131072
 """Default cap on tokens to generate; a model's known context size lowers it."""
 UnknownFields = Literal["refuse", "strip", "allow"]
@@ -423,6 +425,13 @@ def _check_numbers(
         value = payload.get(name)
         if _number_over(value, limits.n_probs):
             return _over(name, value, limits.n_probs)
+    implied = payload.get("logprobs") is True and payload.get("top_logprobs") is None
+    if implied and limits.n_probs < IMPLIED_TOP_LOGPROBS:
+        return Refusal(
+            "top_logprobs",
+            f"logprobs without top_logprobs asks for {IMPLIED_TOP_LOGPROBS} per token; this "
+            f"server's limit is {limits.n_probs}: set top_logprobs.",
+        )
     predict = limits.max_tokens if context is None else min(limits.max_tokens, context)
     for name in _MAX_TOKENS:
         value = payload.get(name)

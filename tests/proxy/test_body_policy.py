@@ -196,6 +196,12 @@ def test_policy_table_lowers_limits_and_allows_fields() -> None:
     assert checker.limits(policy).grammar_depth == 3
     assert checker.limits(policy).images == BodyCaps().images
     assert checker.check(CHAT, chat(n_probs=3), policy).refusal is not None
+    # logprobs alone means 20 per token to llama-server: over a lower limit, it is refused
+    implied = checker.check(CHAT, chat(logprobs=True), policy).refusal
+    assert implied is not None
+    assert implied.param == "top_logprobs"
+    assert checker.check(CHAT, chat(logprobs=True, top_logprobs=2), policy).refusal is None
+    assert checker.check(CHAT, chat(logprobs=True), BodyPolicy()).refusal is None
     assert checker.check(CHAT, chat(my_extension=1), policy).refusal is None
     strip = BodyPolicy.from_table({"unknown_fields": "strip"})
     assert checker.check(CHAT, chat(x=1, y=2), strip).strip == ("x", "y")
