@@ -48,7 +48,7 @@ from typing import Any
 
 import aiohttp
 
-from llama_proc.proxy.app import event_loop_factory
+from llama_proc.proxy.options import event_loop_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 

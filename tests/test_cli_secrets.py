@@ -18,8 +18,8 @@ from llama_proc import cli
 from llama_proc._cli.common import SECRET_FLAGS
 from llama_proc.config import Settings
 from llama_proc.errors import LlamaProcError
-from llama_proc.proxy.app import ProxyOptions
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.runtime import LlamaClient, ServerArgs
 from llama_proc.server import LlamaServer
 

@@ -346,16 +346,16 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from llama_proc.errors import ConfigError
+    from llama_proc.proxy.budget import parse_memory_budget
     from llama_proc.proxy.models_config import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
         DEFAULT_MAX_QUEUE,
         DEFAULT_MAX_SERVERS,
         DEFAULT_QUEUE_TIMEOUT,
-        LlamaServerFactory,
         ServerPool,
-        parse_memory_budget,
     )
+    from llama_proc.proxy.servers import LlamaServerFactory
     from llama_proc.proxy.threads import split_threads, usable_cpus
 
     log = logging.getLogger("llama_proc.proxy")
@@ -403,8 +403,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     binary = ensure_server(settings).server_binary
 
-    from llama_proc.proxy.app import ProxyOptions, create_app, event_loop_factory, run_proxy
+    from llama_proc.proxy.app import create_app
     from llama_proc.proxy.downloads import ModelDownloads
+    from llama_proc.proxy.gate import run_proxy
+    from llama_proc.proxy.options import ProxyOptions, event_loop_factory
 
     loop_name, loop_factory = event_loop_factory(args.event_loop)
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+    from llama_proc.proxy.app import create_app
     from llama_proc.proxy.flag_policy import (
         FlagCaps,
         FlagChecker,
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         normalize_flags,
         split_flags_header,
     )
+    from llama_proc.proxy.gate import run_proxy
     from llama_proc.proxy.models_config import (
         ModelsConfig,
         ModelSpec,
@@ -30,15 +31,14 @@ if TYPE_CHECKING:
         load_models_config,
         scan_models_dir,
     )
-    from llama_proc.proxy.pool import (
+    from llama_proc.proxy.options import ProxyOptions
+    from llama_proc.proxy.pool import ServerInfo, ServerPool, server_key
+    from llama_proc.proxy.servers import (
         LlamaServerFactory,
         PoolBusyError,
         PoolClosedError,
         ServerFactory,
         ServerHandle,
-        ServerInfo,
-        ServerPool,
-        server_key,
     )
 
 __all__ = [
@@ -66,16 +66,18 @@ __all__ = [
 ]
 
 _MODULES: Final = {
-    "app": ("ProxyOptions", "create_app", "run_proxy"),
-    "models_config": (
-        "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",
-    ),
+    "app": ("create_app",),
     "flag_policy": (
         "FlagCaps", "FlagChecker", "FlagPolicy", "normalize_flags", "split_flags_header",
     ),
-    "pool": (
-        "LlamaServerFactory", "PoolBusyError", "PoolClosedError", "ServerFactory",
-        "ServerHandle", "ServerInfo", "ServerPool", "server_key",
+    "gate": ("run_proxy",),
+    "models_config": (
+        "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",
+    ),
+    "options": ("ProxyOptions",),
+    "pool": ("ServerInfo", "ServerPool", "server_key"),
+    "servers": (
+        "LlamaServerFactory", "PoolBusyError", "PoolClosedError", "ServerFactory", "ServerHandle",
     ),
 }  # fmt: skip
 _WHERE: Final = {name: module for module, names in _MODULES.items() for name in names}

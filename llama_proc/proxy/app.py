@@ -15,23 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
-import json
 import logging
 import math
-import re
-import signal
 import time
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
-from aiohttp import http_exceptions, web
+from aiohttp import web
 from yarl import URL
 
-from llama_proc.diagnosis import diagnose
 from llama_proc.errors import (
     ConfigError,
     InvalidArgumentError,
@@ -39,201 +32,57 @@ from llama_proc.errors import (
     ModelFileError,
     ServerExitedError,
 )
-from llama_proc.proxy.body_policy import BodyCaps, BodyChecker, context_size
+from llama_proc.proxy.auth import _ADMIN_PREFIX, _PUBLIC_PATHS, Role
+from llama_proc.proxy.body_policy import BodyChecker
 from llama_proc.proxy.downloads import ModelDownloads
-from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagCaps, FlagChecker
+from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
-from llama_proc.proxy.pool import (
-    Lease,
+from llama_proc.proxy.pool import Lease, ServerPool
+from llama_proc.proxy.relay import (
+    _PASS_HEADERS,
+    FORWARDED,
+    MAX_CACHED_URLS,
+    MODEL_HEADER,
+    RESTARTED_HEADER,
+    RETRY_PAUSE,
+    SERVER_HEADER,
+    THREAD_PARSE_BYTES,
+    UPSTREAM_ATTEMPTS,
+    UPSTREAM_CONNECT_TIMEOUT,
+    UPSTREAM_KEEPALIVE,
+    UPSTREAM_METRICS_TIMEOUT,
+    _answer_too_large,
+    _BadBodyError,
+    _check_body,
+    _error,
+    _exit_cause,
+    _parse_body,
+    _read_capped,
+    _request_summary,
+    _shutting_down,
+    _sse_error,
+)
+from llama_proc.proxy.servers import (
     ModelTooLargeError,
     PoolBusyError,
     PoolClosedError,
     PoolQueueFullError,
-    ServerPool,
 )
 from llama_proc.proxy.tenant import tenant_reason
 from llama_proc.proxy.upstream import UpstreamConnectionError, UpstreamConnections
-from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+    from llama_proc.proxy.options import ProxyOptions
     from llama_proc.proxy.upstream import UpstreamResponse
 
 __all__ = [
-    "DEFAULT_BODY_TIMEOUT",
-    "DEFAULT_FIRST_BYTE_TIMEOUT",
-    "DEFAULT_IDLE_TIMEOUT",
-    "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_MAX_RESPONSE_BYTES",
-    "DEFAULT_STALL_TIMEOUT",
-    "MAX_JSON_DEPTH",
-    "ProxyOptions",
-    "Role",
     "create_app",
-    "event_loop_factory",
-    "json_too_deep",
-    "run_proxy",
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
-DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
-"""Largest non-streamed answer the proxy buffers and relays (502 above it)."""
-DEFAULT_FIRST_BYTE_TIMEOUT: Final = 600.0
-"""Seconds until llama-server's first response byte; for a non-streamed answer, the whole
-generation happens before it, so this is generous."""
-DEFAULT_STALL_TIMEOUT: Final = 120.0
-"""Seconds a started stream may go without a byte before it is cut off."""
-DEFAULT_DRAIN_TIMEOUT: Final = 30.0
-UPSTREAM_CONNECT_TIMEOUT: Final = 10.0
-UPSTREAM_METRICS_TIMEOUT: Final = 3.0
-UPSTREAM_KEEPALIVE: Final = 3.0
-UPSTREAM_ATTEMPTS: Final = 2
-"""Tries for a request whose upstream connection fails before any response byte."""
-RETRY_PAUSE: Final = 0.1
-MAX_CACHED_URLS: Final = 1024
-MODEL_HEADER: Final = "X-Model-Id"
-SERVER_HEADER: Final = "X-Llama-Proc-Server"
-RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
-FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-_PUBLIC_PATHS: Final = frozenset({"/health"})
-_ADMIN_PREFIX: Final = "/servers"
-"""Routes only admin keys may use: the pool's servers (with every tenant's flags) and stopping."""
-DEFAULT_IDLE_TIMEOUT: Final = 15.0
-"""Seconds a connection may sit without a complete request head (idle keep-alive, or headers
-trickled in) before it is closed."""
-DEFAULT_BODY_TIMEOUT: Final = 60.0
-"""Seconds an authenticated client gets to send its request body."""
-DEFAULT_MAX_CONNECTIONS: Final = 256
-"""Open client connections at once; beyond it the oldest idle one is closed, or the new one
-refused when none is idle."""
-MAX_HEADER_LINE: Final = 8190
-"""Longest request line or header field, in bytes."""
-MAX_HEADERS: Final = 64
-"""Most header fields in one request."""
-LINGER_TIME: Final = 1.0
-"""Seconds an unread body is drained after an early answer (401, 413) before closing."""
-MAX_JSON_DEPTH: Final = 64
-"""Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
-SUMMARY_FIELDS: Final = 24
-"""Most top-level fields named when the operator log describes a request that crashed a server."""
-THREAD_PARSE_BYTES: Final = 64 * 1024
-"""Bodies larger than this are checked and parsed in a worker thread, off the event loop."""
-Role = Literal["admin", "inference"]
-"""What a key may do: ``inference`` keys use the API, ``admin`` keys also manage servers."""
-_PASS_HEADERS: Final = (("Content-Type", "content-type"), ("Content-Encoding", "content-encoding"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProxyOptions:
-    """How the proxy treats requests.
-
-    Keys are sent as ``Authorization: Bearer <key>`` or ``X-Api-Key``. With no key of either
-    kind the proxy needs none (every client is an admin: meant for loopback use); with any
-    key, every route but ``/health`` needs one, and ``/servers`` needs an admin key.
-
-    Attributes:
-        api_keys: inference keys: the OpenAI routes, ``/v1/models`` and ``/metrics``.
-        admin_keys: admin keys: everything inference keys may do, plus ``GET /servers``
-            (every tenant's flags) and ``DELETE /servers/{key}``.
-        max_body_bytes: largest request body accepted (413 above it).
-        first_byte_timeout: seconds until llama-server's first response byte (504 after it).
-        stall_timeout: seconds a started stream may go silent before it is cut off.
-        drain_timeout: seconds in-flight requests get to finish at shutdown.
-        idle_timeout: seconds a connection may go without a complete request head (idle
-            keep-alive or trickled headers) before it is closed.
-        body_timeout: seconds an authenticated client gets to send its body (408 after it).
-        max_connections: client connections open at once; at the limit the oldest idle one
-            is closed to make room, or the new one is refused (503) when none is idle.
-        flag_caps: server-wide caps on threads, slots, batch and context size that every
-            model's config and every request's ``X-Llama-Flags`` must keep.
-        body_caps: server-wide caps on what a request body may ask (``n_probs``, grammar
-            size...): see :mod:`llama_proc.proxy.body_policy`.
-        max_response_bytes: largest non-streamed answer relayed; a bigger one is cut off
-            (the upstream connection closed) and answered 502.
-    """
-
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    admin_keys: tuple[str, ...] = field(default=(), repr=False)
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
-    stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    body_timeout: float = DEFAULT_BODY_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    flag_caps: FlagCaps = field(default_factory=FlagCaps)
-    body_caps: BodyCaps = field(default_factory=BodyCaps)
-    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
-
-
-def _error(
-    status: int,
-    message: str,
-    *,
-    code: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def _sse_error(message: str, code: str) -> bytes:
-    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
-_STRING: Final = re.compile(rb'"[^"]*"')
-_NOT_BRACKET: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_OPENERS: Final = frozenset(b"[{")
-
-
-def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether a JSON text nests arrays/objects deeper than ``limit``, without parsing it.
-
-    Escapes and strings are cut out with C-speed regexes, then only the brackets are walked,
-    stopping at the first one past ``limit``: a hostile ``[[[[...`` costs microseconds and no
-    recursion, where ``json.loads`` would recurse once per level.
-    """
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", body)).translate(None, _NOT_BRACKET)
-    depth = 0
-    for char in brackets:
-        if char in _OPENERS:
-            depth += 1
-            if depth > limit:
-                return True
-        else:
-            depth -= 1
-    return False
-
-
-class _BadBodyError(Exception):
-    """A request body that is not a JSON object within the limits (answered 400)."""
-
-
-def _parse_body(body: bytes) -> dict[str, Any]:
-    if json_too_deep(body):
-        msg = f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels."
-        raise _BadBodyError(msg)
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        msg = "The request body is not valid JSON."
-        raise _BadBodyError(msg) from None
-    if not isinstance(payload, dict):
-        msg = "The request body must be a JSON object."
-        raise _BadBodyError(msg)
-    return payload
 
 
 class _Proxy:
@@ -822,99 +671,6 @@ class _Proxy:
         return merge_upstream(parts)
 
 
-def _check_body(
-    checker: BodyChecker,
-    path: str,
-    payload: dict[str, Any],
-    spec: ModelSpec,
-    flags: tuple[str, ...],
-) -> web.Response | bytes | None:
-    """Check a body against its model's limits before it is forwarded.
-
-    Returns:
-        A 400 answer, the body re-encoded without stripped fields, or None to forward it as
-        it came.
-    """
-    context = context_size(spec.options, (*spec.extra_args, *flags))
-    verdict = checker.check(path, payload, spec.request_body, context=context)
-    if verdict.refusal is not None:
-        refusal = verdict.refusal
-        return _error(400, refusal.message, code=refusal.code, param=refusal.param)
-    if not verdict.strip:
-        return None
-    kept = {k: v for k, v in payload.items() if k not in verdict.strip}
-    return json.dumps(kept).encode()
-
-
-async def _read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
-    """The whole body of a non-streamed answer, or None once it is longer than ``limit``."""
-    declared = upstream.headers.get("content-length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    parts: list[bytes] = []
-    size = 0
-    while piece := await upstream.readany():
-        size += len(piece)
-        if size > limit:
-            return None
-        parts.append(piece)
-    return b"".join(parts)
-
-
-def _answer_too_large(model: str, limit: int, key: str) -> web.Response:
-    """The 502 for an answer over ``limit`` (its connection is closed by the caller)."""
-    message = (
-        f"llama-server's answer for {model!r} is larger than {limit} bytes; it was not relayed "
-        "(stream it, ask for less, or raise serve --max-response-bytes)."
-    )
-    logger.warning("%s [key %s]", message, key)
-    return _error(502, message, code="response_too_large", kind="server_error")
-
-
-def _request_summary(request: web.Request, body: bytes) -> str:
-    """Who sent a request and what it held, for the operator's log (never for tenants).
-
-    The API key is named by a fingerprint, the body by its size, digest and top-level fields.
-    """
-    auth = request.headers.get("Authorization", "").partition(" ")[2].strip()
-    key = auth or request.headers.get("X-Api-Key", "")
-    who = (
-        "key sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
-        if key
-        else "no key"
-    )
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        payload = None
-    fields = (
-        ", ".join(
-            f"{name[:40]!a} ({len(json.dumps(value))} bytes)"
-            for name, value in list(payload.items())[:SUMMARY_FIELDS]
-        )
-        if isinstance(payload, dict)
-        else "not a JSON object"
-    )
-    return (
-        f"{request.method} {request.path} from {request.remote}, {who}, {len(body)}-byte body "
-        f"sha256:{hashlib.sha256(body).hexdigest()[:16]}, fields: {fields}"
-    )
-
-
-def _exit_cause(handle: object) -> str:
-    """The decoded reason a leased server exited, from its log tail and exit status."""
-    code = getattr(handle, "returncode", None)
-    logs = getattr(handle, "logs", None)
-    lines = logs() if callable(logs) else []
-    return str(diagnose(lines, code)) if code is not None else ""
-
-
-def _shutting_down() -> web.Response:
-    return _error(
-        503, "The llama-proc proxy is shutting down.", code="shutting_down", kind="server_error"
-    )
-
-
 _POOL_KEY: Final = web.AppKey("pool", ServerPool)
 _PROXY_KEY: Final = web.AppKey("proxy", _Proxy)
 _ENDPOINTS: Final = frozenset({*FORWARDED, "/v1/models", "/health", "/metrics", "/servers"})
@@ -979,244 +735,3 @@ def create_app(
     app.router.add_get("/servers", proxy.list_servers)
     app.router.add_delete("/servers/{key}", proxy.delete_server)
     return app
-
-
-def event_loop_factory(
-    choice: str = AUTO,
-) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
-    """The event loop to serve on: (its name, a factory for ``asyncio.Runner``; None = asyncio's).
-
-    ``auto`` takes uvloop where it is installed (a dependency everywhere but Windows) and
-    asyncio's own loop otherwise. ``bench/proxy_overhead.py`` measures both in one run.
-
-    Raises:
-        ConfigError: ``uvloop`` was asked for and is not installed, or an unknown choice.
-    """
-    if choice not in EVENT_LOOPS:
-        msg = f"unknown event loop {choice!r}; choose one of {', '.join(EVENT_LOOPS)}"
-        raise ConfigError(msg)
-    if choice == "asyncio":
-        return "asyncio", None
-    try:
-        import uvloop  # noqa: PLC0415 - optional, and only wanted when serving
-    except ImportError:
-        if choice == "uvloop":
-            msg = "uvloop is not installed: pip install 'llama-proc[fast]', or --event-loop asyncio"
-            raise ConfigError(msg) from None
-        return "asyncio", None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return "uvloop", factory
-
-
-async def run_proxy(
-    app: web.Application,
-    *,
-    host: str,
-    port: int,
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-    ready: Callable[[str, int], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM (or ``stop`` is set), then shut down gracefully.
-
-    Shutdown stops accepting connections, gives in-flight requests ``drain_timeout`` seconds
-    to finish, then stops every server in the pool.
-
-    Args:
-        app: from :func:`create_app`.
-        host: address to bind.
-        port: port to bind (0 = any free port).
-        drain_timeout: seconds in-flight requests get to finish.
-        ready: called with the bound (host, port) once listening.
-        stop: an event that also triggers shutdown (for embedding and tests).
-    """
-    # handler_cancellation: a client that disconnects cancels its handler, which closes the
-    # upstream connection and so stops llama-server's generation for it.
-    runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
-    )
-    await runner.setup()
-    proxy = app.get(_PROXY_KEY)
-    gate = _ConnectionGate(runner, proxy.options if proxy else ProxyOptions(), proxy)
-    stop_event = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop_event.set)
-            installed.append(sig)
-    try:
-        site = _GatedSite(runner, host, port, gate=gate)
-        await site.start()
-        bound = _bound_address(runner, host, port)
-        if ready is not None:
-            ready(*bound)
-        await stop_event.wait()
-        logger.info("shutting down: draining requests for up to %gs", drain_timeout)
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await runner.cleanup()
-
-
-_PARSE_ERRORS: Final[dict[type[Exception], tuple[str, str]]] = {
-    http_exceptions.LineTooLong: (
-        "headers_too_large",
-        (
-            f"A request line or header is longer than {MAX_HEADER_LINE} bytes, or there are "
-            f"more than {MAX_HEADERS} headers."
-        ),
-    ),
-    http_exceptions.BadHttpMethod: ("bad_request", "The request does not start like HTTP."),
-    http_exceptions.InvalidHeader: ("bad_request", "A request header is malformed."),
-}
-
-
-class _ClientConnection(web.RequestHandler):
-    """aiohttp's per-connection protocol, with its own error pages made OpenAI-shaped.
-
-    Requests that fail in the HTTP parser (bad request line, oversized or malformed headers)
-    never reach the app or its middleware; aiohttp answers them here. Nothing the client sent
-    is logged or echoed: a malformed header may hold a key.
-    """
-
-    def __init__(self, gate: _ConnectionGate, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.gate = gate
-        self.evicted = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.evicted:
-            # Evicted between its creation and now (a burst of accepts makes every protocol
-            # before any of them is connected): aiohttp's force_close had no transport then.
-            self.force_close()
-
-    def evict(self) -> None:
-        """Close this idle connection to make room, now or as soon as it is connected."""
-        self.evicted = True
-        self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.gate.forget(self)
-        super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            msg = "response already started; cannot send an error after it"
-            raise ConnectionError(msg)
-        code, text = "internal_error", "Internal error in the llama-proc proxy; see its log."
-        kind = "server_error"
-        if status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            logger.error("internal error in the proxy's HTTP layer: %s", type(exc).__name__)
-        elif status == HTTPStatus.GATEWAY_TIMEOUT:
-            code, text = "timeout", "The request timed out in the llama-proc proxy."
-        else:
-            kind = "invalid_request_error"
-            code, text = next(
-                (v for t, v in _PARSE_ERRORS.items() if isinstance(exc, t)),
-                ("bad_request", "The request is not valid HTTP."),
-            )
-            logger.debug("refused a malformed request (%s, HTTP %d)", type(exc).__name__, status)
-        response = _error(status, text, code=code, kind=kind)
-        response.force_close()
-        return response
-
-
-_REFUSAL: Final = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-)
-
-
-class _Refusal(asyncio.Protocol):
-    """A connection over the limit with no idle one to close: one 503 answer, then closed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": "The llama-proc proxy has too many open connections; retry.",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "too_many_connections",
-                }
-            }
-        ).encode()
-        assert isinstance(transport, asyncio.WriteTransport)  # noqa: S101 - a TCP transport
-        transport.write(_REFUSAL % (len(body), body))
-        transport.close()
-
-
-class _ConnectionGate:
-    """Makes the protocol for every accepted connection, holding them to ``max_connections``.
-
-    At the limit, the oldest connection with no request in the handler (idle keep-alive, or
-    still sending its headers) is closed to make room, so idle or slow clients can never
-    lock others out; when every connection is busy, the new one is refused with a 503.
-    """
-
-    def __init__(self, runner: web.AppRunner, options: ProxyOptions, proxy: _Proxy | None) -> None:
-        self.runner = runner
-        self.limit = max(1, options.max_connections)
-        self.busy: dict[object, int] = proxy.busy if proxy is not None else {}
-        self.open: dict[_ClientConnection, None] = {}
-        self.closed_idle = 0
-        self.refused = 0
-        self.kwargs: dict[str, Any] = {
-            "keepalive_timeout": options.idle_timeout,
-            "max_line_size": MAX_HEADER_LINE,
-            "max_field_size": MAX_HEADER_LINE,
-            "max_headers": MAX_HEADERS,
-            "lingering_time": LINGER_TIME,
-            "access_log": None,
-        }
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        server = self.runner.server
-        assert server is not None  # noqa: S101 - the runner is set up before the site starts
-        if len(self.open) >= self.limit and not self._close_idle():
-            self.refused += 1
-            return _Refusal()
-        connection = _ClientConnection(self, server, loop=asyncio.get_running_loop(), **self.kwargs)
-        self.open[connection] = None
-        return connection
-
-    def _close_idle(self) -> bool:
-        for connection in self.open:
-            if connection not in self.busy:
-                self.forget(connection)
-                connection.evict()
-                self.closed_idle += 1
-                return True
-        return False
-
-    def forget(self, connection: _ClientConnection) -> None:
-        self.open.pop(connection, None)
-
-
-class _GatedSite(web.TCPSite):
-    """A TCP site whose connections are made (and counted) by a :class:`_ConnectionGate`."""
-
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, gate: _ConnectionGate):
-        super().__init__(runner, host, port)
-        self._gate = gate
-
-    async def start(self) -> None:
-        self._runner._reg_site(self)  # what BaseSite.start does
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._gate, self._host, self._port)
-        self._bound_port = self._server.sockets[0].getsockname()[1]
-
-
-def _bound_address(runner: web.AppRunner, host: str, port: int) -> tuple[str, int]:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return str(address[0]), int(address[1])
-    return host, port

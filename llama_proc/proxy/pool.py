@@ -30,39 +30,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import math
-import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
-from llama_proc._childenv import child_environment
-from llama_proc.errors import (
-    ConfigError,
-    InvalidArgumentError,
-    ModelFileError,
-    ServerError,
-    ServerStartError,
-)
-from llama_proc.models.gguf_info import cached_model_info, estimate_memory
+from llama_proc.errors import ServerStartError
+from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
 from llama_proc.proxy.metrics import PoolMetrics
-from llama_proc.proxy.threads import with_threads
-from llama_proc.runtime.args import ServerArgs
-from llama_proc.runtime.flags import BinaryFlags, probe_flags
-from llama_proc.server import AsyncLlamaServer
+from llama_proc.proxy.servers import (
+    ModelTooLargeError,
+    PoolBusyError,
+    PoolClosedError,
+    PoolQueueFullError,
+    ServerFactory,
+    ServerHandle,
+)
+from llama_proc.runtime.flags import BinaryFlags
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import TracebackType
 
-    from llama_proc.config import Settings
     from llama_proc.proxy.models_config import ModelSpec
 
 __all__ = [
@@ -70,19 +63,9 @@ __all__ = [
     "DEFAULT_MAX_QUEUE",
     "Healed",
     "Lease",
-    "LlamaServerFactory",
-    "ModelTooLargeError",
-    "PoolBusyError",
-    "PoolClosedError",
-    "PoolQueueFullError",
-    "ServerFactory",
-    "ServerHandle",
     "ServerInfo",
     "ServerPool",
-    "estimate_server_memory",
-    "parse_memory_budget",
     "server_key",
-    "total_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,22 +92,11 @@ QUEUE_FULL_RETRY_AFTER: Final = 1.0
 """Seconds a client is told to wait (Retry-After) when a model's queue is full."""
 START_WAIT_POLL: Final = 1.0
 """A request waiting on a load in progress waits on past its queue timeout, this often checking."""
-PROPS_TIMEOUT: Final = 10.0
-"""Seconds to read a new server's ``/props`` (its slot count)."""
+
 STOP_TIMEOUT: Final = 30.0
 """Seconds to wait for one server's stop() before giving up on it (the pool logs it)."""
 MAX_FORGOTTEN_KEYS: Final = 256
 """Stopped entries kept for ``/servers`` history; older ones are dropped."""
-MEMORY_WEIGHT_FACTOR: Final = 1.2
-MEMORY_OVERHEAD: Final = 256 * 1024 * 1024
-"""Estimate when a model's header cannot be read: model files x factor + this."""
-AUTO_PARALLEL: Final = 4
-"""Slots llama-server runs with when ``--parallel`` is not given (its ``-np -1``, auto)."""
-_ESTIMATE_OPTIONS: Final = frozenset({"ctx_size", "parallel", "cache_type_k", "cache_type_v"})
-DEFAULT_MEMORY_SHARE: Final = 0.8
-"""Share of RAM the pool's servers may use together when ``--memory-budget`` is not given."""
-_SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?")
-_SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 State = Literal["stopped", "queued", "starting", "ready", "stopping"]
 EvictReason = Literal["lru", "memory", "idle", "manual"]
@@ -140,174 +112,11 @@ class Healed:
     """What it did, e.g. ``stopped answering (3 health probes failed)``."""
 
 
-@runtime_checkable
-class ServerHandle(Protocol):
-    """A started server as the pool sees it.
-
-    Optional extras the pool and proxy use when a handle has them: ``returncode`` (reported
-    after a crash), ``logs()`` (a log tail for the crash report), ``api_key`` (sent as a
-    Bearer token on every forwarded request), ``slots`` (requests it serves at once: the
-    pool's default concurrency for it) and ``async probe(timeout) -> bool`` (whether the
-    server's main loop still answers; without it a server is never judged wedged).
-    """
-
-    @property
-    def url(self) -> str:
-        """Base URL, e.g. ``http://127.0.0.1:41234``."""
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the process is still alive."""
-
-    @property
-    def pid(self) -> int | None:
-        """Process id, when there is one."""
-
-    async def stop(self) -> None:
-        """Stop the server (idempotent)."""
-
-
-ServerFactory = Callable[["ModelSpec", tuple[str, ...]], Awaitable[ServerHandle]]
-"""Starts a server for (model, extra flags) and returns it once it answers requests."""
-MemoryEstimate = Callable[["ModelSpec", tuple[str, ...]], int]
-"""Bytes a server for (model, flags) is expected to use; 0 = unknown."""
-
-
-class PoolBusyError(ServerError):
-    """No server slot freed up in time, or a server is busy and cannot be removed."""
-
-
-class PoolQueueFullError(PoolBusyError):
-    """The model's queue is full; ``retry_after`` says when to try again (seconds)."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message, retry_after)
-        self.retry_after = retry_after
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class ModelTooLargeError(ServerError):
-    """The model's estimated memory exceeds the pool's whole memory budget."""
-
-
-class PoolClosedError(ServerError):
-    """The pool is shutting down and takes no new requests."""
-
-
 @functools.lru_cache(maxsize=1024)
 def server_key(model_id: str, flags: tuple[str, ...]) -> str:
     """A stable short key for (model id, normalized flags): same inputs, same key, any process."""
     blob = json.dumps([model_id, list(flags)], separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:
-    """Bytes a llama-server for ``spec`` with ``flags`` is expected to use.
-
-    :func:`~llama_proc.models.gguf_info.estimate_memory` (weights, KV cache, slots, process
-    overhead) for the model's header, read once per file identity, and the context size,
-    slots and KV cache type the server gets: the config's options, then its ``extra_args``,
-    then the request's flags, the last one winning. Unset, they are llama-server's defaults:
-    the trained context, :data:`AUTO_PARALLEL` slots, f16. When the K and V cache types
-    differ, the larger one counts for both (an upper bound).
-
-    When the header cannot be read (a ggml type newer than this reader, say), the files' size
-    times :data:`MEMORY_WEIGHT_FACTOR` plus :data:`MEMORY_OVERHEAD`; 0 when the file is missing
-    or not fetched yet (the start reports that).
-    """
-    path = spec.path
-    if path is None:  # a Hugging Face reference not fetched yet: size unknown
-        return 0
-    chosen = _estimate_options(spec, flags)
-    try:
-        info = cached_model_info(path)
-        ctx = int(chosen.get("ctx_size", 0))
-        parallel = int(chosen.get("parallel", -1))
-        slots = AUTO_PARALLEL if parallel < 1 else parallel
-        kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
-        return max(estimate_memory(info, ctx, slots, kv).total for kv in kv_types)
-    except (ModelFileError, InvalidArgumentError, ValueError) as err:
-        logger.debug("memory estimate of %s from its file size: %s", spec.id, err)
-    try:
-        match = _SHARD_RE.search(path.name)
-        if match is None:
-            size = path.stat().st_size
-        else:
-            stem = path.name[: match.start()]
-            count = int(match.group(2))
-            size = sum(
-                (path.parent / f"{stem}-{i:05d}-of-{count:05d}.gguf").stat().st_size
-                for i in range(1, count + 1)
-            )
-    except (OSError, AttributeError, TypeError):
-        return 0
-    return int(size * MEMORY_WEIGHT_FACTOR) + MEMORY_OVERHEAD
-
-
-@functools.cache
-def _estimate_spellings() -> Mapping[str, str]:
-    """Every spelling of the flags the memory estimate reads -> the ServerArgs field name."""
-    return {
-        flag: f.name
-        for f in dataclasses.fields(ServerArgs)
-        if f.name in _ESTIMATE_OPTIONS
-        for flag in f.metadata["flags"]
-    }
-
-
-def _estimate_options(spec: ModelSpec, flags: Sequence[str]) -> dict[str, Any]:
-    chosen = {k: v for k, v in spec.options.items() if k in _ESTIMATE_OPTIONS and v is not None}
-    spellings = _estimate_spellings()
-    words = [*spec.options.get("extra_args", ()), *spec.extra_args, *flags]
-    for i, word in enumerate(words):
-        name, eq, value = word.partition("=")
-        field = spellings.get(name)
-        if field is not None and (eq or i + 1 < len(words)):
-            chosen[field] = value if eq else words[i + 1]
-    return chosen
-
-
-def total_memory() -> int | None:
-    """Physical memory of this host in bytes (None where it cannot be read)."""
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def parse_memory_budget(text: str | None, total: int | None = None) -> int | None:
-    """The pool's memory budget from ``--memory-budget`` (bytes).
-
-    Args:
-        text: ``"12G"``, ``"512M"``, ``"2048"`` (bytes), ``"75%"`` (of RAM), ``"none"``
-            (no budget); None = :data:`DEFAULT_MEMORY_SHARE` of RAM.
-        total: RAM in bytes (default: this host's, read now).
-
-    Raises:
-        ConfigError: the text is not a size, or a share of RAM is asked where RAM is unknown.
-    """
-    value = (text or f"{DEFAULT_MEMORY_SHARE * 100:g}%").strip().lower()
-    if value in ("none", "off", "0"):
-        return None
-    match = _SIZE_RE.fullmatch(value)
-    if match is None:
-        msg = f"--memory-budget {text!r} is not a size: use e.g. 12G, 512M, 75% (of RAM) or none"
-        raise ConfigError(msg)
-    number, unit = float(match.group(1)), match.group(2)
-    if unit == "%":
-        ram = total if total is not None else total_memory()
-        if ram is None:
-            msg = "cannot read this host's memory size: give --memory-budget in bytes (e.g. 12G)"
-            raise ConfigError(msg)
-        budget = int(ram * number / 100)
-    else:
-        budget = int(number * 1024 ** "bkmgt".index(unit[0] if unit else "b"))
-    if budget < 1:
-        msg = f"--memory-budget {text!r} must be more than 0 bytes (or none)"
-        raise ConfigError(msg)
-    return budget
 
 
 @dataclass(frozen=True)
@@ -1236,156 +1045,3 @@ def _log_tail(handle: object, limit: int = 10) -> list[str]:
 
 def _cancelled_start(label: str) -> ServerStartError:
     return ServerStartError(f"starting llama-server for {label} was cancelled")
-
-
-# -- the real factory --------------------------------------------------------------------------
-
-
-class LlamaServerFactory:
-    """Starts real llama-servers through :class:`llama_proc.server.AsyncLlamaServer`.
-
-    Every server gets ``--metrics`` (the proxy's ``/metrics`` merges them) unless a model's
-    options say otherwise.
-
-    Args:
-        binary: the llama-server to run; None = resolve through provisioning (once).
-        settings: provisioning settings when ``binary`` is None.
-        start_timeout: seconds a server may take to load before it counts as failed.
-        common_options: ServerArgs options applied before each model's own options.
-        api_key: a key every server requires (sent by the proxy); set it when the proxy
-            itself needs keys, so local users cannot go around it to the servers' ports.
-        threads: CPU threads for each server whose model (and request flags) name none
-            (``serve`` passes its share of the cores, see :mod:`llama_proc.proxy.threads`);
-            None = llama-server's own default.
-    """
-
-    def __init__(
-        self,
-        *,
-        binary: Path | None = None,
-        settings: Settings | None = None,
-        start_timeout: float | None = None,
-        common_options: Mapping[str, Any] | None = None,
-        api_key: str | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self.binary = binary
-        self.threads = threads
-        self.api_key = api_key
-        self.settings = settings
-        self.start_timeout = start_timeout
-        self.common_options = dict(common_options or {})
-
-    def binary_flags(self) -> BinaryFlags | None:
-        """The options ``binary`` accepts (its ``--help``, probed once and cached).
-
-        None when the binary is resolved only at the first start, or is no llama-server.
-        """
-        if self.binary is None:
-            return None
-        return probe_flags(self.binary, child_environment(), settings=self.settings)
-
-    async def __call__(self, spec: ModelSpec, flags: tuple[str, ...]) -> ServerHandle:
-        """Start llama-server for ``spec`` with ``flags`` appended; return it once ready.
-
-        Raises:
-            ServerStartError: the process exited before it was ready.
-            ServerNotReadyError: it did not become ready in time.
-            ModelFileError: the model file is missing or not GGUF.
-            InvalidArgumentError: an option was refused.
-        """
-        options: dict[str, Any] = {"metrics": True, **self.common_options, **spec.options}
-        extra = (*tuple(options.pop("extra_args", ())), *spec.extra_args, *flags)
-        options = with_threads(options, extra, self.threads)
-        server = AsyncLlamaServer(
-            spec.path,
-            binary=self.binary,
-            settings=self.settings,
-            host="127.0.0.1",
-            port=None,
-            api_key=self.api_key,
-            start_timeout=self.start_timeout,
-            extra_args=extra,
-            **options,
-        )
-        # AsyncLlamaServer.start() stops a half-started child itself when it fails or is
-        # cancelled, so nothing is left behind here.
-        await server.start()
-        handle = _AsyncServerHandle(server)
-        handle.slots = await handle.read_slots()
-        return handle
-
-
-class _AsyncServerHandle:
-    """Adapts AsyncLlamaServer to :class:`ServerHandle`."""
-
-    __slots__ = ("_server", "slots")
-
-    def __init__(self, server: AsyncLlamaServer) -> None:
-        self._server = server
-        self.slots: int | None = None
-        """Requests the server serves at once (its ``total_slots``), when known."""
-
-    def _headers(self) -> dict[str, str]:
-        key = self.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    async def read_slots(self) -> int | None:
-        """The server's slot count from ``GET /props`` (None when it cannot be read)."""
-        import aiohttp  # noqa: PLC0415 - heavy: importing the pool stays cheap
-
-        timeout = aiohttp.ClientTimeout(total=PROPS_TIMEOUT)
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(self.url + "/props", headers=self._headers()) as resp,
-            ):
-                props = await resp.json() if resp.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        slots = props.get("total_slots") if isinstance(props, dict) else None
-        return slots if isinstance(slots, int) and slots > 0 else None
-
-    async def probe(self, timeout: float) -> bool:
-        """Whether the main loop answers: ``GET /slots`` is served between decoding steps.
-
-        Any HTTP answer counts (a server started with ``--no-slots`` answers 501 at once, so
-        it is never judged wedged); only silence past ``timeout`` fails.
-        """
-        import aiohttp  # noqa: PLC0415 - heavy: importing the pool stays cheap
-
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(self.url + "/slots", headers=self._headers()) as resp,
-        ):
-            await resp.read()
-        return True
-
-    @property
-    def url(self) -> str:
-        return str(self._server.url)
-
-    @property
-    def is_running(self) -> bool:
-        return bool(self._server.is_running)
-
-    @property
-    def pid(self) -> int | None:
-        pid = self._server.pid
-        return None if pid is None else int(pid)
-
-    @property
-    def returncode(self) -> int | None:
-        code = self._server.returncode
-        return None if code is None else int(code)
-
-    @property
-    def api_key(self) -> str | None:
-        key = self._server.server.api_key
-        return None if key is None else str(key)
-
-    def logs(self) -> list[str]:
-        return list(self._server.logs())
-
-    async def stop(self) -> None:
-        await self._server.stop()

@@ -18,7 +18,9 @@ import aiohttp
 from aiohttp import web
 
 from llama_proc.errors import ServerStartError
-from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+from llama_proc.proxy.app import create_app
+from llama_proc.proxy.gate import run_proxy
+from llama_proc.proxy.options import ProxyOptions
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

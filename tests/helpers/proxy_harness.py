@@ -12,14 +12,16 @@ import time
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from llama_proc.proxy.app import ProxyOptions, create_app, run_proxy
+from llama_proc.proxy.app import create_app
+from llama_proc.proxy.gate import run_proxy
+from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.pool import ServerPool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from llama_proc.proxy.models_config import ModelsConfig
-    from llama_proc.proxy.pool import ServerFactory
+    from llama_proc.proxy.servers import ServerFactory
 
 
 class ProxyThread:

@@ -16,8 +16,10 @@ import pytest
 from proxy_fakes import FakeFactory, UpstreamBehaviour
 
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.app import ProxyOptions, create_app, event_loop_factory, run_proxy
+from llama_proc.proxy.app import create_app
+from llama_proc.proxy.gate import run_proxy
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+from llama_proc.proxy.options import ProxyOptions, event_loop_factory
 from llama_proc.proxy.pool import ServerPool
 
 if TYPE_CHECKING:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from proxy_harness import pid_alive, running_proxy
 
-from llama_proc.proxy.app import ProxyOptions
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.servers import LlamaServerFactory
 
 if TYPE_CHECKING:
     from pathlib import Path

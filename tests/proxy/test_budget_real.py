@@ -17,14 +17,10 @@ from proxy_fakes import serve_pool
 from tiny_gguf import write_model
 
 from llama_proc.models.gguf_info import estimate_memory, read_model_info
+from llama_proc.proxy.budget import AUTO_PARALLEL, MEMORY_OVERHEAD, estimate_server_memory
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import (
-    AUTO_PARALLEL,
-    MEMORY_OVERHEAD,
-    LlamaServerFactory,
-    ServerPool,
-    estimate_server_memory,
-)
+from llama_proc.proxy.pool import ServerPool
+from llama_proc.proxy.servers import LlamaServerFactory
 
 START_TIMEOUT = 120
 TEST_TIMEOUT = 300

@@ -19,7 +19,7 @@ from proxy_harness import pid_alive, running_proxy
 
 from llama_proc.config import Settings
 from llama_proc.errors import ConfigError, InvalidArgumentError
-from llama_proc.proxy.app import ProxyOptions, create_app
+from llama_proc.proxy.app import create_app
 from llama_proc.proxy.flag_policy import (
     FlagCaps,
     FlagChecker,
@@ -28,7 +28,9 @@ from llama_proc.proxy.flag_policy import (
     normalize_flags,
 )
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import LlamaServerFactory, ServerPool
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.pool import ServerPool
+from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.runtime.args import _ALLOWED
 from llama_proc.runtime.flags import BinaryFlags, clear_flags_cache, parse_help, probe_flags
 

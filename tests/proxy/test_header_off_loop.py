@@ -2,7 +2,7 @@
 only the request that needs it, never /health or other tenants.
 
 The model file is a named pipe, so the test decides how long the header read takes: the
-proxy's real estimate (:func:`~llama_proc.proxy.pool.estimate_server_memory`) opens it and
+proxy's real estimate (:func:`~llama_proc.proxy.budget.estimate_server_memory`) opens it and
 waits until the test opens the other end and writes a hostile header (which, coming from a
 pipe and not a regular file, is refused at once).
 """

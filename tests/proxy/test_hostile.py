@@ -25,9 +25,10 @@ from proxy_harness import ProxyThread, running_proxy, wait_until
 from llama_proc import _childenv
 from llama_proc._proc import free_port
 from llama_proc.errors import ConfigError, ServerExitedError, ServerRequestError
-from llama_proc.proxy.app import MAX_JSON_DEPTH, ProxyOptions, json_too_deep
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.relay import MAX_JSON_DEPTH, json_too_deep
+from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.runtime import LlamaClient, ServerArgs, ServerProcess
 from llama_proc.server import AsyncLlamaServer, LlamaServer
 

@@ -30,7 +30,7 @@ from proxy_harness import ProxyThread, running_proxy, wait_until
 from llama_proc.errors import ConfigError
 from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.models_config import load_models_config
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.servers import LlamaServerFactory
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -12,7 +12,8 @@ from proxy_fakes import FakeFactory
 from llama_proc.errors import InvalidArgumentError, ServerStartError
 from llama_proc.proxy.flag_policy import normalize_flags
 from llama_proc.proxy.models_config import ModelSpec
-from llama_proc.proxy.pool import PoolBusyError, PoolClosedError, ServerPool, server_key
+from llama_proc.proxy.pool import ServerPool, server_key
+from llama_proc.proxy.servers import PoolBusyError, PoolClosedError
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine

@@ -23,10 +23,10 @@ import openai
 import pytest
 from proxy_harness import ProxyThread, pid_alive, running_proxy, wait_until
 
-from llama_proc.proxy.app import ProxyOptions
 from llama_proc.proxy.flag_policy import FlagPolicy
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.servers import LlamaServerFactory
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam

@@ -20,8 +20,8 @@ from proxy_harness import ProxyThread, running_proxy
 from llama_proc import cli
 from llama_proc._cli.serve import read_api_keys
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.app import ProxyOptions
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+from llama_proc.proxy.options import ProxyOptions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -10,14 +10,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 from proxy_fakes import FakeFactory, UpstreamBehaviour, serve_pool
 
+from llama_proc.proxy.budget import estimate_server_memory
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
-from llama_proc.proxy.pool import (
-    LlamaServerFactory,
-    ModelTooLargeError,
-    PoolQueueFullError,
-    ServerPool,
-    estimate_server_memory,
-)
+from llama_proc.proxy.pool import ServerPool
+from llama_proc.proxy.servers import LlamaServerFactory, ModelTooLargeError, PoolQueueFullError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine

@@ -19,7 +19,7 @@ from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 
 if TYPE_CHECKING:
-    from llama_proc.proxy.pool import ServerHandle
+    from llama_proc.proxy.servers import ServerHandle
 
 SECRET = "/srv/operator-only/models"
 PID = "48213"

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from llama_proc.proxy import pool as pool_module
+from llama_proc.proxy import servers as servers_module
 from llama_proc.proxy.models_config import ModelSpec
-from llama_proc.proxy.pool import LlamaServerFactory
+from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.proxy.threads import names_threads, split_threads, with_threads
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def test_factory_gives_each_server_its_share(
             msg = "recorded"
             raise RuntimeError(msg)
 
-    monkeypatch.setattr(pool_module, "AsyncLlamaServer", Recorder)
+    monkeypatch.setattr(servers_module, "AsyncLlamaServer", Recorder)
     factory = LlamaServerFactory(binary=tmp_path / "llama-server", threads=4)
     plain = ModelSpec(id="a", path=tmp_path / "a.gguf")
     pinned = ModelSpec(id="b", path=tmp_path / "b.gguf", options=MappingProxyType({"threads": 1}))

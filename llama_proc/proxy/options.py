@@ -1,0 +1,116 @@
+"""How the proxy treats requests: :class:`ProxyOptions`, its defaults, and the event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from llama_proc.errors import ConfigError
+from llama_proc.proxy.body_policy import BodyCaps
+from llama_proc.proxy.flag_policy import FlagCaps
+from llama_proc.vocab import AUTO, EVENT_LOOPS
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_FIRST_BYTE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_STALL_TIMEOUT",
+    "ProxyOptions",
+    "event_loop_factory",
+]
+
+DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
+"""Largest non-streamed answer the proxy buffers and relays (502 above it)."""
+DEFAULT_FIRST_BYTE_TIMEOUT: Final = 600.0
+"""Seconds until llama-server's first response byte; for a non-streamed answer, the whole
+generation happens before it, so this is generous."""
+DEFAULT_STALL_TIMEOUT: Final = 120.0
+"""Seconds a started stream may go without a byte before it is cut off."""
+DEFAULT_DRAIN_TIMEOUT: Final = 30.0
+
+DEFAULT_IDLE_TIMEOUT: Final = 15.0
+"""Seconds a connection may sit without a complete request head (idle keep-alive, or headers
+trickled in) before it is closed."""
+DEFAULT_BODY_TIMEOUT: Final = 60.0
+"""Seconds an authenticated client gets to send its request body."""
+DEFAULT_MAX_CONNECTIONS: Final = 256
+"""Open client connections at once; beyond it the oldest idle one is closed, or the new one
+refused when none is idle."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyOptions:
+    """How the proxy treats requests.
+
+    Keys are sent as ``Authorization: Bearer <key>`` or ``X-Api-Key``. With no key of either
+    kind the proxy needs none (every client is an admin: meant for loopback use); with any
+    key, every route but ``/health`` needs one, and ``/servers`` needs an admin key.
+
+    Attributes:
+        api_keys: inference keys: the OpenAI routes, ``/v1/models`` and ``/metrics``.
+        admin_keys: admin keys: everything inference keys may do, plus ``GET /servers``
+            (every tenant's flags) and ``DELETE /servers/{key}``.
+        max_body_bytes: largest request body accepted (413 above it).
+        first_byte_timeout: seconds until llama-server's first response byte (504 after it).
+        stall_timeout: seconds a started stream may go silent before it is cut off.
+        drain_timeout: seconds in-flight requests get to finish at shutdown.
+        idle_timeout: seconds a connection may go without a complete request head (idle
+            keep-alive or trickled headers) before it is closed.
+        body_timeout: seconds an authenticated client gets to send its body (408 after it).
+        max_connections: client connections open at once; at the limit the oldest idle one
+            is closed to make room, or the new one is refused (503) when none is idle.
+        flag_caps: server-wide caps on threads, slots, batch and context size that every
+            model's config and every request's ``X-Llama-Flags`` must keep.
+        body_caps: server-wide caps on what a request body may ask (``n_probs``, grammar
+            size...): see :mod:`llama_proc.proxy.body_policy`.
+        max_response_bytes: largest non-streamed answer relayed; a bigger one is cut off
+            (the upstream connection closed) and answered 502.
+    """
+
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    flag_caps: FlagCaps = field(default_factory=FlagCaps)
+    body_caps: BodyCaps = field(default_factory=BodyCaps)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+
+
+def event_loop_factory(
+    choice: str = AUTO,
+) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop to serve on: (its name, a factory for ``asyncio.Runner``; None = asyncio's).
+
+    ``auto`` takes uvloop where it is installed (a dependency everywhere but Windows) and
+    asyncio's own loop otherwise. ``bench/proxy_overhead.py`` measures both in one run.
+
+    Raises:
+        ConfigError: ``uvloop`` was asked for and is not installed, or an unknown choice.
+    """
+    if choice not in EVENT_LOOPS:
+        msg = f"unknown event loop {choice!r}; choose one of {', '.join(EVENT_LOOPS)}"
+        raise ConfigError(msg)
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop  # noqa: PLC0415 - optional, and only wanted when serving
+    except ImportError:
+        if choice == "uvloop":
+            msg = "uvloop is not installed: pip install 'llama-proc[fast]', or --event-loop asyncio"
+            raise ConfigError(msg) from None
+        return "asyncio", None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return "uvloop", factory

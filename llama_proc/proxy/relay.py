@@ -1,0 +1,208 @@
+"""Relaying requests to llama-server: upstream limits, headers, request bodies, errors.
+
+Request bodies are checked before parsing (:func:`json_too_deep`), errors are written in
+OpenAI's shape, and failures of a leased server are decoded for the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+from llama_proc.diagnosis import diagnose
+from llama_proc.proxy.body_policy import BodyChecker, context_size
+
+if TYPE_CHECKING:
+    from llama_proc.proxy.models_config import ModelSpec
+    from llama_proc.proxy.upstream import UpstreamResponse
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "json_too_deep",
+]
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_CONNECT_TIMEOUT: Final = 10.0
+UPSTREAM_METRICS_TIMEOUT: Final = 3.0
+UPSTREAM_KEEPALIVE: Final = 3.0
+UPSTREAM_ATTEMPTS: Final = 2
+"""Tries for a request whose upstream connection fails before any response byte."""
+RETRY_PAUSE: Final = 0.1
+MAX_CACHED_URLS: Final = 1024
+MODEL_HEADER: Final = "X-Model-Id"
+SERVER_HEADER: Final = "X-Llama-Proc-Server"
+RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
+FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+MAX_JSON_DEPTH: Final = 64
+"""Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
+SUMMARY_FIELDS: Final = 24
+"""Most top-level fields named when the operator log describes a request that crashed a server."""
+THREAD_PARSE_BYTES: Final = 64 * 1024
+"""Bodies larger than this are checked and parsed in a worker thread, off the event loop."""
+
+_PASS_HEADERS: Final = (("Content-Type", "content-type"), ("Content-Encoding", "content-encoding"))
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    code: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _sse_error(message: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+_STRING: Final = re.compile(rb'"[^"]*"')
+_NOT_BRACKET: Final = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_OPENERS: Final = frozenset(b"[{")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than ``limit``, without parsing it.
+
+    Escapes and strings are cut out with C-speed regexes, then only the brackets are walked,
+    stopping at the first one past ``limit``: a hostile ``[[[[...`` costs microseconds and no
+    recursion, where ``json.loads`` would recurse once per level.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", body)).translate(None, _NOT_BRACKET)
+    depth = 0
+    for char in brackets:
+        if char in _OPENERS:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+class _BadBodyError(Exception):
+    """A request body that is not a JSON object within the limits (answered 400)."""
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    if json_too_deep(body):
+        msg = f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels."
+        raise _BadBodyError(msg)
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        msg = "The request body is not valid JSON."
+        raise _BadBodyError(msg) from None
+    if not isinstance(payload, dict):
+        msg = "The request body must be a JSON object."
+        raise _BadBodyError(msg)
+    return payload
+
+
+def _check_body(
+    checker: BodyChecker,
+    path: str,
+    payload: dict[str, Any],
+    spec: ModelSpec,
+    flags: tuple[str, ...],
+) -> web.Response | bytes | None:
+    """Check a body against its model's limits before it is forwarded.
+
+    Returns:
+        A 400 answer, the body re-encoded without stripped fields, or None to forward it as
+        it came.
+    """
+    context = context_size(spec.options, (*spec.extra_args, *flags))
+    verdict = checker.check(path, payload, spec.request_body, context=context)
+    if verdict.refusal is not None:
+        refusal = verdict.refusal
+        return _error(400, refusal.message, code=refusal.code, param=refusal.param)
+    if not verdict.strip:
+        return None
+    kept = {k: v for k, v in payload.items() if k not in verdict.strip}
+    return json.dumps(kept).encode()
+
+
+async def _read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
+    """The whole body of a non-streamed answer, or None once it is longer than ``limit``."""
+    declared = upstream.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    while piece := await upstream.readany():
+        size += len(piece)
+        if size > limit:
+            return None
+        parts.append(piece)
+    return b"".join(parts)
+
+
+def _answer_too_large(model: str, limit: int, key: str) -> web.Response:
+    """The 502 for an answer over ``limit`` (its connection is closed by the caller)."""
+    message = (
+        f"llama-server's answer for {model!r} is larger than {limit} bytes; it was not relayed "
+        "(stream it, ask for less, or raise serve --max-response-bytes)."
+    )
+    logger.warning("%s [key %s]", message, key)
+    return _error(502, message, code="response_too_large", kind="server_error")
+
+
+def _request_summary(request: web.Request, body: bytes) -> str:
+    """Who sent a request and what it held, for the operator's log (never for tenants).
+
+    The API key is named by a fingerprint, the body by its size, digest and top-level fields.
+    """
+    auth = request.headers.get("Authorization", "").partition(" ")[2].strip()
+    key = auth or request.headers.get("X-Api-Key", "")
+    who = (
+        "key sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:12]
+        if key
+        else "no key"
+    )
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    fields = (
+        ", ".join(
+            f"{name[:40]!a} ({len(json.dumps(value))} bytes)"
+            for name, value in list(payload.items())[:SUMMARY_FIELDS]
+        )
+        if isinstance(payload, dict)
+        else "not a JSON object"
+    )
+    return (
+        f"{request.method} {request.path} from {request.remote}, {who}, {len(body)}-byte body "
+        f"sha256:{hashlib.sha256(body).hexdigest()[:16]}, fields: {fields}"
+    )
+
+
+def _exit_cause(handle: object) -> str:
+    """The decoded reason a leased server exited, from its log tail and exit status."""
+    code = getattr(handle, "returncode", None)
+    logs = getattr(handle, "logs", None)
+    lines = logs() if callable(logs) else []
+    return str(diagnose(lines, code)) if code is not None else ""
+
+
+def _shutting_down() -> web.Response:
+    return _error(
+        503, "The llama-proc proxy is shutting down.", code="shutting_down", kind="server_error"
+    )
