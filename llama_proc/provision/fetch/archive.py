@@ -12,7 +12,7 @@ without tarfile's ``data`` filter get the same checks. Writing never follows a s
 replaces a link of the same name instead of writing through it, and a member below a link is
 refused, which is what makes merging several archives into one folder safe (``merge=True``).
 A tar's extended headers (pax, GNU long names) pass our own bounded scan before ``tarfile``
-parses them (:mod:`~llama_proc.provision.tar_headers`). Data is streamed to disk with a
+parses them (:mod:`~llama_proc.provision.fetch.tar_headers`). Data is streamed to disk with a
 running count of the real bytes; past
 :data:`MAX_EXTRACT_BYTES` or :data:`MAX_COMPRESSION_RATIO` times the archive's size the
 extraction stops and removes what it wrote (an archive bomb).
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final, Literal
 
 from llama_proc.errors import ArchiveError
-from llama_proc.provision.tar_headers import MAX_EXTENDED_HEADER, scan_tar_headers
+from llama_proc.provision.fetch.tar_headers import MAX_EXTENDED_HEADER, scan_tar_headers
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
