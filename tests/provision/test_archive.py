@@ -543,3 +543,41 @@ def test_find_binaries_missing_lists_what_exists(tmp_path: Path) -> None:
     _touch(tmp_path / "libggml.so", 0o644)
     with pytest.raises(ArchiveError, match=r"ggml-rpc-server\|rpc-server not found.*llama-cli"):
         find_binaries(tmp_path, ["ggml-rpc-server|rpc-server"], "linux")
+
+
+# ----------------------------------------------------------------------------- free space
+def test_unpacked_size_is_read_from_the_archives_own_headers(tmp_path: Path) -> None:
+    import gzip
+
+    entries = [("top/", {"dir": True}), ("top/a.bin", os.urandom(300_000)), ("top/b", b"x" * 5000)]
+    tar = make_tar(tmp_path / "a.tar.gz", entries)
+    assert archive_mod.unpacked_size(tar) == len(gzip.decompress(tar.read_bytes()))
+    zipped = make_zip(tmp_path / "a.zip", entries[1:])
+    assert archive_mod.unpacked_size(zipped) == 305_000
+    assert archive_mod.unpacked_size(tmp_path / "missing.tar.gz") is None
+    (tmp_path / "x.tar.xz").write_bytes(b"\xfd7zXZ")
+    assert archive_mod.unpacked_size(tmp_path / "x.tar.xz") is None
+
+
+def test_an_archive_that_cannot_fit_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    tar = make_tar(tmp_path / "big.tar.gz", [("top/", {"dir": True}), ("top/w", b"\0" * 2_500_000)])
+    real = shutil.disk_usage
+
+    def tight(path: Any) -> Any:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - 1_000_000, 1_000_000)
+
+    monkeypatch.setattr(archive_mod.shutil, "disk_usage", tight)
+    dest = tmp_path / "staging"
+    with pytest.raises(ArchiveError) as info:
+        extract_archive(tar, dest)
+    text = str(info.value)
+    assert "not enough free space" in text
+    assert "it unpacks to 2.5 MB and 1.0 MB is free" in text
+    assert "LLAMA_PROC_CACHE_DIR" in text
+    assert "\n" not in text
+    assert not dest.exists()

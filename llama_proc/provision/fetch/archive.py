@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gzip
 import logging
 import lzma
 import os
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -49,6 +51,7 @@ __all__ = [
     "archive_kind",
     "extract_archive",
     "find_binaries",
+    "unpacked_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,6 +146,73 @@ def archive_kind(archive: Path) -> str:
     raise ArchiveError(msg)
 
 
+_GZIP_TRAILER: Final = 4
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ISIZE_WRAP: Final = 1 << 32
+_DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+def unpacked_size(archive: Path) -> int | None:
+    """What ``archive`` unpacks to, read from its own headers (nothing is decompressed).
+
+    A zip's central directory lists every member's size; a gzip ends with the size of what it
+    holds (modulo 4 GiB, so a value below the compressed size, or an archive of 4 GiB or more,
+    is not trusted); a plain ``.tar`` is its own size. None when the archive cannot say cheaply
+    (``.tar.xz``, ``.tar.bz2``, an unreadable file).
+    """
+    name = archive.name.lower()
+    try:
+        if name.endswith(_ZIP_SUFFIXES):
+            with zipfile.ZipFile(archive) as zf:
+                return sum(max(info.file_size, 0) for info in zf.infolist())
+        size = archive.stat().st_size
+        if name.endswith(".tar"):
+            return size
+        if not name.endswith((".tar.gz", ".tgz")) or size >= _ISIZE_WRAP:
+            return None
+        with archive.open("rb") as f:
+            if f.read(2) != _GZIP_MAGIC:
+                return None
+            f.seek(-_GZIP_TRAILER, os.SEEK_END)
+            isize = int.from_bytes(f.read(_GZIP_TRAILER), "little")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return isize if isize >= size else None
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def _free_space(folder: Path) -> int | None:
+    """Free bytes on ``folder``'s filesystem (its nearest existing parent's), None if unknown."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _require_room(archive: Path, dest: Path) -> int | None:
+    """Refuse to unpack ``archive`` into ``dest`` when it cannot fit; what it unpacks to.
+
+    Raises:
+        ArchiveError: the archive says it unpacks to more than ``dest``'s filesystem has free.
+    """
+    needed = unpacked_size(archive)
+    free = _free_space(dest)
+    if needed is not None and free is not None and free < needed:
+        msg = (
+            f"not enough free space in {dest.parent} to unpack {archive.name}: it unpacks to "
+            f"{_mb(needed)} and {_mb(free)} is free; free space there or set "
+            "LLAMA_PROC_CACHE_DIR to a bigger disk"
+        )
+        raise ArchiveError(msg)
+    return needed
+
+
 def extract_archive(
     archive: Path,
     dest: Path,
@@ -174,6 +244,7 @@ def extract_archive(
             unpacks past a cap (what was written is removed).
     """
     kind = archive_kind(archive)
+    needed = _require_room(archive, dest)
     try:
         budget = _Budget(archive, max_bytes, max_ratio)
         dest.mkdir(parents=True, exist_ok=True)
@@ -201,7 +272,16 @@ def extract_archive(
         msg = f"{archive.name} is corrupt or truncated ({detail}); delete it and download again"
         raise ArchiveError(msg) from err
     except OSError as err:
-        msg = f"cannot extract {archive.name} into {dest}: {err.strerror or err}"
+        if err.errno in _DISK_FULL:
+            size = f"it unpacks to {_mb(needed)}" if needed is not None else "its size is unknown"
+            free = _free_space(dest)
+            now = f", {_mb(free)} free now" if free is not None else ""
+            msg = (
+                f"disk full in {dest.parent} while unpacking {archive.name} ({size}{now}); "
+                "free space there or set LLAMA_PROC_CACHE_DIR to a bigger disk"
+            )
+        else:
+            msg = f"cannot extract {archive.name} into {dest}: {err.strerror or err}"
         raise ArchiveError(msg) from err
 
 
