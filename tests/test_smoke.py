@@ -8,6 +8,8 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -48,3 +50,25 @@ def test_smoke_offline_without_cache_fails_in_one_line(tmp_path: Path) -> None:
     errors = [line for line in out.stderr.splitlines() if line.startswith("llama-proc: error:")]
     assert len(errors) == 1
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.compute_check
+def test_smoke_says_what_the_compute_check_found(
+    llama_server_bin: Path, smol_model: Path, real_settings: Settings
+) -> None:
+    from llama_proc.errors import ProvisionError
+    from llama_proc.provision.cache.install import Install
+
+    try:
+        Install.from_dir(llama_server_bin.parent)
+    except ProvisionError:
+        pytest.skip(f"{llama_server_bin} is an explicit binary, which is never checked")
+    env = {
+        **os.environ,
+        "LLAMA_PROC_CACHE_DIR": str(real_settings.cache_dir),
+        "LLAMA_PROC_VARIANT": "cpu",
+    }
+    out = _run(env)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^compute check: ok: 4 tokens twice alike", out.stdout, re.MULTILINE)
+    assert "Paris" in out.stdout

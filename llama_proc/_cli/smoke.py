@@ -44,6 +44,7 @@ def run_smoke(args: argparse.Namespace) -> int:
         LlamaProcError: any step failed (the CLI prints it as one line).
     """
     from llama_proc.provision import ensure_server, fetch_smoke_model
+    from llama_proc.provision.cache.install import compute_summary
     from llama_proc.server import LlamaServer
 
     settings = settings_from_args(args)
@@ -63,6 +64,8 @@ def run_smoke(args: argparse.Namespace) -> int:
         f"{version[0] if version else install.build}) "
         f"[{time.perf_counter() - started:.1f}s]"
     )
+    if install.metadata:  # an explicit binary is used as it is, never checked
+        _say(f"compute check: {compute_summary(install.compute)}")
     started = time.perf_counter()
     model = fetch_smoke_model(settings)
     _say(f"model: {model} [{time.perf_counter() - started:.1f}s]")
