@@ -39,7 +39,7 @@ from llama_proc.errors import (
 )
 from llama_proc.provision import bundle
 from llama_proc.provision.cache import memo
-from llama_proc.provision.cache.install import Install
+from llama_proc.provision.cache.install import Install, restamp
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import install_dir
 from llama_proc.provision.explain import Outcome, Step, StepName
@@ -182,7 +182,10 @@ def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, st
             reasons.append(f"{listed.id} is a prebuilt and LLAMA_PROC_NO_PREBUILT is set")
             continue
         install = _check_first_use(listed, settings) if _unchecked(listed, settings) else listed
-        problems = install.problems()
+        rehashed: list[str] = []
+        problems = install.problems(rehashed)
+        if rehashed and not problems:
+            restamp(install, rehashed, settings.lock_timeout)
         if problems:
             # Said once, by the cache step (and by the installer when it repairs it).
             reasons.append(f"{install.id} is damaged: {'; '.join(map(str, problems))}")

@@ -691,3 +691,36 @@ def test_the_remedy_runs_and_turns_the_group_off(
     assert remedy.group(2) in record["features_off"]
     assert record["ok"] is True
     assert json.loads((install.path / INSTALL_JSON).read_text())[COMPUTE_KEY] == record
+
+
+# ----------------------------------------------------------------------------- GPU builds
+@pytest.mark.compute_check
+@pytest.mark.parametrize(("gpu", "checked", "layers"), [(True, "ok", 999), (False, "ok", 0)])
+def test_a_gpu_build_is_checked_with_every_layer_offloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpu: bool, checked: str, layers: int
+) -> None:
+    from llama_proc.provision.cache import installer
+
+    seen: list[int] = []
+
+    def fake(server: Path, **kw: Any) -> check.ComputeReport:
+        seen.append(kw["gpu_layers"])
+        return check.ComputeReport(ok=True, reason="ok", seconds=0.0, threads=1)
+
+    monkeypatch.setattr(check, "run_compute_check", fake)
+    record, _ = installer._compute_record(
+        tmp_path, None, server=lambda: tmp_path / "llama-server", checked=checked, gpu=gpu
+    )
+    assert seen == [layers]
+    assert record["ok"] is True
+
+
+def test_a_build_checked_against_a_driver_stub_is_not_computed_on(tmp_path: Path) -> None:
+    from llama_proc.provision.cache import installer
+
+    stub = "ok against the libcuda stub in /x: this host has no NVIDIA driver"
+    record, updates = installer._compute_record(
+        tmp_path, None, server=lambda: tmp_path / "llama-server", checked=stub, gpu=False
+    )
+    assert record == {"ok": None, "reason": f"skipped: {stub}"}
+    assert updates == {}

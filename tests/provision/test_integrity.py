@@ -345,7 +345,21 @@ RESOLVER_DAMAGE = [
     pytest.param(lambda i: _lib(i).unlink(), id="deleted-so"),
     pytest.param(lambda i: (i.path / "libllama.so.0").unlink(), id="deleted-link"),
     pytest.param(lambda i: _same_size_edit(_lib(i)), id="same-size-edit"),
+    pytest.param(lambda i: _flip_keeping_times(_lib(i)), id="flipped-bytes-times-kept"),
+    pytest.param(
+        lambda i: (i.path / "libggml-cpu-planted.so").write_bytes(b"\x7fELF planted"),
+        id="planted-library",
+    ),
 ]
+
+
+def _flip_keeping_times(path: Path) -> None:
+    """Flip a byte and put size and mtime back: only the change time (or a hash) tells."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 @needs_linux
@@ -430,18 +444,22 @@ def test_cache_verify_reports_ok_and_exits_zero(
     ]
 
 
-def test_cache_verify_finds_what_a_cache_hit_cannot(
+def test_cache_verify_and_a_cache_hit_agree(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     install = _install(settings)
     healthy = _install(settings, Populate(build="b100"))
     record = _record(install.path)
     lib = install.path / "bin" / LIB
-    # Same size and the old mtime: only re-hashing tells.
+    # Same size and the old mtime: the change time moved, so a cache hit re-hashes it too.
     _same_size_edit(lib)
     _restore_times(lib, record, f"bin/{LIB}")
-    assert install.problems() == []
+    assert [(p.path, p.kind) for p in install.problems()] == [(f"bin/{LIB}", "sha256")]
     (install.path / "bin" / "libggml-extra.so").write_bytes(b"planted")
+    assert {(p.path, p.kind) for p in install.problems()} == {
+        (f"bin/{LIB}", "sha256"),
+        ("bin/libggml-extra.so", "extra"),
+    }
     code, out, err = _run(capsys, "cache", "verify")
     assert code == 1
     lines = out.splitlines()
@@ -466,6 +484,28 @@ def test_cache_verify_finds_what_a_cache_hit_cannot(
     assert all(p["message"] for p in broken["problems"])
     assert reports[healthy.id]["ok"] is True
     assert reports[healthy.id]["problems"] == []
+
+
+def test_a_file_whose_change_time_moved_is_rehashed_once(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy or a chmod moves the change time: the file is re-hashed, found intact, and its
+    record renewed, so the next use only stats again."""
+    install = _install(settings)
+    lib = install.path / "bin" / LIB
+    lib.chmod(0o644)  # same mode: only the change time moves
+    rehashed: list[str] = []
+    assert install.problems(rehashed) == []
+    assert rehashed == [f"bin/{LIB}"]
+    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    assert hit.problems() == []
+
+    def no_hashing(path: Path) -> str:
+        pytest.fail(f"a renewed record re-hashed {path}")
+
+    monkeypatch.setattr(download, "file_sha256", no_hashing)
+    again = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    assert again.problems() == []
 
 
 def test_verify_names_links_left_dangling(settings: Settings) -> None:

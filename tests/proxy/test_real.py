@@ -29,6 +29,8 @@ from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.servers import LlamaServerFactory
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from openai.types.chat import ChatCompletionMessageParam
 
 SMALL: dict[str, Any] = {"threads": 1, "parallel": 2}
@@ -68,6 +70,21 @@ def post(
     except urllib.error.HTTPError as err:
         error: dict[str, Any] = json.loads(err.read())
         return err.code, error
+
+
+def _long_stream(sdk: Any) -> tuple[Any, Iterator[Any]]:
+    """A streamed chat that runs for minutes, three chunks in: (the stream, its iterator)."""
+    stream = sdk.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Tell me a very long story."}],
+        max_tokens=3000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    return stream, it
 
 
 def test_openai_sdk_chat_stream_embeddings(smol_model: Path, factory: LlamaServerFactory) -> None:
@@ -204,16 +221,7 @@ def test_client_disconnect_mid_stream_stops_generation(
             with urllib.request.urlopen(direct + "/slots", timeout=10) as resp:
                 return any(slot["is_processing"] for slot in json.loads(resp.read()))
 
-        stream = sdk.chat.completions.create(
-            model="smol",
-            messages=[{"role": "user", "content": "Tell me a very long story."}],
-            max_tokens=3000,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        it = iter(stream)
-        for _ in range(3):
-            next(it)
+        stream, _ = _long_stream(sdk)
         assert processing()
         stream.close()  # the client goes away mid-stream
         assert wait_until(lambda: not processing(), 5), "llama-server kept generating"
@@ -309,16 +317,7 @@ def test_sigstopped_server_mid_stream_is_reported_as_wedged(
         sdk = client(proxy)
         sdk.chat.completions.create(model="smol", messages=HI, max_tokens=1)
         [info] = proxy.servers()
-        stream = sdk.chat.completions.create(
-            model="smol",
-            messages=[{"role": "user", "content": "Tell me a very long story."}],
-            max_tokens=3000,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        it = iter(stream)
-        for _ in range(3):
-            next(it)
+        _, it = _long_stream(sdk)
         os.kill(info["pid"], signal.SIGSTOP)
         stopped_at = time.monotonic()
         with pytest.raises(openai.APIError) as err:

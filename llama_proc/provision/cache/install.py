@@ -42,6 +42,7 @@ __all__ = [
     "check_install",
     "complete_install",
     "compute_summary",
+    "restamp",
     "scan_tree",
 ]
 
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 INSTALL_SCHEMA: Final = 1
 """The ``schema`` written into every ``install.json``."""
+_RECORD_TEMP: Final = f"{INSTALL_JSON}."
+"""Prefix of the temporary files an atomic rewrite of ``install.json`` uses."""
 COMPUTE_KEY: Final = "compute_check"
 """The ``install.json`` key of the compute record (absent in installs made before it existed:
 they are checked once, on first use)."""
@@ -85,15 +88,26 @@ class FileRecord:
     """Content digest of a regular file, taken at install time; None for a symlink."""
     link: str | None = None
     """Target of a symlink, as written in the link; None for a regular file."""
+    ctime_ns: int | None = None
+    """``lstat`` change time: no tool can set it back, so an edit that restores the size and
+    mtime still shows here (None in records made before it was kept)."""
+    ino: int | None = None
+    """``lstat`` inode number: a file replaced by another one shows here."""
 
     def to_json(self) -> dict[str, Any]:
         """The ``install.json`` form (keys that are None are left out)."""
         out: dict[str, Any] = {"size": self.size, "mtime_ns": self.mtime_ns}
-        if self.sha256 is not None:
-            out["sha256"] = self.sha256
-        if self.link is not None:
-            out["link"] = self.link
+        for key in ("sha256", "link", "ctime_ns", "ino"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
         return out
+
+    def same_identity(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is still the very file recorded (True when nothing was recorded)."""
+        if self.ctime_ns is None or self.ino is None:
+            return True
+        return st.st_ctime_ns == self.ctime_ns and st.st_ino == self.ino
 
     @classmethod
     def from_json(cls, data: object) -> FileRecord | None:
@@ -103,11 +117,14 @@ class FileRecord:
         size, mtime, sha, link = (data.get(k) for k in ("size", "mtime_ns", "sha256", "link"))
         if not isinstance(size, int) or not isinstance(mtime, int):
             return None
+        ctime, ino = data.get("ctime_ns"), data.get("ino")
         return cls(
             size,
             mtime,
             sha if isinstance(sha, str) else None,
             link if isinstance(link, str) else None,
+            ctime if isinstance(ctime, int) else None,
+            ino if isinstance(ino, int) else None,
         )
 
 
@@ -160,7 +177,8 @@ def scan_tree(root: Path) -> dict[str, os.stat_result]:
     """Every regular file and symlink under ``root`` -> its ``lstat``, by relative POSIX path.
 
     Symlinked folders are listed as links, never entered; the top-level ``install.json`` is
-    left out (it cannot record itself).
+    left out (it cannot record itself), and so are the temporary files its atomic rewrites use
+    (``install.json.<suffix>``), which a crash may leave.
     """
     out: dict[str, os.stat_result] = {}
     pending = [(root, "")]
@@ -172,7 +190,7 @@ def scan_tree(root: Path) -> dict[str, os.stat_result]:
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     pending.append((Path(entry.path), f"{rel}/"))
-                elif rel != INSTALL_JSON:
+                elif rel != INSTALL_JSON and not rel.startswith(_RECORD_TEMP):
                     out[rel] = st
     return dict(sorted(out.items()))
 
@@ -282,13 +300,21 @@ class Install:
             return FileProblem(rel, "type", expected="a file", actual="something else")
         return None
 
-    def problems(self) -> list[FileProblem]:
-        """What differs from ``install.json``, by the cheap facts (stat calls only).
+    def problems(self, rehashed: list[str] | None = None) -> list[FileProblem]:
+        """What differs from ``install.json``, by the cheap facts, and what should not be there.
 
         Every binary must resolve to a file inside the install; every recorded file must be
-        there with its recorded kind, size and mtime; a failed compute check recorded on first
-        use makes the install broken too. Contents are not read: ``cache verify``
-        re-hashes them. An install without file records is checked by its binaries only.
+        there with its recorded kind, size and mtime; a file whose change time or inode moved
+        since it was recorded (an edit that put the size and mtime back, a replaced file) is
+        re-hashed, and only then; a file the record does not list (a planted library that
+        ggml's loader would pick up) makes the install broken too, as does a failed compute
+        check recorded on first use. One directory walk and one ``lstat`` per file: ``cache
+        verify`` re-hashes everything. An install without file records is checked by its
+        binaries only.
+
+        Args:
+            rehashed: gets the files that were re-hashed and found unchanged (their record's
+                change time can be renewed, :func:`restamp`).
 
         Returns:
             One problem per damaged file, binaries first; empty when the install is intact.
@@ -298,14 +324,18 @@ class Install:
         computed = self.compute
         if computed is not None and computed.get("ok") is False:
             found.append(FileProblem(INSTALL_JSON, "compute", actual=str(computed.get("reason"))))
+        if self.files is None:
+            return found
         seen = {p.path for p in found}
-        base = str(self.path)  # plain strings: this loop runs on every cache hit
-        for rel, record in (self.files or {}).items():
+        try:
+            on_disk = scan_tree(self.path)
+        except OSError as err:
+            return [*found, FileProblem(".", "missing", actual=str(err))]
+        for rel, record in self.files.items():
             if rel in seen:
                 continue
-            try:
-                st = os.lstat(os.path.join(base, rel))  # noqa: PTH118
-            except OSError:
+            st = on_disk.get(rel)
+            if st is None:
                 found.append(FileProblem(rel, "missing"))
                 continue
             was = "a symlink" if record.link is not None else "a file"
@@ -315,6 +345,12 @@ class Install:
                 found.append(FileProblem(rel, "size", record.size, st.st_size))
             elif st.st_mtime_ns != record.mtime_ns:
                 found.append(FileProblem(rel, "mtime", record.mtime_ns, st.st_mtime_ns))
+            elif record.sha256 is not None and not record.same_identity(st):
+                if _sha256(self.path / rel) != record.sha256:
+                    found.append(FileProblem(rel, "sha256", record.sha256))
+                elif rehashed is not None:
+                    rehashed.append(rel)
+        found.extend(FileProblem(rel, "extra") for rel in on_disk if rel not in self.files)
         return found
 
     @classmethod
@@ -376,6 +412,45 @@ def _parse_files(record: Path, raw: object) -> dict[str, FileRecord] | None:
         )
         raise ProvisionError(msg)
     return files
+
+
+def _sha256(path: Path) -> str | None:
+    # Reached only for a file whose change time moved: the download stack is not imported on
+    # an ordinary cache hit.
+    from llama_proc.provision.fetch.download import file_sha256  # noqa: PLC0415
+
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def restamp(install: Install, rels: list[str], lock_timeout: float) -> None:
+    """Renew the change time and inode recorded for ``rels`` (re-hashed and found unchanged).
+
+    Under the install's lock, ``install.json`` is rewritten atomically, so a copied or
+    re-permissioned install is re-hashed once, not on every use. Best effort: a read-only
+    cache keeps re-hashing.
+    """
+    from llama_proc.provision.cache.locking import cache_lock, lock_path  # noqa: PLC0415
+
+    try:
+        with cache_lock(lock_path(install.path), lock_timeout):
+            target = install.path / INSTALL_JSON
+            data = json.loads(target.read_text(encoding="utf-8"))
+            records = data.get(FILES_KEY)
+            if not isinstance(records, dict):
+                return
+            for rel in rels:
+                entry = records.get(rel)
+                if isinstance(entry, dict):
+                    st = os.lstat(install.path / rel)
+                    entry["ctime_ns"], entry["ino"] = st.st_ctime_ns, st.st_ino
+            temp = install.path / f"{INSTALL_JSON}.restamp"
+            temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            temp.replace(target)
+    except (OSError, ValueError, ProvisionError) as err:
+        logger.debug("could not renew the file records of %s: %s", install.path, err)
 
 
 def compute_summary(record: Mapping[str, Any] | None) -> str:

@@ -83,7 +83,10 @@ def _file_records(staging: Path) -> dict[str, FileRecord]:
         if stat.S_ISLNK(st.st_mode):
             records[rel] = FileRecord(st.st_size, st.st_mtime_ns, link=str(path.readlink()))
         else:
-            records[rel] = FileRecord(st.st_size, st.st_mtime_ns, sha256=file_sha256(path))
+            digest = file_sha256(path)
+            records[rel] = FileRecord(
+                st.st_size, st.st_mtime_ns, sha256=digest, ctime_ns=st.st_ctime_ns, ino=st.st_ino
+            )
     return records
 
 
