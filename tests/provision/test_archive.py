@@ -571,7 +571,7 @@ def test_an_archive_that_cannot_fit_is_refused_before_anything_is_written(
         usage = real(path)
         return type(usage)(usage.total, usage.total - 1_000_000, 1_000_000)
 
-    monkeypatch.setattr(archive_mod.shutil, "disk_usage", tight)
+    monkeypatch.setattr(shutil, "disk_usage", tight)
     dest = tmp_path / "staging"
     with pytest.raises(ArchiveError) as info:
         extract_archive(tar, dest)
