@@ -53,6 +53,7 @@ CauseKind = Literal[
     "bad_model",
     "port_in_use",
     "out_of_memory",
+    "damaged_library",
     "missing_library",
     "libc_too_old",
     "illegal_instruction",
@@ -171,6 +172,18 @@ _LOAD_RULES: Final[tuple[_Rule, ...]] = (
         (
             "the NVIDIA driver is not installed ({detail} comes with it): this CUDA build runs "
             "only where there is an NVIDIA GPU and its driver; use --variant cpu (or auto) here"
+        ),
+    ),
+    (
+        "damaged_library",
+        re.compile(
+            r"error while loading shared libraries: (?P<detail>[^:]+: (?:invalid ELF header|"
+            r"file too short|ELF load command [\w ]+|unexpected reloc type \w+))"
+        ),
+        (
+            "damaged shared library: {detail} (the file is not a library the loader can read); "
+            "`llama-proc fetch --force` re-installs it (`llama-proc cache verify` lists what "
+            "else changed)"
         ),
     ),
     (

@@ -79,6 +79,18 @@ NO_DRIVER = [
         pytest.param(OOM, 1, "out_of_memory", "failed to allocate", id="oom"),
         pytest.param(MISSING_LIB, 127, "missing_library", "libcudart.so.12", id="lib"),
         pytest.param(NO_DRIVER, 127, "missing_library", "NVIDIA driver is not installed", id="drv"),
+        pytest.param(
+            [
+                (
+                    "/c/llama-server: error while loading shared libraries: "
+                    "/c/libggml-cpu.so.0: invalid ELF header"
+                )
+            ],
+            127,
+            "damaged_library",
+            "damaged shared library: /c/libggml-cpu.so.0: invalid ELF header",
+            id="damaged-lib",
+        ),
         pytest.param([], -signal.SIGILL, "illegal_instruction", "CPU features", id="sigill"),
         pytest.param([], -signal.SIGKILL, "killed", "SIGKILL", id="sigkill"),
         pytest.param([], -signal.SIGSEGV, "crashed", "SIGSEGV", id="segv"),
