@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except LlamaProcError as err:
         # Names from models, files and hubs can hold terminal escapes: never printed raw.
-        text = printable_lines(str(err))
+        text = printable_lines("; ".join([str(err), *getattr(err, "__notes__", ())]))
         print(f"llama-proc: error: {text}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -160,8 +160,10 @@ def _bundled(target: memo.Target, explain: list[str] | None) -> Install | None:
     return bundled
 
 
-def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, str]:
-    """A usable cache install, or None and why not.
+def _cached(
+    target: memo.Target, settings: Settings, damaged: list[str] | None = None
+) -> tuple[Install | None, str]:
+    """A usable cache install, or None and why not; ``damaged`` gets each broken one's id.
 
     Usable means intact by the cheap facts (``Install.problems()``: stat calls only). A broken
     one is passed over, and why is said; provisioning then re-installs it under its lock, as a
@@ -189,6 +191,8 @@ def _cached(target: memo.Target, settings: Settings) -> tuple[Install | None, st
         if problems:
             # Said once, by the cache step (and by the installer when it repairs it).
             reasons.append(f"{install.id} is damaged: {'; '.join(map(str, problems))}")
+            if damaged is not None:
+                damaged.append(install.id)
             continue
         return install, ""
     return None, "; ".join(reasons)
@@ -276,6 +280,7 @@ def resolve_server(
         return explicit
     _step(explain, StepName.EXPLICIT, Outcome.SKIPPED, "not set (LLAMA_PROC_SERVER_BIN)")
     target, res = _target(settings, host, manifest)
+    damaged: list[str] = []
     for line in target.why:
         _step(explain, StepName.SELECT, Outcome.NOTE, line)
     if force:
@@ -286,7 +291,7 @@ def resolve_server(
         bundled = _bundled(target, explain)
         if bundled is not None:
             return bundled
-        hit, why = _cached(target, settings)
+        hit, why = _cached(target, settings, damaged)
         if hit is not None:
             reason = f"hit {hit.id} ({hit.source}, {hit.version or '?'})"
             _step(explain, StepName.CACHE, Outcome.USED, reason)
@@ -303,7 +308,15 @@ def resolve_server(
         # The remembered plan named what to look for; installing needs the variant itself.
         res = plan(settings)
     remember = host is None and manifest is None
-    return _provision_chain(res, settings, force=force, explain=explain, remember=remember)
+    try:
+        return _provision_chain(res, settings, force=force, explain=explain, remember=remember)
+    except LlamaProcError as err:
+        if damaged:
+            # The error says why the repair failed; the note says there was one to make.
+            err.add_note(
+                f"the cached install {', '.join(damaged)} was damaged and was not repaired"
+            )
+        raise
 
 
 def _device_need(res: Resolution) -> DeviceRequirement | None:

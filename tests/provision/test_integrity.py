@@ -421,6 +421,26 @@ def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
     assert (code, out, err) == (0, f"{binary}\n", "")
 
 
+def test_a_failed_repair_says_the_install_was_damaged(
+    server: FileServer, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = load_manifest()
+    host_release = make_release(tmp_path / "host", shipped.build)
+    serve_release(server, host_release)
+    code, out, err = _run(capsys, "fetch", "--variant", "cpu", "--mirror", server.url)
+    if code != 0 or "prebuilt: installed" not in err:
+        pytest.skip(f"no cpu prebuilt for this host: {err}")
+    Path(out.strip()).write_bytes(b"")
+    # The repair cannot be made: the mirror is gone and nothing may be compiled.
+    gone = "http://127.0.0.1:9/"
+    code, out, err = _run(capsys, "-q", "fetch", "--variant", "cpu", "--mirror", gone, "--no-build")
+    assert (code, out) == (1, "")
+    [line] = err.strip().splitlines()
+    assert line.startswith("llama-proc: error: ")
+    assert f"the cached install {shipped.build}/" in line
+    assert "was damaged and was not repaired" in line
+
+
 # ----------------------------------------------------------------------------- llama-proc cache verify
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = cli.main(list(argv))
