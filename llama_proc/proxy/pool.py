@@ -286,7 +286,8 @@ class ServerPool:
             None = never unload).
         queue_timeout: seconds a request waits for room before :class:`PoolBusyError` (time
             spent waiting on a load in progress does not run out).
-        max_queue: requests one server key may have waiting (:class:`PoolQueueFullError`).
+        max_queue: requests one model may have waiting, across all its flag sets
+            (:class:`PoolQueueFullError`).
         concurrency: requests one server takes at once; None = the slot count its handle
             reports, else no limit.
         fair_share: the fairness bound (see the module docstring).
@@ -450,10 +451,13 @@ class ServerPool:
                 "smaller quantization"
             )
             raise ModelTooLargeError(msg)
-        if entry.queued >= self.max_queue:
+        # The cap is the model's, whatever flags its requests carry: cycling an allowed flag
+        # must not open a fresh queue per value.
+        waiting = sum(e.queued for e in self._entries.values() if e.spec.id == spec.id)
+        if waiting >= self.max_queue:
             self.metrics.rejected.inc(spec.id, "queue_full")
             msg = (
-                f"model {spec.id!r} has {entry.queued} requests waiting (the most allowed); "
+                f"model {spec.id!r} has {waiting} requests waiting (the most allowed); "
                 f"retry after {QUEUE_FULL_RETRY_AFTER:g}s"
             )
             raise PoolQueueFullError(msg, QUEUE_FULL_RETRY_AFTER)

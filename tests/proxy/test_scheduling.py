@@ -116,6 +116,26 @@ def test_fairness_bound_a_waiting_model_is_not_starved() -> None:
     run(main())
 
 
+def test_the_queue_cap_is_the_models_whatever_its_flags() -> None:
+    async def main() -> None:
+        factory = FakeFactory(UpstreamBehaviour(slots=1))
+        pool = ServerPool(factory, max_servers=1, max_queue=2)
+        held = await pool.acquire(A)
+        waiting = [
+            asyncio.create_task(pool.acquire(A, ("-c", str(1024 * (i + 1))))) for i in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        with pytest.raises(PoolQueueFullError, match="2 requests waiting"):
+            await pool.acquire(A, ("-c", "4096"))
+        assert pool.metrics.rejected.value("a", "queue_full") == 1
+        held.release()
+        for task in waiting:
+            (await task).release()
+        await pool.close()
+
+    run(main())
+
+
 def test_queue_is_bounded_per_model() -> None:
     async def main() -> None:
         factory = FakeFactory(UpstreamBehaviour(slots=1))
