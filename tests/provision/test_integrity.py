@@ -578,3 +578,20 @@ def test_cache_verify_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["cache", "verify", "--bogus"])
     assert info.value.code == 2
+
+
+@needs_linux
+def test_install_json_records_where_the_bytes_finally_came_from(
+    server: FileServer, release: ReleaseFixture, manifest: Manifest, settings: Settings
+) -> None:
+    settings = settings.replace(mirror=server.url, progress=False)
+    asset = release.main_asset
+    path, _sha = release.assets[asset]
+    original = release.download_path(asset)
+    server.add(original, b"", redirect=f"/moved/{asset}")
+    server.add(f"/moved/{asset}", path)
+    install = ensure_server(settings, host=LINUX, manifest=manifest)
+    record = _record(install.path)
+    assert record["url"].endswith(original)
+    assert record["final_url"] == server.url_for(f"/moved/{asset}")
+    assert record["final_urls"][asset] == record["final_url"]

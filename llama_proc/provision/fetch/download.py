@@ -452,6 +452,7 @@ def download_file(
     session: requests.Session | None = None,
     desc: str | None = None,
     progress: bool | None = None,
+    came_from: list[str] | None = None,
 ) -> Path:
     """Download ``url`` to ``dest``, verifying its sha256 (and size) before it gets its name.
 
@@ -471,6 +472,7 @@ def download_file(
         session: a ``requests`` session to reuse (one is made and closed otherwise).
         desc: label for the progress bar (default: the file name).
         progress: force the progress bar on/off (default: ``settings.progress``).
+        came_from: gets the URL the bytes finally came from, after redirects (for records).
 
     Returns:
         ``dest``.
@@ -503,6 +505,8 @@ def download_file(
         raise DownloadError(msg) from err
     if scheme == "file":
         _copy_local(url, part, dest.name)
+        if came_from is not None:
+            came_from.append(_safe_url(url))
     else:
         if size is not None:
             _require_space(dest.parent, size - part.sync(), dest.name)
@@ -516,6 +520,8 @@ def download_file(
             part.close()
             if own:
                 sess.close()
+        if came_from is not None:
+            came_from.append(_safe_url(job.final_url or url))
     actual = part.digest.hexdigest()
     if actual != expected:
         part.reset()
@@ -578,6 +584,8 @@ class _Job:
     show: bool | None
     bar: Any = None
     pace: _Pace = field(init=False)
+    final_url: str = ""
+    """Where the bytes came from in the end, after redirects (the last answer's URL)."""
 
     def __post_init__(self) -> None:
         self.pace = _Pace(_safe_url(self.url))
@@ -717,6 +725,7 @@ def _attempt(job: _Job) -> None:
         headers["Range"] = f"bytes={offset}-"
     response = _get(job.session, job.url, headers, job.timeout, job.pace.left(part.size))
     with response:
+        job.final_url = response.url or job.url
         status = response.status_code
         if status == 416 and offset:
             # The part may already be the whole file (a crash right after the last byte).

@@ -104,8 +104,18 @@ def _archives(
     return [_checked(match, variant) for match in variant.assets(build, listing)]
 
 
-def _unpack(item: _Archive, staging: Path, settings: Settings, session: requests.Session) -> Path:
-    """Download ``item`` (unless a verified copy is kept) and unpack it into ``staging``."""
+def _unpack(
+    item: _Archive,
+    staging: Path,
+    settings: Settings,
+    session: requests.Session,
+    came_from: list[str],
+) -> Path:
+    """Download ``item`` (unless a verified copy is kept) and unpack it into ``staging``.
+
+    ``came_from`` gets the URL the bytes finally came from, after redirects ("" for a copy
+    kept from an earlier, interrupted install).
+    """
     dest = downloads_dir(settings) / item.name
     # An archive may serve several variants (cpu and rpc), so it has its own lock, held until
     # it is unpacked: nobody deletes it under a reader. A crash leaves dest.part to resume.
@@ -120,9 +130,11 @@ def _unpack(item: _Archive, staging: Path, settings: Settings, session: requests
                 settings=settings,
                 session=session,
                 desc=item.name,
+                came_from=came_from,
             )
         else:
             logger.info("using %s, downloaded and verified earlier", dest)
+            came_from.append("")  # fetched by an earlier, interrupted install
         archive.extract_archive(dest, staging, merge=True)
     return dest
 
@@ -174,7 +186,8 @@ def _install(
             sess = download.make_session(settings)
             owned.append(sess)
         items = _archives(variant, repo, build, settings, sess)
-        downloaded.extend(_unpack(item, staging, settings, sess) for item in items)
+        came_from: list[str] = []
+        downloaded.extend(_unpack(item, staging, settings, sess, came_from) for item in items)
         removed = _prune(staging, initial) or []
         return {
             "cpu_off": [g.name for g in initial],
@@ -185,8 +198,14 @@ def _install(
             "backend": variant.backend,
             "repo": repo,
             "url": items[0].url,
+            "final_url": came_from[0] or None,
             "sha256": items[0].sha256,
             "assets": [item.record() for item in items],
+            # Where each archive's bytes finally came from, after redirects ("" = kept from an
+            # earlier, interrupted install).
+            "final_urls": {
+                item.name: where or None for item, where in zip(items, came_from, strict=True)
+            },
             "mirror": settings.mirror,
             **metadata,
         }
