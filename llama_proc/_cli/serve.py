@@ -108,6 +108,15 @@ def register(subparsers: Any) -> None:
         help="largest non-streamed answer relayed; a bigger one is cut off with 502 and the "
         "server's connection closed (default: 64 MiB)",
     )
+    net.add_argument(
+        "--max-requests-per-key",
+        type=int,
+        default=None,
+        metavar="N",
+        help="requests one inference key may have in flight at once, its body still arriving "
+        "included; beyond it the key gets 429 (default: a quarter of the connection limit, "
+        "at least 4; admin keys are not limited)",
+    )
     pool = p.add_argument_group("server pool")
     pool.add_argument(
         "--max-servers",
@@ -392,6 +401,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_response_bytes is not None and args.max_response_bytes < 1024:
         msg = "--max-response-bytes must be at least 1024"
         raise ConfigError(msg)
+    if args.max_requests_per_key is not None and args.max_requests_per_key < 1:
+        msg = "--max-requests-per-key must be at least 1"
+        raise ConfigError(msg)
     caps = flag_caps(args)
     bodies = body_caps(args)
     models = load_models(args.config, args.models_dir, caps=caps, body_caps=bodies)
@@ -421,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
         flag_caps=caps,
         body_caps=bodies,
         max_response_bytes=args.max_response_bytes or defaults.max_response_bytes,
+        max_requests_per_key=args.max_requests_per_key,
     )
     # With proxy keys, the servers get a key of their own too: they listen on loopback ports
     # any local user could reach, and the proxy's keys must not be that easy to go around.

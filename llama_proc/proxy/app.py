@@ -104,6 +104,8 @@ class _Proxy:
         self.bodies = BodyChecker(options.body_caps)
         self.session: aiohttp.ClientSession | None = None
         self.created = int(time.time())
+        self._per_key: dict[int, int] = {}
+        """In-flight requests per inference key (by its index in ``_keys``)."""
         self._keys: tuple[tuple[bytes, Role], ...] = tuple(
             [(k.encode(), "inference") for k in options.api_keys]
             + [(k.encode(), "admin") for k in options.admin_keys]
@@ -160,8 +162,12 @@ class _Proxy:
         Without any key configured every client is an admin. A header that is not UTF-8
         offers no key (it cannot match one), rather than failing the request.
         """
+        return self._match(request)[0]
+
+    def _match(self, request: web.Request) -> tuple[Role | None, int | None]:
+        """The role of the offered key and its index among the configured keys."""
         if not self._keys:
-            return "admin"
+            return "admin", None
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         offered = token.strip() if scheme.lower() == "bearer" else ""
@@ -169,13 +175,14 @@ class _Proxy:
         try:
             given = offered.encode()
         except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
-            return None
+            return None, None
         found: Role | None = None
+        index: int | None = None
         # Compare against every key so timing tells nothing about which (if any) matched.
-        for key, role in self._keys:
+        for at, (key, role) in enumerate(self._keys):
             if hmac.compare_digest(given, key) and found != "admin":
-                found = role
-        return found
+                found, index = role, at
+        return found, index
 
     def authorized(self, request: web.Request) -> bool:
         """Whether the request offers a valid key of any role (or none is needed)."""
@@ -217,10 +224,11 @@ class _Proxy:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = request.path
+        index: int | None = None
         if path in _PUBLIC_PATHS:
             role: Role | None = "inference"
         else:
-            role = self.role(request)
+            role, index = self._match(request)
         if role is None:
             return _error(
                 401,
@@ -235,6 +243,19 @@ class _Proxy:
                 code="admin_key_required",
                 kind="permission_error",
             )
+        if role == "inference" and index is not None:
+            # One key must not hold the whole proxy (every connection, for the body timeout).
+            held = self._per_key.get(index, 0)
+            if held >= self.options.per_key_limit:
+                return _error(
+                    429,
+                    f"This key has {held} requests in flight, the most one key may have; retry "
+                    "when one finishes.",
+                    code="rate_limit_exceeded",
+                    kind="requests",
+                    headers={"Retry-After": "1"},
+                )
+            self._per_key[index] = held + 1
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -249,6 +270,11 @@ class _Proxy:
                 code="internal_error",
                 kind="server_error",
             )
+        finally:
+            if role == "inference" and index is not None:
+                left = self._per_key.pop(index, 1) - 1
+                if left > 0:
+                    self._per_key[index] = left
 
     def _http_error(self, exc: web.HTTPException) -> web.Response:
         if isinstance(exc, web.HTTPRequestEntityTooLarge):

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_STALL_TIMEOUT",
+    "MIN_REQUESTS_PER_KEY",
     "ProxyOptions",
     "event_loop_factory",
 ]
@@ -42,6 +43,8 @@ trickled in) before it is closed."""
 DEFAULT_BODY_TIMEOUT: Final = 60.0
 """Seconds an authenticated client gets to send its request body."""
 DEFAULT_MAX_CONNECTIONS: Final = 256
+MIN_REQUESTS_PER_KEY: Final = 4
+"""The least a key may have in flight when the share is taken from ``max_connections``."""
 """Open client connections at once; beyond it the oldest idle one is closed, or the new one
 refused when none is idle."""
 
@@ -73,6 +76,9 @@ class ProxyOptions:
             size...): see :mod:`llama_proc.proxy.body_policy`.
         max_response_bytes: largest non-streamed answer relayed; a bigger one is cut off
             (the upstream connection closed) and answered 502.
+        max_requests_per_key: requests one inference key may have in flight at once, its
+            body still arriving included (429 beyond); None = a quarter of
+            ``max_connections``, at least 4. Admin keys are not limited.
     """
 
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -87,6 +93,14 @@ class ProxyOptions:
     flag_caps: FlagCaps = field(default_factory=FlagCaps)
     body_caps: BodyCaps = field(default_factory=BodyCaps)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_requests_per_key: int | None = None
+
+    @property
+    def per_key_limit(self) -> int:
+        """The in-flight requests one inference key may have (:attr:`max_requests_per_key`)."""
+        if self.max_requests_per_key is not None:
+            return max(1, self.max_requests_per_key)
+        return max(MIN_REQUESTS_PER_KEY, self.max_connections // 4)
 
 
 def event_loop_factory(

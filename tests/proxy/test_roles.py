@@ -152,3 +152,44 @@ def test_serve_reads_the_admin_key_file_without_echoing_it(
     text = f"{out}\n{err}\n{out2}\n{err2}\n{caplog.text}"
     assert ADMIN not in text
     assert INFERENCE not in text
+
+
+def test_one_key_cannot_hold_the_whole_proxy() -> None:
+    """Requests whose bodies never finish arriving count against their key only."""
+    import socket
+    import time
+
+    other = "sk-inference-second-77aa"
+    options = ProxyOptions(api_keys=(INFERENCE, other), max_requests_per_key=2, body_timeout=30)
+    with running_proxy(MODELS, FakeFactory(), options=options) as proxy:
+        host, port = proxy.base_url.removeprefix("http://").rsplit(":", 1)
+        held = []
+        for _ in range(2):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {INFERENCE}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            held.append(sock)
+        time.sleep(0.3)
+        started = time.monotonic()
+        status, body = call(proxy, "POST", "/v1/chat/completions", INFERENCE, CHAT)
+        assert status == 429, body
+        assert body["error"]["code"] == "rate_limit_exceeded"
+        assert "requests in flight" in body["error"]["message"]
+        assert time.monotonic() - started < 5
+        # Another key is not held back by the first one's stalled bodies.
+        assert call(proxy, "POST", "/v1/chat/completions", other, CHAT)[0] == 200
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while call(proxy, "POST", "/v1/chat/completions", INFERENCE, CHAT)[0] != 200:
+            assert time.monotonic() < deadline, "the key's slots were never given back"
+            time.sleep(0.1)
+
+
+def test_the_per_key_share_follows_the_connection_limit() -> None:
+    assert ProxyOptions().per_key_limit == 64
+    assert ProxyOptions(max_connections=8).per_key_limit == 4
+    assert ProxyOptions(max_requests_per_key=3).per_key_limit == 3
