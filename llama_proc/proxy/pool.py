@@ -616,6 +616,14 @@ class ServerPool:
             and (exhausted or e.queued == 0)
             and not any(t.entry is e and t.seq < ticket.seq for t in self._tickets)
         ]
+        if needy.flags and any(
+            e.spec.id == needy.spec.id and e is not needy and e.state in ("starting", "ready")
+            for e in self._entries.values()
+        ):
+            # Another flag set of a model that is already served makes room among that
+            # model's own servers only: cycling an allowed flag value churns the tenant's own
+            # model, never other models' servers.
+            candidates = [e for e in candidates if e.spec.id == needy.spec.id]
         # Idle servers first, then the least recently used.
         candidates.sort(key=lambda e: (e.active > 0, e.last_used))
         victims: list[_Entry] = []

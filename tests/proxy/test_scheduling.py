@@ -136,6 +136,25 @@ def test_the_queue_cap_is_the_models_whatever_its_flags() -> None:
     run(main())
 
 
+def test_another_flag_set_makes_room_among_its_own_models_servers() -> None:
+    async def main() -> None:
+        factory = FakeFactory(UpstreamBehaviour(slots=1))
+        pool = ServerPool(factory, max_servers=2)
+        async with pool.lease(B):
+            pass
+        async with pool.lease(A):
+            pass  # B is now the least recently used server
+        for ctx in ("1024", "2048", "4096"):
+            async with pool.lease(A, ("-c", ctx)):
+                pass
+            served = {(i.model, i.flags) for i in pool.snapshot() if i.state == "ready"}
+            assert ("b", ()) in served, served  # the other model is never evicted
+            assert ("a", ("-c", ctx)) in served
+        await pool.close()
+
+    run(main())
+
+
 def test_queue_is_bounded_per_model() -> None:
     async def main() -> None:
         factory = FakeFactory(UpstreamBehaviour(slots=1))
