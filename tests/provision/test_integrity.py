@@ -393,10 +393,11 @@ def test_resolver_repairs_a_damaged_cache_install(
     assert hit.path == first.path
 
 
-@needs_linux
-def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
-    server: FileServer, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _fetch_then_truncate(
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, ReleaseFixture]:
+    """This host's cpu prebuilt fetched through the CLI from a local mirror, its binary then
+    truncated to nothing; (the binary, the release)."""
     shipped = load_manifest()
     host_release = make_release(tmp_path / "host", shipped.build)
     serve_release(server, host_release)
@@ -405,6 +406,14 @@ def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
         pytest.skip(f"no cpu prebuilt for this host: {err}")
     binary = Path(out.strip())
     binary.write_bytes(b"")
+    return binary, host_release
+
+
+@needs_linux
+def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
+    server: FileServer, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    binary, host_release = _fetch_then_truncate(server, tmp_path, capsys)
     code, out, err = _run(capsys, "which", "--variant", "cpu")
     assert (code, out) == (1, "")
     assert "damaged" in err
@@ -421,23 +430,18 @@ def test_which_and_fetch_do_not_hand_out_a_truncated_binary(
     assert (code, out, err) == (0, f"{binary}\n", "")
 
 
+@needs_linux
 def test_a_failed_repair_says_the_install_was_damaged(
     server: FileServer, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shipped = load_manifest()
-    host_release = make_release(tmp_path / "host", shipped.build)
-    serve_release(server, host_release)
-    code, out, err = _run(capsys, "fetch", "--variant", "cpu", "--mirror", server.url)
-    if code != 0 or "prebuilt: installed" not in err:
-        pytest.skip(f"no cpu prebuilt for this host: {err}")
-    Path(out.strip()).write_bytes(b"")
+    _fetch_then_truncate(server, tmp_path, capsys)
     # The repair cannot be made: the mirror is gone and nothing may be compiled.
     gone = "http://127.0.0.1:9/"
     code, out, err = _run(capsys, "-q", "fetch", "--variant", "cpu", "--mirror", gone, "--no-build")
     assert (code, out) == (1, "")
     [line] = err.strip().splitlines()
     assert line.startswith("llama-proc: error: ")
-    assert f"the cached install {shipped.build}/" in line
+    assert f"the cached install {load_manifest().build}/" in line
     assert "was damaged and was not repaired" in line
 
 
