@@ -125,11 +125,15 @@ def register(subparsers: Any) -> None:
     c = add_command(
         cache_sub,
         "prune",
-        help="remove installs of other builds, interrupted installs and partial downloads",
+        help="remove installs of other builds, their build folders, sources and toolkits, "
+        "interrupted installs and partial downloads",
         description=(
             "Remove installs of builds other than the pinned one ($LLAMA_PROC_BUILD and --keep "
-            "are kept too; installs a running process uses are kept on Linux), staging "
-            "folders of interrupted installs, partial downloads and orphaned lock files."
+            "are kept too; installs a running process uses are kept on Linux), the CMake build "
+            "folders, unpacked source trees and CUDA toolkits that no kept install came from "
+            "(those of kept installs stay, so rebuilding them stays incremental), staging "
+            "folders of interrupted installs, partial downloads and orphaned lock files. "
+            "Anything in use (its lock held) is left alone."
         ),
     )
     add_settings_flags(c, "cache_dir")

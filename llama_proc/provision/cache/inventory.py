@@ -21,7 +21,12 @@ from llama_proc.provision.cache.install import (
     check_install,
     scan_tree,
 )
-from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, servers_dir
+from llama_proc.provision.cache.layout import (
+    INSTALL_JSON,
+    WORK_DIRS,
+    downloads_dir,
+    servers_dir,
+)
 from llama_proc.provision.cache.locking import (
     LOCK_SUFFIX,
     OLD_MARK,
@@ -308,7 +313,9 @@ def prune(
     * installs of builds other than the manifest's pinned one, ``settings.build`` and
       ``keep_builds``, unless a running process executes a binary from them (Linux);
     * staging and moved-aside folders left by interrupted installs;
-    * partial and leftover downloads, and lock files whose install no longer exists.
+    * partial and leftover downloads, and lock files whose install no longer exists;
+    * build folders, unpacked source trees and CUDA toolkits that no kept install came from
+      (those of the kept installs stay, so rebuilding them stays incremental).
 
     Anything whose lock is held right now (an install in progress) is left alone.
 
@@ -353,6 +360,8 @@ def prune(
         if not dry_run:
             _remove_if_empty(build_dir)
     removed.extend(_prune_downloads(settings, dry_run=dry_run))
+    kept = [i for i in list_installs(settings) if i.build in keep]
+    removed.extend(_prune_work(settings, _work_in_use(settings, kept), dry_run=dry_run))
     for path in removed:
         logger.info("%s %s", "would remove" if dry_run else "removed", path)
     return removed
@@ -386,6 +395,59 @@ def _prune_target(target: Path, *, drop: bool, running: set[Path], dry: bool) ->
         orphan = not target.exists() or target in out
         if orphan and (dry or _delete(lock)):
             out.append(lock)
+    return out
+
+
+def _work_in_use(settings: Settings, installs: Iterable[Install]) -> set[Path]:
+    """The work folders that kept installs came from, so a rebuild of them stays incremental.
+
+    That is ``build/<key>``, ``sources/<tree>`` and ``toolkits/<kit>``, read from each
+    install's record.
+    """
+    roots = {settings.cache_dir / name for name in WORK_DIRS}
+    used: set[Path] = set()
+    for install in installs:
+        meta = install.metadata
+        runtime = meta.get("cuda_runtime")
+        named = [
+            meta.get("build_dir"),
+            meta.get("source_path"),
+            runtime.get("toolkit_root") if isinstance(runtime, dict) else None,
+        ]
+        for text in named:
+            if not isinstance(text, str) or not text:
+                continue
+            path = Path(text)
+            for root in roots:
+                if path.is_relative_to(root) and path != root:
+                    used.add(root / path.relative_to(root).parts[0])
+    return used
+
+
+def _prune_work(settings: Settings, in_use: set[Path], *, dry_run: bool) -> list[Path]:
+    """Remove the build folders, source trees and toolkits no kept install came from.
+
+    Each goes under its own lock (a build or an unpack in progress holds it, and is left
+    alone); its lock file goes with it.
+    """
+    out: list[Path] = []
+    for name in WORK_DIRS:
+        root = settings.cache_dir / name
+        for folder in sorted(p for p in _iterdir(root) if p.is_dir() and p not in in_use):
+            lock = lock_path(folder)
+            held = try_lock(lock)
+            if held is None:
+                logger.info("leaving %s alone: it is in use", folder)
+                continue
+            with held:
+                found = [folder]
+                if not dry_run:
+                    found = [path for path in found if _delete(path)]
+                if found and (dry_run or _delete(lock)):
+                    found.append(lock)
+            out.extend(found)
+        if not dry_run:
+            _remove_if_empty(root)
     return out
 
 

@@ -31,10 +31,14 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
 
 __all__ = [
+    "BUILD_DIR",
     "DOWNLOADS_DIR",
     "INSTALL_JSON",
     "MODELS_DIR",
     "SERVERS_DIR",
+    "SOURCES_DIR",
+    "TOOLKITS_DIR",
+    "WORK_DIRS",
     "check_private",
     "downloads_dir",
     "install_dir",
@@ -43,6 +47,15 @@ __all__ = [
 ]
 
 INSTALL_JSON: Final = "install.json"
+BUILD_DIR: Final = "build"
+"""Folder under the cache root holding the persistent CMake build folders."""
+SOURCES_DIR: Final = "sources"
+"""Folder under the cache root holding unpacked source archives."""
+TOOLKITS_DIR: Final = "toolkits"
+"""Folder under the cache root holding the toolkits laid out from wheels."""
+WORK_DIRS: Final = (BUILD_DIR, SOURCES_DIR, TOOLKITS_DIR)
+"""Work kept for later builds (each child a folder with a ``<name>.lock`` beside it): no
+install needs it to run, and ``cache prune`` removes what no kept install came from."""
 """The record inside every complete install; its presence means the install is complete."""
 SERVERS_DIR: Final = "servers"
 DOWNLOADS_DIR: Final = "downloads"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ConfigError, ProvisionError
+from llama_proc.provision.cache.layout import BUILD_DIR
 from llama_proc.provision.compile.cmake_flags import (
     build_key,
     compose_cmake_flags,
@@ -45,8 +46,6 @@ __all__ = [
     "plan_build",
 ]
 
-BUILD_DIR: Final = "build"
-"""Folder under the cache root holding the persistent CMake build folders."""
 LOG_NAME: Final = "build.log"
 DEFAULT_CONFIG: Final = "Release"
 NINJA_STATUS: Final = "[%f/%t] "

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._proc import run_with_timeout
 from llama_proc.errors import ProvisionError, ToolNotFoundError
+from llama_proc.provision.cache.layout import TOOLKITS_DIR
 from llama_proc.provision.cache.locking import create_once
 from llama_proc.provision.compile.toolchain import find_tool
 from llama_proc.provision.fetch.archive import extract_archive
@@ -60,8 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TOOLKITS_DIR: Final = "toolkits"
-"""Folder under the cache root holding the toolkits laid out from wheels."""
 TOOLKIT_MARKER: Final = "llama-proc-toolkit.json"
 """Written last into a laid-out toolkit: what it holds; its presence means complete."""
 LAYOUT_VERSION: Final = 2

@@ -37,6 +37,7 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
+from llama_proc.provision.cache.layout import SOURCES_DIR
 from llama_proc.provision.cache.locking import create_once
 from llama_proc.provision.fetch import archive
 from llama_proc.provision.fetch.download import download_file, file_sha256
@@ -61,8 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SOURCES_DIR: Final = "sources"
-"""Folder under the cache root holding unpacked source archives."""
 DOWNLOADS_DIR: Final = "downloads"
 GIT_TIMEOUT: Final = 30.0
 """Seconds for each ``git`` query on a local tree."""
