@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from llama_proc.errors import ConfigError
-    from llama_proc.proxy.budget import parse_memory_budget
+    from llama_proc.proxy.budget import estimate_server_memory, parse_memory_budget
     from llama_proc.proxy.models_config import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
@@ -364,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_QUEUE_TIMEOUT,
         ServerPool,
     )
+    from llama_proc.proxy.prompt_cache import POOLED_CACHE_RAM_MIB, with_prompt_cache
     from llama_proc.proxy.servers import LlamaServerFactory
     from llama_proc.proxy.threads import split_threads, usable_cpus
 
@@ -446,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=secrets.token_urlsafe(32) if api_keys or admin_keys else None,
         # Servers running at once share the cores instead of each taking all of them.
         threads=split_threads(usable_cpus(), args.max_servers or DEFAULT_MAX_SERVERS),
+        cache_ram=POOLED_CACHE_RAM_MIB,
     )
 
     def ready(host: str, port: int) -> None:
@@ -465,6 +467,9 @@ def run(args: argparse.Namespace) -> int:
             queue_timeout=args.queue_timeout or DEFAULT_QUEUE_TIMEOUT,
             max_queue=args.max_queue or DEFAULT_MAX_QUEUE,
             memory_budget=memory_budget,
+            # Each server's prompt cache counts: it is bounded per server (the factory) and
+            # added to the estimate the budget is kept against.
+            memory_estimate=with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB),
         )
         app = create_app(models, pool, options, downloads=ModelDownloads(settings=settings))
         await run_proxy(

@@ -8,11 +8,13 @@ model and a tuple of extra flags and returns a :class:`ServerHandle`. The real f
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from llama_proc._childenv import child_environment
 from llama_proc.errors import ServerError
+from llama_proc.proxy.prompt_cache import CACHE_RAM_FLAGS, with_cache_ram
 from llama_proc.proxy.threads import with_threads
 from llama_proc.runtime.flags import BinaryFlags, probe_flags
 from llama_proc.server import AsyncLlamaServer
@@ -110,6 +112,9 @@ class LlamaServerFactory:
         threads: CPU threads for each server whose model (and request flags) name none
             (``serve`` passes its share of the cores, see :mod:`llama_proc.proxy.threads`);
             None = llama-server's own default.
+        cache_ram: ``--cache-ram`` MiB for each server whose model (and request flags) set
+            none, where the binary knows the flag (see :mod:`llama_proc.proxy.prompt_cache`);
+            None = llama-server's own default.
     """
 
     def __init__(
@@ -121,9 +126,11 @@ class LlamaServerFactory:
         common_options: Mapping[str, Any] | None = None,
         api_key: str | None = None,
         threads: int | None = None,
+        cache_ram: int | None = None,
     ) -> None:
         self.binary = binary
         self.threads = threads
+        self.cache_ram = cache_ram
         self.api_key = api_key
         self.settings = settings
         self.start_timeout = start_timeout
@@ -150,6 +157,10 @@ class LlamaServerFactory:
         options: dict[str, Any] = {"metrics": True, **self.common_options, **spec.options}
         extra = (*tuple(options.pop("extra_args", ())), *spec.extra_args, *flags)
         options = with_threads(options, extra, self.threads)
+        if self.cache_ram is not None:
+            known = await asyncio.to_thread(self.binary_flags)
+            accepted = known is not None and CACHE_RAM_FLAGS[0] in known
+            extra = with_cache_ram(extra, self.cache_ram, accepted=accepted)
         server = AsyncLlamaServer(
             spec.path,
             binary=self.binary,
