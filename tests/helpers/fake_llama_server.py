@@ -235,6 +235,8 @@ def main() -> int:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            if hang.is_set():
+                time.sleep(3600)
             if self.path == "/completion" and isinstance(body.get("prompt"), list):
                 self._send(200, completion(body, args.fake_compute))
             else:

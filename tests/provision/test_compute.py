@@ -70,13 +70,13 @@ VARIANTS = ("x64", "haswell", "skylakex", "icelake", "sapphirerapids")
 """The CPU-variant libraries a fake portable archive ships (a subset of upstream's)."""
 
 
-def _shim(path: Path, *, compute: str = "right") -> Path:
+def _shim(path: Path, *, compute: str = "right", mode: str = "ready") -> Path:
     """A llama-server stand-in that runs the fake server with its own folder as the lib dir."""
     path.write_text(
         "#!/bin/sh\n"
         'if [ "$1" = "--version" ]; then echo "version: 11194 (abcdef0)" >&2; exit 0; fi\n'
         f'exec "{sys.executable}" "{FAKE_SERVER}" --fake-lib-dir "$(dirname "$0")" '
-        f'--fake-compute {compute} "$@"\n',
+        f'--fake-compute {compute} --mode {mode} "$@"\n',
         encoding="utf-8",
     )
     path.chmod(0o755)
@@ -220,6 +220,21 @@ def test_sigill_during_warm_up_is_named(tmp_path: Path) -> None:
     assert report.points_at_cpu
     assert "died with SIGILL while loading the model or warming up" in report.reason
     assert any("illegal instruction" in line for line in report.log_tail)
+
+
+@needs_linux
+@pytest.mark.compute_check
+def test_a_server_that_never_answers_is_given_up_on_by_the_deadline(tmp_path: Path) -> None:
+    import time
+
+    started = time.monotonic()
+    report = run_compute_check(
+        _shim(tmp_path / "llama-server", mode="hang-after-health"), timeout=4
+    )
+    assert time.monotonic() - started < 10
+    assert not report.ok
+    assert not report.points_at_cpu
+    assert "while computing (request 1)" in report.reason
 
 
 def test_a_server_that_does_not_start_is_not_blamed_on_the_cpu(tmp_path: Path) -> None:

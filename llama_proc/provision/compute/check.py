@@ -34,13 +34,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._childenv import child_environment
 from llama_proc._proc import KILL_WAIT, free_port, group_popen_kwargs, kill_tree
 from llama_proc.provision.compute.reference import Reference, log_softmax
 from llama_proc.provision.compute.tiny_model import FIRST_WORD, make_tiny_model, write_gguf
 from llama_proc.runtime.health import wait_until_healthy
+
+if TYPE_CHECKING:
+    from llama_proc.provision.compute.tiny_model import TinyModel
 
 __all__ = [
     "COMPUTE_TIMEOUT",
@@ -75,6 +78,7 @@ CONTEXT: Final = 256
 VERBOSE_FLAGS: Final = ["-lv", "4"]
 _UNKNOWN_FLAG: Final = "invalid argument"
 _HOST: Final = "127.0.0.1"
+_MIN_REQUEST_WAIT: Final = 1.0
 _LOG_TAIL: Final = 12
 _LOG_LIMIT: Final = 1 << 20
 _SYSTEM_INFO_RE: Final = re.compile(r"system_info:.*?\|(?P<rest>.*)$", re.MULTILINE)
@@ -142,8 +146,8 @@ def _read_log(path: Path) -> str:
         return ""
 
 
-def _post_completion(port: int, body: dict[str, Any]) -> dict[str, Any]:
-    conn = http.client.HTTPConnection(_HOST, port, timeout=REQUEST_TIMEOUT)
+def _post_completion(port: int, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(_HOST, port, timeout=timeout)
     try:
         conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -311,7 +315,9 @@ def _exercise(
     runs: list[Steps] = []
     for attempt in (1, 2):
         try:
-            runs.append(_parse_steps(_post_completion(port, body)))
+            # Each request may stay silent for REQUEST_TIMEOUT, never past the check's deadline.
+            left = min(REQUEST_TIMEOUT, max(deadline - time.monotonic(), _MIN_REQUEST_WAIT))
+            runs.append(_parse_steps(_post_completion(port, body, left)))
         except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as err:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(0.2)
@@ -324,7 +330,7 @@ def _exercise(
 def _report(
     outcome: dict[str, Any],
     log: str,
-    model: Any,
+    model: TinyModel,
     prompt: list[int],
     started: float,
     threads: int,
