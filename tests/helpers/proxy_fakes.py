@@ -321,3 +321,25 @@ async def serve_pool(
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
+
+
+def record_server_starts(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Make :class:`~llama_proc.proxy.servers.LlamaServerFactory` record each server's options.
+
+    Every start then fails with ``RuntimeError("recorded")`` after its keyword arguments were
+    appended to the returned list, so a test sees exactly what a real server would be given.
+    """
+    from llama_proc.proxy import servers
+
+    started: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self, model: object, **kwargs: Any) -> None:
+            started.append(kwargs)
+
+        async def start(self) -> None:
+            msg = "recorded"
+            raise RuntimeError(msg)
+
+    monkeypatch.setattr(servers, "AsyncLlamaServer", Recorder)
+    return started

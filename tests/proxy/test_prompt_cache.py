@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import pytest
+from proxy_fakes import record_server_starts
 
-from llama_proc.proxy import servers as servers_module
 from llama_proc.proxy.models_config import ModelSpec
 from llama_proc.proxy.prompt_cache import (
     POOLED_CACHE_RAM_MIB,
@@ -65,17 +64,7 @@ def test_the_factory_gives_the_real_binary_its_limit(
     llama_server_bin: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The real binary's --help says it knows --cache-ram, so each server gets one."""
-    started: list[dict[str, Any]] = []
-
-    class Recorder:
-        def __init__(self, model: object, **kwargs: Any) -> None:
-            started.append(kwargs)
-
-        async def start(self) -> None:
-            msg = "recorded"
-            raise RuntimeError(msg)
-
-    monkeypatch.setattr(servers_module, "AsyncLlamaServer", Recorder)
+    started = record_server_starts(monkeypatch)
     factory = LlamaServerFactory(binary=llama_server_bin, cache_ram=256)
     plain = ModelSpec(id="a", path=tmp_path / "a.gguf")
     own = ModelSpec(id="b", path=tmp_path / "b.gguf", extra_args=("--cache-ram", "0"))

@@ -7,8 +7,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from proxy_fakes import record_server_starts
 
-from llama_proc.proxy import servers as servers_module
 from llama_proc.proxy.models_config import ModelSpec
 from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.proxy.threads import names_threads, split_threads, with_threads
@@ -58,17 +58,7 @@ def test_names_threads() -> None:
 def test_factory_gives_each_server_its_share(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    started: list[dict[str, Any]] = []
-
-    class Recorder:
-        def __init__(self, model: object, **kwargs: Any) -> None:
-            started.append(kwargs)
-
-        async def start(self) -> None:
-            msg = "recorded"
-            raise RuntimeError(msg)
-
-    monkeypatch.setattr(servers_module, "AsyncLlamaServer", Recorder)
+    started = record_server_starts(monkeypatch)
     factory = LlamaServerFactory(binary=tmp_path / "llama-server", threads=4)
     plain = ModelSpec(id="a", path=tmp_path / "a.gguf")
     pinned = ModelSpec(id="b", path=tmp_path / "b.gguf", options=MappingProxyType({"threads": 1}))
