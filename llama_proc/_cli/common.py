@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from llama_proc.proxy.serve_options import ADMIN_KEYS_ENV, API_KEYS_ENV
 from llama_proc.vocab import BACKEND_CHOICES, PREFER_CHOICES
 
 if TYPE_CHECKING:
@@ -43,10 +44,6 @@ __all__ = [
 
 EXIT_USAGE: Final = 2
 """Exit code of a command line that cannot be run as written (argparse's own)."""
-API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
-"""Comma-separated API keys the ``serve`` proxy accepts (beside ``--api-key-file``)."""
-ADMIN_KEYS_ENV: Final = "LLAMA_PROC_PROXY_ADMIN_KEYS"
-"""Comma-separated admin keys of the ``serve`` proxy (beside ``--admin-key-file``)."""
 GITHUB_TOKEN_ENV: Final = "LLAMA_PROC_GITHUB_TOKEN"  # noqa: S105 - a variable's name
 """Where a GitHub token goes (``Settings.github_token``)."""
 

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.proxy.body_shapes import grammar_problem, schema_problem
+from llama_proc.proxy.serve_options import BODY_CAP_FLAGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -150,18 +151,7 @@ BODY_CEILINGS: Final[Mapping[str, int]] = {
 }
 """The most any cap may be set to, whatever the operator asks."""
 
-CAP_FLAGS: Final[Mapping[str, str]] = {
-    "n_probs": "--max-n-probs",
-    "max_tokens": "--max-predict",
-    "n": "--max-choices",
-    "logit_bias": "--max-logit-bias",
-    "images": "--max-images",
-    "image_bytes": "--max-image-bytes",
-    "grammar_bytes": "--max-grammar-bytes",
-    "grammar_depth": "--max-grammar-depth",
-    "schema_bytes": "--max-schema-bytes",
-    "schema_depth": "--max-schema-depth",
-}
+CAP_FLAGS: Final[Mapping[str, str]] = {name: flag for name, (flag, _) in BODY_CAP_FLAGS.items()}
 """The serve flag setting each cap."""
 
 # The config table: field group -> {bound key -> limit}.

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import http_exceptions, web
 
 from llama_proc.proxy.app import _PROXY_KEY, _Proxy
-from llama_proc.proxy.options import DEFAULT_DRAIN_TIMEOUT, ProxyOptions
+from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.relay import _error
+from llama_proc.proxy.serve_options import DEFAULT_DRAIN_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Final
 from llama_proc.errors import ConfigError
 from llama_proc.proxy.body_policy import BodyCaps
 from llama_proc.proxy.flag_policy import FlagCaps
+from llama_proc.proxy.serve_options import DEFAULT_DRAIN_TIMEOUT
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ DEFAULT_FIRST_BYTE_TIMEOUT: Final = 600.0
 generation happens before it, so this is generous."""
 DEFAULT_STALL_TIMEOUT: Final = 120.0
 """Seconds a started stream may go without a byte before it is cut off."""
-DEFAULT_DRAIN_TIMEOUT: Final = 30.0
 
 DEFAULT_IDLE_TIMEOUT: Final = 15.0
 """Seconds a connection may sit without a complete request head (idle keep-alive, or headers
