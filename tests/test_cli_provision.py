@@ -137,7 +137,7 @@ def test_fetch_which_list_cache_doctor(
         seen.append(args)
         return 0
 
-    from llama_proc._cli import smoke
+    from llama_proc._cli.handlers import smoke
 
     monkeypatch.setattr(smoke, "run_smoke", fake_smoke)
     code, _, _ = run(capsys, "doctor", "--smoke", "--variant", "cpu")
@@ -400,7 +400,7 @@ def test_doctor_shows_the_selection_once(
 
 
 def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[str]) -> None:
-    from llama_proc._cli.provision import _explain
+    from llama_proc._cli.handlers.provision import print_steps as _explain
     from llama_proc.provision.explain import Outcome, Step, StepName
 
     lines = [

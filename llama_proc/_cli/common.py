@@ -33,6 +33,7 @@ __all__ = [
     "PROVISION_FLAGS",
     "SECRET_FLAGS",
     "SETTING_FLAGS",
+    "Handler",
     "StrictArgumentParser",
     "add_command",
     "add_settings_flags",
@@ -358,3 +359,27 @@ def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentP
     parser: argparse.ArgumentParser = subparsers.add_parser(name, allow_abbrev=False, **kwargs)
     refuse_secret_flags(parser)
     return parser
+
+
+class Handler:
+    """A command's handler, named ``"module:function"`` under :mod:`llama_proc._cli.handlers`.
+
+    The module is imported when the command runs, never when the parser is built, so
+    ``llama-proc --help`` loads no handler and each handler module imports what it needs at
+    its top. Calling the handler with the parsed arguments runs the command.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        import importlib
+
+        module, _, name = self.target.partition(":")
+        function = getattr(importlib.import_module(f"llama_proc._cli.handlers.{module}"), name)
+        return int(function(args))
+
+    def __repr__(self) -> str:
+        return f"Handler({self.target!r})"
