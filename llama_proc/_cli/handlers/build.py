@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 
 
 def build(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     manifest = load_manifest()
     host = detect_host()

@@ -19,7 +19,6 @@ def cache_path(args: argparse.Namespace) -> int:
 
 
 def cache_ls(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     installs = list_installs(settings)
     if not installs:
@@ -36,13 +35,11 @@ def cache_ls(args: argparse.Namespace) -> int:
 
 
 def cache_rm(args: argparse.Namespace) -> int:
-
     print(f"removed {remove(settings_from_args(args), args.install_id)}")
     return 0
 
 
 def cache_verify(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     reports = verify_installs(settings)
     broken = [r for r in reports if not r.ok]
@@ -70,7 +67,6 @@ def cache_verify(args: argparse.Namespace) -> int:
 
 
 def cache_prune(args: argparse.Namespace) -> int:
-
     removed = prune(settings_from_args(args), keep_builds=args.keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:

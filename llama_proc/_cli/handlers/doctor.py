@@ -42,7 +42,6 @@ BUILD_TOOLS: Final = ("cmake", "ninja", "cc", "c++", "cl", "nvcc", "ccache", "gi
 
 
 def _host_lines(host: HostInfo) -> list[str]:
-
     cpu = [f for f in LLAMA_CPU_FEATURES if f in host.cpu_features]
     lines = [
         f"host: {host.summary()}",
@@ -71,7 +70,6 @@ def _host_lines(host: HostInfo) -> list[str]:
 
 
 def _tool_lines() -> list[str]:
-
     scripts = sysconfig.get_path("scripts")
     found: list[str] = []
     for tool in BUILD_TOOLS:
@@ -91,7 +89,6 @@ def _cuda_toolkit_line(host: HostInfo, manifest: Manifest) -> str:
 
 
 def _cache_lines(settings: Settings) -> list[str]:
-
     installs = list_installs(settings)
     total = sum(
         i.metadata.get("size", 0) for i in installs if isinstance(i.metadata.get("size"), int)
@@ -142,7 +139,6 @@ def _cpu_off_line(host: HostInfo, manifest: Manifest, settings: Settings) -> str
 
 
 def doctor(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     print(f"llama-proc {__version__} (Python {pyplatform.python_version()}, {sys.executable})")
     host = host_platform.detect_host(gpu_details=True)

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 
 def _manifest_path(args: argparse.Namespace) -> Path:
-
     if args.manifest:
         return Path(args.manifest).expanduser()
     # The manifest maintainers edit is the one at the top of the source checkout (beside
@@ -38,7 +37,6 @@ def _manifest_path(args: argparse.Namespace) -> Path:
 
 
 def pin(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     if settings.offline:
         msg = (

@@ -67,7 +67,6 @@ def pull(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     files = _fetch(args.model, settings)
     info = read_model_info(files.model)

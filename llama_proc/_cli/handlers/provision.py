@@ -60,7 +60,6 @@ def size_mb(num: object) -> str:
 
 
 def _fetch_for_platform(args: argparse.Namespace) -> int:
-
     if args.platform is None or args.dest is None:
         msg = (
             "--platform and --dest go together: pass both "
@@ -79,7 +78,6 @@ def _fetch_for_platform(args: argparse.Namespace) -> int:
 
 
 def fetch(args: argparse.Namespace) -> int:
-
     if args.platform is not None or args.dest is not None:
         return _fetch_for_platform(args)
     settings = settings_from_args(args)
@@ -103,7 +101,6 @@ def compute_line(install: Install) -> str:
 
 
 def which(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     explain: list[str] = []
     if not args.verbose:
@@ -170,7 +167,6 @@ def reasons(blockers: Sequence[Blocker]) -> str:
 
 
 def installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
-
     out: dict[str, list[Install]] = {}
     for install in list_installs(settings):
         out.setdefault(install.variant_id, []).append(install)
@@ -178,7 +174,6 @@ def installed_by_variant(settings: Settings) -> dict[str, list[Install]]:
 
 
 def list_variants(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     manifest = load_manifest()
     host = host_platform.detect_host(gpu_details=False)
