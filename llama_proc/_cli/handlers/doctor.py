@@ -12,6 +12,7 @@ import llama_proc.provision.host.platform as host_platform
 import llama_proc.provision.host.selection as host_selection
 from llama_proc._cli.common import settings_from_args
 from llama_proc._cli.handlers import smoke
+from llama_proc._cli.handlers.cache import kind_lines
 from llama_proc._cli.handlers.provision import (
     chain_lines,
     compute_line,
@@ -115,6 +116,7 @@ def _cache_lines(settings: Settings) -> list[str]:
             "download(s); `llama-proc cache prune` removes them"
         )
     lines.append(f"  lock files: {len(locks)}")
+    lines.extend("  " + line for line in kind_lines(settings.cache_dir)[1:])
     return lines
 
 
