@@ -74,7 +74,9 @@ def flag_caps(args: argparse.Namespace) -> FlagCaps:
     Raises:
         ConfigError: a cap below 1.
     """
-    return ServeOptions.from_args(args).flag_caps()
+    from llama_proc.proxy.options import flag_caps_of
+
+    return flag_caps_of(ServeOptions.from_args(args))
 
 
 def body_caps(args: argparse.Namespace) -> BodyCaps:
@@ -83,4 +85,6 @@ def body_caps(args: argparse.Namespace) -> BodyCaps:
     Raises:
         ConfigError: a cap below 0 or above its hard ceiling.
     """
-    return ServeOptions.from_args(args).body_caps()
+    from llama_proc.proxy.options import body_caps_of
+
+    return body_caps_of(ServeOptions.from_args(args))

@@ -3,8 +3,9 @@
 Each field carries its flag, ``--help`` group and text, and its bound in its metadata, the way
 :class:`~llama_proc.config.Settings` carries its environment variable: the command line is
 made from the fields (:func:`add_serve_flags`), the values are checked once, when the options
-are made, and the proxy's and the pool's settings are taken from them. This module imports
-nothing heavy at load, so ``llama-proc serve --help`` stays fast.
+are made, and the proxy's and the pool's settings are taken from them
+(:mod:`llama_proc.proxy.options`). This module imports only the leaves, so ``llama-proc serve
+--help`` stays fast and every proxy module may import it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import ConfigError, InvalidArgumentError
+from llama_proc.errors import ConfigError
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterator, Mapping
-
-    from llama_proc.proxy.body_policy import BodyCaps
-    from llama_proc.proxy.flag_policy import FlagCaps
-    from llama_proc.proxy.options import ProxyOptions
 
 __all__ = [
     "ADMIN_KEYS_ENV",
@@ -386,42 +383,6 @@ class ServeOptions:
         }
         return cls(**given, body_caps_given=bodies)
 
-    # -- what the components take ----------------------------------------------------------
-
-    def flag_caps(self) -> FlagCaps:
-        """The server-wide caps on llama-server flags (defaults where no flag was given)."""
-        from llama_proc.proxy.flag_policy import FlagCaps  # noqa: PLC0415 - heavy, run time only
-
-        names = {f.name for f in dataclasses.fields(FlagCaps)}
-        return FlagCaps(**{n: v for n, v in self._values().items() if n in names})
-
-    def body_caps(self) -> BodyCaps:
-        """The request-body caps (defaults where no flag was given).
-
-        Raises:
-            ConfigError: a cap above its hard ceiling (the message names the flag).
-        """
-        from llama_proc.proxy.body_policy import BodyCaps  # noqa: PLC0415 - heavy, run time only
-
-        try:
-            return BodyCaps(**self.body_caps_given)
-        except InvalidArgumentError as err:
-            flag = next(
-                (f for n, (f, _) in BODY_CAP_FLAGS.items() if str(err).startswith(n + "=")), ""
-            )
-            msg = f"{flag}: {err}" if flag else str(err)
-            raise ConfigError(msg) from None
-
-    def memory_budget_bytes(self) -> int | None:
-        """The pool's memory budget in bytes (None = none).
-
-        Raises:
-            ConfigError: ``--memory-budget`` is not a size.
-        """
-        from llama_proc.proxy.budget import parse_memory_budget  # noqa: PLC0415 - heavy
-
-        return parse_memory_budget(self.memory_budget)
-
     def api_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(inference keys, admin keys) from the key files and the environment.
 
@@ -433,37 +394,8 @@ class ServeOptions:
             read_api_keys(self.admin_key_file, os.environ.get(ADMIN_KEYS_ENV), "--admin-key-file"),
         )
 
-    def proxy_options(
-        self, api_keys: tuple[str, ...] = (), admin_keys: tuple[str, ...] = ()
-    ) -> ProxyOptions:
-        """The proxy's request handling: limits, timeouts, caps and the given keys."""
-        from llama_proc.proxy.options import ProxyOptions  # noqa: PLC0415 - heavy, run time only
-
-        defaults = ProxyOptions()
-        return ProxyOptions(
-            api_keys=api_keys,
-            admin_keys=admin_keys,
-            max_body_bytes=self.max_body_bytes or defaults.max_body_bytes,
-            first_byte_timeout=self.first_byte_timeout or defaults.first_byte_timeout,
-            stall_timeout=self.stall_timeout or defaults.stall_timeout,
-            drain_timeout=self.drain_timeout,
-            flag_caps=self.flag_caps(),
-            body_caps=self.body_caps(),
-            max_response_bytes=self.max_response_bytes or defaults.max_response_bytes,
-            max_requests_per_key=self.max_requests_per_key,
-        )
-
-    def pool_limits(self) -> dict[str, Any]:
-        """The :class:`~llama_proc.proxy.pool.ServerPool` keyword arguments these options set."""
-        return {
-            "max_servers": self.max_servers,
-            "idle_ttl": self.idle_ttl,
-            "queue_timeout": self.queue_timeout,
-            "max_queue": self.max_queue,
-            "memory_budget": self.memory_budget_bytes(),
-        }
-
-    def _values(self) -> dict[str, Any]:
+    def given(self) -> dict[str, Any]:
+        """The fields set to something other than None, by name."""
         return {f.name: v for f, _, v in self._given()}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from llama_proc._cli import serve
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.options import ProxyOptions, body_caps_of, pool_limits_of, proxy_options_of
 from llama_proc.proxy.serve_options import BODY_CAP_FLAGS, ServeOptions, add_serve_flags
 
 
@@ -68,26 +68,26 @@ def test_library_callers_get_the_same_checks_as_the_command_line(
 
 def test_body_caps_name_their_flag_and_reach_the_proxy_options() -> None:
     options = ServeOptions.from_args(parse(["--max-n-probs", "3", "--drain-timeout", "0"]))
-    proxy = options.proxy_options(("k",), ())
+    proxy = proxy_options_of(options, ("k",), ())
     assert proxy.body_caps.n_probs == 3
     assert proxy.drain_timeout == 0
     assert proxy.api_keys == ("k",)
-    assert ServeOptions().proxy_options().drain_timeout == ProxyOptions().drain_timeout
+    assert proxy_options_of(ServeOptions()).drain_timeout == ProxyOptions().drain_timeout
     with pytest.raises(ConfigError, match="--max-schema-depth: "):
-        ServeOptions(body_caps_given={"schema_depth": 10**6}).body_caps()
+        body_caps_of(ServeOptions(body_caps_given={"schema_depth": 10**6}))
     with pytest.raises(ConfigError, match="unknown request-body cap"):
         ServeOptions(body_caps_given={"bogus": 1})
-    assert set(BODY_CAP_FLAGS) == {f.name for f in dataclasses.fields(ServeOptions().body_caps())}
+    assert set(BODY_CAP_FLAGS) == {f.name for f in dataclasses.fields(body_caps_of(ServeOptions()))}
 
 
 def test_pool_limits_are_what_the_pool_takes() -> None:
     from llama_proc.proxy.pool import ServerPool
 
-    limits = ServeOptions(max_servers=3, memory_budget="1G", idle_ttl=0).pool_limits()
+    limits = pool_limits_of(ServeOptions(max_servers=3, memory_budget="1G", idle_ttl=0))
     pool = ServerPool(lambda *a, **k: None, **limits)  # type: ignore[arg-type]
     assert (pool.max_servers, pool.memory_budget, pool.idle_ttl) == (3, 1 << 30, 0.0)
     with pytest.raises(ConfigError, match="--memory-budget 'lots'"):
-        ServeOptions(memory_budget="lots").pool_limits()
+        pool_limits_of(ServeOptions(memory_budget="lots"))
 
 
 def test_serve_help_lists_each_option_once() -> None:

@@ -16,7 +16,7 @@ from llama_proc.proxy.budget import estimate_server_memory
 from llama_proc.proxy.downloads import ModelDownloads
 from llama_proc.proxy.gate import run_proxy
 from llama_proc.proxy.models_config import load_models
-from llama_proc.proxy.options import event_loop_factory
+from llama_proc.proxy.options import event_loop_factory, pool_limits_of, proxy_options_of
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.prompt_cache import POOLED_CACHE_RAM_MIB, with_prompt_cache
 from llama_proc.proxy.serve_options import ServeOptions, is_loopback
@@ -31,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT/SIGTERM."""
     log = logging.getLogger("llama_proc.proxy")
     serve = ServeOptions.from_args(args)
-    limits = serve.pool_limits()
+    limits = pool_limits_of(serve)
     api_keys, admin_keys = serve.api_keys()
     if serve.allow_remote and not is_loopback(serve.host) and not (api_keys or admin_keys):
         log.warning("serving %s without API keys: anyone who can reach it can use it", serve.host)
-    options = serve.proxy_options(api_keys, admin_keys)
+    options = proxy_options_of(serve, api_keys, admin_keys)
     models = load_models(
         args.config, args.models_dir, caps=options.flag_caps, body_caps=options.body_caps
     )
