@@ -400,7 +400,7 @@ def test_doctor_shows_the_selection_once(
 
 
 def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[str]) -> None:
-    from llama_proc._cli.handlers.provision import print_steps as _explain
+    from llama_proc._cli.handlers.output import print_steps as _explain
     from llama_proc.provision.explain import Outcome, Step, StepName
 
     lines = [

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
         help="also print, on stderr, one line per ladder step saying what it found or why it "
         "was skipped",
     )
-    p.set_defaults(handler=Handler("provision:which"))
+    p.set_defaults(handler=Handler("which:which"))
 
     p = add_command(
         subparsers,

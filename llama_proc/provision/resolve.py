@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,37 +42,17 @@ from llama_proc.provision.cache.install import Install, restamp
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import install_dir
 from llama_proc.provision.explain import Outcome, Step, StepName
+from llama_proc.provision.resolution import Resolution
 from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.host.selection import Selection
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.manifest import Manifest
 
 __all__ = ["Resolution", "ensure_server", "plan", "resolve_server"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """What the ladder will look for: the variant, the build and why."""
-
-    selection: Selection
-    build: str
-    host: HostInfo
-    manifest: Manifest
-
-    @property
-    def variant(self) -> Variant:
-        """The selected variant."""
-        return self.selection.variant
-
-    @property
-    def target(self) -> memo.Target:
-        """The part of the plan a cache lookup needs (and :mod:`~.memo` remembers)."""
-        return memo.Target(self.variant.id, self.build, self.selection.why)
 
 
 def _say(explain: list[str] | None, line: str) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc._proc import run_with_timeout
 from llama_proc.config import Settings
 from llama_proc.errors import ConfigError
+from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -52,8 +53,6 @@ HELP_TIMEOUT: Final = 30.0
 """Seconds ``llama-server --help`` may take before the probe gives up."""
 FLAGS_CACHE_SCHEMA: Final = 2
 """Version of the on-disk record; a record of another version is ignored."""
-FLAGS_CACHE_FOLDER: Final = "flags"
-"""Folder under the user cache that holds one record per probed binary."""
 
 _OPTION_LINE: Final = re.compile(
     r"^(?P<flags>-[^\s,]+(?:,\s+-[^\s,]+)*)(?: (?P<hint>\S.*?))?(?:\s{2,}|\s*$)"

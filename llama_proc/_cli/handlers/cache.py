@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING
 
 from llama_proc._cli.common import settings_from_args
-from llama_proc._cli.handlers.provision import print_err, size_mb
+from llama_proc._cli.handlers.output import print_err, size_mb
 from llama_proc.provision.cache.inventory import list_installs, prune, remove, verify_installs
 from llama_proc.provision.cache.layout import tree_size, usage_by_kind
 

@@ -13,7 +13,7 @@ import llama_proc.provision.host.selection as host_selection
 from llama_proc._cli.common import settings_from_args
 from llama_proc._cli.handlers import smoke
 from llama_proc._cli.handlers.cache import kind_lines
-from llama_proc._cli.handlers.provision import (
+from llama_proc._cli.handlers.output import (
     chain_lines,
     compute_line,
     print_steps,

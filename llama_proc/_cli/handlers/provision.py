@@ -1,62 +1,29 @@
-"""``llama-proc fetch | which | list``: what they do, and the lines they share with ``cache`` and ``doctor``."""
+"""``llama-proc fetch | list``: install a variant, and list the variants this host can run."""
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, TextIO
+from typing import TYPE_CHECKING
 
 import llama_proc.provision.host.platform as host_platform
 import llama_proc.provision.host.selection as host_selection
 from llama_proc._cli.common import settings_from_args
-from llama_proc.errors import ConfigError, LlamaProcError, NoMatchingVariantError
-from llama_proc.provision.cache.install import Install, compute_summary
+from llama_proc._cli.handlers.output import compute_line, print_err, print_steps, reasons
+from llama_proc.errors import ConfigError, NoMatchingVariantError
 from llama_proc.provision.cache.inventory import list_installs
-from llama_proc.provision.explain import Step, StepName
 from llama_proc.provision.fetch.prebuilt import fetch_for_platform
 from llama_proc.provision.host.selection import (
-    AUTO_CHAIN,
-    Blocker,
-    Selection,
     prebuilt_problems,
     runtime_problems,
 )
 from llama_proc.provision.manifest import load_manifest
-from llama_proc.provision.resolve import ensure_server, plan, resolve_server
-from llama_proc.vocab import AUTO
+from llama_proc.provision.resolve import ensure_server
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Collection, Sequence
 
     from llama_proc.config import Settings
-
-_MB: Final = 1024 * 1024
-
-
-def print_steps(
-    lines: Sequence[str], *, skip: Collection[str] = (), out: TextIO | None = None
-) -> None:
-    """Print explanation lines, indented, to ``out`` (stderr).
-
-    Args:
-        lines: what the resolver explained; its rungs are
-            :class:`~llama_proc.provision.explain.Step` objects, read by field, never by text.
-        skip: rungs (:class:`~llama_proc.provision.explain.StepName`) to leave out.
-        out: where to print; stderr when None.
-    """
-    for line in lines:
-        if not (isinstance(line, Step) and line.step in skip):
-            print(f"  {line}", file=out or sys.stderr)
-
-
-def print_err(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def size_mb(num: object) -> str:
-    return f"{num / _MB:.1f} MB" if isinstance(num, int) else "?"
+    from llama_proc.provision.cache.install import Install
 
 
 def _fetch_for_platform(args: argparse.Namespace) -> int:
@@ -91,79 +58,6 @@ def fetch(args: argparse.Namespace) -> int:
         print_steps([compute_line(install)])
     print(install.server_binary)
     return 0
-
-
-def compute_line(install: Install) -> str:
-    """What the compute check said of the install in use (explicit binaries are never run)."""
-    if not install.metadata:
-        return "compute: not checked (an explicit binary is used as it is)"
-    return f"compute: {compute_summary(install.compute)}"
-
-
-def which(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    explain: list[str] = []
-    if not args.verbose:
-        print(resolve_server(settings, explain=explain, provision=False).server_binary)
-        return 0
-    res = None
-    if settings.server_binary is None:
-        # On error the resolver raises the same error below, after the steps are printed.
-        with contextlib.suppress(LlamaProcError):
-            res = plan(settings)
-    try:
-        # The plan's host and manifest, so the ladder looks for what the chain printed.
-        install = resolve_server(
-            settings,
-            explain=explain,
-            provision=False,
-            host=res.host if res else None,
-            manifest=res.manifest if res else None,
-        )
-    finally:
-        if res is None:
-            print_steps(explain)
-        else:
-            # The chain replaces the selection's reasoning lines, where they stood.
-            chain = [f"select: {line}" for line in chain_lines(res.selection, settings.backend)]
-            at = next(
-                (
-                    i
-                    for i, s in enumerate(explain)
-                    if isinstance(s, Step) and s.step == StepName.SELECT
-                ),
-                len(explain),
-            )
-            print_steps([*explain[:at], *chain, *explain[at:]], skip=(StepName.SELECT,))
-    print_steps([compute_line(install)])
-    print(install.server_binary)
-    return 0
-
-
-def chain_lines(selection: Selection, requested: str) -> list[str]:
-    """The variants the selection considered: why each was skipped, and the one it took.
-
-    Read from :attr:`Selection.candidates` and their :class:`Blocker` kinds and texts, never
-    from the selection's reasoning lines.
-    """
-    auto = requested == AUTO
-    lines = [f"auto chain: {' -> '.join(AUTO_CHAIN)}" if auto else f"requested: {requested}"]
-    chosen = None
-    for candidate in selection.candidates:
-        if candidate.variant is selection.variant:
-            chosen = candidate
-        else:
-            lines.append(f"skip {candidate.variant.id}: {reasons(candidate.blockers)}")
-    how = "the first in the chain with nothing against it"
-    if not auto:
-        how = f"requested with --variant {requested}"
-    lines.append(f"use {selection.variant.id}: {how}")
-    lines.extend(f"warning: {b.text} [{b.kind}]" for b in (chosen.blockers if chosen else ()))
-    return lines
-
-
-def reasons(blockers: Sequence[Blocker]) -> str:
-    return "; ".join(f"{b.text} [{b.kind}]" for b in blockers) or "passed over"
 
 
 def installed_by_variant(settings: Settings) -> dict[str, list[Install]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ProvisionError
-from llama_proc.runtime.flags import FLAGS_CACHE_FOLDER
+from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
@@ -75,8 +75,8 @@ MODELS_DIR: Final = "models"
 RELEASES_DIR: Final = "releases"
 """Folder under the cache root holding GitHub release listings, one JSON file per tag."""
 FLAGS_DIR: Final = FLAGS_CACHE_FOLDER
-"""Folder under the cache root remembering what each binary's ``--help`` accepts (named by
-``runtime.flags``, which owns it: the runtime never imports provisioning)."""
+"""Folder under the cache root remembering what each binary's ``--help`` accepts (written by
+``runtime.flags``; the name lives in :mod:`llama_proc.vocab`)."""
 CACHE_KINDS: Final[tuple[tuple[str, str], ...]] = (
     (SERVERS_DIR, "installed llama-servers"),
     (DOWNLOADS_DIR, "archives and index files"),

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.fetch.releases import ReleaseAsset
     from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
-    from llama_proc.provision.resolve import Resolution
+    from llama_proc.provision.resolution import Resolution
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]
 
