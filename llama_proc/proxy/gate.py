@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import http_exceptions, web
 
-from llama_proc.proxy.app import _PROXY_KEY, _Proxy
+from llama_proc.proxy.app import _PROXY_KEY
 from llama_proc.proxy.options import DEFAULT_DRAIN_TIMEOUT, ProxyOptions
 from llama_proc.proxy.relay import _error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from llama_proc.proxy.state import ProxyState
 
 __all__ = [
     "run_proxy",
@@ -192,7 +194,9 @@ class _ConnectionGate:
     lock others out; when every connection is busy, the new one is refused with a 503.
     """
 
-    def __init__(self, runner: web.AppRunner, options: ProxyOptions, proxy: _Proxy | None) -> None:
+    def __init__(
+        self, runner: web.AppRunner, options: ProxyOptions, proxy: ProxyState | None
+    ) -> None:
         self.runner = runner
         self.limit = max(1, options.max_connections)
         self.busy: dict[object, int] = proxy.busy if proxy is not None else {}

@@ -206,3 +206,18 @@ def _shutting_down() -> web.Response:
     return _error(
         503, "The llama-proc proxy is shutting down.", code="shutting_down", kind="server_error"
     )
+
+
+def _http_error(exc: web.HTTPException, max_body_bytes: int) -> web.Response:
+    """An aiohttp HTTP error (413, 404, 405...) in OpenAI's shape."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _error(
+            413,
+            f"Request body is larger than {max_body_bytes} bytes (raise --max-body-bytes).",
+            code="request_too_large",
+        )
+    if isinstance(exc, web.HTTPNotFound):
+        return _error(404, f"Unknown route {exc.reason}.", code="not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return _error(405, f"Method {exc.method} not allowed here.", code="method_not_allowed")
+    return _error(exc.status, exc.reason or "HTTP error", code="http_error")
