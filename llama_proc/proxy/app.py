@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from llama_proc.proxy.options import ProxyOptions
 
 __all__ = [
+    "POOL_KEY",
+    "PROXY_KEY",
     "create_app",
 ]
 
-_POOL_KEY: Final = web.AppKey("pool", ServerPool)
-_PROXY_KEY: Final = web.AppKey("proxy", ProxyState)
+POOL_KEY: Final = web.AppKey("pool", ServerPool)
+PROXY_KEY: Final = web.AppKey("proxy", ProxyState)
 
 
 def create_app(
@@ -82,8 +84,8 @@ def create_app(
         return await gatekeeper.middleware(request, handler)
 
     app = web.Application(client_max_size=options.max_body_bytes, middlewares=[middleware])
-    app[_POOL_KEY] = pool
-    app[_PROXY_KEY] = state
+    app[POOL_KEY] = pool
+    app[PROXY_KEY] = state
 
     async def lifecycle(_app: web.Application) -> AsyncIterator[None]:
         await state.startup()

@@ -9,12 +9,14 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [
+    "ADMIN_PREFIX",
+    "PUBLIC_PATHS",
     "KeyRing",
     "Role",
 ]
 
-_PUBLIC_PATHS: Final = frozenset({"/health"})
-_ADMIN_PREFIX: Final = "/servers"
+PUBLIC_PATHS: Final = frozenset({"/health"})
+ADMIN_PREFIX: Final = "/servers"
 """Routes only admin keys may use: the pool's servers (with every tenant's flags) and stopping."""
 
 Role = Literal["admin", "inference"]

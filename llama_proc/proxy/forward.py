@@ -25,25 +25,25 @@ from llama_proc.errors import (
 )
 from llama_proc.proxy.flag_policy import FLAGS_HEADER
 from llama_proc.proxy.relay import (
-    _PASS_HEADERS,
     MAX_CACHED_URLS,
     MODEL_HEADER,
+    PASS_HEADERS,
     RESTARTED_HEADER,
     RETRY_PAUSE,
     SERVER_HEADER,
     THREAD_PARSE_BYTES,
     UPSTREAM_ATTEMPTS,
-    _answer_too_large,
-    _BadBodyError,
-    _check_body,
-    _error,
-    _exit_cause,
-    _http_error,
-    _parse_body,
-    _read_capped,
-    _request_summary,
-    _shutting_down,
-    _sse_error,
+    BadBodyError,
+    answer_too_large,
+    check_body,
+    error_response,
+    exit_cause,
+    http_error,
+    parse_body,
+    read_capped,
+    request_summary,
+    shutting_down_error,
+    sse_error,
 )
 from llama_proc.proxy.servers import (
     ModelTooLargeError,
@@ -82,7 +82,7 @@ class Forwarder:
         options = self.state.options
         declared = request.content_length
         if declared is not None and declared > options.max_body_bytes:
-            return _http_error(
+            return http_error(
                 web.HTTPRequestEntityTooLarge(options.max_body_bytes, declared),
                 options.max_body_bytes,
             )
@@ -91,21 +91,21 @@ class Forwarder:
                 body = await request.read()
             waited = time.perf_counter() - began
         except TimeoutError:
-            return _error(
+            return error_response(
                 408,
                 f"The request body did not arrive within {options.body_timeout:g}s.",
                 code="request_timeout",
             )
         try:
             if len(body) > THREAD_PARSE_BYTES:
-                payload = await asyncio.to_thread(_parse_body, body)
+                payload = await asyncio.to_thread(parse_body, body)
             else:
-                payload = _parse_body(body)
-        except _BadBodyError as err:
-            return _error(400, str(err), code="invalid_json")
+                payload = parse_body(body)
+        except BadBodyError as err:
+            return error_response(400, str(err), code="invalid_json")
         name = request.headers.get(MODEL_HEADER) or payload.get("model") or self.state.only_model
         if not name:
-            return _error(
+            return error_response(
                 400,
                 f"No model given: set 'model' in the body or the {MODEL_HEADER} header.",
                 code="model_required",
@@ -114,7 +114,7 @@ class Forwarder:
         spec = self.state.models.resolve(name) if isinstance(name, str) else None
         if spec is None:
             known = ", ".join(sorted(self.state.models.models)[:20])
-            return _error(
+            return error_response(
                 404,
                 f"The model {str(name)[:200]!r} does not exist. Known models: {known}.",
                 code="model_not_found",
@@ -126,13 +126,13 @@ class Forwarder:
             try:
                 flags = self.state.flags.check_request(header, spec)
             except InvalidArgumentError as err:
-                return _error(400, str(err), code="invalid_flags", param=FLAGS_HEADER)
-        checked = _check_body(self.state.bodies, request.path, payload, spec, flags)
+                return error_response(400, str(err), code="invalid_flags", param=FLAGS_HEADER)
+        checked = check_body(self.state.bodies, request.path, payload, spec, flags)
         if isinstance(checked, web.Response):
             return checked
         body = checked or body
         if self.state.shutting_down:
-            return _shutting_down()
+            return shutting_down_error()
         if spec.ref is not None:
             # A Hugging Face model is fetched before the pool sees it: the download holds no
             # server slot and runs before the server's start clock.
@@ -141,9 +141,9 @@ class Forwarder:
                 spec = await self.state.downloads.resolve(spec)
             except LlamaProcError as err:
                 if self.state.shutting_down:
-                    return _shutting_down()
+                    return shutting_down_error()
                 logger.warning("model %r could not be fetched: %s", spec.id, err)
-                return _error(
+                return error_response(
                     503,
                     # The hub's answers about the reference (no such quantization: these
                     # exist) help the tenant; the host's paths and network do not.
@@ -160,9 +160,9 @@ class Forwarder:
             try:
                 lease = await self.state.pool.acquire(spec, flags)
             except PoolClosedError:
-                return _shutting_down()
+                return shutting_down_error()
             except PoolQueueFullError as err:
-                return _error(
+                return error_response(
                     429,
                     str(err),
                     code="rate_limit_exceeded",
@@ -170,9 +170,9 @@ class Forwarder:
                     headers={"Retry-After": str(math.ceil(err.retry_after))},
                 )
             except ModelTooLargeError as err:
-                return _error(400, str(err), code="model_too_large", param="model")
+                return error_response(400, str(err), code="model_too_large", param="model")
             except PoolBusyError as err:
-                return _error(
+                return error_response(
                     503,
                     str(err),
                     code="server_busy",
@@ -180,7 +180,7 @@ class Forwarder:
                     headers={"Retry-After": "5"},
                 )
             except LlamaProcError as err:
-                return _error(
+                return error_response(
                     503,
                     f"llama-server for model {spec.id!r} failed to start: {tenant_reason(err)}",
                     code="server_start_failed",
@@ -245,16 +245,16 @@ class Forwarder:
                 )
                 upstream_headers = upstream.headers
                 out_headers = {
-                    h: upstream_headers[k] for h, k in _PASS_HEADERS if k in upstream_headers
+                    h: upstream_headers[k] for h, k in PASS_HEADERS if k in upstream_headers
                 }
                 out_headers[SERVER_HEADER] = lease.key
                 if lease.restarted:
                     out_headers[RESTARTED_HEADER] = "crash"
                 if not upstream_headers.get("content-type", "").startswith("text/event-stream"):
-                    data = await _read_capped(upstream, options.max_response_bytes)
+                    data = await read_capped(upstream, options.max_response_bytes)
                     if data is None:
                         self.state.metrics.upstream_errors.inc(spec.id, "too_large")
-                        return _answer_too_large(spec.id, options.max_response_bytes, lease.key)
+                        return answer_too_large(spec.id, options.max_response_bytes, lease.key)
                     answered = time.perf_counter()
                     self.state.metrics.first_byte.observe(answered - sent, spec.id)
                     reply = web.Response(body=data, status=upstream.status, headers=out_headers)
@@ -352,7 +352,7 @@ class Forwarder:
                     ServerExitedError(
                         f"llama-server for {spec.id!r}",
                         getattr(handle, "returncode", None),
-                        _exit_cause(handle),
+                        exit_cause(handle),
                     ).summary
                     + "; it restarts on the next request"
                 )
@@ -360,7 +360,7 @@ class Forwarder:
                 "%s [key %s]%s",
                 message,
                 lease.key,
-                "" if alive else f"; the request it died on: {_request_summary(request, body)}",
+                "" if alive else f"; the request it died on: {request_summary(request, body)}",
             )
             return await self._fail(request, response, 502, message, "upstream_error")
         finally:
@@ -396,9 +396,9 @@ class Forwarder:
         code: str,
     ) -> web.StreamResponse:
         if response is None:
-            return _error(status, message, code=code, kind="server_error")
+            return error_response(status, message, code=code, kind="server_error")
         # Headers are gone already: tell the client in-band, as llama-server itself does.
         with contextlib.suppress(ConnectionError):
-            await response.write(_sse_error(message, code))
+            await response.write(sse_error(message, code))
             await response.write_eof()
         return response

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import http_exceptions, web
 
-from llama_proc.proxy.app import _PROXY_KEY
+from llama_proc.proxy.app import PROXY_KEY
 from llama_proc.proxy.options import DEFAULT_DRAIN_TIMEOUT, ProxyOptions
-from llama_proc.proxy.relay import _error
+from llama_proc.proxy.relay import error_response
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -68,7 +68,7 @@ async def run_proxy(
         app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
     )
     await runner.setup()
-    proxy = app.get(_PROXY_KEY)
+    proxy = app.get(PROXY_KEY)
     gate = _ConnectionGate(runner, proxy.options if proxy else ProxyOptions(), proxy)
     stop_event = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,7 +156,7 @@ class _ClientConnection(web.RequestHandler):
                 ("bad_request", "The request is not valid HTTP."),
             )
             logger.debug("refused a malformed request (%s, HTTP %d)", type(exc).__name__, status)
-        response = _error(status, text, code=code, kind=kind)
+        response = error_response(status, text, code=code, kind=kind)
         response.force_close()
         return response
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from llama_proc.proxy.auth import _ADMIN_PREFIX, _PUBLIC_PATHS, KeyRing, Role
-from llama_proc.proxy.relay import FORWARDED, _error, _http_error
+from llama_proc.proxy.auth import ADMIN_PREFIX, PUBLIC_PATHS, KeyRing, Role
+from llama_proc.proxy.relay import FORWARDED, error_response, http_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -72,18 +72,18 @@ class Gatekeeper:
     ) -> web.StreamResponse:
         path = request.path
         index: int | None = None
-        if path in _PUBLIC_PATHS:
+        if path in PUBLIC_PATHS:
             role: Role | None = "inference"
         else:
             role, index = self.keys.match(request)
         if role is None:
-            return _error(
+            return error_response(
                 401,
                 "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'.",
                 code="invalid_api_key",
             )
-        if role != "admin" and (path == _ADMIN_PREFIX or path.startswith(_ADMIN_PREFIX + "/")):
-            return _error(
+        if role != "admin" and (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+            return error_response(
                 403,
                 f"{path} needs an admin key (serve --admin-key-file); this key may only use "
                 "the API.",
@@ -94,7 +94,7 @@ class Gatekeeper:
             # One key must not hold the whole proxy (every connection, for the body timeout).
             held = self._per_key.get(index, 0)
             if held >= self.state.options.per_key_limit:
-                return _error(
+                return error_response(
                     429,
                     f"This key has {held} requests in flight, the most one key may have; retry "
                     "when one finishes.",
@@ -106,12 +106,12 @@ class Gatekeeper:
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            return _http_error(exc, self.state.options.max_body_bytes)
+            return http_error(exc, self.state.options.max_body_bytes)
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception:
             logger.exception("internal error while handling %s %s", request.method, path)
-            return _error(
+            return error_response(
                 500,
                 "Internal error in the llama-proc proxy; see its log.",
                 code="internal_error",

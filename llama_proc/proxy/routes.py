@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from llama_proc.proxy.metrics import merge_upstream
-from llama_proc.proxy.relay import UPSTREAM_METRICS_TIMEOUT, _error
+from llama_proc.proxy.relay import UPSTREAM_METRICS_TIMEOUT, error_response
 from llama_proc.proxy.servers import PoolBusyError
 
 if TYPE_CHECKING:
@@ -70,9 +70,11 @@ class LocalRoutes:
         try:
             found = await self.state.pool.remove(key, force=force)
         except PoolBusyError as err:
-            return _error(409, str(err), code="server_busy")
+            return error_response(409, str(err), code="server_busy")
         if not found:
-            return _error(404, f"No server with key {key!r} (see GET /servers).", code="not_found")
+            return error_response(
+                404, f"No server with key {key!r} (see GET /servers).", code="not_found"
+            )
         return web.json_response({"key": key, "stopped": True})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
