@@ -23,6 +23,7 @@ from llama_proc.proxy.forward import Forwarder
 from llama_proc.proxy.middleware import Gatekeeper
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.relay import FORWARDED
+from llama_proc.proxy.router_api import ROUTED_GETS, RouterApi
 from llama_proc.proxy.routes import LocalRoutes
 from llama_proc.proxy.state import ProxyState
 
@@ -76,6 +77,7 @@ def create_app(
     gatekeeper = Gatekeeper(state)
     forwarder = Forwarder(state)
     local = LocalRoutes(state)
+    router = RouterApi(state)
 
     @web.middleware
     async def middleware(
@@ -93,6 +95,7 @@ def create_app(
         await state.cleanup()
 
     async def on_shutdown(_app: web.Application) -> None:
+        await router.close()
         await state.shutdown()
 
     app.cleanup_ctx.append(lifecycle)
@@ -101,7 +104,19 @@ def create_app(
         app.router.add_post(path, forwarder.forward)
     app.router.add_get("/v1/models", local.list_models)
     app.router.add_get("/health", local.health)
-    app.router.add_get("/metrics", local.metrics_endpoint)
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        if "model" in request.query:
+            return await router.routed_get(request)
+        return await local.metrics_endpoint(request)
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/models", router.list_models)
+    app.router.add_post("/models/load", router.load)
+    app.router.add_post("/models/unload", router.unload)
+    app.router.add_get("/models/sse", router.events_stream)
+    for path in ROUTED_GETS:
+        app.router.add_get(path, router.routed_get)
     app.router.add_get("/servers", local.list_servers)
     app.router.add_delete("/servers/{key}", local.delete_server)
     return app

@@ -9,15 +9,25 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [
+    "ADMIN_PATHS",
     "ADMIN_PREFIX",
     "PUBLIC_PATHS",
     "KeyRing",
     "Role",
+    "needs_admin",
 ]
 
 PUBLIC_PATHS: Final = frozenset({"/health"})
 ADMIN_PREFIX: Final = "/servers"
 """Routes only admin keys may use: the pool's servers (with every tenant's flags) and stopping."""
+ADMIN_PATHS: Final = frozenset({"/models/load", "/models/unload"})
+"""More admin-only routes: the router API's load and unload (listing and events are for all)."""
+
+
+def needs_admin(path: str) -> bool:
+    """Whether only admin keys may use ``path``."""
+    return path in ADMIN_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
 
 Role = Literal["admin", "inference"]
 """What a key may do: ``inference`` keys use the API, ``admin`` keys also manage servers."""

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Forwarder",
+    "pool_error",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,33 +160,8 @@ class Forwarder:
             queued = time.perf_counter()
             try:
                 lease = await self.state.pool.acquire(spec, flags)
-            except PoolClosedError:
-                return shutting_down_error()
-            except PoolQueueFullError as err:
-                return error_response(
-                    429,
-                    str(err),
-                    code="rate_limit_exceeded",
-                    kind="requests",
-                    headers={"Retry-After": str(math.ceil(err.retry_after))},
-                )
-            except ModelTooLargeError as err:
-                return error_response(400, str(err), code="model_too_large", param="model")
-            except PoolBusyError as err:
-                return error_response(
-                    503,
-                    str(err),
-                    code="server_busy",
-                    kind="server_error",
-                    headers={"Retry-After": "5"},
-                )
             except LlamaProcError as err:
-                return error_response(
-                    503,
-                    f"llama-server for model {spec.id!r} failed to start: {tenant_reason(err)}",
-                    code="server_start_failed",
-                    kind="server_error",
-                )
+                return pool_error(err, spec.id)
             acquired = time.perf_counter()
             waited += acquired - queued
             try:
@@ -402,3 +378,29 @@ class Forwarder:
             await response.write(sse_error(message, code))
             await response.write_eof()
         return response
+
+
+def pool_error(err: LlamaProcError, model: str) -> web.Response:
+    """The answer for a request the pool could not give a server (full, closed, failed)."""
+    if isinstance(err, PoolClosedError):
+        return shutting_down_error()
+    if isinstance(err, PoolQueueFullError):
+        return error_response(
+            429,
+            str(err),
+            code="rate_limit_exceeded",
+            kind="requests",
+            headers={"Retry-After": str(math.ceil(err.retry_after))},
+        )
+    if isinstance(err, ModelTooLargeError):
+        return error_response(400, str(err), code="model_too_large", param="model")
+    if isinstance(err, PoolBusyError):
+        return error_response(
+            503, str(err), code="server_busy", kind="server_error", headers={"Retry-After": "5"}
+        )
+    return error_response(
+        503,
+        f"llama-server for model {model!r} failed to start: {tenant_reason(err)}",
+        code="server_start_failed",
+        kind="server_error",
+    )

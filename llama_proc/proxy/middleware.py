@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from llama_proc.proxy.auth import ADMIN_PREFIX, PUBLIC_PATHS, KeyRing, Role
-from llama_proc.proxy.relay import FORWARDED, error_response, http_error
+from llama_proc.proxy.auth import PUBLIC_PATHS, KeyRing, Role, needs_admin
+from llama_proc.proxy.relay import FORWARDED, ROUTER_PATHS, error_response, http_error
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -23,7 +23,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_ENDPOINTS: Final = frozenset({*FORWARDED, "/v1/models", "/health", "/metrics", "/servers"})
+_ENDPOINTS: Final = frozenset(
+    {*FORWARDED, *ROUTER_PATHS, "/v1/models", "/health", "/metrics", "/servers"}
+)
 
 
 class Gatekeeper:
@@ -82,7 +84,7 @@ class Gatekeeper:
                 "Incorrect API key provided: pass it as 'Authorization: Bearer <key>'.",
                 code="invalid_api_key",
             )
-        if role != "admin" and (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+        if role != "admin" and needs_admin(path):
             return error_response(
                 403,
                 f"{path} needs an admin key (serve --admin-key-file); this key may only use "

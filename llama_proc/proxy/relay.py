@@ -29,6 +29,7 @@ __all__ = [
     "PASS_HEADERS",
     "RESTARTED_HEADER",
     "RETRY_PAUSE",
+    "ROUTER_PATHS",
     "SERVER_HEADER",
     "THREAD_PARSE_BYTES",
     "UPSTREAM_ATTEMPTS",
@@ -62,6 +63,15 @@ MODEL_HEADER: Final = "X-Model-Id"
 SERVER_HEADER: Final = "X-Llama-Proc-Server"
 RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
 FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+ROUTER_PATHS: Final = (
+    "/models",
+    "/models/load",
+    "/models/unload",
+    "/models/sse",
+    "/props",
+    "/slots",
+)
+"""The router API's routes (:mod:`llama_proc.proxy.router_api`), as metrics label them."""
 
 MAX_JSON_DEPTH: Final = 64
 """Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
