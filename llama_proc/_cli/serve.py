@@ -225,6 +225,10 @@ _CAP_FLAGS: Final = (
 
 
 _BODY_FLAGS: Final = (
+    (
+        "--max-inputs",
+        "most items in input / documents / input_extra / prompt lists (default: 2048)",
+    ),
     ("--max-n-probs", "most n_probs / top_logprobs / logprobs per request (default: 20)"),
     (
         "--max-predict",

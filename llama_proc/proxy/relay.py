@@ -62,7 +62,12 @@ MAX_CACHED_URLS: Final = 1024
 MODEL_HEADER: Final = "X-Model-Id"
 SERVER_HEADER: Final = "X-Llama-Proc-Server"
 RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
-FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+FORWARDED: Final = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+    "/v1/rerank", "/rerank", "/infill", "/tokenize", "/detokenize", "/apply-template",
+)  # fmt: skip
+"""The routes forwarded to the server of the body's ``model`` (llama-server's own paths)."""
 ROUTER_PATHS: Final = (
     "/models",
     "/models/load",
