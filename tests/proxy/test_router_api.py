@@ -149,7 +149,7 @@ def test_router_client_flow_list_load_sse_chat_unload(
         with urllib.request.urlopen(base + "/metrics?model=smol", timeout=30) as resp:
             text = resp.read().decode()
         assert "llamacpp:prompt_tokens_total" in text
-        assert "llama_proc_requests_total" not in text  # the server's own, not the proxy's
+        assert "llama_proc_proxy_requests_total" not in text  # the server's own, not the proxy's
         assert call(base, "GET", "/props?model=nope")[0] == 404
 
         assert call(base, "POST", "/models/unload", {"model": "smol"}) == (
