@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
+from fake_hub import FakeHub
+from hub_env import SMOL_FILE, SMOL_REPO, use_fake_hub
+from huggingface_hub import constants
 from proxy_harness import running_proxy, wait_until
 
 from llama_proc.proxy.events import ModelEvents, status_events
-from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
+from llama_proc.proxy.models_config import ModelsConfig, ModelSpec, load_models_config
 from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.servers import LlamaServerFactory
 
@@ -202,6 +205,44 @@ def test_load_and_unload_need_an_admin_key(smol_model: Path, factory: LlamaServe
         assert call(base, "POST", "/models/unload", {"model": "smol"}, key="user-key")[0] == 403
         status, _ = call(base, "POST", "/models/unload", {"model": "smol"}, key="admin-key")
         assert status == 400  # allowed, and nothing is running
+
+
+def test_loading_a_hub_model_streams_its_download_progress(
+    smol_model: Path,
+    factory: LlamaServerFactory,
+    events: list[EventReader],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with FakeHub() as hub:
+        use_fake_hub(monkeypatch, hub, tmp_path / "hf-home")
+        hub.add_repo(SMOL_REPO, {SMOL_FILE: smol_model})
+        route = hub.blob_route(SMOL_REPO, SMOL_FILE)
+        route.chunk_size, route.delay = 1 << 20, 0.03  # ~94 MiB in about 3 s
+        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 20)
+        config = tmp_path / "models.toml"
+        config.write_text(
+            f"[defaults]\nthreads = 1\nctx_size = 512\n\n"
+            f'[models.smol]\nmodel = "hf://{SMOL_REPO}/{SMOL_FILE}"\n'
+        )
+        with running_proxy(load_models_config(config), factory, max_servers=1) as proxy:
+            base = proxy.base_url
+            reader = EventReader(base + "/models/sse")
+            events.append(reader)
+            time.sleep(0.3)
+            assert call(base, "POST", "/models/load", {"model": "smol"})[0] == 200
+            assert wait_until(lambda: "loaded" in reader.statuses("smol"), 120), reader.events
+            progress = [
+                e["data"]["progress"]["value"]
+                for e in reader.events
+                if e["event"] == "download_progress"
+            ]
+            assert len(progress) >= 3, reader.events
+            assert progress == sorted(progress)
+            assert any(0 < value < 1 for value in progress), progress
+            seen = reader.statuses("smol")
+            assert seen.index("downloading") < seen.index("loaded")
+            assert call(base, "GET", "/models")[1]["data"][0]["status"] == {"value": "loaded"}
 
 
 def test_a_slow_listener_is_dropped_and_listeners_are_bounded() -> None:
