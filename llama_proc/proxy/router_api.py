@@ -6,7 +6,8 @@
 does; follow ``GET /models/sse``) and leaves it warm until its idle TTL; ``POST /models/unload``
 stops it; ``GET /models/sse`` streams ``model_status``, ``status_change``,
 ``download_progress`` and ``model_remove`` events as ``data: {"model", "event", "data"}``.
-``GET /props``, ``/slots`` and ``/metrics`` with ``?model=`` are answered by that model's server.
+``GET /props``, ``/slots`` and ``/metrics`` with ``?model=`` are answered by that model's server;
+``GET /props`` without one describes the router (``"role": "router"``), as llama-server does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 from aiohttp import web
 
+from llama_proc._version import __version__
 from llama_proc.errors import LlamaProcError
 from llama_proc.proxy.events import ModelEvents, Statuses
 from llama_proc.proxy.forward import pool_error
@@ -218,6 +220,8 @@ class RouterApi:
 
     async def routed_get(self, request: web.Request) -> web.StreamResponse:
         """A GET for one model's server (``?model=``), answered by that server."""
+        if request.path == "/props" and "model" not in request.query:
+            return web.json_response(self._router_props())
         name = request.query.get("model") or self.state.only_model
         if not name:
             return error_response(
@@ -266,6 +270,20 @@ class RouterApi:
             )
         out[SERVER_HEADER] = lease.key
         return web.Response(body=data, status=status, headers=out)
+
+    def _router_props(self) -> dict[str, Any]:
+        """``GET /props`` without a model: what llama-server's router says of itself."""
+        return {
+            "role": "router",
+            "max_instances": self.state.pool.max_servers,
+            "models_autoload": True,
+            "model_alias": "llama-proc",
+            "model_path": "none",
+            "default_generation_settings": {"params": None, "n_ctx": 0},
+            "ui_settings": {},
+            "build_info": f"llama-proc {__version__}",
+            "cors_proxy_enabled": False,
+        }
 
     async def _model_of(self, request: web.Request) -> ModelSpec | web.Response:
         try:

@@ -108,6 +108,12 @@ def test_router_client_flow_list_load_sse_chat_unload(
         assert set(entry) == set(upstream["data"][0])
         assert entry["id"] == "smol"
         assert entry["status"] == {"value": "unloaded"}
+        # /props without ?model= describes the router, as llama-server's does.
+        status, props = call(base, "GET", "/props")
+        assert status == 200
+        assert set(props) == set(SHAPES["props"])
+        assert props["role"] == "router"
+        assert props["max_instances"] == 1
         # The OpenAI list stays as it was, beside the router's.
         assert call(base, "GET", "/v1/models")[1]["data"][0]["id"] == "smol"
 
