@@ -1,10 +1,14 @@
 """The OpenAI-compatible proxy: an aiohttp app in front of a :class:`ServerPool`.
 
-Routes: ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` (forwarded to
-the server for the request's model and flags), ``GET /v1/models``, ``GET /health`` (no key
-needed), ``GET /metrics`` (the proxy's own metrics plus every server's), ``GET /servers`` (the
-servers, and under ``downloads`` each Hugging Face model download with its state and percent)
-and ``DELETE /servers/{key}`` (management).
+Routes: the forwarded ones (:data:`~llama_proc.proxy.relay.FORWARDED`: OpenAI chat,
+completions, embeddings and responses, Anthropic messages, rerank, infill, tokenize,
+detokenize, apply-template), sent to the server for the request's model and flags;
+``GET /v1/models``, ``GET /health`` (no key needed), ``GET /metrics`` (the proxy's own metrics
+plus every server's), ``GET /servers`` (the servers, and under ``downloads`` each Hugging Face
+model download with its state and percent) and ``DELETE /servers/{key}`` (management); and
+llama-server's router API (:mod:`.router_api`): ``GET /models``, ``POST /models/load``,
+``POST /models/unload``, ``GET /models/sse`` and ``?model=`` on ``/props``, ``/slots``,
+``/metrics``.
 
 The handlers live by concern: :mod:`.middleware` (keys, roles, errors, metrics),
 :mod:`.forward` (the forwarded routes), :mod:`.routes` (the proxy's own routes), all sharing
