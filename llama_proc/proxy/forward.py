@@ -44,6 +44,7 @@ from llama_proc.proxy.relay import (
     request_summary,
     shutting_down_error,
     sse_error,
+    stream_finished,
 )
 from llama_proc.proxy.servers import (
     ModelTooLargeError,
@@ -253,7 +254,7 @@ class Forwarder:
                         first = time.perf_counter()
                         self.state.metrics.first_byte.observe(first - sent, spec.id)
                         self.state.metrics.ttft.observe(first - arrived, spec.id)
-                    if chunk.endswith(b"[DONE]\n\n"):
+                    if stream_finished(chunk):
                         # The client has its whole answer once this is written, and may hang
                         # up before the upstream's end-of-stream arrives.
                         self.state.complete.add(id(request))

@@ -48,6 +48,7 @@ __all__ = [
     "request_summary",
     "shutting_down_error",
     "sse_error",
+    "stream_finished",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,23 @@ def sse_error(message: str, code: str) -> bytes:
     """An error event for a stream whose headers are already sent, as llama-server writes it."""
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+_STREAM_ENDS: Final = (b"[DONE]\n\n", b'{"type":"message_stop"}\n\n')
+_LAST_EVENTS: Final = (b"event: response.completed\n", b"event: response.failed\n")
+
+
+def stream_finished(chunk: bytes) -> bool:
+    """Whether a chunk of an event stream ends with the API's last event.
+
+    OpenAI chat and completions end with ``data: [DONE]``, Anthropic messages with
+    ``message_stop``, the Responses API with ``response.completed`` (or ``response.failed``).
+    """
+    if chunk.endswith(_STREAM_ENDS):
+        return True
+    if not chunk.endswith(b"\n\n"):
+        return False
+    return chunk[:-2].rpartition(b"\n\n")[2].startswith(_LAST_EVENTS)
 
 
 _ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from llama_proc.proxy.body_policy import KNOWN_FIELDS, BodyCaps, BodyChecker, BodyPolicy
-from llama_proc.proxy.relay import FORWARDED
+from llama_proc.proxy.relay import FORWARDED, stream_finished
 
 POLICY = BodyPolicy()
 MSGS = [{"role": "user", "content": "hi"}]
@@ -96,3 +96,19 @@ def test_the_inputs_cap_is_a_server_wide_limit_a_model_may_lower() -> None:
 def test_a_tokenized_prompt_is_one_input_not_a_batch() -> None:
     body = {"model": "m", "prompt": list(range(5000)), "max_tokens": 1}
     assert BodyChecker().check("/v1/completions", body, POLICY).refusal is None
+
+
+# The last bytes of each kind of stream, as llama-server b11434 writes them.
+STREAM_ENDS = {
+    "openai": b'data: {"choices":[]}\n\ndata: [DONE]\n\n',
+    "anthropic": b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    "responses": b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STREAM_ENDS))
+def test_the_end_of_each_api_stream_is_recognised(kind: str) -> None:
+    # A client that hangs up after the last event got its whole answer (not a 499).
+    assert stream_finished(STREAM_ENDS[kind])
+    assert not stream_finished(STREAM_ENDS[kind][:-2])
+    assert not stream_finished(b'event: content_block_delta\ndata: {"type":"x"}\n\n')
