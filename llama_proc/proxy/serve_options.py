@@ -400,6 +400,10 @@ class ServeOptions:
 
 
 BODY_CAP_FLAGS: Final[Mapping[str, tuple[str, str]]] = {
+    "inputs": (
+        "--max-inputs",
+        "most items in input / documents / input_extra / prompt lists (default: 2048)",
+    ),
     "n_probs": (
         "--max-n-probs",
         "most n_probs / top_logprobs / logprobs per request (default: 20)",
