@@ -77,7 +77,7 @@ def _pin(args: argparse.Namespace) -> int:
     import difflib
 
     from llama_proc.errors import OfflineError
-    from llama_proc.provision.fetch.releases import pin_manifest_text, pin_release
+    from llama_proc.provision.fetch.pins import pin_manifest_text, pin_release
     from llama_proc.provision.manifest import load_manifest
 
     settings = settings_from_args(args)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compute.ladder import FeatureGroup
-    from llama_proc.provision.fetch.releases import ReleaseAsset
+    from llama_proc.provision.fetch.listing import ReleaseAsset
     from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
     from llama_proc.provision.resolve import Resolution
 
