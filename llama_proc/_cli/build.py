@@ -81,9 +81,11 @@ def _run(args: argparse.Namespace) -> int:
     from llama_proc.provision.host.platform import detect_host
     from llama_proc.provision.host.selection import select_variant
     from llama_proc.provision.manifest import load_manifest
+    from llama_proc.provision.resolve import concrete_build
 
     settings = settings_from_args(args)
     manifest = load_manifest()
+    settings = concrete_build(settings, manifest)  # a release tag or latest -> its bNNNN
     host = detect_host()
     selection = select_variant(manifest, host, settings.backend)
     explain: list[str] = []

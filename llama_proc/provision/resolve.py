@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_proc.config import Settings
+from llama_proc.config import Settings, is_build_tag
 from llama_proc.errors import (
     BinaryNotFoundError,
     CacheLockTimeoutError,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.host.selection import Selection
     from llama_proc.provision.manifest import Manifest, Variant
 
-__all__ = ["Resolution", "ensure_server", "plan", "resolve_server"]
+__all__ = ["Resolution", "concrete_build", "ensure_server", "plan", "resolve_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,30 @@ def _fallback_ok(err: LlamaProcError) -> bool:
     return isinstance(err, (ProvisionError, NoMatchingVariantError))
 
 
+def concrete_build(
+    settings: Settings, manifest: Manifest | None = None, explain: list[str] | None = None
+) -> Settings:
+    """``settings`` with a release tag or ``latest`` build resolved to its ``bNNNN`` build.
+
+    A ``bNNNN`` build (or none) is returned as is, without a request; see
+    :mod:`~llama_proc.provision.fetch.nightly` for how the others resolve.
+
+    Raises:
+        OfflineError: offline and the build cannot be resolved from the cache.
+        DownloadError: a listing could not be fetched.
+        ProvisionError: the release names no build with binaries.
+    """
+    if settings.build is None or is_build_tag(settings.build):
+        return settings
+    from llama_proc.provision.fetch.nightly import resolve_build  # noqa: PLC0415  needs requests
+    from llama_proc.provision.manifest import load_manifest  # noqa: PLC0415  off the hit path
+
+    repo = (manifest or load_manifest()).repo
+    found = resolve_build(settings.build, repo, settings)
+    _step(explain, StepName.SELECT, Outcome.NOTE, f"build {settings.build} is {found}")
+    return dataclasses.replace(settings, build=found)
+
+
 def _target(
     settings: Settings, host: HostInfo | None, manifest: Manifest | None
 ) -> tuple[memo.Target, Resolution | None]:
@@ -279,6 +303,7 @@ def resolve_server(
         _step(explain, StepName.EXPLICIT, Outcome.USED, reason)
         return explicit
     _step(explain, StepName.EXPLICIT, Outcome.SKIPPED, "not set (LLAMA_PROC_SERVER_BIN)")
+    settings = concrete_build(settings, manifest, explain)
     target, res = _target(settings, host, manifest)
     damaged: list[str] = []
     for line in target.why:

@@ -60,6 +60,7 @@ __all__ = [
     "needs_linux",
     "serve_index",
     "serve_release",
+    "serve_semver_release",
     "sha256_of",
     "shim_script",
     "write_variants_toml",
@@ -288,6 +289,7 @@ def make_release(
     extra_assets: Mapping[str, bytes] | None = None,
     server_script: Path | None = None,
     version_line: str | None = None,
+    prerelease: bool = False,
 ) -> ReleaseFixture:
     """Build the archives and listing of a fake release under ``tmpdir/release-<tag>``.
 
@@ -302,6 +304,7 @@ def make_release(
         extra_assets: further ``name -> bytes`` assets (served too; e.g. decoys).
         server_script: make the shims exec ``python server_script "$@"`` (a fake server).
         version_line: what ``--version`` prints instead of ``version: <N> (abcdef0)``.
+        prerelease: mark the release a prerelease (upstream's ``b`` tags are, since Aug 2026).
     """
     flavors = list(variants) if variants is not None else [host_flavor()]
     root = tmpdir / f"release-{tag}"
@@ -344,7 +347,7 @@ def make_release(
         "tag_name": tag,
         "name": tag,
         "draft": False,
-        "prerelease": False,
+        "prerelease": prerelease,
         "assets": assets,
     }
     fixture.listing_path.write_text(json.dumps(fixture.listing, indent=1), encoding="utf-8")
@@ -361,6 +364,39 @@ def serve_release(server: Any, fixture: ReleaseFixture, **faults: Any) -> str:
     for name, (path, _sha) in fixture.assets.items():
         server.add(fixture.download_path(name), path, **faults)
     return str(server.url)
+
+
+def serve_semver_release(
+    server: Any,
+    tag: str,
+    body: bytes,
+    *,
+    repo: str = REPO,
+    size: int | None = None,
+    latest: bool = False,
+) -> str:
+    """Serve a ``vX.Y.Z`` release whose only asset is ``nightly-tag.txt`` holding ``body``.
+
+    Args:
+        server: the :class:`http_server.FileServer`.
+        tag: the semver tag.
+        body: what ``nightly-tag.txt`` holds (e.g. ``b"b11434\\n"``).
+        repo: ``owner/name``.
+        size: the size its listing claims (default: ``len(body)``).
+        latest: also serve the listing at ``/repos/<repo>/releases/latest``.
+
+    Returns:
+        The path ``nightly-tag.txt`` is served at.
+    """
+    from upstream_listings import NIGHTLY_TAG_ASSET, semver_listing
+
+    doc = semver_listing(tag, body, size=size)
+    server.add_json(f"/repos/{repo}/releases/tags/{tag}", doc)
+    if latest:
+        server.add_json(f"/repos/{repo}/releases/latest", doc)
+    path = f"/{repo}/releases/download/{tag}/{NIGHTLY_TAG_ASSET}"
+    server.add(path, body, content_type="text/plain")
+    return path
 
 
 def write_variants_toml(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc.errors import ManifestError, NoMatchingVariantError, ProvisionError
 from llama_proc.provision.fetch.download import fetch_page, make_session, plain_remote
 from llama_proc.provision.fetch.listing import match_one, parse_listing
+from llama_proc.provision.fetch.nightly import resolve_build
 from llama_proc.provision.fetch.releases import (
     GITHUB_ACCEPT,
     GITHUB_API_VERSION,
@@ -102,7 +103,9 @@ def pin_release(
     or on this machine), never from the cache.
 
     Args:
-        build: the release tag, e.g. ``b11434``; None = the manifest's build.
+        build: the release tag, e.g. ``b11434``; a ``vX.Y.Z`` tag or ``latest`` pins the
+            ``b`` build it names (see :mod:`~llama_proc.provision.fetch.nightly`); None = the
+            manifest's build.
         settings: mirror, offline flag, timeout, GitHub token.
         manifest: whose variants to match (the shipped one when None); gives the repo.
         session: a ``requests`` session to reuse.
@@ -128,6 +131,8 @@ def pin_release(
     own = session is None
     sess = make_session(settings) if session is None else session
     try:
+        # A release tag (vX.Y.Z) or latest names the b build whose assets are pinned.
+        build = resolve_build(build, repo, settings, sess)
         data = _fetch_json(f"{origin}/repos/{repo}/releases/tags/{build}", settings, sess)
         commit_data = _fetch_json(f"{origin}/repos/{repo}/commits/{build}", settings, sess)
     finally:

@@ -34,6 +34,7 @@ from llama_proc.provision.cache.locking import cache_lock, lock_path, try_lock
 from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.fetch import archive, download, releases
+from llama_proc.provision.fetch.nightly import resolve_build
 from llama_proc.provision.host.platform import HostInfo, normalize_arch, normalize_os
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
@@ -404,7 +405,8 @@ def fetch_for_platform(
         raise ConfigError(msg)
     manifest = manifest or load_manifest()
     variant = select_variant(manifest, host, settings.backend).variant
-    build = settings.build or manifest.build
+    # A release tag (vX.Y.Z) or latest names the b build that has the binaries.
+    build = resolve_build(settings.build or manifest.build, manifest.repo, settings, session)
     dest = Path(dest).expanduser().absolute()
     _check_dest(dest, variant, build, force=force)
     metadata = {"platform": host.platform, "manifest": manifest.path}

@@ -47,10 +47,14 @@ if TYPE_CHECKING:
     from llama_proc.provision.manifest import Variant
 
 __all__ = [
+    "GITHUB_ACCEPT",
+    "GITHUB_API_VERSION",
     "api_base",
+    "check_repo_tag",
     "fetch_release_assets",
     "listing_cache_path",
     "require_trusted_mirror",
+    "write_json_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +116,7 @@ def require_trusted_mirror(settings: Settings, variant: Variant | None, build: s
 
 
 def check_repo_tag(repo: str, tag: str) -> None:
+    """Refuse a repository or tag that is not safe in a URL path and a cache file name."""
     if not _REPO_RE.match(repo) or ".." in repo:
         msg = f"{repo!r} is not a GitHub repository name like owner/name"
         raise ProvisionError(msg)
@@ -202,7 +207,7 @@ def fetch_release_assets(
         msg = f"{url} did not return JSON ({err}); is LLAMA_PROC_MIRROR a release mirror?"
         raise ProvisionError(msg) from err
     assets = parse_listing(data, repo, tag, settings.mirror)  # checked before it is cached
-    _write_cache(cached, {**data, _ORIGIN_KEY: origin})
+    write_json_atomically(cached, {**data, _ORIGIN_KEY: origin})
     return assets
 
 
@@ -219,7 +224,8 @@ def _read_cached(path: Path) -> tuple[Any, str | None]:
     return data, origin if isinstance(origin, str) else None
 
 
-def _write_cache(path: Path, data: Any) -> None:
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` (best effort: a failure is logged, not raised)."""
     # Write-then-rename so a concurrent reader never sees half a listing.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
