@@ -274,6 +274,19 @@ def _compute_line(install: Install) -> str:
     return f"compute: {compute_summary(install.compute)}"
 
 
+def _attestation_line(install: Install) -> str:
+    """What the build-provenance attestation check said of the install in use."""
+    found = install.metadata.get("attestation") if install.metadata else None
+    if not isinstance(found, dict):
+        if install.source != "prebuilt":
+            return "attestation: none (only release archives are attested)"
+        return "attestation: not checked (installed before attestations were checked)"
+    state = found.get("state")
+    if state == "absent":
+        return "attestation: absent (the release serves none for this archive; sha256 only)"
+    return f"attestation: {state} ({found.get('detail') or 'no detail'})"
+
+
 def _which(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -315,7 +328,7 @@ def _which(args: argparse.Namespace) -> int:
                 len(explain),
             )
             _explain([*explain[:at], *chain, *explain[at:]], skip=(StepName.SELECT,))
-    _explain([_compute_line(install)])
+    _explain([_compute_line(install), _attestation_line(install)])
     print(install.server_binary)
     return 0
 

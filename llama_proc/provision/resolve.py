@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from llama_proc.config import Settings, is_build_tag
 from llama_proc.errors import (
+    AttestationError,
     BinaryNotFoundError,
     CacheLockTimeoutError,
     ChecksumMismatchError,
@@ -218,12 +219,19 @@ def _fallback_ok(err: LlamaProcError) -> bool:
     """Whether a failed prebuilt may fall back to a source build.
 
     A missing asset, a failed download or extraction and a binary that does not run here are
-    worth a build; a lock timeout, offline mode and checksum problems are not (they need the
+    worth a build; a lock timeout, offline mode, checksum and attestation problems are not (they need the
     user, and building around a tampered download would hide it), nor is a GPU build that sees
     no GPU (a build of it would not see one either: ``auto`` tries the next backend instead).
     """
     if isinstance(
-        err, (CacheLockTimeoutError, OfflineError, ChecksumMismatchError, DeviceNotFoundError)
+        err,
+        (
+            AttestationError,
+            CacheLockTimeoutError,
+            OfflineError,
+            ChecksumMismatchError,
+            DeviceNotFoundError,
+        ),
     ):
         return False
     return isinstance(err, (ProvisionError, NoMatchingVariantError))

@@ -51,6 +51,8 @@ __all__ = [
     "LINUX",
     "ON_LINUX",
     "ReleaseFixture",
+    "attestation_document",
+    "attestation_path",
     "fake_gguf",
     "host_flavor",
     "make_release",
@@ -397,6 +399,43 @@ def serve_semver_release(
     path = f"/{repo}/releases/download/{tag}/{NIGHTLY_TAG_ASSET}"
     server.add(path, body, content_type="text/plain")
     return path
+
+
+def attestation_path(sha256: str, repo: str = REPO) -> str:
+    """Where GitHub's API (and a mirror) serves the attestations of an asset with ``sha256``."""
+    return f"/repos/{repo}/attestations/sha256:{sha256}"
+
+
+def attestation_document(*subject_sha256: str, name: str = "asset") -> dict[str, Any]:
+    """GitHub's attestations answer holding one Sigstore bundle shaped like upstream's.
+
+    Its DSSE envelope holds a real in-toto statement naming ``subject_sha256``; its signature
+    and certificate are placeholders, so nothing signed it: it parses, and never verifies.
+    """
+    import base64
+
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": name, "digest": {"sha256": s}} for s in subject_sha256],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {
+            "buildDefinition": {"buildType": "https://actions.github.io/buildtypes/workflow/v1"}
+        },
+    }
+    payload = base64.b64encode(json.dumps(statement).encode()).decode()
+    bundle = {
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {
+            "certificate": {"rawBytes": base64.b64encode(b"not a certificate").decode()},
+            "tlogEntries": [],
+        },
+        "dsseEnvelope": {
+            "payload": payload,
+            "payloadType": "application/vnd.in-toto+json",
+            "signatures": [{"sig": base64.b64encode(b"not a signature").decode()}],
+        },
+    }
+    return {"attestations": [{"bundle": bundle, "repository_id": 612354784}]}
 
 
 def write_variants_toml(
