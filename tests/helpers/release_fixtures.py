@@ -406,13 +406,43 @@ def attestation_path(sha256: str, repo: str = REPO) -> str:
     return f"/repos/{repo}/attestations/sha256:{sha256}"
 
 
-def attestation_document(*subject_sha256: str, name: str = "asset") -> dict[str, Any]:
+def _self_signed_der() -> bytes:
+    """A short-lived self-signed EC certificate (DER): well formed, and no Fulcio issued it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not fulcio")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def attestation_document(
+    *subject_sha256: str, name: str = "asset", well_formed: bool = False
+) -> dict[str, Any]:
     """GitHub's attestations answer holding one Sigstore bundle shaped like upstream's.
 
-    Its DSSE envelope holds a real in-toto statement naming ``subject_sha256``; its signature
-    and certificate are placeholders, so nothing signed it: it parses, and never verifies.
+    Its DSSE envelope holds a real in-toto statement naming ``subject_sha256``; nothing signed
+    it. By default the certificate and log entry are placeholders (sigstore cannot parse the
+    bundle); ``well_formed`` gives a self-signed certificate and a complete (unsigned) log
+    entry, so sigstore parses it and its verifier must reject the certificate chain.
     """
     import base64
+    import time
 
     statement = {
         "_type": "https://in-toto.io/Statement/v1",
@@ -423,11 +453,33 @@ def attestation_document(*subject_sha256: str, name: str = "asset") -> dict[str,
         },
     }
     payload = base64.b64encode(json.dumps(statement).encode()).decode()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    zeros = b64(bytes(32))
+    entry = {
+        "logIndex": "1",
+        "logId": {"keyId": zeros},
+        "kindVersion": {"kind": "dsse", "version": "0.0.1"},
+        "integratedTime": str(int(time.time())),  # within the certificate's validity
+        "inclusionPromise": {"signedEntryTimestamp": b64(b"not a signed entry timestamp")},
+        "inclusionProof": {
+            "logIndex": "1",
+            "rootHash": zeros,
+            "treeSize": "2",
+            "hashes": [zeros],
+            "checkpoint": {"envelope": "rekor.sigstore.dev - 1\n2\nAAAA\n\n- rekor AAAA\n"},
+        },
+        "canonicalizedBody": b64(b"{}"),
+    }
     bundle = {
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
         "verificationMaterial": {
-            "certificate": {"rawBytes": base64.b64encode(b"not a certificate").decode()},
-            "tlogEntries": [],
+            "certificate": {
+                "rawBytes": b64(_self_signed_der() if well_formed else b"not a certificate")
+            },
+            "tlogEntries": [entry] if well_formed else [],
         },
         "dsseEnvelope": {
             "payload": payload,

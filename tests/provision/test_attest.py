@@ -144,11 +144,26 @@ def test_attestation_for_another_digest_refuses_the_install(
     assert not install_dir(settings, TAG, CPU).exists()
 
 
+@pytest.mark.parametrize(
+    "well_formed",
+    [
+        pytest.param(False, id="unparseable-certificate"),
+        pytest.param(True, id="self-signed-not-fulcio"),
+    ],
+)
 def test_forged_bundle_naming_the_right_digest_is_rejected_by_sigstore(
-    server: FileServer, release: ReleaseFixture, manifest: Manifest, settings: Settings
+    server: FileServer,
+    release: ReleaseFixture,
+    manifest: Manifest,
+    settings: Settings,
+    well_formed: bool,
 ) -> None:
+    """The statement names the archive's sha256, so only sigstore's verifier stands between.
+
+    ``well_formed`` parses as a bundle and reaches the certificate-chain check.
+    """
     pytest.importorskip("sigstore")
-    doc = attestation_document(_sha(release), name=release.main_asset)
+    doc = attestation_document(_sha(release), name=release.main_asset, well_formed=well_formed)
     server.add_json(attestation_path(_sha(release)), doc)
     with pytest.raises(AttestationError, match="does not verify") as info:
         ensure_server(settings, host=LINUX, manifest=manifest)
@@ -171,6 +186,17 @@ def test_served_bundle_without_sigstore_is_recorded_as_unavailable(
     record = _install_json(settings)["attestation"]
     assert record["state"] == "unavailable"
     assert "llama-proc[attest]" in record["detail"]
+
+
+def test_attestation_service_error_is_recorded_as_unavailable(
+    server: FileServer, release: ReleaseFixture, manifest: Manifest, settings: Settings
+) -> None:
+    """The sha256 is verified already: a failing attestation endpoint does not block installs."""
+    server.add(attestation_path(_sha(release)), b"", statuses=[403])
+    ensure_server(settings, host=LINUX, manifest=manifest)
+    record = _install_json(settings)["attestation"]
+    assert record["state"] == "unavailable"
+    assert "HTTP 403" in record["detail"]
 
 
 def test_which_verbose_says_the_attestation_is_absent(
