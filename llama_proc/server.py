@@ -57,7 +57,7 @@ from llama_proc.runtime.client import (
     LlamaClient,
     LlamaEndpoints,
 )
-from llama_proc.runtime.flags import probe_flags
+from llama_proc.runtime.flags import probe_flags, server_command
 from llama_proc.runtime.process import (
     LOG_CAPACITY,
     LOG_TAIL,
@@ -289,7 +289,7 @@ class LlamaServer(LlamaEndpoints):
                 port = reserve_port(self.args.host) if auto_port else self.args.port
                 assert port is not None  # noqa: S101 - reserve_port or explicit
                 argv = [
-                    str(binary),
+                    *server_command(binary),  # `llama serve` for the installer's one binary
                     *self.args.replace(port=port).to_argv(self.flags),
                     *self._verbosity_args(),
                 ]

@@ -235,7 +235,7 @@ def test_cache_prune_and_rm_errors(capsys: pytest.CaptureFixture[str], cache_dir
 @pytest.mark.parametrize(
     "argv",
     [
-        ["fetch", "--build", "latest"],
+        ["fetch", "--build", "newest"],  # latest and v1.0.0 are builds (nightly-tag.txt)
         ["fetch", "--mirror", "ftp://example"],
         ["fetch", "--variant", "tpu"],  # rocm is a backend now (vocab.BACKENDS)
         ["fetch", "--prefer", "wheel"],

@@ -113,9 +113,10 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
         ("--build",),
         {
             "type": field_type("build"),
-            "metavar": "bNNNN",
-            "help": "llama.cpp build tag instead of the pinned one (default: $LLAMA_PROC_BUILD, "
-            "else the build pinned in variants.toml)",
+            "metavar": "bNNNN|vX.Y.Z|latest",
+            "help": "llama.cpp build instead of the pinned one; a release tag or latest means "
+            "the bNNNN build its nightly-tag.txt names (default: $LLAMA_PROC_BUILD, else the "
+            "build pinned in variants.toml)",
         },
     ),
     "offline": (

@@ -34,9 +34,9 @@ def register(subparsers: Any) -> None:
         "--build",
         dest="pin_build",
         type=field_type("build"),
-        metavar="bNNNN",
-        help="the release to pin (default: the build variants.toml names; the file must name "
-        "this build)",
+        metavar="bNNNN|vX.Y.Z|latest",
+        help="the release to pin; a release tag or latest pins the bNNNN build it names "
+        "(default: the build variants.toml names; the file must name this build)",
     )
     p.add_argument(
         "--manifest",

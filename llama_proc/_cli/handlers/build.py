@@ -9,6 +9,7 @@ from llama_proc.provision.compile.build import build_variant
 from llama_proc.provision.host.platform import detect_host
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.resolve import concrete_build
 
 if TYPE_CHECKING:
     import argparse
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 def build(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     manifest = load_manifest()
+    settings = concrete_build(settings, manifest)  # a release tag or latest -> its bNNNN
     host = detect_host()
     selection = select_variant(manifest, host, settings.backend)
     explain: list[str] = []

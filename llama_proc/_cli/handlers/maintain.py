@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import llama_proc
 from llama_proc._cli.common import settings_from_args
 from llama_proc.errors import ConfigError, ManifestError, OfflineError
-from llama_proc.provision.fetch.releases import pin_manifest_text, pin_release
+from llama_proc.provision.fetch.pins import pin_manifest_text, pin_release
 from llama_proc.provision.manifest import load_manifest
 
 if TYPE_CHECKING:

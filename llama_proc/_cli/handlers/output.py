@@ -53,6 +53,19 @@ def compute_line(install: Install) -> str:
     return f"compute: {compute_summary(install.compute)}"
 
 
+def attestation_line(install: Install) -> str:
+    """What the build-provenance attestation check said of the install in use."""
+    found = install.metadata.get("attestation") if install.metadata else None
+    if not isinstance(found, dict):
+        if install.source != "prebuilt":
+            return "attestation: none (only release archives are attested)"
+        return "attestation: not checked (installed before attestations were checked)"
+    state = found.get("state")
+    if state == "absent":
+        return "attestation: absent (the release serves none for this archive; sha256 only)"
+    return f"attestation: {state} ({found.get('detail') or 'no detail'})"
+
+
 def chain_lines(selection: Selection, requested: str) -> list[str]:
     """The variants the selection considered: why each was skipped, and the one it took.
 

@@ -9,7 +9,12 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from llama_proc._cli.common import settings_from_args
-from llama_proc._cli.handlers.output import chain_lines, compute_line, print_steps
+from llama_proc._cli.handlers.output import (
+    attestation_line,
+    chain_lines,
+    compute_line,
+    print_steps,
+)
 from llama_proc.errors import LlamaProcError
 from llama_proc.provision.explain import Step, StepName
 from llama_proc.provision.resolve import plan, resolve_server
@@ -53,6 +58,6 @@ def which(args: argparse.Namespace) -> int:
                 len(explain),
             )
             print_steps([*explain[:at], *chain, *explain[at:]], skip=(StepName.SELECT,))
-    print_steps([compute_line(install)])
+    print_steps([compute_line(install), attestation_line(install)])
     print(install.server_binary)
     return 0
