@@ -212,3 +212,16 @@ def test_which_verbose_says_the_attestation_is_absent(
     assert "  attestation: absent (the release serves none for this archive; sha256 only)" in err
     cache = Path(os.environ["LLAMA_PROC_CACHE_DIR"])
     assert cache.is_dir()
+
+
+def test_bundle_served_only_by_url_is_recorded_as_unavailable(
+    server: FileServer, release: ReleaseFixture, manifest: Manifest, settings: Settings
+) -> None:
+    """GitHub may answer with a ``bundle_url`` and no inline bundle: a shape of its API, not
+    a tampered answer, so the install goes ahead and the record says why nothing was checked."""
+    doc = {"attestations": [{"bundle": None, "bundle_url": "https://example.invalid/b.json"}]}
+    server.add_json(attestation_path(_sha(release)), doc)
+    ensure_server(settings, host=LINUX, manifest=manifest)
+    record = _install_json(settings)["attestation"]
+    assert record["state"] == "unavailable"
+    assert "bundle_url" in record["detail"]

@@ -101,6 +101,10 @@ def check_asset(
     if isinstance(raw, Attestation):
         return raw
     bundles = _bundles(raw, url, name)
+    if not bundles:
+        # GitHub's API may give only a link to each bundle; following it would send the
+        # install to yet another host, so those are left unchecked and said so.
+        return Attestation("unavailable", "the API gives only bundle_url links; not followed")
     for bundle in bundles:
         _check_subject(bundle, sha256, url, name)
     try:
@@ -210,10 +214,14 @@ def _bundles(raw: bytes, url: str, name: str) -> list[dict[str, Any]]:
     entries = data.get("attestations") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise _malformed(url, name, "no 'attestations' list")
-    bundles = [e.get("bundle") if isinstance(e, dict) else None for e in entries]
-    if not all(isinstance(b, dict) for b in bundles):
-        raise _malformed(url, name, "an entry has no 'bundle' object")
-    return [b for b in bundles if isinstance(b, dict)]
+    bundles: list[dict[str, Any]] = []
+    for entry in entries:
+        inline = entry.get("bundle") if isinstance(entry, dict) else None
+        if isinstance(inline, dict):
+            bundles.append(inline)
+        elif not (isinstance(entry, dict) and isinstance(entry.get("bundle_url"), str)):
+            raise _malformed(url, name, "an entry has neither a 'bundle' object nor a bundle_url")
+    return bundles
 
 
 def _check_subject(bundle: dict[str, Any], sha256: str, url: str, name: str) -> None:
