@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import argparse
 
     from llama_proc.proxy.body_policy import BodyCaps
-    from llama_proc.proxy.flag_policy import FlagCaps
+    from llama_proc.proxy.flag_caps import FlagCaps
 
 __all__ = [
     "API_KEYS_ENV",
@@ -309,7 +309,7 @@ def flag_caps(args: argparse.Namespace) -> FlagCaps:
     Raises:
         ConfigError: a cap below 1.
     """
-    from llama_proc.proxy.flag_policy import FlagCaps
+    from llama_proc.proxy.flag_caps import FlagCaps
 
     given: dict[str, int] = {}
     for flag, _ in _CAP_FLAGS:

@@ -16,13 +16,9 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.proxy.app import create_app
-    from llama_proc.proxy.flag_policy import (
-        FlagCaps,
-        FlagChecker,
-        FlagPolicy,
-        normalize_flags,
-        split_flags_header,
-    )
+    from llama_proc.proxy.flag_caps import FlagCaps
+    from llama_proc.proxy.flag_checker import FlagChecker, normalize_flags, split_flags_header
+    from llama_proc.proxy.flag_policy import FlagPolicy
     from llama_proc.proxy.gate import run_proxy
     from llama_proc.proxy.models_config import (
         ModelsConfig,
@@ -67,9 +63,9 @@ __all__ = [
 
 _MODULES: Final = {
     "app": ("create_app",),
-    "flag_policy": (
-        "FlagCaps", "FlagChecker", "FlagPolicy", "normalize_flags", "split_flags_header",
-    ),
+    "flag_caps": ("FlagCaps",),
+    "flag_checker": ("FlagChecker", "normalize_flags", "split_flags_header"),
+    "flag_policy": ("FlagPolicy",),
     "gate": ("run_proxy",),
     "models_config": (
         "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",

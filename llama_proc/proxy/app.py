@@ -35,7 +35,7 @@ from llama_proc.errors import (
 from llama_proc.proxy.auth import _ADMIN_PREFIX, _PUBLIC_PATHS, Role
 from llama_proc.proxy.body_policy import BodyChecker
 from llama_proc.proxy.downloads import ModelDownloads
-from llama_proc.proxy.flag_policy import FLAGS_HEADER, FlagChecker
+from llama_proc.proxy.flag_checker import FLAGS_HEADER, FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics, merge_upstream
 from llama_proc.proxy.pool import Lease, ServerPool
 from llama_proc.proxy.relay import (

@@ -45,7 +45,7 @@ Request bodies are held to server-wide :class:`~llama_proc.proxy.body_policy.Bod
     grammar = { max_bytes = 16384, max_depth = 16 }
     fields = ["my_extension"]
 
-Given server-wide :class:`~llama_proc.proxy.flag_policy.FlagCaps` (``serve --max-threads``,
+Given server-wide :class:`~llama_proc.proxy.flag_caps.FlagCaps` (``serve --max-threads``,
 ...), every model's options and ``extra_args``, and every ``request_flags`` max, are checked
 against them when the config is read.
 
@@ -70,11 +70,14 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
 from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.body_policy import BodyCaps, BodyPolicy
-from llama_proc.proxy.flag_policy import FlagCaps, FlagChecker, FlagPolicy
+from llama_proc.proxy.flag_checker import FlagChecker
+from llama_proc.proxy.flag_policy import FlagPolicy
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
+
+    from llama_proc.proxy.flag_caps import FlagCaps
 
 __all__ = [
     "CONFIG_ENV",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ConfigError
 from llama_proc.proxy.body_policy import BodyCaps
-from llama_proc.proxy.flag_policy import FlagCaps
+from llama_proc.proxy.flag_caps import FlagCaps
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:

@@ -13,7 +13,10 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc._cli.serve import is_loopback, read_api_keys
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.flag_policy import Bounds, FlagCaps, FlagChecker, FlagRule
+from llama_proc.proxy.flag_caps import FlagCaps
+from llama_proc.proxy.flag_checker import FlagChecker
+from llama_proc.proxy.flag_names import Bounds
+from llama_proc.proxy.flag_policy import FlagRule
 from llama_proc.proxy.models_config import load_models, load_models_config, scan_models_dir
 
 
