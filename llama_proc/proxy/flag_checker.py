@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from llama_proc.proxy.flag_names import Number
     from llama_proc.proxy.flag_policy import FlagPolicy, FlagRule
-    from llama_proc.proxy.models_config import ModelSpec
+    from llama_proc.proxy.model_spec import ModelSpec
     from llama_proc.runtime.flags import BinaryFlags
 
 __all__ = [

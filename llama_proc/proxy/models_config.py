@@ -62,7 +62,6 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -72,10 +71,11 @@ from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.body_policy import BodyCaps, BodyPolicy
 from llama_proc.proxy.flag_checker import FlagChecker
 from llama_proc.proxy.flag_policy import FlagPolicy
+from llama_proc.proxy.model_spec import ModelsConfig, ModelSpec
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Mapping
 
     from llama_proc.proxy.flag_caps import FlagCaps
 
@@ -100,76 +100,6 @@ _DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags", "re
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
 _SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})$")
 _ID_RE: Final = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """One model the proxy can serve.
-
-    Attributes:
-        id: the name clients put in ``model``.
-        path: the GGUF file (first shard for split models); None for a reference not fetched
-            yet.
-        ref: the Hugging Face reference the config names (``model = "org/repo:QUANT"``).
-        mmproj: also fetch the referenced repository's multimodal projector.
-        options: :class:`~llama_proc.runtime.ServerArgs` keyword arguments.
-        extra_args: trusted extra llama-server flags from the config, placed before per-request
-            flags.
-        aliases: other names that resolve to this model.
-        idle_ttl: seconds an idle server stays up; None = the pool default, 0 = never unload.
-        source: where the entry came from (for ``/v1/models`` and error messages).
-        request_flags: which ``X-Llama-Flags`` clients may send for this model (none by
-            default).
-        request_body: this model's limits on request bodies, under the server-wide caps.
-    """
-
-    id: str
-    path: Path | None = None
-    ref: ModelRef | None = None
-    mmproj: bool = False
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
-    extra_args: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    idle_ttl: float | None = None
-    source: str = ""
-    request_flags: FlagPolicy = field(default_factory=FlagPolicy)
-    request_body: BodyPolicy = field(default_factory=BodyPolicy)
-
-    def __post_init__(self) -> None:
-        if self.path is None and self.ref is None:
-            msg = f"model {self.id!r} needs a path or a Hugging Face reference"
-            raise ConfigError(msg)
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    """The set of models the proxy serves, by id, with alias lookup."""
-
-    models: Mapping[str, ModelSpec]
-    _names: Mapping[str, str] = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        names: dict[str, str] = {model_id: model_id for model_id in self.models}
-        for spec in self.models.values():
-            for alias in spec.aliases:
-                if names.setdefault(alias, spec.id) != spec.id:
-                    msg = (
-                        f"model alias {alias!r} of {spec.id!r} is already used by "
-                        f"{names[alias]!r}; give it a different name"
-                    )
-                    raise ConfigError(msg)
-        object.__setattr__(self, "_names", MappingProxyType(names))
-
-    def resolve(self, name: str) -> ModelSpec | None:
-        """The model called ``name`` (an id or an alias), or None."""
-        model_id = self._names.get(name)
-        return None if model_id is None else self.models[model_id]
-
-    def __len__(self) -> int:
-        return len(self.models)
-
-    def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(self.models.values())
 
 
 def load_models_config(

@@ -354,3 +354,30 @@ def test_importing_the_proxy_package_does_not_import_aiohttp() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _proxy_imports(module: str) -> set[str]:
+    """The llama_proc.proxy modules ``module`` imports, type-only imports included."""
+    import ast
+
+    path = Path(__file__).parents[2] / "llama_proc" / "proxy" / f"{module}.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llama_proc.proxy."):
+            found.add((node.module or "").removeprefix("llama_proc.proxy."))
+    return found
+
+
+def test_flag_modules_and_model_records_form_no_import_cycle() -> None:
+    modules = ("flag_caps", "flag_names", "flag_policy", "flag_checker", "model_spec")
+    graph = {m: _proxy_imports(m) for m in modules}
+    for module in modules:
+        # Every module below the models config is a leaf for it: none reaches back up.
+        assert "models_config" not in graph[module], module
+        seen, todo = set(), list(graph[module])
+        while todo:
+            other = todo.pop()
+            assert other != module, f"{module} imports itself through {other}"
+            if other in graph and other not in seen:
+                seen.add(other)
+                todo += graph[other]
