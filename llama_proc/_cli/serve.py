@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "API_KEYS_ENV",
     "body_caps",
+    "check_config",
     "flag_caps",
     "is_loopback",
     "read_api_keys",
@@ -53,14 +54,30 @@ def register(subparsers: Any) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="models config (TOML: [defaults] and [models.<id>] tables with path = ...); "
+        help="models config: llama-proc's TOML ([defaults] and [models.<id>] tables), a "
+        "llama.cpp preset (.ini), a llama-swap config (.yaml/.yml) or a models folder; "
         "default: $LLAMA_PROC_CONFIG",
+    )
+    src.add_argument(
+        "--models-preset",
+        type=Path,
+        metavar="FILE",
+        help="also offer the models of a llama.cpp router preset INI ([*] and [<id>] sections "
+        "of llama-server flags)",
     )
     src.add_argument(
         "--models-dir",
         type=Path,
         metavar="DIR",
-        help="also offer every .gguf file under DIR, named by its relative path without .gguf",
+        help="also offer the models in DIR as llama.cpp's router does: each .gguf by its "
+        "name, each folder holding one (split or multimodal) model by the folder's name",
+    )
+    src.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="FILE",
+        help="print what each model in FILE (any format above) resolves to, then exit: "
+        "0 when it loads, 2 with one line naming the file, line and key when it does not",
     )
     provisioning = p.add_argument_group("llama-server provisioning")
     add_settings_flags(provisioning, "server_binary", *PROVISION_FLAGS)
@@ -347,6 +364,44 @@ def body_caps(args: argparse.Namespace) -> BodyCaps:
         raise ConfigError(msg) from None
 
 
+def check_config(path: Path, caps: FlagCaps, bodies: BodyCaps) -> int:
+    """``serve --check-config FILE``: print each model's id, aliases, source and flags.
+
+    Returns:
+        0 when the file loads; 2 (one line on stderr, naming file, line and key) when not.
+    """
+    import shlex
+    import sys
+
+    from llama_proc._cli.common import EXIT_USAGE
+    from llama_proc._text import printable_lines
+    from llama_proc.errors import ConfigError, InvalidArgumentError
+    from llama_proc.proxy.configs import load_config
+    from llama_proc.runtime.args import ServerArgs
+
+    try:
+        models = load_config(path, caps=caps, body_caps=bodies)
+        lines = [f"{path}: {len(models)} model(s)"]
+        for spec in models:
+            argv = ServerArgs.from_options(**spec.options, extra_args=spec.extra_args).to_argv()
+            at = argv.index("--host")
+            del argv[at : at + 2]  # the pool binds each server itself
+            source = f"-m {spec.path}" if spec.ref is None else f"-hf {spec.ref}"
+            lines += [
+                f"{spec.id}:",
+                f"  aliases: {', '.join(spec.aliases) or '-'}",
+                f"  model: {source}" + (" (with its mmproj)" if spec.mmproj else ""),
+                f"  flags: {shlex.join(argv) or '-'}",
+            ]
+            if spec.idle_ttl is not None:
+                lines.append(f"  idle_ttl: {spec.idle_ttl:g}s")
+    except (ConfigError, InvalidArgumentError) as err:
+        print(f"llama-proc: error: {printable_lines(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print(printable_lines("\n".join(lines)))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT/SIGTERM."""
     import asyncio
@@ -356,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llama_proc.errors import ConfigError
     from llama_proc.proxy.budget import estimate_server_memory, parse_memory_budget
-    from llama_proc.proxy.models_config import load_models
+    from llama_proc.proxy.configs import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
         DEFAULT_MAX_QUEUE,
@@ -369,6 +424,8 @@ def run(args: argparse.Namespace) -> int:
     from llama_proc.proxy.threads import split_threads, usable_cpus
 
     log = logging.getLogger("llama_proc.proxy")
+    if args.check_config is not None:
+        return check_config(args.check_config, flag_caps(args), body_caps(args))
     if not args.allow_remote and not is_loopback(args.host):
         msg = (
             f"refusing to bind {args.host}: it is not a loopback address; pass --allow-remote "
@@ -407,7 +464,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(msg)
     caps = flag_caps(args)
     bodies = body_caps(args)
-    models = load_models(args.config, args.models_dir, caps=caps, body_caps=bodies)
+    models = load_models(
+        args.config, args.models_dir, preset=args.models_preset, caps=caps, body_caps=bodies
+    )
 
     # Resolve the binary once, up front: a provisioning problem shows now, not on the first
     # request, and every server in the pool runs the same build.

@@ -168,6 +168,11 @@ class FlagNames:
         self._numbers: dict[str, Number] | None = None
         self._capped: dict[str, str] | None = None
 
+    def known(self, flag: str) -> bool:
+        """Whether this package's tables or the installed binary name ``flag``."""
+        name = normalize_flag(flag)
+        return name in _static_names()[0] or (self.binary is not None and name in self.binary)
+
     def group(self, flag: str) -> frozenset[str]:
         """Every spelling of the option ``flag`` names (``{flag}`` when it is unknown)."""
         name = normalize_flag(flag)

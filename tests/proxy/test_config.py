@@ -13,11 +13,12 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc._cli.serve import is_loopback, read_api_keys
 from llama_proc.errors import ConfigError
+from llama_proc.proxy.configs import load_models, scan_models_dir
 from llama_proc.proxy.flag_caps import FlagCaps
 from llama_proc.proxy.flag_checker import FlagChecker
 from llama_proc.proxy.flag_names import Bounds
 from llama_proc.proxy.flag_policy import FlagRule
-from llama_proc.proxy.models_config import load_models, load_models_config, scan_models_dir
+from llama_proc.proxy.models_config import load_models_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -209,9 +210,12 @@ def test_models_dir_scan(tmp_path: Path) -> None:
     ):
         write(root / name, "x")
     config = scan_models_dir(root, defaults={"ctx_size": 256})
-    assert sorted(config.models) == ["Alpha.Q4_K_M", "split/big", "sub/beta"]
+    # A folder holding one model is that model, named by the folder (llama.cpp's router
+    # layout); the name it had before stays an alias.
+    assert sorted(config.models) == ["Alpha.Q4_K_M", "split", "sub"]
     big = config.resolve("split/big")
     assert big is not None
+    assert big.id == "split"
     assert big.path == root / "split" / "big-00001-of-00002.gguf"
     assert dict(big.options) == {"ctx_size": 256}
 
