@@ -521,3 +521,28 @@ def test_serve_from_a_llama_swap_config_answers_a_chat(
             reply = json.loads(resp.read())
     assert reply["choices"][0]["message"]["content"].strip()
     assert reply["usage"]["completion_tokens"] > 0
+
+
+def test_a_flag_missing_its_value_does_not_swallow_the_next_flag(tmp_path: Path) -> None:
+    old_style = write(tmp_path / "a.yaml", _swap_model("llama-server -m a.gguf -fa -c 512"))
+    spec = load_llama_swap(old_style).resolve("m")
+    assert spec is not None
+    # Builds before on|off|auto took a bare -fa for "on".
+    assert dict(spec.options) == {"flash_attn": "on", "ctx_size": 512}
+    missing = write(tmp_path / "b.yaml", _swap_model("llama-server -m a.gguf -c -t 2"))
+    one_line_error(load_llama_swap, missing, 3, "-c needs a value")
+
+
+def test_preset_files_are_read_as_data(tmp_path: Path) -> None:
+    ini = write(tmp_path / "p.ini", "[m]\nmodel = a.gguf\nalias = 100%(home)s\n")
+    spec = load_preset_ini(ini).resolve("m")
+    assert spec is not None
+    assert spec.options["alias"] == "100%(home)s"  # no interpolation
+    # Flags per request stay off: only llama-proc's TOML can allow them.
+    assert not spec.request_flags.enabled
+    big = write(tmp_path / "big.ini", "[m]\n; " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="over 1024 KiB"):
+        load_preset_ini(big)
+    binary = tmp_path / "bin.ini"
+    binary.write_bytes(b"[m]\nmodel = a.gguf\nalias = \xff\xfe\n")
+    one_line_error(load_preset_ini, binary, 3, "not UTF-8")

@@ -210,10 +210,12 @@ def model_table(groups: Sequence[FlagGroup], names: FlagNames | None = None) -> 
             value: str | None = None
             if eq:
                 value, i = inline, i + 1
-            elif takes:
-                if i + 1 >= len(tokens):
+            elif takes and (i + 1 >= len(tokens) or is_flag(tokens[i + 1])):
+                if flag not in _fields() or _fields()[flag][0].metadata["kind"] != "onoff":
                     msg = f"{group.where}: {flag} needs a value"
                     raise ConfigError(msg)
+                i += 1  # a bare -fa, as builds before on|off|auto took it: on
+            elif takes:
                 value, i = tokens[i + 1], i + 2
             else:
                 i += 1
