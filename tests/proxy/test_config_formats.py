@@ -80,7 +80,7 @@ n_gpu_layers = 0
 flash_attn = "off"
 extra_args = ["--temp", "0.7", "--no-mmap"]
 
-[models.qwen]
+[models."{QWEN}"]
 model = "{QWEN}"
 parallel = 2
 """
@@ -105,14 +105,14 @@ ngl = 0
 temp = 0.7
 no-mmap = true
 
-[qwen]
-hf-repo = {QWEN}
+[{QWEN}]
 LLAMA_ARG_N_PARALLEL = 2
 """,
     )
     expected = load_models_config(toml)
     got = load_preset_ini(ini)
     # parallel = 1 from [*] is the one key the TOML lacks: the model section's 2 wins for qwen.
+    # A section named like a Hugging Face model (as the router's cache models are) is that model.
     smol = got.resolve("smol")
     assert smol is not None
     assert smol.options["parallel"] == 1

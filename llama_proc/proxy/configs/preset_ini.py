@@ -28,7 +28,8 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import ConfigError
+from llama_proc.errors import ConfigError, ModelFileError
+from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.configs.server_flags import (
     FlagGroup,
     flag_for_key,
@@ -88,8 +89,12 @@ def load_preset_ini(
         merged = {**base, **own}  # a model's keys win over [*]
         flags = model_table(list(merged.values()), names)
         if flags.path is None and flags.model is None:
+            # As in the router, a section named like a Hugging Face model is that model.
+            flags.model = section if _is_hf_ref(section) else None
+        if flags.model is None and flags.path is None:
             msg = (
-                f"{where}: [{section}]: no model; add model = FILE.gguf or hf-repo = org/repo:QUANT"
+                f"{where}: [{section}]: no model; add model = FILE.gguf or hf-repo = "
+                "org/repo:QUANT, or name the section org/repo:QUANT"
             )
             raise ConfigError(msg)
         ignored += [f"[{section}] {flag}" for flag in flags.dropped]
@@ -114,6 +119,13 @@ def load_preset_ini(
     except ConfigError as err:
         msg = f"{path}: {err}"
         raise ConfigError(msg) from None
+
+
+def _is_hf_ref(name: str) -> bool:
+    try:
+        return "/" in name and ModelRef.parse(name) is not None
+    except ModelFileError:
+        return False
 
 
 def _section_flags(
