@@ -400,11 +400,11 @@ def test_every_format_keeps_the_server_wide_caps(tmp_path: Path) -> None:
     ini = write(tmp_path / "m.ini", "[m]\nmodel = a.gguf\n\nthreads = 16\n")
     swap = write(tmp_path / "m.yaml", _swap_model("llama-server -m a.gguf -t 16"))
     cap_text = r"threads=16 is above the server-wide cap of 4 \(serve --max-threads\)"
-    for path, line in ((toml, None), (ini, 1), (swap, 2)):
+    for path, at in ((toml, None), (ini, "4: threads: "), (swap, "3: models.m.cmd: ")):
         with pytest.raises(ConfigError, match=cap_text) as info:
             load_config(path, caps=caps)
-        if line is not None:
-            assert str(info.value).startswith(f"{path}:{line}: "), info.value
+        if at is not None:
+            assert str(info.value).startswith(f"{path}:{at}"), info.value
     # An unknown flag that is capped only through extra_args counts too (-np with -c).
     swap = write(tmp_path / "n.yaml", _swap_model("llama-server -m a.gguf -c 4096 -np 4"))
     with pytest.raises(ConfigError, match=r"4096 x 4 = 16384 tokens is above"):
@@ -450,7 +450,7 @@ def test_check_config_bad_file_is_one_line_and_exit_2(
     assert run_serve(["--check-config", str(ini), "--max-threads", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith(f"llama-proc: error: {ini}:1: [models.m]: threads=64 is above")
+    assert err.startswith(f"llama-proc: error: {ini}:3: threads: [models.m]: threads=64 is above")
 
 
 def test_models_preset_flag_adds_to_the_config(tmp_path: Path) -> None:

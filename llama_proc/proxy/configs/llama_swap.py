@@ -104,7 +104,8 @@ def load_llama_swap(
             models_from_mapping(
                 {"models": {model_id: table}},
                 base=path.parent,
-                where=at("models", model_id),
+                # What is left to refuse here comes from the cmd line's flags.
+                where=f"{at('models', model_id, 'cmd')}: models.{model_id}.cmd",
                 caps=caps,
                 body_caps=body_caps,
             ).models

@@ -42,9 +42,11 @@ from llama_proc.proxy.model_spec import ModelsConfig, ModelSpec
 from llama_proc.proxy.models_config import models_from_mapping
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from llama_proc.proxy.body_policy import BodyCaps
+    from llama_proc.proxy.configs.server_flags import ModelFlags
     from llama_proc.proxy.flag_caps import FlagCaps
 
 __all__ = ["GLOBAL_SECTION", "load_preset_ini"]
@@ -98,16 +100,20 @@ def load_preset_ini(
             )
             raise ConfigError(msg)
         ignored += [f"[{section}] {flag}" for flag in flags.dropped]
-        table: dict[str, Any] = flags.table()
-        models.update(
-            models_from_mapping(
+
+        def build(table: dict[str, Any], where: str, section: str = section) -> ModelsConfig:
+            return models_from_mapping(
                 {"models": {section: table}},
                 base=path.parent,
                 where=where,
                 caps=caps,
                 body_caps=body_caps,
-            ).models
-        )
+            )
+
+        try:
+            models.update(build(flags.table(), where).models)
+        except ConfigError:
+            raise _pin_to_key(list(merged.values()), flags, names, build) from None
     if ignored:
         logger.warning(
             "%s: ignoring what llama-proc sets itself or has no equivalent for: %s",
@@ -119,6 +125,27 @@ def load_preset_ini(
     except ConfigError as err:
         msg = f"{path}: {err}"
         raise ConfigError(msg) from None
+
+
+def _pin_to_key(
+    groups: list[FlagGroup],
+    flags: ModelFlags,
+    names: FlagNames,
+    build: Callable[[dict[str, Any], str], ModelsConfig],
+) -> ConfigError:
+    """The error a model's keys cause, named by the first key with which they fail.
+
+    Keys are added one at a time, in the order the model gets them; the first prefix that
+    fails (a value above a cap, a bad value) is reported at its last key's line.
+    """
+    for n in range(1, len(groups) + 1):
+        prefix = model_table(groups[:n], names)
+        prefix.path, prefix.model = flags.path, flags.model
+        try:
+            build(prefix.table(), groups[n - 1].where)
+        except ConfigError as err:
+            return err
+    return ConfigError(f"{groups[-1].where}: the model's keys together are refused")
 
 
 def _is_hf_ref(name: str) -> bool:
