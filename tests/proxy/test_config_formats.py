@@ -333,7 +333,7 @@ def _swap_model(cmd: str, extra: str = "") -> str:
         pytest.param(_swap_model("llama-server -m a.gguf", "    ttl: -1\n"), 4, "models.m.ttl",
                      id="negative-ttl"),
         pytest.param(_swap_model("llama-server -m a.gguf") + "groups:\n  g:\n    members: [x]\n",
-                     5, "groups.g.members: 'x'", id="unknown-member"),
+                     6, "groups.g.members: 'x'", id="unknown-member"),
         pytest.param("models:\n  m:\n    ttl: 5\n", 2, "models.m.cmd: missing", id="no-cmd"),
         pytest.param(_swap_model("llama-server -m a.gguf -c lots"), 3, "-c 'lots'",
                      id="not-a-number"),
@@ -546,3 +546,12 @@ def test_preset_files_are_read_as_data(tmp_path: Path) -> None:
     binary = tmp_path / "bin.ini"
     binary.write_bytes(b"[m]\nmodel = a.gguf\nalias = \xff\xfe\n")
     one_line_error(load_preset_ini, binary, 3, "not UTF-8")
+
+
+def test_llama_swap_cmd_may_run_the_official_llama_binary(tmp_path: Path) -> None:
+    swap = write(
+        tmp_path / "c.yaml", _swap_model("/usr/local/bin/llama serve --port ${PORT} -m a.gguf")
+    )
+    spec = load_llama_swap(swap).resolve("m")
+    assert spec is not None
+    assert spec.path == tmp_path / "a.gguf"

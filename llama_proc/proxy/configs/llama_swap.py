@@ -25,7 +25,7 @@ anchor/alias expansion beyond :data:`MAX_NODES` is refused.
 from __future__ import annotations
 
 import logging
-import posixpath
+import ntpath
 import re
 import shlex
 from typing import TYPE_CHECKING, Any, Final
@@ -174,7 +174,7 @@ def _command(cmd: str, where: str) -> tuple[str, ...]:
     except ValueError as err:
         msg = f"{where}: not valid shell-style quoting ({err}); fix the quotes"
         raise ConfigError(msg) from None
-    program = posixpath.basename(words[0]) if words else ""
+    program = ntpath.basename(words[0])  # either separator if words else ""
     if program.startswith("llama-server"):
         words = words[1:]
     elif program == "llama" and words[1:2] == ["serve"]:
@@ -233,14 +233,14 @@ def _groups(value: object, tables: Mapping[str, Any], at: Any, ignored: list[str
         raise ConfigError(msg)
     persistent: set[str] = set()
     for name, group in value.items():
-        where = f"{at('groups', str(name))}: groups.{name}"
+        where = f"{at('groups', str(name), 'members')}: groups.{name}.members"
         members = group.get("members") if isinstance(group, dict) else None
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            msg = f"{where}.members: must be a list of model ids"
+            msg = f"{where}: must be a list of model ids"
             raise ConfigError(msg)
         for member in members:
             if member not in tables:
-                msg = f"{where}.members: {member!r} is not a model in models:; add it or remove it"
+                msg = f"{where}: {member!r} is not a model in models:; add it or remove it"
                 raise ConfigError(msg)
         ignored += [f"groups.{name}.{k}" for k in group if k not in _GROUP_KEYS]
         if group.get("persistent") is True:
