@@ -335,6 +335,8 @@ def _swap_model(cmd: str, extra: str = "") -> str:
         pytest.param(_swap_model("llama-server -m a.gguf") + "groups:\n  g:\n    members: [x]\n",
                      6, "groups.g.members: 'x'", id="unknown-member"),
         pytest.param("models:\n  m:\n    ttl: 5\n", 2, "models.m.cmd: missing", id="no-cmd"),
+        pytest.param(_swap_model("llama-server -m a.gguf") + "  m:\n    cmd: llama-server\n", 4,
+                     "models.m: given twice (also line 2)", id="duplicate-model"),
         pytest.param(_swap_model("llama-server -m a.gguf -c lots"), 3, "-c 'lots'",
                      id="not-a-number"),
         pytest.param(_swap_model("llama-server --port ${PORT} -c 5"), 3, "names no model",

@@ -269,7 +269,7 @@ def _load_yaml(path: Path) -> tuple[object, dict[tuple[str, ...], int]]:
         raise ConfigError(msg) from None
     finally:
         loader.dispose()
-    return data, _lines(node)
+    return data, _lines(node, path)
 
 
 def _bound(root: yaml.Node, path: Path) -> None:
@@ -293,7 +293,8 @@ def _bound(root: yaml.Node, path: Path) -> None:
             stack += node.value
 
 
-def _lines(root: yaml.Node) -> dict[tuple[str, ...], int]:
+def _lines(root: yaml.Node, path: Path) -> dict[tuple[str, ...], int]:
+    """Key path -> line, for the keys under models, macros and groups (three levels)."""
     lines: dict[tuple[str, ...], int] = {(): 1}
     todo: list[tuple[tuple[str, ...], yaml.Node]] = [((), root)]
     while todo:
@@ -303,6 +304,13 @@ def _lines(root: yaml.Node) -> dict[tuple[str, ...], int]:
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
                 here = (*prefix, str(key.value))
-                lines.setdefault(here, key.start_mark.line + 1)
+                if here in lines:
+                    # safe_load keeps the last silently: a second model of one id would hide.
+                    msg = (
+                        f"{path}:{key.start_mark.line + 1}: {'.'.join(here)}: given twice (also "
+                        f"line {lines[here]}); keep one"
+                    )
+                    raise ConfigError(msg)
+                lines[here] = key.start_mark.line + 1
                 todo.append((here, value))
     return lines
