@@ -129,7 +129,7 @@ LLAMA_ARG_N_PARALLEL = 2
     [
         pytest.param("c = 2048\n[m]\nmodel = a.gguf\n", 1, "'c = 2048'", id="key-before-section"),
         pytest.param("[m]\nmodel = a.gguf\nc = 1\nc = 2\n", 4, "c: given twice", id="duplicate"),
-        pytest.param("[m]\nmodel = a.gguf\n\nc = abc\n", 4, "c: -c 'abc'", id="not-a-number"),
+        pytest.param("[m]\nmodel = a.gguf\n\nc = abc\n", 4, "c: -c 'abc': not a whole number", id="not-a-number"),
         pytest.param("[m]\nmodel = a.gguf\njinja = maybe\n", 3, "jinja: --jinja is a switch",
                      id="switch-value"),
         pytest.param("[m]\nmodel = a.gguf\nLLAMA_ARG_NOPE = 1\n", 3, "LLAMA_ARG_NOPE",

@@ -155,7 +155,7 @@ def switch_tokens(flag: str, value: str, names: FlagNames | None = None) -> tupl
         takes = word not in TRUE_WORDS | FALSE_WORDS
     if takes:
         if not value.strip():
-            msg = f"{flag} needs a value"
+            msg = f"{flag} needs a value; write {flag} = VALUE"
             raise ConfigError(msg)
         return (flag, value.strip())
     if word in TRUE_WORDS:
@@ -212,7 +212,7 @@ def model_table(groups: Sequence[FlagGroup], names: FlagNames | None = None) -> 
                 value, i = inline, i + 1
             elif takes and (i + 1 >= len(tokens) or is_flag(tokens[i + 1])):
                 if flag not in _fields() or _fields()[flag][0].metadata["kind"] != "onoff":
-                    msg = f"{group.where}: {flag} needs a value"
+                    msg = f"{group.where}: {flag} needs a value; add it after the flag"
                     raise ConfigError(msg)
                 i += 1  # a bare -fa, as builds before on|off|auto took it: on
             elif takes:
@@ -255,7 +255,7 @@ def _once(old: str | None, value: str | None, flag: str, where: str) -> str:
         msg = f"{where}: {flag} is given twice; name the model once"
         raise ConfigError(msg)
     if not value:
-        msg = f"{where}: {flag} needs a value"
+        msg = f"{where}: {flag} needs a value; add it after the flag"
         raise ConfigError(msg)
     return value
 
@@ -282,6 +282,6 @@ def _option(
     if "int" in types and re.fullmatch(r"-?[0-9]{1,12}", text):
         return int(text)
     if "int" in types and "str" not in types:
-        msg = f"{where}: {flag} {text!r}: the value must be a whole number"
+        msg = f"{where}: {flag} {text!r}: not a whole number; write it in digits"
         raise ConfigError(msg)
     return text
