@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import argparse
 
     from llama_proc.proxy.body_policy import BodyCaps
-    from llama_proc.proxy.flag_policy import FlagCaps
+    from llama_proc.proxy.flag_caps import FlagCaps
 
 __all__ = [
     "API_KEYS_ENV",
@@ -53,14 +53,30 @@ def register(subparsers: Any) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="models config (TOML: [defaults] and [models.<id>] tables with path = ...); "
+        help="models config: llama-proc's TOML ([defaults] and [models.<id>] tables), a "
+        "llama.cpp preset (.ini), a llama-swap config (.yaml/.yml) or a models folder; "
         "default: $LLAMA_PROC_CONFIG",
+    )
+    src.add_argument(
+        "--models-preset",
+        type=Path,
+        metavar="FILE",
+        help="also offer the models of a llama.cpp router preset INI ([*] and [<id>] sections "
+        "of llama-server flags)",
     )
     src.add_argument(
         "--models-dir",
         type=Path,
         metavar="DIR",
-        help="also offer every .gguf file under DIR, named by its relative path without .gguf",
+        help="also offer the models in DIR as llama.cpp's router does: each .gguf by its "
+        "name, each folder holding one (split or multimodal) model by the folder's name",
+    )
+    src.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="FILE",
+        help="print what each model in FILE (any format above) resolves to, then exit: "
+        "0 when it loads, 2 with one line naming the file, line and key when it does not",
     )
     provisioning = p.add_argument_group("llama-server provisioning")
     add_settings_flags(provisioning, "server_binary", *PROVISION_FLAGS)

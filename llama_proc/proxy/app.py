@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from llama_proc.errors import ConfigError, InvalidArgumentError
-from llama_proc.proxy.flag_policy import FlagChecker
+from llama_proc.proxy.flag_checker import FlagChecker
 from llama_proc.proxy.forward import Forwarder
 from llama_proc.proxy.middleware import Gatekeeper
 from llama_proc.proxy.pool import ServerPool

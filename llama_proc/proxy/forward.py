@@ -23,7 +23,7 @@ from llama_proc.errors import (
     ModelFileError,
     ServerExitedError,
 )
-from llama_proc.proxy.flag_policy import FLAGS_HEADER
+from llama_proc.proxy.flag_checker import FLAGS_HEADER
 from llama_proc.proxy.relay import (
     MAX_CACHED_URLS,
     MODEL_HEADER,

@@ -14,7 +14,7 @@ import aiohttp
 
 from llama_proc.proxy.body_policy import BodyChecker
 from llama_proc.proxy.downloads import ModelDownloads
-from llama_proc.proxy.flag_policy import FlagChecker
+from llama_proc.proxy.flag_checker import FlagChecker
 from llama_proc.proxy.metrics import ProxyMetrics
 from llama_proc.proxy.relay import UPSTREAM_CONNECT_TIMEOUT, UPSTREAM_KEEPALIVE
 

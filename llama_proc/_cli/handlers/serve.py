@@ -5,26 +5,62 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from llama_proc._cli.common import settings_from_args
-from llama_proc.errors import ConfigError
+from llama_proc._cli.common import EXIT_USAGE, settings_from_args
+from llama_proc._text import printable_lines
+from llama_proc.errors import ConfigError, InvalidArgumentError
 from llama_proc.provision import ensure_server
 from llama_proc.proxy.app import create_app
 from llama_proc.proxy.budget import estimate_server_memory
+from llama_proc.proxy.configs import load_config, load_models
 from llama_proc.proxy.downloads import ModelDownloads
 from llama_proc.proxy.gate import run_proxy
-from llama_proc.proxy.models_config import load_models
 from llama_proc.proxy.options import event_loop_factory, pool_limits_of, proxy_options_of
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.prompt_cache import POOLED_CACHE_RAM_MIB, with_prompt_cache
 from llama_proc.proxy.serve_options import ServeOptions, is_loopback
 from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.proxy.threads import split_threads, usable_cpus
+from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
+
+    from llama_proc.proxy.body_policy import BodyCaps
+    from llama_proc.proxy.flag_caps import FlagCaps
+
+
+def check_config(path: Path, caps: FlagCaps, bodies: BodyCaps) -> int:
+    """``serve --check-config FILE``: print each model's id, aliases, source and flags.
+
+    Returns:
+        0 when the file loads; 2 (one line on stderr, naming file, line and key) when not.
+    """
+    try:
+        models = load_config(path, caps=caps, body_caps=bodies)
+        lines = [f"{path}: {len(models)} model(s)"]
+        for spec in models:
+            argv = ServerArgs.from_options(**spec.options, extra_args=spec.extra_args).to_argv()
+            at = argv.index("--host")
+            del argv[at : at + 2]  # the pool binds each server itself
+            source = f"-m {spec.path}" if spec.ref is None else f"-hf {spec.ref}"
+            lines += [
+                f"{spec.id}:",
+                f"  aliases: {', '.join(spec.aliases) or '-'}",
+                f"  model: {source}" + (" (with its mmproj)" if spec.mmproj else ""),
+                f"  flags: {shlex.join(argv) or '-'}",
+            ]
+            if spec.idle_ttl is not None:
+                lines.append(f"  idle_ttl: {spec.idle_ttl:g}s")
+    except (ConfigError, InvalidArgumentError) as err:
+        print(f"llama-proc: error: {printable_lines(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    print(printable_lines("\n".join(lines)))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,8 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if serve.allow_remote and not is_loopback(serve.host) and not (api_keys or admin_keys):
         log.warning("serving %s without API keys: anyone who can reach it can use it", serve.host)
     options = proxy_options_of(serve, api_keys, admin_keys)
+    if args.check_config is not None:
+        return check_config(args.check_config, options.flag_caps, options.body_caps)
     models = load_models(
-        args.config, args.models_dir, caps=options.flag_caps, body_caps=options.body_caps
+        args.config,
+        args.models_dir,
+        preset=args.models_preset,
+        caps=options.flag_caps,
+        body_caps=options.body_caps,
     )
 
     # Resolve the binary once, up front: a provisioning problem shows now, not on the first
