@@ -1,0 +1,201 @@
+"""The pool's bookkeeping: one entry per server key, one ticket per waiting request.
+
+:class:`Entry` is what the pool knows of one server (state, handle, counters, memory);
+:class:`Ticket` is one request waiting for room; :class:`ServerInfo` is the snapshot of an
+entry that ``GET /servers`` and the gauges show.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Iterator, Mapping
+
+    from llama_proc.proxy.models_config import ModelSpec
+    from llama_proc.proxy.pool import Lease
+    from llama_proc.proxy.servers import ServerHandle
+
+__all__ = [
+    "Entry",
+    "EvictReason",
+    "HealReason",
+    "Healed",
+    "ServerInfo",
+    "State",
+    "Ticket",
+    "gauges",
+    "server_key",
+    "snapshot",
+]
+
+
+State = Literal["stopped", "queued", "starting", "ready", "stopping"]
+EvictReason = Literal["lru", "memory", "idle", "manual"]
+HealReason = Literal["crash", "wedge", "stall"]
+
+
+@dataclass(frozen=True)
+class Healed:
+    """Why the pool stopped a server that was still running (see :meth:`Lease.healed`)."""
+
+    reason: Literal["wedge", "stall"]
+    what: str
+    """What it did, e.g. ``stopped answering (3 health probes failed)``."""
+
+
+@functools.lru_cache(maxsize=1024)
+def server_key(model_id: str, flags: tuple[str, ...]) -> str:
+    """A stable short key for (model id, normalized flags): same inputs, same key, any process."""
+    blob = json.dumps([model_id, list(flags)], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A snapshot of one pool entry (for ``GET /servers`` and metrics)."""
+
+    key: str
+    model: str
+    flags: tuple[str, ...]
+    state: State
+    url: str | None
+    pid: int | None
+    active: int
+    draining: bool
+    requests: int
+    starts: int
+    crashes: int
+    last_used: float | None
+    """Seconds since the last request ended (None if never used)."""
+    last_error: str | None
+    queued: int = 0
+    """Requests waiting for this server."""
+    restarts: int = 0
+    """Times it was replaced for being unhealthy (crash, wedge, stall)."""
+    memory: int = 0
+    """Estimated bytes (0 = unknown or no budget)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "key": self.key,
+            "model": self.model,
+            "flags": list(self.flags),
+            "state": self.state,
+            "url": self.url,
+            "pid": self.pid,
+            "active_requests": self.active,
+            "queued_requests": self.queued,
+            "draining": self.draining,
+            "requests": self.requests,
+            "starts": self.starts,
+            "crashes": self.crashes,
+            "restarts": self.restarts,
+            "memory_estimate": self.memory or None,
+            "idle_seconds": None if self.last_used is None else round(self.last_used, 3),
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(eq=False)
+class Entry:
+    """What the pool knows of one server key: state, handle, counters, memory."""
+
+    key: str
+    spec: ModelSpec
+    flags: tuple[str, ...]
+    state: Literal["stopped", "starting", "ready", "stopping"] = "stopped"
+    handle: ServerHandle | None = None
+    active: int = 0
+    queued: int = 0
+    concurrency: int | None = None
+    memory: int = 0
+    draining: bool = False
+    evict_reason: EvictReason = "lru"
+    last_used: float = 0.0
+    used: bool = False
+    requests: int = 0
+    starts: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    last_error: str | None = None
+    failures: int = 0
+    streak: int = 0
+    retry_at: float = 0.0
+    ready_since: float | None = None
+    probe_failures: int = 0
+    crash_unseen: bool = False
+    healed: tuple[ServerHandle, Healed] | None = None
+    """The handle last stopped for a wedge or stall, and why."""
+    start_task: asyncio.Task[None] | None = None
+    stop_task: asyncio.Task[None] | None = None
+
+    def has_room(self) -> bool:
+        """Whether the server takes one more request now."""
+        return self.concurrency is None or self.active < self.concurrency
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request waiting in the pool."""
+
+    entry: Entry
+    seq: int
+    arrived: float
+    future: asyncio.Future[Lease]
+    passed: int = 0
+    """Requests that arrived after this one and were served while it waited for room."""
+
+
+def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:
+    """Every entry as a :class:`ServerInfo`, most recently used first."""
+    infos = [
+        ServerInfo(
+            key=e.key,
+            model=e.spec.id,
+            flags=e.flags,
+            state="queued" if e.state == "stopped" and e.queued else e.state,
+            url=e.handle.url if e.handle is not None else None,
+            pid=e.handle.pid if e.handle is not None else None,
+            active=e.active,
+            draining=e.draining,
+            requests=e.requests,
+            starts=e.starts,
+            crashes=e.crashes,
+            last_used=(now - e.last_used) if e.used else None,
+            last_error=e.last_error,
+            queued=e.queued,
+            restarts=e.restarts,
+            memory=e.memory,
+        )
+        for e in entries
+    ]
+    infos.sort(key=lambda i: i.last_used if i.last_used is not None else float("inf"))
+    return infos
+
+
+def gauges(
+    infos: list[ServerInfo], memory_budget: int | None
+) -> Iterator[tuple[str, Mapping[str, str], float]]:
+    """Scrape-time gauge samples: (family, labels, value); see ``metrics.ProxyMetrics``."""
+    for state in ("queued", "starting", "ready", "stopping"):
+        yield "servers", {"state": state}, sum(1 for s in infos if s.state == state)
+    queued: dict[str, int] = {}
+    reserved = 0
+    for info in infos:
+        if info.state == "ready":
+            yield "server_active", {"server": info.key, "model": info.model}, info.active
+        if info.queued:
+            queued[info.model] = queued.get(info.model, 0) + info.queued
+        if info.state in ("starting", "ready", "stopping"):
+            reserved += info.memory
+    for model, count in sorted(queued.items()):
+        yield "queued", {"model": model}, count
+    yield "memory_reserved", {}, reserved
+    yield "memory_budget", {}, memory_budget or 0
