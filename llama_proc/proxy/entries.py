@@ -10,13 +10,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Iterator, Mapping
 
+    from llama_proc.proxy.measure import Measured
     from llama_proc.proxy.models_config import ModelSpec
     from llama_proc.proxy.pool import Lease
     from llama_proc.proxy.servers import ServerHandle
@@ -79,7 +81,13 @@ class ServerInfo:
     restarts: int = 0
     """Times it was replaced for being unhealthy (crash, wedge, stall)."""
     memory: int = 0
+    """Bytes the budget counts for it: measured once it runs, else the estimate."""
+    estimate: int = 0
     """Estimated bytes (0 = unknown or no budget)."""
+    measured: int = 0
+    """Host bytes it held when last measured (0 = not measured)."""
+    devices: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """Bytes it held on each GPU when last measured."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -97,7 +105,9 @@ class ServerInfo:
             "starts": self.starts,
             "crashes": self.crashes,
             "restarts": self.restarts,
-            "memory_estimate": self.memory or None,
+            "memory_estimate": self.estimate or None,
+            "memory_measured": self.measured or None,
+            "memory_devices": dict(self.devices),
             "idle_seconds": None if self.last_used is None else round(self.last_used, 3),
             "last_error": self.last_error,
         }
@@ -116,6 +126,13 @@ class Entry:
     queued: int = 0
     concurrency: int | None = None
     memory: int = 0
+    """Bytes the budget counts: ``measured.host`` once measured, else ``estimate``."""
+    estimate: int = 0
+    measured: Measured | None = None
+    measured_at: float = 0.0
+    measuring: bool = False
+    load_seconds: float = 0.0
+    """How long its last start took."""
     draining: bool = False
     evict_reason: EvictReason = "lru"
     last_used: float = 0.0
@@ -173,6 +190,9 @@ def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:
             queued=e.queued,
             restarts=e.restarts,
             memory=e.memory,
+            estimate=e.estimate,
+            measured=e.measured.host if e.measured is not None else 0,
+            devices=e.measured.devices if e.measured is not None else MappingProxyType({}),
         )
         for e in entries
     ]

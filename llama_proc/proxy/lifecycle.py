@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ServerStartError
 from llama_proc.proxy.entries import Entry, EvictReason, Healed, HealReason, Ticket
+from llama_proc.proxy.measure import Measured
 from llama_proc.proxy.servers import PoolBusyError
 
 if TYPE_CHECKING:
@@ -31,6 +32,10 @@ RESTART_BACKOFF_BASE: Final = 1.0
 RESTART_BACKOFF_MAX: Final = 60.0
 STABLE_AFTER: Final = 60.0
 """A server up this long before it fails is no crash loop: its backoff starts over."""
+MEASURE_MIN_INTERVAL: Final = 1.0
+"""Seconds between two measurements of one server on release (each release asks for one)."""
+REMEASURE_INTERVAL: Final = 10.0
+"""Seconds after which the reaper measures a ready server again (shared pages move)."""
 STOP_TIMEOUT: Final = 30.0
 """Seconds to wait for one server's stop() before giving up on it (the pool logs it)."""
 MAX_FORGOTTEN_KEYS: Final = 256
@@ -52,6 +57,7 @@ class PoolLifecycle:
     wedge_after: int
     metrics: PoolMetrics
     stats: dict[str, int]
+    _measures: set[asyncio.Task[None]]
 
     def _schedule(self) -> None:
         """Decide starts, room and grants after a change (the pool's scheduling)."""
@@ -195,6 +201,8 @@ class PoolLifecycle:
             slots = getattr(handle, "slots", None)
             entry.concurrency = self.concurrency or (slots if isinstance(slots, int) else None)
             entry.state = "ready"
+            entry.load_seconds = now - began
+            self._spawn_measure(entry)
             self.metrics.loads.inc(model)
             self.metrics.load_seconds.observe(now - began, model)
             logger.info(
@@ -233,6 +241,7 @@ class PoolLifecycle:
             entry.state = "stopped"
             entry.draining = False
             entry.ready_since = None
+            entry.measured, entry.memory = None, entry.estimate
             entry.stop_task = None
             self._forget_old()
             self._schedule()
@@ -298,6 +307,48 @@ class PoolLifecycle:
             ttl = self._ttl(entry)
             if ttl > 0 and entry.active == 0 and now - entry.last_used >= ttl:
                 self._begin_stop(entry, reason="idle")
+            elif now - entry.measured_at >= REMEASURE_INTERVAL:
+                self._spawn_measure(entry)
+
+    # -- measurement -----------------------------------------------------------------------
+
+    def _spawn_measure(self, entry: Entry) -> None:
+        """Measure a ready server in the background (one at a time per server)."""
+        measure = getattr(entry.handle, "measure", None)
+        if entry.measuring or entry.state != "ready" or not callable(measure):
+            return
+        entry.measuring = True
+        entry.measured_at = self._clock()
+        task = asyncio.create_task(self._measure(entry), name=f"llama-proc-measure-{entry.key}")
+        self._measures.add(task)
+        task.add_done_callback(self._measures.discard)
+
+    async def _measure(self, entry: Entry) -> None:
+        handle = entry.handle
+        try:
+            measured = await asyncio.to_thread(handle.measure)  # type: ignore[union-attr]
+        except Exception as err:  # noqa: BLE001 - a measurement is advisory; the estimate stays
+            logger.debug("measuring llama-server %s failed: %s", entry.key, err)
+            measured = None
+        finally:
+            entry.measuring = False
+        if not isinstance(measured, Measured) or entry.handle is not handle:
+            return
+        if entry.state not in ("ready", "stopping"):
+            return
+        entry.measured = measured
+        entry.memory = measured.host
+        entry.measured_at = self._clock()
+        self._schedule()
+
+    async def measure_all(self) -> None:
+        """Measure every ready server now and wait for the figures (``/servers``, tests)."""
+        for entry in self._entries.values():
+            if entry.state == "ready":
+                entry.measured_at = 0.0
+                self._spawn_measure(entry)
+        if self._measures:
+            await asyncio.wait(list(self._measures))
 
     def _forget_old(self) -> None:
         stopped = [e for e in self._entries.values() if e.state == "stopped" and not e.queued]

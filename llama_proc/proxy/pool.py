@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, Self
 
 from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
 from llama_proc.proxy.entries import Entry, Healed, ServerInfo, Ticket, gauges, server_key, snapshot
-from llama_proc.proxy.lifecycle import PoolLifecycle
+from llama_proc.proxy.lifecycle import MEASURE_MIN_INTERVAL, PoolLifecycle
 from llama_proc.proxy.metrics import PoolMetrics
 from llama_proc.proxy.scheduler import pick_victims, usage, waiting_entries
 from llama_proc.proxy.servers import (
@@ -222,6 +222,7 @@ class ServerPool(PoolLifecycle):
         self._tickets: list[Ticket] = []
         self._seq = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._measures: set[asyncio.Task[None]] = set()
         self._closing = False
         self.stats: dict[str, int] = {
             "starts": 0,
@@ -255,6 +256,8 @@ class ServerPool(PoolLifecycle):
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for task in list(self._measures):
+            task.cancel()
         self._schedule()
         # A server still loading is abandoned: the factory stops what it spawned on cancel.
         starting = [e.start_task for e in self._entries.values() if e.start_task is not None]
@@ -318,7 +321,7 @@ class ServerPool(PoolLifecycle):
             entry = self._entries.get(key)  # another request may have made it meanwhile
             if entry is None:
                 entry = self._entries[key] = Entry(key=key, spec=spec, flags=flags)
-                entry.memory = memory
+                entry.memory = entry.estimate = memory
         if self.memory_budget is not None and entry.memory > self.memory_budget:
             self.metrics.rejected.inc(spec.id, "too_large")
             msg = (
@@ -406,6 +409,8 @@ class ServerPool(PoolLifecycle):
         entry.active -= 1
         entry.last_used = self._clock()
         entry.used = True
+        if entry.last_used - entry.measured_at >= MEASURE_MIN_INTERVAL:
+            self._spawn_measure(entry)
         if self._tickets or entry.draining:
             self._schedule()
 

@@ -103,7 +103,7 @@ def test_real_budget_for_one_server_evicts_the_idle_one(
             status, _ = await _complete(s, "smol-a")
             assert status == 200
             (first,) = pool.snapshot()
-            assert first.memory == one
+            assert first.estimate == one
             rss = _rss(first.pid or 0)
             print(
                 f"estimate {one / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB, "
