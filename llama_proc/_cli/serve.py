@@ -33,6 +33,8 @@ __all__ = [
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
+DEFAULT_MIN_RESIDENCY: Final = 30.0
+"""Seconds `serve` keeps a loaded server from eviction (the pool itself defaults to none)."""
 
 
 def register(subparsers: Any) -> None:
@@ -126,6 +128,21 @@ def register(subparsers: Any) -> None:
         help="most llama-servers up at once; the least recently used idle one is stopped to "
         "make room, a busy one only after its requests end (default: 1); with N > 1 each "
         "server gets cores/N threads unless its model sets threads",
+    )
+    pool.add_argument(
+        "--min-residency",
+        type=float,
+        default=DEFAULT_MIN_RESIDENCY,
+        metavar="S",
+        help="a loaded server is not evicted for S seconds, unless a request has waited "
+        "--residency-wait seconds for room (default: %(default)g)",
+    )
+    pool.add_argument(
+        "--residency-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the bound on that wait (default: 10)",
     )
     pool.add_argument(
         "--idle-ttl",
@@ -362,6 +379,7 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_MAX_QUEUE,
         DEFAULT_MAX_SERVERS,
         DEFAULT_QUEUE_TIMEOUT,
+        DEFAULT_RESIDENCY_WAIT,
         ServerPool,
     )
     from llama_proc.proxy.prompt_cache import POOLED_CACHE_RAM_MIB, with_prompt_cache
@@ -470,6 +488,11 @@ def run(args: argparse.Namespace) -> int:
             # Each server's prompt cache counts: it is bounded per server (the factory) and
             # added to the estimate the budget is kept against.
             memory_estimate=with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB),
+            min_residency=args.min_residency,
+            residency_wait=(
+                DEFAULT_RESIDENCY_WAIT if args.residency_wait is None else args.residency_wait
+            ),
+            preload=[m for m in models.models.values() if m.preload],
         )
         app = create_app(models, pool, options, downloads=ModelDownloads(settings=settings))
         await run_proxy(

@@ -82,6 +82,8 @@ class ServerInfo:
     """Times it was replaced for being unhealthy (crash, wedge, stall)."""
     memory: int = 0
     """Bytes the budget counts for it: measured once it runs, else the estimate."""
+    pinned: bool = False
+    """Its model is ``keep_loaded``: never evicted nor unloaded for idleness."""
     estimate: int = 0
     """Estimated bytes (0 = unknown or no budget)."""
     measured: int = 0
@@ -101,6 +103,7 @@ class ServerInfo:
             "active_requests": self.active,
             "queued_requests": self.queued,
             "draining": self.draining,
+            "pinned": self.pinned,
             "requests": self.requests,
             "starts": self.starts,
             "crashes": self.crashes,
@@ -131,8 +134,15 @@ class Entry:
     measured: Measured | None = None
     measured_at: float = 0.0
     measuring: bool = False
+    measure_again: bool = False
+    measured_served: int = 0
+    """Requests it had finished when last measured: before the first, pages of the model
+    are not all touched yet and the figure undercounts."""
     load_seconds: float = 0.0
     """How long its last start took."""
+    rate: float = 0.0
+    """Requests per second, exponentially decayed (see :mod:`llama_proc.proxy.scheduler`)."""
+    rate_at: float = 0.0
     draining: bool = False
     evict_reason: EvictReason = "lru"
     last_used: float = 0.0
@@ -191,6 +201,7 @@ def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:
             restarts=e.restarts,
             memory=e.memory,
             estimate=e.estimate,
+            pinned=e.spec.keep_loaded,
             measured=e.measured.host if e.measured is not None else 0,
             devices=e.measured.devices if e.measured is not None else MappingProxyType({}),
         )

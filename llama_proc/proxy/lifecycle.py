@@ -13,12 +13,21 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ServerStartError
-from llama_proc.proxy.entries import Entry, EvictReason, Healed, HealReason, Ticket
+from llama_proc.proxy.entries import (
+    Entry,
+    EvictReason,
+    Healed,
+    HealReason,
+    ServerInfo,
+    Ticket,
+    gauges,
+    snapshot,
+)
 from llama_proc.proxy.measure import Measured
 from llama_proc.proxy.servers import PoolBusyError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from llama_proc.proxy.metrics import PoolMetrics
     from llama_proc.proxy.servers import ServerFactory
@@ -57,6 +66,7 @@ class PoolLifecycle:
     wedge_after: int
     metrics: PoolMetrics
     stats: dict[str, int]
+    memory_budget: int | None
     _measures: set[asyncio.Task[None]]
 
     def _schedule(self) -> None:
@@ -304,7 +314,7 @@ class PoolLifecycle:
                 continue
             if not self._check_alive(entry):
                 continue
-            ttl = self._ttl(entry)
+            ttl = 0.0 if entry.spec.keep_loaded else self._ttl(entry)
             if ttl > 0 and entry.active == 0 and now - entry.last_used >= ttl:
                 self._begin_stop(entry, reason="idle")
             elif now - entry.measured_at >= REMEASURE_INTERVAL:
@@ -315,7 +325,10 @@ class PoolLifecycle:
     def _spawn_measure(self, entry: Entry) -> None:
         """Measure a ready server in the background (one at a time per server)."""
         measure = getattr(entry.handle, "measure", None)
-        if entry.measuring or entry.state != "ready" or not callable(measure):
+        if entry.state != "ready" or not callable(measure):
+            return
+        if entry.measuring:
+            entry.measure_again = True
             return
         entry.measuring = True
         entry.measured_at = self._clock()
@@ -325,6 +338,7 @@ class PoolLifecycle:
 
     async def _measure(self, entry: Entry) -> None:
         handle = entry.handle
+        served = entry.requests - entry.active
         try:
             measured = await asyncio.to_thread(handle.measure)  # type: ignore[union-attr]
         except Exception as err:  # noqa: BLE001 - a measurement is advisory; the estimate stays
@@ -332,14 +346,16 @@ class PoolLifecycle:
             measured = None
         finally:
             entry.measuring = False
-        if not isinstance(measured, Measured) or entry.handle is not handle:
-            return
-        if entry.state not in ("ready", "stopping"):
-            return
-        entry.measured = measured
-        entry.memory = measured.host
-        entry.measured_at = self._clock()
-        self._schedule()
+        current = entry.handle is handle and entry.state in ("ready", "stopping")
+        if isinstance(measured, Measured) and current:
+            entry.measured, entry.measured_served = measured, served
+            # Before its first request a server has not touched all its pages: the larger.
+            entry.memory = measured.host if served else max(measured.host, entry.estimate)
+            entry.measured_at = self._clock()
+            self._schedule()
+        if entry.measure_again:
+            entry.measure_again = False
+            self._spawn_measure(entry)
 
     async def measure_all(self) -> None:
         """Measure every ready server now and wait for the figures (``/servers``, tests)."""
@@ -347,8 +363,27 @@ class PoolLifecycle:
             if entry.state == "ready":
                 entry.measured_at = 0.0
                 self._spawn_measure(entry)
-        if self._measures:
+        while self._measures:  # one may start another (asked for while it ran)
             await asyncio.wait(list(self._measures))
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def snapshot(self) -> list[ServerInfo]:
+        """Every known entry, most recently used first."""
+        return snapshot(iter(self._entries.values()), self._clock())
+
+    def ready_servers(self) -> list[tuple[ServerInfo, str, str | None]]:
+        """(info, url, API key) for servers that are up, for scraping their /metrics."""
+        out: list[tuple[ServerInfo, str, str | None]] = []
+        for info in self.snapshot():
+            entry = self._entries.get(info.key)
+            if info.state == "ready" and info.url and entry is not None:
+                out.append((info, info.url, getattr(entry.handle, "api_key", None)))
+        return out
+
+    def gauges(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
+        """Scrape-time gauge samples: (family, labels, value); see ``metrics.ProxyMetrics``."""
+        return gauges(self.snapshot(), self.memory_budget)
 
     def _forget_old(self) -> None:
         stopped = [e for e in self._entries.values() if e.state == "stopped" and not e.queued]

@@ -92,6 +92,7 @@ CONFIG_ENV: Final = "LLAMA_PROC_CONFIG"
 
 _MODEL_KEYS: Final = frozenset(
     {"path", "model", "extra_args", "aliases", "idle_ttl", "request_flags", "request_body"}
+    | {"keep_loaded", "preload"}
 )
 _DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags", "request_body"})
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
@@ -131,6 +132,10 @@ class ModelSpec:
     source: str = ""
     request_flags: FlagPolicy = field(default_factory=FlagPolicy)
     request_body: BodyPolicy = field(default_factory=BodyPolicy)
+    keep_loaded: bool = False
+    """Pinned: never evicted to make room nor unloaded for idleness."""
+    preload: bool = False
+    """Started when the proxy starts, before any request asks for it."""
 
     def __post_init__(self) -> None:
         if self.path is None and self.ref is None:
@@ -370,6 +375,8 @@ def _models_from_mapping(
             source=f"config:{where}",
             request_flags=flags,
             request_body=body,
+            keep_loaded=_flag(table, "keep_loaded", ctx),
+            preload=_flag(table, "preload", ctx),
         )
     try:
         return ModelsConfig(models)
@@ -504,3 +511,11 @@ def _ttl(value: object, ctx: str) -> float:
 
 def _quote(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
+
+
+def _flag(table: Mapping[str, Any], key: str, ctx: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        msg = f"{ctx}: {key} must be true or false"
+        raise ConfigError(msg)
+    return value

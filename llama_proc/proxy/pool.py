@@ -33,28 +33,35 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
 from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
-from llama_proc.proxy.entries import Entry, Healed, ServerInfo, Ticket, gauges, server_key, snapshot
+from llama_proc.proxy.entries import Entry, Healed, ServerInfo, Ticket, server_key
+from llama_proc.proxy.lease import Lease, LeaseContext
 from llama_proc.proxy.lifecycle import MEASURE_MIN_INTERVAL, PoolLifecycle
 from llama_proc.proxy.metrics import PoolMetrics
-from llama_proc.proxy.scheduler import pick_victims, usage, waiting_entries
+from llama_proc.proxy.scheduler import (
+    RoomRules,
+    VictimPolicy,
+    busy_message,
+    by_expected_cost,
+    note_request,
+    plan_room,
+    usage,
+    waiting_entries,
+)
 from llama_proc.proxy.servers import (
     ModelTooLargeError,
     PoolBusyError,
     PoolClosedError,
     PoolQueueFullError,
     ServerFactory,
-    ServerHandle,
 )
 from llama_proc.runtime.flags import BinaryFlags
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
-    from types import TracebackType
+    from collections.abc import Callable, Sequence
 
-    from llama_proc.proxy.entries import EvictReason
     from llama_proc.proxy.models_config import ModelSpec
 
 
@@ -81,72 +88,14 @@ DEFAULT_PROBE_INTERVAL: Final = 10.0
 """Seconds between health probes of each ready server (0 = no probing)."""
 DEFAULT_PROBE_TIMEOUT: Final = 10.0
 """Seconds a probe may take: llama-server answers it between two decoding steps."""
+DEFAULT_RESIDENCY_WAIT: Final = 10.0
+"""Seconds a request waits for servers within their minimum residency before they may go."""
 DEFAULT_WEDGE_AFTER: Final = 3
 """Failed probes in a row after which a live server counts as wedged and is restarted."""
 QUEUE_FULL_RETRY_AFTER: Final = 1.0
 """Seconds a client is told to wait (Retry-After) when a model's queue is full."""
 START_WAIT_POLL: Final = 1.0
 """A request waiting on a load in progress waits on past its queue timeout, this often checking."""
-
-
-class Lease:
-    """One request's hold on a ready server; release it when the response is done."""
-
-    __slots__ = ("_entry", "_handle", "_pool", "_released", "api_key", "key", "restarted", "url")
-
-    def __init__(self, pool: ServerPool, entry: Entry, *, restarted: bool) -> None:
-        self._pool = pool
-        self._entry = entry
-        self._handle = entry.handle
-        self._released = False
-        self.key: str = entry.key
-        self.url: str = entry.handle.url if entry.handle is not None else ""
-        self.api_key: str | None = getattr(entry.handle, "api_key", None)
-        """Key the server expects (Bearer), when the factory gave it one."""
-        self.restarted = restarted
-        """True when this request found its server crashed and started it again."""
-
-    def release(self) -> None:
-        """Give the server back (idempotent)."""
-        if not self._released:
-            self._released = True
-            self._pool._release(self._entry)
-
-    @property
-    def handle(self) -> ServerHandle | None:
-        """The leased server (its ``returncode`` and ``logs()`` tell how it exited)."""
-        return self._handle
-
-    def check_alive(self) -> bool:
-        """After an upstream connection error: is the server still up? Records a crash if not."""
-        return self._pool._check_alive(self._entry)
-
-    def healed(self) -> Healed | None:
-        """Why the pool stopped this lease's server while it ran (wedged, stalled), if it did.
-
-        A connection broken by that stop is the wedge's doing, not a crash.
-        """
-        healed = self._entry.healed
-        if healed is None or healed[0] is not self._handle:
-            return None
-        return healed[1]
-
-    def report_stall(self) -> None:
-        """The server stopped sending mid-response past the stall limit: restart it."""
-        entry = self._entry
-        if entry.handle is self._handle and entry.state == "ready":
-            self._pool._heal(entry, "stall")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 class ServerPool(PoolLifecycle):
@@ -174,6 +123,11 @@ class ServerPool(PoolLifecycle):
         wedge_after: failed probes in a row that make a live server count as wedged.
         metrics: where per-model series go (a fresh :class:`PoolMetrics` by default).
         clock: monotonic clock (injectable for tests) for idle times and backoff.
+        min_residency: seconds a loaded server is kept from eviction, unless a request has
+            waited ``residency_wait`` seconds for room.
+        residency_wait: the bound on that wait.
+        victim_policy: orders the servers that may leave (see :mod:`.scheduler`).
+        preload: models started by :meth:`start`, before any request asks.
     """
 
     def __init__(
@@ -193,6 +147,10 @@ class ServerPool(PoolLifecycle):
         wedge_after: int = DEFAULT_WEDGE_AFTER,
         metrics: PoolMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        min_residency: float = 0.0,
+        residency_wait: float = DEFAULT_RESIDENCY_WAIT,
+        victim_policy: VictimPolicy = by_expected_cost,
+        preload: Sequence[ModelSpec] = (),
     ) -> None:
         for name, value in (
             ("max_servers", max_servers),
@@ -223,6 +181,11 @@ class ServerPool(PoolLifecycle):
         self._seq = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._measures: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.TimerHandle | None = None
+        self._preload = tuple(preload)
+        self.min_residency = max(0.0, min_residency)
+        self.residency_wait = max(0.0, residency_wait)
+        self.victim_policy = victim_policy
         self._closing = False
         self.stats: dict[str, int] = {
             "starts": 0,
@@ -246,6 +209,32 @@ class ServerPool(PoolLifecycle):
                 self._tasks.append(
                     asyncio.create_task(self._watch_forever(), name="llama-proc-watchdog")
                 )
+            for spec in self._preload:
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._preload_one(spec), name=f"llama-proc-preload-{spec.id}"
+                    )
+                )
+
+    async def _preload_one(self, spec: ModelSpec) -> None:
+        """Load a ``preload`` model at start (as one request that sends nothing)."""
+        try:
+            async with self.lease(spec):
+                pass
+        except Exception as err:  # noqa: BLE001 - the first real request reports it again
+            logger.warning("preloading %s failed: %s", spec.id, err)
+
+    @property
+    def rules(self) -> RoomRules:
+        """What :func:`~.scheduler.plan_room` may do, from the pool's settings now."""
+        return RoomRules(
+            max_servers=self.max_servers,
+            memory_budget=self.memory_budget,
+            fair_share=self.fair_share,
+            min_residency=self.min_residency,
+            residency_wait=self.residency_wait,
+            policy=self.victim_policy,
+        )
 
     async def close(self) -> None:
         """Refuse new requests, then stop every server (including ones still starting)."""
@@ -361,7 +350,11 @@ class ServerPool(PoolLifecycle):
             if remaining <= 0:
                 if entry.state != "starting":
                     self.metrics.rejected.inc(entry.spec.id, "busy")
-                    raise PoolBusyError(self._busy_message(entry))
+                    raise PoolBusyError(
+                        busy_message(
+                            self._entries.values(), entry, self.queue_timeout, self.max_servers
+                        )
+                    )
                 remaining = START_WAIT_POLL
             await asyncio.wait((future,), timeout=remaining)
         return future.result()
@@ -377,9 +370,9 @@ class ServerPool(PoolLifecycle):
         flags = probe() if callable(probe) else None
         return flags if isinstance(flags, BinaryFlags) else None
 
-    def lease(self, spec: ModelSpec, flags: tuple[str, ...] = ()) -> _LeaseContext:
+    def lease(self, spec: ModelSpec, flags: tuple[str, ...] = ()) -> LeaseContext:
         """``async with pool.lease(spec, flags) as lease:`` -- acquire, then release on exit."""
-        return _LeaseContext(self, spec, flags)
+        return LeaseContext(self, spec, flags)
 
     def _abandon(self, ticket: Ticket) -> None:
         """A waiting request leaves unserved (failed, timed out or cancelled)."""
@@ -395,6 +388,7 @@ class ServerPool(PoolLifecycle):
         self._schedule()
 
     def _grant(self, entry: Entry, *, waited: float) -> Lease:
+        note_request(entry, self._clock())
         entry.active += 1
         entry.requests += 1
         model = entry.spec.id
@@ -409,7 +403,7 @@ class ServerPool(PoolLifecycle):
         entry.active -= 1
         entry.last_used = self._clock()
         entry.used = True
-        if entry.last_used - entry.measured_at >= MEASURE_MIN_INTERVAL:
+        if not entry.measured_served or entry.last_used - entry.measured_at >= MEASURE_MIN_INTERVAL:
             self._spawn_measure(entry)
         if self._tickets or entry.draining:
             self._schedule()
@@ -451,45 +445,18 @@ class ServerPool(PoolLifecycle):
             for e in self._entries.values():
                 e.draining = False
             return
-        needy, ticket = head
-        exhausted = ticket.passed >= self.fair_share
-        used, reserved, leaving, leaving_memory = usage(self._entries.values())
-        slots_short = used - leaving + 1 - self.max_servers
-        memory_short = (
-            0
-            if self.memory_budget is None
-            else reserved - leaving_memory + needy.memory - self.memory_budget
-        )
-        for e in self._entries.values():
-            if e.draining:
-                slots_short -= 1
-                memory_short -= e.memory
-        if slots_short <= 0 and memory_short <= 0:
-            self._stop_idle_draining()
-            return
-        victims = pick_victims(
-            list(self._entries.values()),
-            self._tickets,
-            needy,
-            ticket,
-            exhausted=exhausted,
-            slots_short=slots_short,
-            memory_short=memory_short,
-        )
-        if victims is None:
-            self._stop_idle_draining()
-            return
-        reason: EvictReason = "lru" if used - leaving >= self.max_servers else "memory"
-        for victim in victims:
-            if victim.active:
-                logger.info(
-                    "draining server %s (%s) to make room: %d request(s) still running",
-                    victim.key,
-                    victim.spec.id,
-                    victim.active,
-                )
+        now = self._clock()
+        room = plan_room(list(self._entries.values()), self._tickets, *head, self.rules, now)
+        for victim in room.victims:
             victim.draining = True
-            victim.evict_reason = reason
+            victim.evict_reason = room.reason
+        if room.wake_at is not None and self._wake is None:
+            # A server protected by its residency may leave later: plan again then.
+            def wake() -> None:
+                self._wake = None
+                self._schedule()
+
+            self._wake = asyncio.get_running_loop().call_later(room.wake_at - now, wake)
         self._stop_idle_draining()
 
     def _stop_idle_draining(self) -> None:
@@ -523,57 +490,6 @@ class ServerPool(PoolLifecycle):
                     other.passed += 1
                     moved |= other.passed == self.fair_share
         return moved
-
-    def _busy_message(self, entry: Entry) -> str:
-        busy = ", ".join(
-            f"{e.spec.id} ({e.active} running)"
-            for e in self._entries.values()
-            if e.state in ("ready", "starting", "stopping")
-        )
-        return (
-            f"no server slot for {entry.spec.id!r} within {self.queue_timeout:g}s: "
-            f"all {self.max_servers} slot(s) busy ({busy}); raise --max-servers or retry"
-        )
-
-    # -- introspection ---------------------------------------------------------------------
-
-    def snapshot(self) -> list[ServerInfo]:
-        """Every known entry, most recently used first."""
-        return snapshot(iter(self._entries.values()), self._clock())
-
-    def ready_servers(self) -> list[tuple[ServerInfo, str, str | None]]:
-        """(info, url, API key) for servers that are up, for scraping their /metrics."""
-        out: list[tuple[ServerInfo, str, str | None]] = []
-        for info in self.snapshot():
-            entry = self._entries.get(info.key)
-            if info.state == "ready" and info.url and entry is not None:
-                out.append((info, info.url, getattr(entry.handle, "api_key", None)))
-        return out
-
-    def gauges(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
-        """Scrape-time gauge samples: (family, labels, value); see ``metrics.ProxyMetrics``."""
-        return gauges(self.snapshot(), self.memory_budget)
-
-
-class _LeaseContext:
-    __slots__ = ("_flags", "_lease", "_pool", "_spec")
-
-    def __init__(self, pool: ServerPool, spec: ModelSpec, flags: tuple[str, ...]) -> None:
-        self._pool, self._spec, self._flags = pool, spec, flags
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> Lease:
-        self._lease = await self._pool.acquire(self._spec, self._flags)
-        return self._lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._lease is not None:
-            self._lease.release()
 
 
 def _gib(size: int) -> str:
