@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from llama_proc.proxy.measure import SlotUse
+
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Iterator, Mapping
@@ -90,6 +92,16 @@ class ServerInfo:
     """Host bytes it held when last measured (0 = not measured)."""
     devices: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Bytes it held on each GPU when last measured."""
+    slots_total: int = 0
+    """Its slots (0 = unknown)."""
+    slots_used: int = 0
+    """Slots serving a request now (the pool's own count of running requests)."""
+    kv_total: int = 0
+    """KV cache size in tokens over all slots, from ``/slots`` (0 = unknown)."""
+    kv_used: int | None = None
+    """Tokens in its KV cache, where ``/slots`` reports them."""
+    load_seconds: float = 0.0
+    """How long its last load took."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -111,6 +123,9 @@ class ServerInfo:
             "memory_estimate": self.estimate or None,
             "memory_measured": self.measured or None,
             "memory_devices": dict(self.devices),
+            "slots": {"used": self.slots_used, "total": self.slots_total},
+            "kv_cache_tokens": {"used": self.kv_used, "total": self.kv_total},
+            "load_seconds": round(self.load_seconds, 3),
             "idle_seconds": None if self.last_used is None else round(self.last_used, 3),
             "last_error": self.last_error,
         }
@@ -204,11 +219,26 @@ def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:
             pinned=e.spec.keep_loaded,
             measured=e.measured.host if e.measured is not None else 0,
             devices=e.measured.devices if e.measured is not None else MappingProxyType({}),
+            **_slot_fields(e),
+            load_seconds=e.load_seconds,
         )
         for e in entries
     ]
     infos.sort(key=lambda i: i.last_used if i.last_used is not None else float("inf"))
     return infos
+
+
+def _slot_fields(entry: Entry) -> dict[str, Any]:
+    use = getattr(entry.handle, "slot_use", None) if entry.state == "ready" else None
+    use = use if isinstance(use, SlotUse) else None
+    total = use.total if use is not None else (entry.concurrency or 0)
+    return {
+        "slots_total": total,
+        # The pool's count of running requests is fresher than the last probe's /slots.
+        "slots_used": min(entry.active, total) if total else entry.active,
+        "kv_total": use.kv_total if use is not None else 0,
+        "kv_used": use.kv_used if use is not None else None,
+    }
 
 
 def gauges(
@@ -218,15 +248,52 @@ def gauges(
     for state in ("queued", "starting", "ready", "stopping"):
         yield "servers", {"state": state}, sum(1 for s in infos if s.state == state)
     queued: dict[str, int] = {}
-    reserved = 0
+    running: dict[str, int] = {}
+    reserved = slots_used = slots_total = kv_used = kv_total = 0
+    kv_known = False
     for info in infos:
-        if info.state == "ready":
-            yield "server_active", {"server": info.key, "model": info.model}, info.active
         if info.queued:
             queued[info.model] = queued.get(info.model, 0) + info.queued
         if info.state in ("starting", "ready", "stopping"):
             reserved += info.memory
+        if info.state != "ready":
+            continue
+        running[info.model] = running.get(info.model, 0) + info.active
+        yield from _server_gauges(info)
+        slots_used += info.slots_used
+        slots_total += info.slots_total
+        if info.kv_used is not None:
+            kv_known = True
+            kv_used += info.kv_used
+            kv_total += info.kv_total
     for model, count in sorted(queued.items()):
         yield "queued", {"model": model}, count
+    for model, count in sorted(running.items()):
+        yield "model_running", {"model": model}, count
     yield "memory_reserved", {}, reserved
     yield "memory_budget", {}, memory_budget or 0
+    # Pod-level totals for an endpoint picker (one serve replica = one endpoint).
+    yield "total_queued", {}, sum(queued.values())
+    yield "total_running", {}, sum(running.values())
+    if kv_known and kv_total:
+        yield "kv_cache_usage", {}, kv_used / kv_total
+    else:
+        yield "kv_cache_usage", {}, slots_used / slots_total if slots_total else 0.0
+
+
+def _server_gauges(info: ServerInfo) -> Iterator[tuple[str, Mapping[str, str], float]]:
+    labels = {"server": info.key, "model": info.model}
+    yield "server_active", labels, info.active
+    yield "server_running", labels, info.active
+    yield "server_queued", labels, info.queued
+    yield "server_slots_used", labels, info.slots_used
+    yield "server_slots_total", labels, info.slots_total
+    yield "server_kv_total", labels, info.kv_total
+    if info.kv_used is not None:
+        yield "server_kv_used", labels, info.kv_used
+    yield "server_load_seconds", labels, info.load_seconds
+    yield "server_memory_estimate", labels, info.estimate
+    if info.measured:
+        yield "server_memory", {**labels, "device": "host"}, info.measured
+    for device, size in sorted(info.devices.items()):
+        yield "server_memory", {**labels, "device": device}, size

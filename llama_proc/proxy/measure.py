@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Measured", "gpu_memory", "host_memory", "measure_process"]
+__all__ = ["Measured", "SlotUse", "gpu_memory", "host_memory", "measure_process", "slot_use"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,38 @@ class Measured:
     """Bytes of host RAM (PSS, else RSS)."""
     devices: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Bytes on each GPU, keyed ``gpu<NVML index>``."""
+
+
+@dataclass(frozen=True)
+class SlotUse:
+    """A server's slots as its ``GET /slots`` reports them."""
+
+    used: int
+    """Slots processing a request."""
+    total: int
+    kv_total: int
+    """Context tokens over all slots (the KV cache's size in tokens)."""
+    kv_used: int | None = None
+    """Tokens held in the KV cache, where the server reports them per slot (``n_past``)."""
+
+
+def slot_use(body: bytes) -> SlotUse | None:
+    """Parse a ``/slots`` answer; None when it is not the list of slots it should be."""
+    try:
+        slots = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(slots, list) or not all(isinstance(s, dict) for s in slots):
+        return None
+    past = [s.get("n_past") for s in slots]
+    return SlotUse(
+        used=sum(1 for s in slots if s.get("is_processing") is True),
+        total=len(slots),
+        kv_total=sum(s["n_ctx"] for s in slots if isinstance(s.get("n_ctx"), int)),
+        kv_used=sum(p for p in past if isinstance(p, int))
+        if any(isinstance(p, int) for p in past)
+        else None,
+    )
 
 
 def _kib_field(path: Path, name: str) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from llama_proc.proxy.measure import gpu_memory, host_memory
+from llama_proc.proxy.measure import SlotUse, gpu_memory, host_memory, slot_use
 
 
 def test_host_memory_reads_pss_then_falls_back_to_rss(tmp_path: Path) -> None:
@@ -59,3 +59,15 @@ def test_gpu_memory_per_device_from_nvml() -> None:
     assert gpu_memory(9, nvml) == {}
     # NVML failing mid-read: nothing, no exception.
     assert gpu_memory(42, _FakeNVML(fail=True)) == {}
+
+
+def test_slot_use_from_slots_with_and_without_token_counts() -> None:
+    plain = (
+        b'[{"id":0,"n_ctx":512,"is_processing":true},{"id":1,"n_ctx":512,"is_processing":false}]'
+    )
+    use = slot_use(plain)
+    assert use == SlotUse(used=1, total=2, kv_total=1024, kv_used=None)
+    counted = b'[{"id":0,"n_ctx":512,"n_past":100,"is_processing":true}]'
+    assert slot_use(counted) == SlotUse(used=1, total=1, kv_total=512, kv_used=100)
+    assert slot_use(b'{"error": "no slots"}') is None
+    assert slot_use(b"not json") is None
