@@ -367,12 +367,18 @@ def body_caps(args: argparse.Namespace) -> BodyCaps:
 def run(args: argparse.Namespace) -> int:
     """Run the proxy until SIGINT/SIGTERM."""
     import asyncio
+    import functools
     import logging
     import os
     import sys
 
     from llama_proc.errors import ConfigError
-    from llama_proc.proxy.budget import estimate_server_memory, parse_memory_budget
+    from llama_proc.proxy.budget import (
+        estimate_server_claims,
+        estimate_server_memory,
+        parse_memory_budget,
+    )
+    from llama_proc.proxy.device_budget import device_budgets, discover_gpus, list_devices
     from llama_proc.proxy.models_config import load_models
     from llama_proc.proxy.pool import (
         DEFAULT_IDLE_TTL,
@@ -477,6 +483,15 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    # GPUs and their budgets, from the binary's own device list, else NVML or AMD's sysfs.
+    gpus = discover_gpus(list_devices(binary))
+    if gpus:
+        log.info(
+            "GPU budgets: %s",
+            ", ".join(f"{n} {b / 2**30:.1f} GiB" for n, b in device_budgets(gpus).items()),
+        )
+    host_estimate = with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB)
+
     async def main() -> None:
         pool = ServerPool(
             factory,
@@ -493,6 +508,12 @@ def run(args: argparse.Namespace) -> int:
                 DEFAULT_RESIDENCY_WAIT if args.residency_wait is None else args.residency_wait
             ),
             preload=[m for m in models.models.values() if m.preload],
+            device_budgets=device_budgets(gpus),
+            device_estimate=(
+                functools.partial(estimate_server_claims, gpus=gpus, host_estimate=host_estimate)
+                if gpus
+                else None
+            ),
         )
         app = create_app(models, pool, options, downloads=ModelDownloads(settings=settings))
         await run_proxy(

@@ -146,6 +146,9 @@ class Entry:
     memory: int = 0
     """Bytes the budget counts: ``measured.host`` once measured, else ``estimate``."""
     estimate: int = 0
+    gpu_claim: Mapping[str, int] = field(default_factory=dict)
+    """Bytes it counts on each GPU: measured once it runs (NVML), else ``gpu_estimate``."""
+    gpu_estimate: Mapping[str, int] = field(default_factory=dict)
     measured: Measured | None = None
     measured_at: float = 0.0
     measuring: bool = False

@@ -252,6 +252,7 @@ class PoolLifecycle:
             entry.draining = False
             entry.ready_since = None
             entry.measured, entry.memory = None, entry.estimate
+            entry.gpu_claim = entry.gpu_estimate
             entry.stop_task = None
             self._forget_old()
             self._schedule()
@@ -349,6 +350,8 @@ class PoolLifecycle:
         current = entry.handle is handle and entry.state in ("ready", "stopping")
         if isinstance(measured, Measured) and current:
             entry.measured, entry.measured_served = measured, served
+            if measured.devices:
+                entry.gpu_claim = dict(measured.devices)
             # Before its first request a server has not touched all its pages: the larger.
             entry.memory = measured.host if served else max(measured.host, entry.estimate)
             entry.measured_at = self._clock()

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Measured", "SlotUse", "gpu_memory", "host_memory", "measure_process", "slot_use"]
+__all__ = [
+    "Measured",
+    "SlotUse",
+    "gpu_memory",
+    "host_memory",
+    "measure_process",
+    "nvml_module",
+    "slot_use",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +45,7 @@ class Measured:
     host: int
     """Bytes of host RAM (PSS, else RSS)."""
     devices: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    """Bytes on each GPU, keyed ``gpu<NVML index>``."""
+    """Bytes on each GPU, keyed ``CUDA<NVML index>`` (llama.cpp's names in PCI bus order)."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ def host_memory(pid: int, proc: Path = PROC) -> int | None:
 
 
 @functools.cache
-def _nvml() -> Any:
+def nvml_module() -> Any:
     """The initialised ``pynvml`` module, or None where it is missing or finds no driver."""
     if importlib.util.find_spec("pynvml") is None:
         return None
@@ -115,7 +123,7 @@ def gpu_memory(pid: int, nvml: Any = None) -> dict[str, int]:
         pid: the process.
         nvml: a ``pynvml``-like module (tests pass a fake); default: the real one, if any.
     """
-    lib = nvml if nvml is not None else _nvml()
+    lib = nvml if nvml is not None else nvml_module()
     if lib is None:
         return {}
     out: dict[str, int] = {}
@@ -125,7 +133,7 @@ def gpu_memory(pid: int, nvml: Any = None) -> dict[str, int]:
             for proc in lib.nvmlDeviceGetComputeRunningProcesses(device):
                 used = getattr(proc, "usedGpuMemory", None)
                 if proc.pid == pid and isinstance(used, int):
-                    out[f"gpu{index}"] = out.get(f"gpu{index}", 0) + used
+                    out[f"CUDA{index}"] = out.get(f"CUDA{index}", 0) + used
     except lib.NVMLError as err:
         logger.debug("NVML process memory unreadable: %s", err)
     return out

@@ -256,7 +256,7 @@ _POOL_GAUGES: Final = {
     },
     "server_memory": (
         "llama_proc_server_memory_bytes",
-        "Memory each server holds as measured: device=host (PSS) or gpu<N> (NVML).",
+        "Memory each server holds as measured: device=host (PSS) or CUDA<N> (NVML).",
         ("server", "model", "device"),
     ),
 }

@@ -36,18 +36,21 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
+from llama_proc.proxy.device_budget import HOST
 from llama_proc.proxy.entries import Entry, Healed, ServerInfo, Ticket, server_key
 from llama_proc.proxy.lease import Lease, LeaseContext
 from llama_proc.proxy.lifecycle import MEASURE_MIN_INTERVAL, PoolLifecycle
 from llama_proc.proxy.metrics import PoolMetrics
 from llama_proc.proxy.scheduler import (
+    DeviceEstimate,
     RoomRules,
     VictimPolicy,
     busy_message,
     by_expected_cost,
+    fits,
     note_request,
     plan_room,
-    usage,
+    too_large_message,
     waiting_entries,
 )
 from llama_proc.proxy.servers import (
@@ -60,7 +63,7 @@ from llama_proc.proxy.servers import (
 from llama_proc.runtime.flags import BinaryFlags
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from llama_proc.proxy.models_config import ModelSpec
 
@@ -128,6 +131,9 @@ class ServerPool(PoolLifecycle):
         residency_wait: the bound on that wait.
         victim_policy: orders the servers that may leave (see :mod:`.scheduler`).
         preload: models started by :meth:`start`, before any request asks.
+        device_budgets: bytes each GPU may give the servers (see :mod:`.device_budget`).
+        device_estimate: a server's expected bytes per device, ``host`` included (default:
+            ``memory_estimate``, all on the host).
     """
 
     def __init__(
@@ -151,6 +157,8 @@ class ServerPool(PoolLifecycle):
         residency_wait: float = DEFAULT_RESIDENCY_WAIT,
         victim_policy: VictimPolicy = by_expected_cost,
         preload: Sequence[ModelSpec] = (),
+        device_budgets: Mapping[str, int] | None = None,
+        device_estimate: DeviceEstimate | None = None,
     ) -> None:
         for name, value in (
             ("max_servers", max_servers),
@@ -183,6 +191,8 @@ class ServerPool(PoolLifecycle):
         self._measures: set[asyncio.Task[None]] = set()
         self._wake: asyncio.TimerHandle | None = None
         self._preload = tuple(preload)
+        self.device_budgets = dict(device_budgets or {})
+        self._device_estimate = device_estimate
         self.min_residency = max(0.0, min_residency)
         self.residency_wait = max(0.0, residency_wait)
         self.victim_policy = victim_policy
@@ -234,7 +244,14 @@ class ServerPool(PoolLifecycle):
             min_residency=self.min_residency,
             residency_wait=self.residency_wait,
             policy=self.victim_policy,
+            device_budgets=self.device_budgets,
         )
+
+    def _claim(self, spec: ModelSpec, flags: tuple[str, ...]) -> Mapping[str, int]:
+        """Bytes a server for (spec, flags) is expected to hold per device (blocking)."""
+        if self._device_estimate is not None:
+            return self._device_estimate(spec, flags)
+        return {HOST: self._estimate(spec, flags)}
 
     async def close(self) -> None:
         """Refuse new requests, then stop every server (including ones still starting)."""
@@ -299,26 +316,23 @@ class ServerPool(PoolLifecycle):
         ):
             return self._grant(entry, waited=0.0)
         if entry is None:
-            memory = 0
-            if self.memory_budget is not None:
+            claim: Mapping[str, int] = {}
+            if self.memory_budget is not None or self.device_budgets:
                 # Reading the header is file I/O and parsing: off the event loop, so a slow
                 # disk or a hostile header stalls this request only, never /health or others.
-                memory = await asyncio.to_thread(self._estimate, spec, flags)
+                claim = await asyncio.to_thread(self._claim, spec, flags)
                 if self._closing:
                     msg = "llama-proc proxy is shutting down"
                     raise PoolClosedError(msg)
             entry = self._entries.get(key)  # another request may have made it meanwhile
             if entry is None:
                 entry = self._entries[key] = Entry(key=key, spec=spec, flags=flags)
-                entry.memory = entry.estimate = memory
-        if self.memory_budget is not None and entry.memory > self.memory_budget:
+                entry.memory = entry.estimate = claim.get(HOST, 0)
+                entry.gpu_claim = entry.gpu_estimate = {k: v for k, v in claim.items() if k != HOST}
+        refusal = too_large_message(entry, self.rules)
+        if refusal is not None:
             self.metrics.rejected.inc(spec.id, "too_large")
-            msg = (
-                f"model {spec.id!r} needs about {_gib(entry.memory)} but the memory budget for "
-                f"all servers is {_gib(self.memory_budget)}; raise --memory-budget or use a "
-                "smaller quantization"
-            )
-            raise ModelTooLargeError(msg)
+            raise ModelTooLargeError(refusal)
         # The cap is the model's, whatever flags its requests carry: cycling an allowed flag
         # must not open a fresh queue per value.
         waiting = sum(e.queued for e in self._entries.values() if e.spec.id == spec.id)
@@ -425,16 +439,10 @@ class ServerPool(PoolLifecycle):
             if not self._grant_waiting():
                 break
 
-    def _fits(self, entry: Entry) -> bool:
-        used, reserved, _, _ = usage(self._entries.values())
-        if used >= self.max_servers:
-            return False
-        return self.memory_budget is None or reserved + entry.memory <= self.memory_budget
-
     def _start_waiting(self) -> None:
         # Strictly in arrival order: a small model does not overtake a big one forever.
         for entry, _ in list(waiting_entries(self._tickets)):
-            if not self._fits(entry):
+            if not fits(self._entries.values(), entry, self.rules):
                 return
             self._begin_start(entry)
 
@@ -490,7 +498,3 @@ class ServerPool(PoolLifecycle):
                     other.passed += 1
                     moved |= other.passed == self.fair_share
         return moved
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB"

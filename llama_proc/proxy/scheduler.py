@@ -19,17 +19,19 @@ waited ``residency_wait`` seconds.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from llama_proc.proxy.entries import Entry, EvictReason, Ticket
+    from llama_proc.proxy.models_config import ModelSpec
 
 __all__ = [
     "POLICIES",
     "RATE_HALF_LIFE",
     "REASK_HORIZON",
+    "DeviceEstimate",
     "Room",
     "RoomRules",
     "VictimPolicy",
@@ -39,8 +41,10 @@ __all__ = [
     "by_lru",
     "decayed_rate",
     "expected_cost",
+    "fits",
     "note_request",
     "plan_room",
+    "too_large_message",
     "usage",
     "waiting_entries",
 ]
@@ -53,6 +57,8 @@ MIN_LOAD_SECONDS: Final = 0.1
 """Load time assumed for a server whose load was not timed."""
 _DECAY: Final = math.log(2) / RATE_HALF_LIFE
 
+DeviceEstimate = Callable[["ModelSpec", tuple[str, ...]], Mapping[str, int]]
+"""Bytes a server for (model, flags) is expected to hold on each device, ``host`` included."""
 VictimPolicy = Callable[[Sequence["Entry"], float], list["Entry"]]
 """Orders the servers that may leave, cheapest to lose first (given the clock's now)."""
 
@@ -106,6 +112,8 @@ class RoomRules:
     min_residency: float = 0.0
     residency_wait: float = 0.0
     policy: VictimPolicy = by_expected_cost
+    device_budgets: Mapping[str, int] = field(default_factory=dict)
+    """Bytes each GPU may give the servers (host RAM is ``memory_budget``)."""
 
 
 @dataclass(frozen=True)
@@ -157,11 +165,13 @@ def plan_room(
         if rules.memory_budget is None
         else reserved - leaving_memory + needy.memory - rules.memory_budget
     )
+    gpu_short = _gpu_shortfall(entries, needy, rules)
     for e in entries:
         if e.draining:
             slots_short -= 1
             memory_short -= e.memory
-    if slots_short <= 0 and memory_short <= 0:
+            _free(gpu_short, e)
+    if slots_short <= 0 and memory_short <= 0 and not _short(gpu_short):
         return Room()
     exhausted = ticket.passed >= rules.fair_share
     patient = now - ticket.arrived < rules.residency_wait
@@ -189,12 +199,16 @@ def plan_room(
         candidates = [e for e in candidates if e not in young]
     victims: list[Entry] = []
     for e in rules.policy(candidates, now):
-        if slots_short <= 0 and memory_short <= 0:
+        if slots_short <= 0 and memory_short <= 0 and not _short(gpu_short):
             break
+        helps = slots_short > 0 or (memory_short > 0 and e.memory > 0)
+        if not helps and not any(gpu_short.get(d, 0) > 0 for d in e.gpu_claim):
+            continue  # a server on other devices frees nothing that is short
         victims.append(e)
         slots_short -= 1
         memory_short -= e.memory
-    if slots_short > 0 or memory_short > 0:
+        _free(gpu_short, e)
+    if slots_short > 0 or memory_short > 0 or _short(gpu_short):
         # Not enough can leave yet; stopping some now would only waste their warm state.
         wake = [_resident_until(e, rules) for e in young] if patient else []
         if wake:
@@ -221,3 +235,63 @@ def busy_message(
         f"no server slot for {entry.spec.id!r} within {queue_timeout:g}s: "
         f"all {max_servers} slot(s) busy ({busy}); raise --max-servers or retry"
     )
+
+
+def fits(entries: Iterable[Entry], entry: Entry, rules: RoomRules) -> bool:
+    """Whether ``entry`` can start now: a slot free, and its claim within every budget."""
+    listed = list(entries)
+    used, reserved, _, _ = usage(listed)
+    if used >= rules.max_servers:
+        return False
+    if rules.memory_budget is not None and reserved + entry.memory > rules.memory_budget:
+        return False
+    return not _short(_gpu_shortfall(listed, entry, rules, leaving_counts=False))
+
+
+def too_large_message(entry: Entry, rules: RoomRules) -> str | None:
+    """Why ``entry`` cannot fit even alone, with the figures; None when it can."""
+    over = [
+        f"{name}: needs {_size(size)} of {_size(rules.device_budgets[name])}"
+        for name, size in entry.gpu_claim.items()
+        if name in rules.device_budgets and size > rules.device_budgets[name]
+    ]
+    if rules.memory_budget is not None and entry.memory > rules.memory_budget:
+        over.insert(0, f"host: needs {_size(entry.memory)} of {_size(rules.memory_budget)}")
+    if not over:
+        return None
+    return (
+        f"model {entry.spec.id!r} does not fit the memory budget even alone "
+        f"({'; '.join(over)}); raise --memory-budget, offload fewer layers or use a smaller "
+        "quantization"
+    )
+
+
+def _size(size: int) -> str:
+    if size >= 2**30:
+        return f"{size / 2**30:.2f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size} bytes"
+
+
+def _gpu_shortfall(
+    entries: Iterable[Entry], needy: Entry, rules: RoomRules, *, leaving_counts: bool = True
+) -> dict[str, int]:
+    """Bytes each GPU lacks for ``needy`` (negative: room to spare)."""
+    short = {d: needy.gpu_claim.get(d, 0) - b for d, b in rules.device_budgets.items()}
+    for e in entries:
+        if e.state in ("starting", "ready") or (e.state == "stopping" and not leaving_counts):
+            for d, size in e.gpu_claim.items():
+                if d in short:
+                    short[d] += size
+    return short
+
+
+def _free(short: dict[str, int], entry: Entry) -> None:
+    for d, size in entry.gpu_claim.items():
+        if d in short:
+            short[d] -= size
+
+
+def _short(short: Mapping[str, int]) -> bool:
+    return any(v > 0 for v in short.values())

@@ -54,8 +54,8 @@ class _FakeNVML:
 
 def test_gpu_memory_per_device_from_nvml() -> None:
     nvml = _FakeNVML()
-    assert gpu_memory(42, nvml) == {"gpu0": 3 << 30, "gpu1": 1 << 30}
-    assert gpu_memory(7, nvml) == {"gpu1": 5 << 30}
+    assert gpu_memory(42, nvml) == {"CUDA0": 3 << 30, "CUDA1": 1 << 30}
+    assert gpu_memory(7, nvml) == {"CUDA1": 5 << 30}
     assert gpu_memory(9, nvml) == {}
     # NVML failing mid-read: nothing, no exception.
     assert gpu_memory(42, _FakeNVML(fail=True)) == {}
