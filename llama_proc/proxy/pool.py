@@ -264,6 +264,8 @@ class ServerPool(PoolLifecycle):
                 await task
         for task in list(self._measures):
             task.cancel()
+        if self._wake is not None:
+            self._wake.cancel()
         self._schedule()
         # A server still loading is abandoned: the factory stops what it spawned on cancel.
         starting = [e.start_task for e in self._entries.values() if e.start_task is not None]
