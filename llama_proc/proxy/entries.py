@@ -102,6 +102,8 @@ class ServerInfo:
     """Tokens in its KV cache, where ``/slots`` reports them."""
     load_seconds: float = 0.0
     """How long its last load took."""
+    claims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """Bytes the budgets count for it per device (``host`` and each GPU)."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -123,6 +125,7 @@ class ServerInfo:
             "memory_estimate": self.estimate or None,
             "memory_measured": self.measured or None,
             "memory_devices": dict(self.devices),
+            "memory_claims": dict(self.claims),
             "slots": {"used": self.slots_used, "total": self.slots_total},
             "kv_cache_tokens": {"used": self.kv_used, "total": self.kv_total},
             "load_seconds": round(self.load_seconds, 3),
@@ -224,6 +227,7 @@ def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:
             devices=e.measured.devices if e.measured is not None else MappingProxyType({}),
             **_slot_fields(e),
             load_seconds=e.load_seconds,
+            claims=MappingProxyType({"host": e.memory, **e.gpu_claim}),
         )
         for e in entries
     ]

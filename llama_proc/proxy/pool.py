@@ -11,12 +11,15 @@ Rules the pool keeps:
 * Each server takes at most ``concurrency`` requests at once (default: its slot count, when the
   handle reports one); more wait in that model's queue, which holds at most ``max_queue``
   requests (:class:`PoolQueueFullError` beyond it, answered 429).
-* At most ``max_servers`` servers are up or starting, and with a ``memory_budget`` their
-  estimated memory stays within it; a model that cannot fit even alone is refused at once
-  (:class:`ModelTooLargeError`). A request that needs room stops least recently used idle
-  servers, else marks busy ones *draining* (no new requests; stopped when the last one ends).
-  A server that is loading or has requests in flight is never stopped to make room.
-* No thrashing: a server whose model still has requests waiting is not drained, so waiting
+* At most ``max_servers`` servers are up or starting, and with a ``memory_budget`` (host RAM)
+  and ``device_budgets`` (each GPU) their claims stay within them: the estimate until a server
+  runs, then what it was measured to hold (:mod:`.measure`); a model that cannot fit even
+  alone is refused at once with the figures (:class:`ModelTooLargeError`). A request that
+  needs room stops idle servers on the devices that are short, cheapest expected reload first
+  (:mod:`.scheduler`). A server that is loading or has requests in flight is never stopped
+  to make room, nor one loaded less than ``min_residency`` ago unless the request has waited
+  ``residency_wait``, nor a ``keep_loaded`` model's.
+* No thrashing: a server whose model still has requests waiting is not stopped, so waiting
   requests for a loaded model go first. The fairness bound: once a request waiting for another
   model has seen ``fair_share`` requests that arrived after it served first, servers take no
   more requests newer than it, and it gets the next free room.
