@@ -249,7 +249,9 @@ def _slot_fields(entry: Entry) -> dict[str, Any]:
 
 
 def gauges(
-    infos: list[ServerInfo], memory_budget: int | None
+    infos: list[ServerInfo],
+    memory_budget: int | None,
+    device_budgets: Mapping[str, int] | None = None,
 ) -> Iterator[tuple[str, Mapping[str, str], float]]:
     """Scrape-time gauge samples: (family, labels, value); see ``metrics.ProxyMetrics``."""
     for state in ("queued", "starting", "ready", "stopping"):
@@ -279,6 +281,10 @@ def gauges(
         yield "model_running", {"model": model}, count
     yield "memory_reserved", {}, reserved
     yield "memory_budget", {}, memory_budget or 0
+    for device, budget in sorted((device_budgets or {}).items()):
+        yield "device_budget", {"device": device}, budget
+        held = sum(i.claims.get(device, 0) for i in infos if i.state != "stopped")
+        yield "device_reserved", {"device": device}, held
     # Pod-level totals for an endpoint picker (one serve replica = one endpoint).
     yield "total_queued", {}, sum(queued.values())
     yield "total_running", {}, sum(running.values())

@@ -67,6 +67,7 @@ class PoolLifecycle:
     metrics: PoolMetrics
     stats: dict[str, int]
     memory_budget: int | None
+    device_budgets: dict[str, int]
     _measures: set[asyncio.Task[None]]
 
     def _schedule(self) -> None:
@@ -386,7 +387,7 @@ class PoolLifecycle:
 
     def gauges(self) -> Iterator[tuple[str, Mapping[str, str], float]]:
         """Scrape-time gauge samples: (family, labels, value); see ``metrics.ProxyMetrics``."""
-        return gauges(self.snapshot(), self.memory_budget)
+        return gauges(self.snapshot(), self.memory_budget, self.device_budgets)
 
     def _forget_old(self) -> None:
         stopped = [e for e in self._entries.values() if e.state == "stopped" and not e.queued]

@@ -214,6 +214,16 @@ _POOL_GAUGES: Final = {
         "Memory the pool may give its servers (0 = no budget).",
         (),
     ),
+    "device_budget": (
+        "llama_proc_pool_device_budget_bytes",
+        "Memory the pool may give its servers on each GPU.",
+        ("device",),
+    ),
+    "device_reserved": (
+        "llama_proc_pool_device_reserved_bytes",
+        "Memory the servers up or starting claim on each GPU (measured where NVML answers).",
+        ("device",),
+    ),
     "model_running": (
         "llama_proc_model_running_requests",
         "Requests running on a server, by model.",

@@ -29,6 +29,7 @@ from llama_proc.proxy.device_budget import (
     placement_from_args,
     split_claim,
 )
+from llama_proc.proxy.metrics import ProxyMetrics
 from llama_proc.proxy.models_config import ModelSpec
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.scheduler import by_lru
@@ -157,6 +158,11 @@ def test_room_is_made_on_the_gpu_that_is_short_and_too_large_is_refused() -> Non
         states = {i.model: i.state for i in pool.snapshot()}
         assert states == {"a": "stopped", "b": "ready", "c": "ready"}
         assert pool.stats["evictions_memory"] == 1
+        # /metrics: each GPU's budget and what the servers on it claim.
+        text = ProxyMetrics(pool).render()
+        assert f'llama_proc_pool_device_budget_bytes{{device="CUDA1"}} {int(7.2 * GIB)}' in text
+        assert f'llama_proc_pool_device_reserved_bytes{{device="CUDA1"}} {4 * GIB}' in text
+        assert f'llama_proc_pool_device_reserved_bytes{{device="CUDA0"}} {10 * GIB}' in text
         with pytest.raises(ModelTooLargeError, match=r"CUDA0: needs 25.00 GiB of 21.60 GiB"):
             await pool.acquire(HUGE)
         assert [s for s, _ in factory.starts] == ["c", "a", "b"]
