@@ -491,6 +491,9 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{n} {b / 2**30:.1f} GiB" for n, b in device_budgets(gpus).items()),
         )
     host_estimate = with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB)
+    # llama.cpp fits unset placement options to the GPUs itself where the binary has --fit.
+    known = factory.binary_flags()
+    fits = known is not None and "--fit" in known
 
     async def main() -> None:
         pool = ServerPool(
@@ -510,7 +513,9 @@ def run(args: argparse.Namespace) -> int:
             preload=[m for m in models.models.values() if m.preload],
             device_budgets=device_budgets(gpus),
             device_estimate=(
-                functools.partial(estimate_server_claims, gpus=gpus, host_estimate=host_estimate)
+                functools.partial(
+                    estimate_server_claims, gpus=gpus, host_estimate=host_estimate, fit=fits
+                )
                 if gpus
                 else None
             ),

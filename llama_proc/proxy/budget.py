@@ -53,6 +53,8 @@ def estimate_server_claims(
     flags: tuple[str, ...],
     gpus: Sequence[DeviceMemory],
     host_estimate: MemoryEstimate | None = None,
+    *,
+    fit: bool = False,
 ) -> dict[str, int]:
     """Bytes a server for ``spec`` with ``flags`` is expected to hold per device.
 
@@ -61,7 +63,7 @@ def estimate_server_claims(
     config's options, its ``extra_args`` and the request's flags. The host keeps what
     ``host_estimate`` (default :func:`estimate_server_memory`; ``serve`` adds the prompt
     cache) counts beyond what went to the GPUs. Where the header cannot be read, all of it
-    is claimed on the host.
+    is claimed on the host. ``fit``: the binary has ``--fit`` (see ``split_claim``).
     """
     host_total = (host_estimate or estimate_server_memory)(spec, flags)
     path = spec.path
@@ -78,9 +80,8 @@ def estimate_server_claims(
                        key=lambda e: e.total)  # fmt: skip
     except (ModelFileError, InvalidArgumentError, ValueError):
         return {HOST: host_total}
-    claim = split_claim(
-        estimate, info.n_layer, placement_from_args(_placement_words(spec, flags)), gpus
-    )
+    placement = placement_from_args(_placement_words(spec, flags))
+    claim = split_claim(estimate, info.n_layer, placement, gpus, fit=fit)
     on_gpus = sum(size for name, size in claim.items() if name != HOST)
     claim[HOST] = max(0, host_total - on_gpus)
     return claim

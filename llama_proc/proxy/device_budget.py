@@ -192,9 +192,18 @@ def placement_from_args(words: Sequence[str]) -> Placement:
 
 
 def split_claim(
-    estimate: MemoryEstimate, n_layer: int, placement: Placement, gpus: Sequence[DeviceMemory]
+    estimate: MemoryEstimate,
+    n_layer: int,
+    placement: Placement,
+    gpus: Sequence[DeviceMemory],
+    *,
+    fit: bool = False,
 ) -> dict[str, int]:
-    """Bytes a server is expected to hold on the host and on each GPU (see the module doc)."""
+    """Bytes a server is expected to hold on the host and on each GPU (see the module doc).
+
+    With ``fit`` (the binary has ``--fit``) and no ``--n-gpu-layers``, llama.cpp fits the
+    layers to the GPUs itself: what would pass a GPU's budget is claimed on the host instead.
+    """
     chosen = [g for g in gpus if not placement.devices or g.name in placement.devices]
     layers = n_layer if placement.gpu_layers is None or placement.gpu_layers < 0 else (
         min(placement.gpu_layers, n_layer)
@@ -207,6 +216,9 @@ def split_claim(
     if len(weights) != len(chosen) or sum(weights) <= 0:
         weights = [float(g.total) for g in chosen]
     claim = {g.name: int(on_gpus * w / sum(weights)) for g, w in zip(chosen, weights, strict=True)}
+    if fit and placement.gpu_layers is None:
+        caps = device_budgets(chosen)
+        claim = {name: min(size, caps[name]) for name, size in claim.items()}
     claim = {name: size for name, size in claim.items() if size > 0}
     claim[HOST] = max(0, estimate.total - sum(claim.values()))
     return claim

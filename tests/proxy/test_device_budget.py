@@ -184,3 +184,23 @@ def test_server_claims_come_from_the_header_and_the_configs_placement(tmp_path: 
     # The request's flags win: no layers offloaded, all on the host.
     assert estimate_server_claims(spec, ("-ngl", "0"), TWO) == {HOST: estimate_server_memory(spec)}
     assert estimate_server_claims(spec, (), []) == {HOST: estimate_server_memory(spec)}
+
+
+def test_with_fit_and_no_layer_count_the_overflow_is_claimed_on_the_host() -> None:
+    big = MemoryEstimate(
+        weights=36 * GIB, kv_cache=4 * GIB, slots=GIB // 2, overhead=GIB // 2,
+        ctx_size=8192, n_parallel=1, kv_type="f16",
+    )  # fmt: skip
+    auto = placement_from_args(())
+    # Without --fit: all layers claimed on the GPUs, more than they hold (refused at once).
+    assert split_claim(big, 32, auto, TWO) == {"CUDA0": 30 * GIB, "CUDA1": 10 * GIB, HOST: GIB}
+    # With --fit, llama.cpp keeps each GPU within its margin and the rest runs on the host.
+    fitted = split_claim(big, 32, auto, TWO, fit=True)
+    assert fitted == {
+        "CUDA0": int(24 * GIB * 0.9),
+        "CUDA1": int(8 * GIB * 0.9),
+        HOST: big.total - int(24 * GIB * 0.9) - int(8 * GIB * 0.9),
+    }
+    # An explicit layer count is the user's: no fitting.
+    explicit = split_claim(big, 32, placement_from_args(("-ngl", "32")), TWO, fit=True)
+    assert explicit["CUDA0"] == 30 * GIB
