@@ -125,8 +125,8 @@ def register(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="most llama-servers up at once; the least recently used idle one is stopped to "
-        "make room, a busy one only after its requests end (default: 1); with N > 1 each "
+        help="most llama-servers up at once; the idle one cheapest to load again is stopped "
+        "to make room, never a busy one (default: 1); with N > 1 each "
         "server gets cores/N threads unless its model sets threads",
     )
     pool.add_argument(
