@@ -24,6 +24,8 @@ def test_cuda_variant_serves_with_all_layers_on_the_gpu(
     real_settings: Settings, smol_model: Path
 ) -> None:
     from llama_proc.provision import detect_host, ensure_server
+    from llama_proc.proxy.device_budget import discover_gpus, list_devices
+    from llama_proc.proxy.measure import gpu_memory, nvml_module
     from llama_proc.server import LlamaServer
 
     host = detect_host()
@@ -49,6 +51,15 @@ def test_cuda_variant_serves_with_all_layers_on_the_gpu(
             max_tokens=32,
         )
         logs = "\n".join(server.logs())
+        # The pool's per-device budget finds the GPU; NVML (where installed) sees what the
+        # server holds on it, which replaces the estimate in the budget.
+        gpus = discover_gpus(list_devices(install.server_binary))
+        assert [g.name for g in gpus][:1] == ["CUDA0"], gpus
+        assert gpus[0].total > 1 << 30
+        if nvml_module() is not None:
+            held = gpu_memory(server.pid or 0)
+            assert held.get("CUDA0", 0) > 50 << 20, held
+            print("measured on the GPU:", held)
     assert "Paris" in reply["choices"][0]["message"]["content"]
     assert "CUDA0" in logs
     print("gpu tokens/s:", reply.get("timings", {}).get("predicted_per_second"))

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
 from llama_proc.models.gguf_info import cached_model_info, estimate_memory
+from llama_proc.proxy.device_budget import HOST, placement_from_args, split_claim
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
+    from llama_proc.proxy.device_budget import DeviceMemory
     from llama_proc.proxy.models_config import ModelSpec
 
 __all__ = [
+    "estimate_server_claims",
     "estimate_server_memory",
     "parse_memory_budget",
     "total_memory",
@@ -43,6 +46,58 @@ _SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 MemoryEstimate = Callable[["ModelSpec", tuple[str, ...]], int]
 """Bytes a server for (model, flags) is expected to use; 0 = unknown."""
+
+
+def estimate_server_claims(
+    spec: ModelSpec,
+    flags: tuple[str, ...],
+    gpus: Sequence[DeviceMemory],
+    host_estimate: MemoryEstimate | None = None,
+    *,
+    fit: bool = False,
+) -> dict[str, int]:
+    """Bytes a server for ``spec`` with ``flags`` is expected to hold per device.
+
+    The GGUF header's estimate (as :func:`estimate_server_memory`) split over ``gpus`` by the
+    server's placement flags (:func:`~llama_proc.proxy.device_budget.split_claim`), from the
+    config's options, its ``extra_args`` and the request's flags. The host keeps what
+    ``host_estimate`` (default :func:`estimate_server_memory`; ``serve`` adds the prompt
+    cache) counts beyond what went to the GPUs. Where the header cannot be read, all of it
+    is claimed on the host. ``fit``: the binary has ``--fit`` (see ``split_claim``).
+    """
+    host_total = (host_estimate or estimate_server_memory)(spec, flags)
+    path = spec.path
+    if path is None or not gpus:
+        return {HOST: host_total}
+    chosen = _estimate_options(spec, flags)
+    try:
+        info = cached_model_info(path)
+        ctx = int(chosen.get("ctx_size", 0))
+        parallel = int(chosen.get("parallel", -1))
+        slots = AUTO_PARALLEL if parallel < 1 else parallel
+        kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
+        estimate = max((estimate_memory(info, ctx, slots, kv) for kv in kv_types),
+                       key=lambda e: e.total)  # fmt: skip
+    except (ModelFileError, InvalidArgumentError, ValueError):
+        return {HOST: host_total}
+    placement = placement_from_args(_placement_words(spec, flags))
+    claim = split_claim(estimate, info.n_layer, placement, gpus, fit=fit)
+    on_gpus = sum(size for name, size in claim.items() if name != HOST)
+    claim[HOST] = max(0, host_total - on_gpus)
+    return claim
+
+
+def _placement_words(spec: ModelSpec, flags: Sequence[str]) -> list[str]:
+    """The placement options of the config as flags, then its extra args and the request's."""
+    words: list[str] = []
+    options = spec.options
+    if options.get("n_gpu_layers") is not None:
+        words += ["-ngl", str(options["n_gpu_layers"])]
+    if options.get("tensor_split"):
+        words += ["-ts", ",".join(str(v) for v in options["tensor_split"])]
+    if options.get("device"):
+        words += ["-dev", str(options["device"])]
+    return [*words, *options.get("extra_args", ()), *spec.extra_args, *flags]
 
 
 def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:

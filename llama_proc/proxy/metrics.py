@@ -214,6 +214,61 @@ _POOL_GAUGES: Final = {
         "Memory the pool may give its servers (0 = no budget).",
         (),
     ),
+    "device_budget": (
+        "llama_proc_pool_device_budget_bytes",
+        "Memory the pool may give its servers on each GPU.",
+        ("device",),
+    ),
+    "device_reserved": (
+        "llama_proc_pool_device_reserved_bytes",
+        "Memory the servers up or starting claim on each GPU (measured where NVML answers).",
+        ("device",),
+    ),
+    "model_running": (
+        "llama_proc_model_running_requests",
+        "Requests running on a server, by model.",
+        ("model",),
+    ),
+    "total_queued": (
+        "llama_proc_queued_requests",
+        "Requests waiting for a server, all models (an endpoint picker's queue depth).",
+        (),
+    ),
+    "total_running": (
+        "llama_proc_running_requests",
+        "Requests running on a server, all models.",
+        (),
+    ),
+    "kv_cache_usage": (
+        "llama_proc_kv_cache_usage_ratio",
+        (
+            "KV cache in use, 0 to 1, over all servers: tokens held where /slots reports them, "
+            "else busy slots over slots (an endpoint picker's KV cache utilisation)."
+        ),
+        (),
+    ),
+    **{
+        key: (f"llama_proc_server_{name}", doc, ("server", "model"))
+        for key, name, doc in (
+            ("server_running", "running_requests", "Requests running on each server."),
+            ("server_queued", "queued_requests", "Requests waiting for each server."),
+            ("server_slots_used", "slots_used", "Slots of each server serving a request."),
+            ("server_slots_total", "slots_total", "Slots of each server."),
+            ("server_kv_total", "kv_cache_tokens_total", "KV cache size in tokens (/slots)."),
+            ("server_kv_used", "kv_cache_used_tokens", "Tokens in the KV cache (/slots)."),
+            ("server_load_seconds", "load_seconds", "How long each server's last load took."),
+            (
+                "server_memory_estimate",
+                "memory_estimate_bytes",
+                "Each server's memory by estimate (GGUF header).",
+            ),
+        )
+    },
+    "server_memory": (
+        "llama_proc_server_memory_bytes",
+        "Memory each server holds as measured: device=host (PSS) or CUDA<N> (NVML).",
+        ("server", "model", "device"),
+    ),
 }
 
 

@@ -55,6 +55,10 @@ class ModelSpec:
     source: str = ""
     request_flags: FlagPolicy = field(default_factory=FlagPolicy)
     request_body: BodyPolicy = field(default_factory=BodyPolicy)
+    keep_loaded: bool = False
+    """Pinned: never evicted to make room nor unloaded for idleness."""
+    preload: bool = False
+    """Started when the proxy starts, before any request asks for it."""
 
     def __post_init__(self) -> None:
         if self.path is None and self.ref is None:

@@ -12,6 +12,8 @@ A TOML file (``llama-proc serve --config FILE`` or ``LLAMA_PROC_CONFIG``)::
     ctx_size = 2048
     extra_args = ["--temp", "0.7"]             # passed verbatim (trusted: it is your file)
     aliases = ["smol"]
+    keep_loaded = true          # never evicted nor unloaded for idleness (proxy option)
+    preload = true              # loaded when the proxy starts (proxy option)
 
     [models.qwen]
     model = "Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M"   # a Hugging Face reference
@@ -22,8 +24,8 @@ users copy it (``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf``, a hub li
 :class:`~llama_proc.models.hub.ModelRef`) or a path (a path that exists wins). A reference
 is downloaded on the model's first request, into the shared Hugging Face cache
 (:mod:`llama_proc.proxy.downloads`). Keys in a model table other than ``path``, ``model``,
-``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags``, ``request_body`` and
-``mmproj = true`` are
+``extra_args``, ``aliases``, ``idle_ttl``, ``request_flags``, ``request_body``,
+``keep_loaded``, ``preload`` and ``mmproj = true`` are
 :class:`~llama_proc.runtime.ServerArgs` fields. ``host`` and ``port`` are chosen by the pool
 and refused here.
 
@@ -93,6 +95,7 @@ CONFIG_ENV: Final = "LLAMA_PROC_CONFIG"
 
 _MODEL_KEYS: Final = frozenset(
     {"path", "model", "extra_args", "aliases", "idle_ttl", "request_flags", "request_body"}
+    | {"keep_loaded", "preload"}
 )
 _DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags", "request_body"})
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
@@ -208,6 +211,8 @@ def models_from_mapping(
             source=f"config:{where}",
             request_flags=flags,
             request_body=body,
+            keep_loaded=_flag(table, "keep_loaded", ctx),
+            preload=_flag(table, "preload", ctx),
         )
     try:
         return ModelsConfig(models)
@@ -347,3 +352,11 @@ def _ttl(value: object, ctx: str) -> float:
 
 def _quote(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'"{name}"'
+
+
+def _flag(table: Mapping[str, Any], key: str, ctx: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        msg = f"{ctx}: {key} must be true or false"
+        raise ConfigError(msg)
+    return value

@@ -168,6 +168,8 @@ def pool_limits_of(serve: ServeOptions) -> dict[str, Any]:
         "idle_ttl": serve.idle_ttl,
         "queue_timeout": serve.queue_timeout,
         "max_queue": serve.max_queue,
+        "min_residency": serve.min_residency,
+        "residency_wait": serve.residency_wait,
         "memory_budget": parse_memory_budget(serve.memory_budget),
     }
 

@@ -31,8 +31,10 @@ __all__ = [
     "DEFAULT_IDLE_TTL",
     "DEFAULT_MAX_QUEUE",
     "DEFAULT_MAX_SERVERS",
+    "DEFAULT_MIN_RESIDENCY",
     "DEFAULT_PORT",
     "DEFAULT_QUEUE_TIMEOUT",
+    "DEFAULT_RESIDENCY_WAIT",
     "GROUPS",
     "ServeOptions",
     "add_serve_flags",
@@ -46,6 +48,10 @@ DEFAULT_MAX_SERVERS: Final = 1
 DEFAULT_IDLE_TTL: Final = 600.0
 DEFAULT_QUEUE_TIMEOUT: Final = 600.0
 DEFAULT_MAX_QUEUE: Final = 64
+DEFAULT_MIN_RESIDENCY: Final = 30.0
+"""Seconds ``serve`` keeps a loaded server from eviction (the pool itself defaults to none)."""
+DEFAULT_RESIDENCY_WAIT: Final = 10.0
+"""Seconds a request may wait for room held by minimum residency before it is given way."""
 DEFAULT_DRAIN_TIMEOUT: Final = 30.0
 """Seconds in-flight requests get to finish at shutdown."""
 API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
@@ -191,10 +197,9 @@ class ServeOptions:
         metadata=_opt(
             "--max-servers",
             "pool",
-            "most llama-servers up at once; the least recently used idle one is stopped to "
-            "make room, a busy one only after its requests end (default: "
-            f"{DEFAULT_MAX_SERVERS}); with N > 1 each server gets cores/N threads unless its "
-            "model sets threads",
+            "most llama-servers up at once; the idle one cheapest to load again is stopped "
+            f"to make room, never a busy one (default: {DEFAULT_MAX_SERVERS}); with N > 1 each "
+            "server gets cores/N threads unless its model sets threads",
             at_least=1,
         ),
     )
@@ -249,6 +254,27 @@ class ServeOptions:
             "requests one model may have waiting; more get 429 with Retry-After (default: "
             f"{DEFAULT_MAX_QUEUE})",
             at_least=1,
+        ),
+    )
+    min_residency: float = field(
+        default=DEFAULT_MIN_RESIDENCY,
+        metadata=_opt(
+            "--min-residency",
+            "pool",
+            "a loaded server is not evicted for S seconds, unless a request has waited "
+            f"--residency-wait seconds for room (default: {DEFAULT_MIN_RESIDENCY:g})",
+            at_least=0,
+            metavar="S",
+        ),
+    )
+    residency_wait: float = field(
+        default=DEFAULT_RESIDENCY_WAIT,
+        metadata=_opt(
+            "--residency-wait",
+            "pool",
+            f"the bound on that wait (default: {DEFAULT_RESIDENCY_WAIT:g})",
+            at_least=0,
+            metavar="S",
         ),
     )
     first_byte_timeout: float | None = field(

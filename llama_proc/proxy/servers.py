@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from llama_proc._childenv import child_environment
 from llama_proc.errors import ServerError
+from llama_proc.proxy.measure import Measured, SlotUse, measure_process, slot_use
 from llama_proc.proxy.prompt_cache import CACHE_RAM_FLAGS, with_cache_ram
 from llama_proc.proxy.threads import with_threads
 from llama_proc.runtime.flags import BinaryFlags, probe_flags
@@ -47,7 +48,9 @@ class ServerHandle(Protocol):
     after a crash), ``logs()`` (a log tail for the crash report), ``api_key`` (sent as a
     Bearer token on every forwarded request), ``slots`` (requests it serves at once: the
     pool's default concurrency for it) and ``async probe(timeout) -> bool`` (whether the
-    server's main loop still answers; without it a server is never judged wedged).
+    server's main loop still answers; without it a server is never judged wedged) and
+    ``measure() -> Measured | None`` (what it holds now, blocking: the pool runs it in a
+    thread and budgets against it instead of the estimate).
     """
 
     @property
@@ -183,11 +186,13 @@ class LlamaServerFactory:
 class _AsyncServerHandle:
     """Adapts AsyncLlamaServer to :class:`ServerHandle`."""
 
-    __slots__ = ("_server", "slots")
+    __slots__ = ("_server", "slot_use", "slots")
 
     def __init__(self, server: AsyncLlamaServer) -> None:
         self._server = server
         self.slots: int | None = None
+        self.slot_use: SlotUse | None = None
+        """What its ``/slots`` said at the last health probe."""
         """Requests the server serves at once (its ``total_slots``), when known."""
 
     def _headers(self) -> dict[str, str]:
@@ -222,7 +227,9 @@ class _AsyncServerHandle:
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
             session.get(self.url + "/slots", headers=self._headers()) as resp,
         ):
-            await resp.read()
+            body = await resp.read()
+        if resp.status == 200:
+            self.slot_use = slot_use(body)
         return True
 
     @property
@@ -250,6 +257,10 @@ class _AsyncServerHandle:
 
     def logs(self) -> list[str]:
         return list(self._server.logs())
+
+    def measure(self) -> Measured | None:
+        """Memory the server holds now (host PSS, GPU memory through NVML); blocking."""
+        return measure_process(self.pid)
 
     async def stop(self) -> None:
         await self._server.stop()

@@ -103,7 +103,7 @@ def test_real_budget_for_one_server_evicts_the_idle_one(
             status, _ = await _complete(s, "smol-a")
             assert status == 200
             (first,) = pool.snapshot()
-            assert first.memory == one
+            assert first.estimate == one
             rss = _rss(first.pid or 0)
             print(
                 f"estimate {one / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB, "
@@ -136,6 +136,12 @@ def test_real_budget_smaller_than_one_model_refuses_it(
             assert status == 400
             assert body["error"]["code"] == "model_too_large"
             assert "--memory-budget" in body["error"]["message"]
+            # The figures: what it needs and what the budget holds, per device (host here).
+            need = estimate_server_memory(models.models["smol-a"]) / 2**20
+            assert (
+                f"host: needs {need:.1f} MiB of {budget / 2**20:.1f} MiB"
+                in (body["error"]["message"])
+            )
             assert pool.stats["starts"] == 0
 
     asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import shlex
@@ -14,8 +15,9 @@ from llama_proc._text import printable_lines
 from llama_proc.errors import ConfigError, InvalidArgumentError
 from llama_proc.provision import ensure_server
 from llama_proc.proxy.app import create_app
-from llama_proc.proxy.budget import estimate_server_memory
+from llama_proc.proxy.budget import estimate_server_claims, estimate_server_memory
 from llama_proc.proxy.configs import load_config, load_models
+from llama_proc.proxy.device_budget import device_budgets, discover_gpus, list_devices
 from llama_proc.proxy.downloads import ModelDownloads
 from llama_proc.proxy.gate import run_proxy
 from llama_proc.proxy.options import event_loop_factory, pool_limits_of, proxy_options_of
@@ -108,13 +110,34 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    # GPUs and their budgets, from the binary's own device list, else NVML or AMD's sysfs.
+    gpus = discover_gpus(list_devices(binary))
+    if gpus:
+        log.info(
+            "GPU budgets: %s",
+            ", ".join(f"{n} {b / 2**30:.1f} GiB" for n, b in device_budgets(gpus).items()),
+        )
+    # Each server's prompt cache counts: it is bounded per server (the factory) and added to
+    # the estimate the budget is kept against.
+    host_estimate = with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB)
+    # llama.cpp fits unset placement options to the GPUs itself where the binary has --fit.
+    known = factory.binary_flags()
+    fits = known is not None and "--fit" in known
+
     async def main() -> None:
         pool = ServerPool(
             factory,
             **limits,
-            # Each server's prompt cache counts: it is bounded per server (the factory) and
-            # added to the estimate the budget is kept against.
-            memory_estimate=with_prompt_cache(estimate_server_memory, POOLED_CACHE_RAM_MIB),
+            memory_estimate=host_estimate,
+            preload=[m for m in models.models.values() if m.preload],
+            device_budgets=device_budgets(gpus),
+            device_estimate=(
+                functools.partial(
+                    estimate_server_claims, gpus=gpus, host_estimate=host_estimate, fit=fits
+                )
+                if gpus
+                else None
+            ),
         )
         app = create_app(models, pool, options, downloads=ModelDownloads(settings=settings))
         await run_proxy(
