@@ -21,7 +21,8 @@ from llama_proc._version import __version__
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
 from llama_proc.provision.fetch import download
-from llama_proc.provision.fetch.download import download_file, fetch_page, make_session
+from llama_proc.provision.fetch.download import download_file, fetch_page
+from llama_proc.provision.fetch.session import make_session
 
 DATA = os.urandom(3_000_000)
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import ipaddress
 import logging
 import re
 import shutil
@@ -33,9 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from llama_proc._version import __version__
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
-from llama_proc.provision.fetch._headers_deadline import headers_deadline, watched_adapter
+from llama_proc.provision.fetch._headers_deadline import headers_deadline
+from llama_proc.provision.fetch.retry import (
+    ATTEMPTS,
+    BACKOFF_BASE,
+    DNS_ATTEMPTS,
+    HOST_NOT_FOUND,
+    MAX_REQUESTS,
+    NO_ANSWER_ATTEMPTS,
+    _backoff,
+    _parse_retry_after,
+    _RestartError,
+    _retryable_status,
+    _RetryableError,
+)
+from llama_proc.provision.fetch.session import _safe_url, is_local_url, make_session, plain_remote
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -45,7 +57,12 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
 
 __all__ = [
+    "ATTEMPTS",
+    "BACKOFF_BASE",
     "CHUNK_SIZE",
+    "DNS_ATTEMPTS",
+    "MAX_REQUESTS",
+    "NO_ANSWER_ATTEMPTS",
     "PART_SUFFIX",
     "Page",
     "download_file",
@@ -61,19 +78,6 @@ logger = logging.getLogger(__name__)
 CHUNK_SIZE: Final = 1 << 20
 """Most bytes taken per read while streaming (large, so hashing dominates the loop)."""
 PART_SUFFIX: Final = ".part"
-USER_AGENT: Final = f"llama-proc/{__version__}"
-GITHUB_API_HOST: Final = "api.github.com"
-ATTEMPTS: Final = 5
-"""Consecutive failed requests (no new bytes) before giving up."""
-DNS_ATTEMPTS: Final = 2
-"""Tries for a host name that does not resolve: it rarely starts resolving within seconds, and
-an offline host would otherwise wait out the whole backoff before falling back."""
-NO_ANSWER_ATTEMPTS: Final = 2
-"""Tries for a server that does not connect or does not answer in time: a wedged server
-rarely recovers within seconds, and each try costs a whole deadline."""
-HOST_NOT_FOUND: Final = "host name not found"
-MAX_REQUESTS: Final = 30
-"""Hard cap on requests for one download, even when each one makes progress."""
 CONNECT_TIMEOUT: Final = 10.0
 """Most seconds to wait for a connection (``download_timeout`` when that is smaller)."""
 FIRST_BYTE_TIMEOUT: Final = 10.0
@@ -93,10 +97,6 @@ that stalls again and again, or trickles, fails instead of going on for hours.""
 MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
 """Largest document :func:`fetch_page` reads (a release listing is a few hundred kB)."""
 _DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-BACKOFF_BASE: Final = 0.5
-BACKOFF_MAX: Final = 10.0
-RETRY_AFTER_MAX: Final = 30.0
-"""A server's ``Retry-After`` is honoured up to this many seconds."""
 _SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE_RE: Final = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 
@@ -104,10 +104,6 @@ _CONTENT_RANGE_RE: Final = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 def _sleep(seconds: float) -> None:
     # One indirection so tests can record (and skip) backoff waits.
     time.sleep(seconds)
-
-
-def _attempts_for(reason: str) -> int:
-    return DNS_ATTEMPTS if reason == HOST_NOT_FOUND else ATTEMPTS
 
 
 def _timeouts(download_timeout: float) -> tuple[float, float]:
@@ -121,103 +117,6 @@ def _headers_timeout(download_timeout: float) -> float:
 
 def _mb(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
-
-
-def _retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def _backoff(failures: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), RETRY_AFTER_MAX)
-    return float(min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX))
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-
-
-class _GitHubTokenAuth:
-    """Adds the token only to requests for the GitHub API, never to downloads or mirrors."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        parts = urllib.parse.urlsplit(request.url or "")
-        if parts.scheme == "https" and parts.hostname == GITHUB_API_HOST:
-            request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-
-def make_session(settings: Settings) -> requests.Session:
-    """A ``requests`` session with llama-proc's User-Agent (and GitHub token, API host only).
-
-    Args:
-        settings: provides ``github_token``.
-    """
-    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
-
-    session = requests.Session()
-    session.headers["User-Agent"] = USER_AGENT
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, watched_adapter())
-    session.hooks["response"].append(_refuse_downgrade)
-    if settings.github_token:
-        session.auth = _GitHubTokenAuth(settings.github_token)
-    return session
-
-
-def is_local_url(url: str) -> bool:
-    """Whether ``url`` stays on this machine: ``file://`` or an http(s) loopback host."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return True
-    if scheme not in ("http", "https"):
-        return False
-    try:
-        host = parts.hostname
-    except ValueError:
-        return False
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def plain_remote(url: str) -> bool:
-    """Plain http to another machine: anyone on the path can change what it serves."""
-    return urllib.parse.urlsplit(url).scheme.lower() == "http" and not is_local_url(url)
-
-
-def _refuse_downgrade(response: requests.Response, *_args: Any, **_kwargs: Any) -> None:
-    """Refuse a redirect to plain http on another machine, before it is followed.
-
-    Like a plain-http mirror: anyone on that path could swap the bytes, and for a listing the
-    digests that vouch for them. Only a redirect from such a host itself (a plain-http mirror,
-    allowed only with every asset pinned) may stay on plain http.
-    """
-    if not response.is_redirect:
-        return
-    target = urllib.parse.urljoin(response.url, response.headers.get("Location", ""))
-    if plain_remote(target) and not plain_remote(response.url):
-        msg = (
-            f"{_safe_url(response.url)} redirects to {_safe_url(target)}, plain http to another "
-            "machine: anyone on the path could swap what it serves; refused (use an https:// "
-            "mirror, or one whose redirects stay on https)"
-        )
-        response.close()  # raising here skips requests' own close of a followed redirect
-        raise DownloadError(msg)
 
 
 def file_sha256(path: Path) -> str:
@@ -242,15 +141,6 @@ def _expected_sha256(sha256: str, url: str) -> str:
 
 def _local_path(url: str) -> Path:
     return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
-
-
-def _safe_url(url: str) -> str:
-    """The URL without credentials or query string, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class _Sink(Protocol):
@@ -407,22 +297,6 @@ class _Pace:
                 "or use a closer LLAMA_PROC_MIRROR"
             )
             raise DownloadError(msg)
-
-
-class _RetryableError(Exception):
-    """One request failed in a way worth retrying (up to ``attempts`` times in a row)."""
-
-    def __init__(
-        self, reason: str, retry_after: float | None = None, attempts: int | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.attempts = _attempts_for(reason) if attempts is None else attempts
-
-
-class _RestartError(Exception):
-    """The part was discarded; start again from byte 0 at once."""
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, *, enabled: bool | None) -> Any:
