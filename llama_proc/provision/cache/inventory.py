@@ -462,7 +462,7 @@ def _delete(path: Path) -> bool:
 
 
 def _prune_downloads(settings: Settings, *, dry_run: bool) -> list[Path]:
-    from llama_proc.provision.fetch.download import PART_SUFFIX  # noqa: PLC0415  off the hit path
+    from llama_proc.provision.fetch.part import PART_SUFFIX  # noqa: PLC0415  off the hit path
 
     folder = downloads_dir(settings)
     names = {
