@@ -11,7 +11,7 @@ import pytest
 from upstream_listings import B11434_NAMES
 
 from llama_proc.errors import ManifestError, NoMatchingVariantError
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 from llama_proc.provision.host.selection import prebuilt_blockers, select_variant
 from llama_proc.provision.manifest import Manifest, load_manifest, parse_manifest
 

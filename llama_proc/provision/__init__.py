@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from llama_proc.provision.cache.installer import install_atomically
     from llama_proc.provision.cache.inventory import list_installs
     from llama_proc.provision.compile.build import build_variant
-    from llama_proc.provision.host.platform import HostInfo, detect_host
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.host.platform import detect_host
     from llama_proc.provision.host.selection import Selection, select_variant
     from llama_proc.provision.manifest import Manifest, Variant, load_manifest
     from llama_proc.provision.resolve import ensure_server, resolve_server
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 _WHERE: Final = {
-    "HostInfo": "host.platform",
+    "HostInfo": "host.host_info",
     "Install": "cache.install",
     "Manifest": "manifest",
     "Selection": "host.selection",

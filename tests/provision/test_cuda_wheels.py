@@ -31,7 +31,7 @@ from llama_proc.provision.compile.cuda_wheels import (
     toolkit_path,
 )
 from llama_proc.provision.compile.toolchain import choose_cuda_toolkit, find_tool
-from llama_proc.provision.host.platform import HostInfo, normalize_arch
+from llama_proc.provision.host.host_info import HostInfo, normalize_arch
 from llama_proc.provision.manifest import CudaToolkitSpec, IndexFile, load_manifest, parse_manifest
 
 MANIFEST = load_manifest()

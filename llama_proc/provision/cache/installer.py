@@ -46,7 +46,7 @@ from llama_proc.provision.cache.verify import (
 )
 from llama_proc.provision.fetch.archive import find_binaries
 from llama_proc.provision.fetch.download import file_sha256
-from llama_proc.provision.host.platform import host_os
+from llama_proc.provision.host.host_info import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence

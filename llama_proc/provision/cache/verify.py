@@ -30,7 +30,7 @@ from llama_proc.provision.host.selection import runtime_problems
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from llama_proc.provision.host.platform import HostInfo
+    from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest import Variant
 
 __all__ = [

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.compile.build_plan import BuildPlan, BuildRequest
     from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.compute.ladder import FeatureGroup
-    from llama_proc.provision.host.platform import HostInfo
+    from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest import Manifest, Variant
 
 __all__ = [

@@ -34,7 +34,7 @@ from llama_proc.provision.cache.locking import cache_lock, lock_path, try_lock
 from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.fetch import archive, download, releases
-from llama_proc.provision.host.platform import HostInfo, normalize_arch, normalize_os
+from llama_proc.provision.host.host_info import HostInfo, normalize_arch, normalize_os
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
 from llama_proc.vocab import AUTO, InstallSource

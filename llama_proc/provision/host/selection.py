@@ -24,7 +24,7 @@ from llama_proc.vocab import AUTO
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from llama_proc.provision.host.platform import HostInfo
+    from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest import Manifest, Variant
 
 __all__ = [
