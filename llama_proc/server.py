@@ -48,7 +48,8 @@ from llama_proc.errors import (
     ServerStartError,
 )
 from llama_proc.models.gguf import check_gguf
-from llama_proc.models.hub import ModelFiles, ModelRef, fetch_model
+from llama_proc.models.hub import fetch_model
+from llama_proc.models.model_ref import ModelFiles, ModelRef
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.client import (
     REQUEST_TIMEOUT,
