@@ -51,13 +51,8 @@ from llama_proc.models.gguf import check_gguf
 from llama_proc.models.hub import fetch_model
 from llama_proc.models.model_ref import ModelFiles, ModelRef
 from llama_proc.runtime.args import ServerArgs
-from llama_proc.runtime.client import (
-    REQUEST_TIMEOUT,
-    AsyncLlamaClient,
-    AsyncLlamaEndpoints,
-    LlamaClient,
-    LlamaEndpoints,
-)
+from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints
+from llama_proc.runtime.client import LlamaClient, LlamaEndpoints
 from llama_proc.runtime.flags import probe_flags
 from llama_proc.runtime.process import (
     LOG_CAPACITY,
@@ -67,6 +62,7 @@ from llama_proc.runtime.process import (
     ServerProcess,
     child_environment,
 )
+from llama_proc.runtime.request_limits import REQUEST_TIMEOUT
 from llama_proc.runtime.rpc import check_workers, local_rpc_version
 
 if TYPE_CHECKING:

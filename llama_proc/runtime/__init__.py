@@ -19,10 +19,12 @@ if TYPE_CHECKING:
     from llama_proc.diagnosis import Cause, diagnose
     from llama_proc.models.gguf import GgufHeader, check_gguf
     from llama_proc.runtime.args import ServerArgs, validate_extra_args
-    from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient, parse_metrics
+    from llama_proc.runtime.async_client import AsyncLlamaClient
+    from llama_proc.runtime.client import LlamaClient
     from llama_proc.runtime.flags import BinaryFlags, probe_flags
     from llama_proc.runtime.health import probe_health
     from llama_proc.runtime.process import ServerProcess, child_environment
+    from llama_proc.runtime.wire import parse_metrics
 
 __all__ = [
     "AsyncLlamaClient",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 _WHERE: Final = {
-    "AsyncLlamaClient": "client",
+    "AsyncLlamaClient": "async_client",
     "BinaryFlags": "flags",
     "Cause": "llama_proc.diagnosis",
     "GgufHeader": "llama_proc.models.gguf",
@@ -52,7 +54,7 @@ _WHERE: Final = {
     "check_gguf": "llama_proc.models.gguf",
     "child_environment": "process",
     "diagnose": "llama_proc.diagnosis",
-    "parse_metrics": "client",
+    "parse_metrics": "wire",
     "probe_flags": "flags",
     "probe_health": "health",
     "validate_extra_args": "args",
