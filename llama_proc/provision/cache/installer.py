@@ -44,7 +44,7 @@ from llama_proc.provision.cache.verify import (
     parse_version_output,
     smoke_check,
 )
-from llama_proc.provision.fetch.archive import find_binaries
+from llama_proc.provision.fetch.binaries import find_binaries
 from llama_proc.provision.fetch.download import file_sha256
 from llama_proc.provision.host.host_info import host_os
 
