@@ -32,7 +32,8 @@ from llama_proc.provision.compile.cuda_wheels import (
 )
 from llama_proc.provision.compile.toolchain import choose_cuda_toolkit, find_tool
 from llama_proc.provision.host.host_info import HostInfo, normalize_arch
-from llama_proc.provision.manifest import CudaToolkitSpec, IndexFile, load_manifest, parse_manifest
+from llama_proc.provision.manifest import load_manifest, parse_manifest
+from llama_proc.provision.manifest_records import CudaToolkitSpec, IndexFile
 
 MANIFEST = load_manifest()
 CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)

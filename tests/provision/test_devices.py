@@ -32,13 +32,14 @@ from llama_proc.provision.explain import Outcome, StepName, steps
 from llama_proc.provision.fetch import download
 from llama_proc.provision.host import platform as platform_module
 from llama_proc.provision.host.host_info import HostInfo
-from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from http_server import FileServer
 
     from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.manifest_records import Manifest
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="runs Linux shell shims"

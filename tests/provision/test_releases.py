@@ -40,7 +40,7 @@ from llama_proc.provision.fetch.releases import (
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 
 if TYPE_CHECKING:
-    from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.manifest_records import Manifest
 
 REPO = "ggml-org/llama.cpp"
 TAG = "b11434"

@@ -29,7 +29,8 @@ from llama_proc.provision.fetch.sources import (
     parse_source_spec,
     tree_fingerprint,
 )
-from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import IndexFile, Manifest
 
 SHA_A = "a" * 64
 

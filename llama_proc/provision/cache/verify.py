@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from llama_proc.provision.host.host_info import HostInfo
-    from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.manifest_records import Variant
 
 __all__ = [
     "DEVICE_TIMEOUT",

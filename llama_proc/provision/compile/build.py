@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.host.host_info import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "build_into",

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.compile.toolchain import Toolchain
     from llama_proc.provision.fetch.sources import SourceTree
     from llama_proc.provision.host.host_info import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "BUILD_DIR",

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
     from llama_proc.provision.host.host_info import HostInfo
-    from llama_proc.provision.manifest import CudaToolkitSpec
+    from llama_proc.provision.manifest_records import CudaToolkitSpec
 
 __all__ = [
     "MIN_CMAKE",

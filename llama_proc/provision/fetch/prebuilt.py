@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.fetch.releases import ReleaseAsset
-    from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
+    from llama_proc.provision.manifest_records import AssetMatch, Manifest, Variant
     from llama_proc.provision.resolve import Resolution
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]

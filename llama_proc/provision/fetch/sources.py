@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from llama_proc.config import Settings
-    from llama_proc.provision.manifest import IndexFile, Manifest
+    from llama_proc.provision.manifest_records import IndexFile, Manifest
 
 __all__ = [
     "SOURCES_DIR",

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
     from llama_proc.provision.host.host_info import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "AUTO_CHAIN",
