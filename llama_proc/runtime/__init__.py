@@ -18,9 +18,10 @@ from llama_proc._lazy import lazy_exports
 if TYPE_CHECKING:
     from llama_proc.diagnosis import Cause, diagnose
     from llama_proc.models.gguf import GgufHeader, check_gguf
-    from llama_proc.runtime.args import ServerArgs, validate_extra_args
+    from llama_proc.runtime.args import ServerArgs
     from llama_proc.runtime.async_client import AsyncLlamaClient
     from llama_proc.runtime.client import LlamaClient
+    from llama_proc.runtime.extra_args import validate_extra_args
     from llama_proc.runtime.flags import BinaryFlags, probe_flags
     from llama_proc.runtime.health import probe_health
     from llama_proc.runtime.process import ServerProcess, child_environment
@@ -57,7 +58,7 @@ _WHERE: Final = {
     "parse_metrics": "wire",
     "probe_flags": "flags",
     "probe_health": "health",
-    "validate_extra_args": "args",
+    "validate_extra_args": "extra_args",
 }
 
 

@@ -56,7 +56,8 @@ from llama_proc.provision.compute.ladder import (
     with_compiler_flags,
 )
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
-from llama_proc.provision.fetch.sources import obtain_source, tree_fingerprint
+from llama_proc.provision.fetch.source_tree import tree_fingerprint
+from llama_proc.provision.fetch.sources import obtain_source
 from llama_proc.provision.host.platform import detect_host
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.vocab import InstallSource

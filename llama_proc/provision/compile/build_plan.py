@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.compile.toolchain import Toolchain
-    from llama_proc.provision.fetch.sources import SourceTree
+    from llama_proc.provision.fetch.source_tree import SourceTree
     from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest_records import Manifest, Variant
 
