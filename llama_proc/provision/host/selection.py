@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from packaging.version import InvalidVersion, Version
 
+from llama_proc.backends import auto_chain
 from llama_proc.errors import NoMatchingVariantError
 from llama_proc.vocab import AUTO
 
@@ -40,7 +41,7 @@ __all__ = [
     "select_variant",
 ]
 
-AUTO_CHAIN: Final = ("cuda", "rocm", "metal", "vulkan", "cpu")
+AUTO_CHAIN: Final = auto_chain()
 """Backends ``auto`` tries, best first (``rpc`` is only chosen when asked for)."""
 
 
