@@ -41,7 +41,7 @@ from llama_proc.errors import (
     ServerRequestError,
     ServerStartError,
 )
-from llama_proc.models.gguf import check_gguf
+from llama_proc.models.gguf_header import check_gguf
 from llama_proc.models.model_ref import ModelFiles, ModelRef
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints

@@ -17,7 +17,7 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.diagnosis import Cause, diagnose
-    from llama_proc.models.gguf import GgufHeader, check_gguf
+    from llama_proc.models.gguf_header import GgufHeader, check_gguf
     from llama_proc.runtime.args import ServerArgs
     from llama_proc.runtime.async_client import AsyncLlamaClient
     from llama_proc.runtime.client import LlamaClient
@@ -48,11 +48,11 @@ _WHERE: Final = {
     "AsyncLlamaClient": "async_client",
     "BinaryFlags": "flags",
     "Cause": "llama_proc.diagnosis",
-    "GgufHeader": "llama_proc.models.gguf",
+    "GgufHeader": "llama_proc.models.gguf_header",
     "LlamaClient": "client",
     "ServerArgs": "args",
     "ServerProcess": "process",
-    "check_gguf": "llama_proc.models.gguf",
+    "check_gguf": "llama_proc.models.gguf_header",
     "child_environment": "process",
     "diagnose": "llama_proc.diagnosis",
     "parse_metrics": "wire",
