@@ -47,13 +47,8 @@ from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints
 from llama_proc.runtime.client import LlamaClient, LlamaEndpoints
 from llama_proc.runtime.flags import probe_flags
-from llama_proc.runtime.process import (
-    LOG_CAPACITY,
-    STALL_TIMEOUT,
-    STOP_GRACE,
-    ServerProcess,
-    child_environment,
-)
+from llama_proc.runtime.log_buffer import LOG_CAPACITY
+from llama_proc.runtime.process import STALL_TIMEOUT, STOP_GRACE, ServerProcess, child_environment
 from llama_proc.runtime.request_limits import REQUEST_TIMEOUT
 from llama_proc.runtime.rpc import check_workers, local_rpc_version
 from llama_proc.server_state import _NO_KEY, _StateView
