@@ -25,16 +25,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._version import __version__
 from llama_proc.errors import ProvisionError
+from llama_proc.provision.cache.file_record import FileRecord, alternatives, scan_tree
 from llama_proc.provision.cache.install import (
     COMPUTE_KEY,
     FILES_KEY,
     INSTALL_SCHEMA,
-    FileRecord,
     Install,
-    alternatives,
     check_install,
     complete_install,
-    scan_tree,
 )
 from llama_proc.provision.cache.layout import INSTALL_JSON
 from llama_proc.provision.cache.locking import create_once
