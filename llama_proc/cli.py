@@ -1,8 +1,10 @@
 """The ``llama-proc`` command line.
 
-Each command lives in a module of :mod:`llama_proc._cli` exposing ``register(subparsers)``;
-those modules import only :mod:`argparse` and :mod:`llama_proc._cli.common` (flags, choices from
-:mod:`llama_proc.vocab`) at load time so ``llama-proc --help`` stays fast. No parser takes an
+Each command's parser lives in a module of :mod:`llama_proc._cli` exposing
+``register(subparsers)``; those modules import only :mod:`argparse` and
+:mod:`llama_proc._cli.common` at load time, so ``llama-proc --help`` stays fast. What a command
+does lives in :mod:`llama_proc._cli.handlers`, named by a lazy
+:class:`~llama_proc._cli.common.Handler` and imported only when that command runs. No parser takes an
 abbreviated flag, and flags that would put a key or token on the command line are refused.
 Every :class:`~llama_proc.errors.LlamaProcError` becomes one line on stderr and exit code 1;
 usage errors exit 2; Ctrl-C exits 130.

@@ -8,7 +8,8 @@ Environment variable           Meaning
 =============================  ==========================================================
 LLAMA_PROC_CACHE_DIR           root of the per-user cache (default: platformdirs cache)
 LLAMA_PROC_VARIANT             backend: auto, cpu, cuda, rocm, metal, vulkan, rpc (default: auto)
-LLAMA_PROC_BUILD               llama.cpp build tag to use instead of the pinned one (bNNNN)
+LLAMA_PROC_BUILD               llama.cpp build to use instead of the pinned one: bNNNN, a
+                               release tag (v1.0.0) or latest (resolved to the bNNNN build)
 LLAMA_PROC_PREFER              prebuilt or source: which provisioning path is tried first
 LLAMA_PROC_NO_BUILD            1 = never compile from source (fail if no prebuilt fits)
 LLAMA_PROC_NO_PREBUILT         1 = never download a prebuilt archive (compile instead)
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -53,6 +55,7 @@ __all__ = [
     "ENV_PREFIX",
     "Settings",
     "default_cache_dir",
+    "is_build_tag",
     "parse_bool",
     "parse_field",
 ]
@@ -61,6 +64,8 @@ ENV_PREFIX: Final = "LLAMA_PROC_"
 CONFIG_SETTINGS_PREFIX: Final = "llama-proc."
 _TRUTHY: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
 _FALSY: Final = frozenset({"", "0", "false", "f", "no", "n", "off"})
+_SEMVER_TAG_RE: Final = re.compile(r"^[vV]\d+\.\d+\.\d+$")
+_BUILD_TAG_RE: Final = re.compile(r"^b[0-9]+$")
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -98,7 +103,8 @@ class Settings:
     backend: str = field(default="auto", metadata=_meta("VARIANT", "backend"))
     """Backend (``--variant``): auto or one of ``vocab.BACKENDS``. Env: LLAMA_PROC_VARIANT."""
     build: str | None = field(default=None, metadata=_meta("BUILD", "build"))
-    """llama.cpp build tag (``bNNNN``); None = the manifest's pinned build. Env: LLAMA_PROC_BUILD."""
+    """llama.cpp build tag (``bNNNN``), release tag (``v1.0.0``) or ``latest``, resolved to the
+    ``bNNNN`` build with binaries; None = the manifest's pinned build. Env: LLAMA_PROC_BUILD."""
     prefer: Literal["prebuilt", "source"] = field(
         default="prebuilt", metadata=_meta("PREFER", "prefer")
     )
@@ -253,11 +259,22 @@ def _parse_prefer(name: str, raw: str) -> str:
     return value
 
 
+def is_build_tag(build: str) -> bool:
+    """Whether ``build`` is a ``bNNNN`` tag (one that carries binaries), not ``vX.Y.Z``/latest."""
+    return bool(_BUILD_TAG_RE.match(build))
+
+
 def _parse_build(name: str, raw: str) -> str:
     value = raw.strip()
+    # Upstream's release tags (vX.Y.Z) and "latest" name a b build; provisioning resolves them.
+    if value.lower() == "latest" or _SEMVER_TAG_RE.match(value):
+        return value.lower()
     digits = value.removeprefix("b")
     if not digits.isdigit():
-        msg = f"{_shown(name, raw)} is not a llama.cpp build tag; use the form b1234"
+        msg = (
+            f"{_shown(name, raw)} is not a llama.cpp build tag; use the form b1234, a release "
+            "tag like v1.0.0, or latest"
+        )
         raise ConfigError(msg)
     return f"b{int(digits)}"
 

@@ -10,6 +10,7 @@ raises with one ``except``. Errors that are naturally caught as builtins also su
   * ProvisionError
     * DownloadError                          HTTP/network failure (cause: requests exception)
     * ChecksumMismatchError                  sha256 differs; .url .expected .actual
+    * AttestationError                       a served provenance attestation does not verify
     * ArchiveError                           corrupt archive or unsafe member path
     * ToolNotFoundError                      cmake / compiler / toolkit missing for a source build
     * BuildError                             CMake configure/build failed; .cmd .returncode .log_tail
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArchiveError",
+    "AttestationError",
     "BinaryNotFoundError",
     "BuildError",
     "CacheLockTimeoutError",
@@ -108,6 +110,10 @@ class ChecksumMismatchError(ProvisionError):
             f"sha256 mismatch for {self.url}: expected {self.expected}, got {self.actual}. "
             "The downloaded bytes were deleted; the manifest or mirror may be outdated."
         )
+
+
+class AttestationError(ProvisionError):
+    """A build-provenance attestation is served for an archive and does not verify."""
 
 
 class ArchiveError(ProvisionError):

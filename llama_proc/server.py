@@ -46,7 +46,7 @@ from llama_proc.models.model_ref import ModelFiles, ModelRef
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints
 from llama_proc.runtime.client import LlamaClient, LlamaEndpoints
-from llama_proc.runtime.flags import probe_flags
+from llama_proc.runtime.flags import probe_flags, server_command
 from llama_proc.runtime.log_buffer import LOG_CAPACITY
 from llama_proc.runtime.process import STALL_TIMEOUT, STOP_GRACE, ServerProcess, child_environment
 from llama_proc.runtime.request_limits import REQUEST_TIMEOUT
@@ -248,7 +248,7 @@ class LlamaServer(_StartSteps, _StateView, LlamaEndpoints):
                 port = reserve_port(self.args.host) if auto_port else self.args.port
                 assert port is not None  # noqa: S101 - reserve_port or explicit
                 argv = [
-                    str(binary),
+                    *server_command(binary),  # `llama serve` for the installer's one binary
                     *self.args.replace(port=port).to_argv(self.flags),
                     *self._verbosity_args(),
                 ]

@@ -18,6 +18,7 @@ __all__ = [
     "BACKEND_CHOICES",
     "CPU_GROUPS",
     "EVENT_LOOPS",
+    "FLAGS_CACHE_FOLDER",
     "MAX_SPLIT_PARTS",
     "PREFER_CHOICES",
     "InstallSource",
@@ -52,3 +53,8 @@ class InstallSource(StrEnum):
     """An upstream release archive, downloaded and verified."""
     BUILT = "built"
     """Compiled here from llama.cpp source."""
+
+
+FLAGS_CACHE_FOLDER: Final = "flags"
+"""Folder under the cache root remembering what each binary's ``--help`` accepts: written by
+``runtime.flags``, sized and listed by ``provision.cache.layout`` (neither imports the other)."""

@@ -18,7 +18,7 @@ from http_server import FileServer
 from upstream_listings import B11194, listing
 
 from llama_proc import cli
-from llama_proc._cli import maintain
+from llama_proc._cli.handlers import maintain
 from llama_proc.provision.fetch import download
 from llama_proc.provision.manifest import load_manifest
 

@@ -137,7 +137,7 @@ def test_fetch_which_list_cache_doctor(
         seen.append(args)
         return 0
 
-    from llama_proc._cli import smoke
+    from llama_proc._cli.handlers import smoke
 
     monkeypatch.setattr(smoke, "run_smoke", fake_smoke)
     code, _, _ = run(capsys, "doctor", "--smoke", "--variant", "cpu")
@@ -235,7 +235,7 @@ def test_cache_prune_and_rm_errors(capsys: pytest.CaptureFixture[str], cache_dir
 @pytest.mark.parametrize(
     "argv",
     [
-        ["fetch", "--build", "latest"],
+        ["fetch", "--build", "newest"],  # latest and v1.0.0 are builds (nightly-tag.txt)
         ["fetch", "--mirror", "ftp://example"],
         ["fetch", "--variant", "tpu"],  # rocm is a backend now (vocab.BACKENDS)
         ["fetch", "--prefer", "wheel"],
@@ -400,7 +400,7 @@ def test_doctor_shows_the_selection_once(
 
 
 def test_explanations_are_filtered_by_step_field(capsys: pytest.CaptureFixture[str]) -> None:
-    from llama_proc._cli.provision import _explain
+    from llama_proc._cli.handlers.output import print_steps as _explain
     from llama_proc.provision.explain import Outcome, Step, StepName
 
     lines = [
@@ -540,3 +540,30 @@ def test_doctor_says_which_cuda_toolkit_a_build_would_use(
     assert "(" in line
     assert len(seen) == 1
     assert len(seen[0]) >= 1  # type: ignore[arg-type]
+
+
+def test_cache_ls_and_prune_count_every_kind_in_bytes(
+    capsys: pytest.CaptureFixture[str], cache_dir: Path
+) -> None:
+    """`cache ls` sizes each kind of folder; `prune` says what it freed (or would)."""
+    for kind, name, size in (
+        ("build", "0123abcd", 3 << 20),
+        ("toolkits", "cuda-13.0-x86_64-0123abcd", 5 << 20),
+        ("releases", "ggml-org_llama.cpp", 10_000),
+    ):
+        folder = cache_dir / kind / name
+        folder.mkdir(parents=True)
+        (folder / "payload").write_bytes(b"x" * size)
+    code, _, err = run(capsys, "cache", "ls")
+    assert code == 0
+    lines = {line.split()[0]: line for line in err.splitlines() if line.startswith("  ")}
+    assert "3.0 MB" in lines["build/"]
+    assert "5.0 MB" in lines["toolkits/"]
+    assert "0.0 MB" in lines["servers/"]
+    assert set(lines) >= {"servers/", "downloads/", "models/", "sources/", "flags/"}
+    code, out, _ = run(capsys, "cache", "prune", "--dry-run")
+    assert out.splitlines()[-1] == "would free 8.0 MB"
+    assert (cache_dir / "build" / "0123abcd").is_dir()
+    code, out, _ = run(capsys, "cache", "prune")
+    assert out.splitlines()[-1] == "freed 8.0 MB"
+    assert not (cache_dir / "toolkits" / "cuda-13.0-x86_64-0123abcd").exists()

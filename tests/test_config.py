@@ -86,7 +86,7 @@ def test_token_is_not_in_repr() -> None:
     ("var", "raw", "mentions"),
     [
         pytest.param("VARIANT", "tpu", ["LLAMA_PROC_VARIANT", "cuda"], id="variant"),
-        pytest.param("BUILD", "latest", ["LLAMA_PROC_BUILD", "b1234"], id="build"),
+        pytest.param("BUILD", "newest", ["LLAMA_PROC_BUILD", "b1234"], id="build"),
         pytest.param("PREFER", "wheel", ["LLAMA_PROC_PREFER", "prebuilt"], id="prefer"),
         pytest.param("NO_BUILD", "maybe", ["LLAMA_PROC_NO_BUILD", "true/false"], id="bool"),
         pytest.param("JOBS", "many", ["LLAMA_PROC_JOBS", "integer"], id="jobs-text"),

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llama_proc._cli.common import (
     PROVISION_FLAGS,
+    Handler,
     add_command,
     add_settings_flags,
-    settings_from_args,
 )
-
-if TYPE_CHECKING:
-    import argparse
 
 
 def register(subparsers: Any) -> None:
@@ -73,33 +70,4 @@ def register(subparsers: Any) -> None:
         help="rebuild and reinstall even if this build is already in the cache (the compile "
         "itself stays incremental)",
     )
-    p.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from llama_proc.provision.compile.build import build_variant
-    from llama_proc.provision.host.platform import detect_host
-    from llama_proc.provision.host.selection import select_variant
-    from llama_proc.provision.manifest import load_manifest
-
-    settings = settings_from_args(args)
-    manifest = load_manifest()
-    host = detect_host()
-    selection = select_variant(manifest, host, settings.backend)
-    explain: list[str] = []
-    install = build_variant(
-        selection.variant,
-        settings,
-        manifest=manifest,
-        source_build=args.source_build,
-        cmake_args=args.cmake_args,
-        portable=args.portable,
-        force=args.force,
-        host=host,
-        explain=explain,
-    )
-    print(install.server_binary)
-    if not getattr(args, "quiet", False):
-        for line in explain:
-            print(f"  {line}")
-    return 0
+    p.set_defaults(handler=Handler("build:build"))

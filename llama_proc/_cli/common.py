@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from llama_proc.proxy.serve_options import ADMIN_KEYS_ENV, API_KEYS_ENV
 from llama_proc.vocab import BACKEND_CHOICES, PREFER_CHOICES
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ __all__ = [
     "PROVISION_FLAGS",
     "SECRET_FLAGS",
     "SETTING_FLAGS",
+    "Handler",
     "StrictArgumentParser",
     "add_command",
     "add_settings_flags",
@@ -43,10 +45,6 @@ __all__ = [
 
 EXIT_USAGE: Final = 2
 """Exit code of a command line that cannot be run as written (argparse's own)."""
-API_KEYS_ENV: Final = "LLAMA_PROC_PROXY_API_KEYS"
-"""Comma-separated API keys the ``serve`` proxy accepts (beside ``--api-key-file``)."""
-ADMIN_KEYS_ENV: Final = "LLAMA_PROC_PROXY_ADMIN_KEYS"
-"""Comma-separated admin keys of the ``serve`` proxy (beside ``--admin-key-file``)."""
 GITHUB_TOKEN_ENV: Final = "LLAMA_PROC_GITHUB_TOKEN"  # noqa: S105 - a variable's name
 """Where a GitHub token goes (``Settings.github_token``)."""
 
@@ -115,9 +113,10 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
         ("--build",),
         {
             "type": field_type("build"),
-            "metavar": "bNNNN",
-            "help": "llama.cpp build tag instead of the pinned one (default: $LLAMA_PROC_BUILD, "
-            "else the build pinned in variants.toml)",
+            "metavar": "bNNNN|vX.Y.Z|latest",
+            "help": "llama.cpp build instead of the pinned one; a release tag or latest means "
+            "the bNNNN build its nightly-tag.txt names (default: $LLAMA_PROC_BUILD, else the "
+            "build pinned in variants.toml)",
         },
     ),
     "offline": (
@@ -361,3 +360,27 @@ def add_command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentP
     parser: argparse.ArgumentParser = subparsers.add_parser(name, allow_abbrev=False, **kwargs)
     refuse_secret_flags(parser)
     return parser
+
+
+class Handler:
+    """A command's handler, named ``"module:function"`` under :mod:`llama_proc._cli.handlers`.
+
+    The module is imported when the command runs, never when the parser is built, so
+    ``llama-proc --help`` loads no handler and each handler module imports what it needs at
+    its top. Calling the handler with the parsed arguments runs the command.
+    """
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        import importlib
+
+        module, _, name = self.target.partition(":")
+        function = getattr(importlib.import_module(f"llama_proc._cli.handlers.{module}"), name)
+        return int(function(args))
+
+    def __repr__(self) -> str:
+        return f"Handler({self.target!r})"

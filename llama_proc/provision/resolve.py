@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_proc.config import Settings
+from llama_proc.config import Settings, is_build_tag
 from llama_proc.errors import (
+    AttestationError,
     BinaryNotFoundError,
     CacheLockTimeoutError,
     ChecksumMismatchError,
@@ -43,37 +43,17 @@ from llama_proc.provision.cache.install import Install, restamp
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import install_dir
 from llama_proc.provision.explain import Outcome, Step, StepName
+from llama_proc.provision.resolution import Resolution
 from llama_proc.vocab import AUTO, InstallSource
 
 if TYPE_CHECKING:
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.host.selection import Selection
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.manifest import Manifest
 
-__all__ = ["Resolution", "ensure_server", "plan", "resolve_server"]
+__all__ = ["Resolution", "concrete_build", "ensure_server", "plan", "resolve_server"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """What the ladder will look for: the variant, the build and why."""
-
-    selection: Selection
-    build: str
-    host: HostInfo
-    manifest: Manifest
-
-    @property
-    def variant(self) -> Variant:
-        """The selected variant."""
-        return self.selection.variant
-
-    @property
-    def target(self) -> memo.Target:
-        """The part of the plan a cache lookup needs (and :mod:`~.memo` remembers)."""
-        return memo.Target(self.variant.id, self.build, self.selection.why)
 
 
 def _say(explain: list[str] | None, line: str) -> None:
@@ -218,15 +198,46 @@ def _fallback_ok(err: LlamaProcError) -> bool:
     """Whether a failed prebuilt may fall back to a source build.
 
     A missing asset, a failed download or extraction and a binary that does not run here are
-    worth a build; a lock timeout, offline mode and checksum problems are not (they need the
+    worth a build; a lock timeout, offline mode, checksum and attestation problems are not (they need the
     user, and building around a tampered download would hide it), nor is a GPU build that sees
     no GPU (a build of it would not see one either: ``auto`` tries the next backend instead).
     """
     if isinstance(
-        err, (CacheLockTimeoutError, OfflineError, ChecksumMismatchError, DeviceNotFoundError)
+        err,
+        (
+            AttestationError,
+            CacheLockTimeoutError,
+            OfflineError,
+            ChecksumMismatchError,
+            DeviceNotFoundError,
+        ),
     ):
         return False
     return isinstance(err, (ProvisionError, NoMatchingVariantError))
+
+
+def concrete_build(
+    settings: Settings, manifest: Manifest | None = None, explain: list[str] | None = None
+) -> Settings:
+    """``settings`` with a release tag or ``latest`` build resolved to its ``bNNNN`` build.
+
+    A ``bNNNN`` build (or none) is returned as is, without a request; see
+    :mod:`~llama_proc.provision.fetch.nightly` for how the others resolve.
+
+    Raises:
+        OfflineError: offline and the build cannot be resolved from the cache.
+        DownloadError: a listing could not be fetched.
+        ProvisionError: the release names no build with binaries.
+    """
+    if settings.build is None or is_build_tag(settings.build):
+        return settings
+    from llama_proc.provision.fetch.nightly import resolve_build  # noqa: PLC0415  needs requests
+    from llama_proc.provision.manifest import load_manifest  # noqa: PLC0415  off the hit path
+
+    repo = (manifest or load_manifest()).repo
+    found = resolve_build(settings.build, repo, settings)
+    _step(explain, StepName.SELECT, Outcome.NOTE, f"build {settings.build} is {found}")
+    return dataclasses.replace(settings, build=found)
 
 
 def _target(
@@ -279,6 +290,7 @@ def resolve_server(
         _step(explain, StepName.EXPLICIT, Outcome.USED, reason)
         return explicit
     _step(explain, StepName.EXPLICIT, Outcome.SKIPPED, "not set (LLAMA_PROC_SERVER_BIN)")
+    settings = concrete_build(settings, manifest, explain)
     target, res = _target(settings, host, manifest)
     damaged: list[str] = []
     for line in target.why:

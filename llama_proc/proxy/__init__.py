@@ -16,21 +16,13 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.proxy.app import create_app
-    from llama_proc.proxy.flag_policy import (
-        FlagCaps,
-        FlagChecker,
-        FlagPolicy,
-        normalize_flags,
-        split_flags_header,
-    )
+    from llama_proc.proxy.configs import load_models, scan_models_dir
+    from llama_proc.proxy.flag_caps import FlagCaps
+    from llama_proc.proxy.flag_checker import FlagChecker, normalize_flags, split_flags_header
+    from llama_proc.proxy.flag_policy import FlagPolicy
     from llama_proc.proxy.gate import run_proxy
-    from llama_proc.proxy.models_config import (
-        ModelsConfig,
-        ModelSpec,
-        load_models,
-        load_models_config,
-        scan_models_dir,
-    )
+    from llama_proc.proxy.model_spec import ModelsConfig, ModelSpec
+    from llama_proc.proxy.models_config import load_models_config
     from llama_proc.proxy.options import ProxyOptions
     from llama_proc.proxy.pool import ServerInfo, ServerPool, server_key
     from llama_proc.proxy.servers import (
@@ -67,13 +59,13 @@ __all__ = [
 
 _MODULES: Final = {
     "app": ("create_app",),
-    "flag_policy": (
-        "FlagCaps", "FlagChecker", "FlagPolicy", "normalize_flags", "split_flags_header",
-    ),
+    "flag_caps": ("FlagCaps",),
+    "flag_checker": ("FlagChecker", "normalize_flags", "split_flags_header"),
+    "flag_policy": ("FlagPolicy",),
     "gate": ("run_proxy",),
-    "models_config": (
-        "ModelSpec", "ModelsConfig", "load_models", "load_models_config", "scan_models_dir",
-    ),
+    "configs": ("load_models", "scan_models_dir"),
+    "model_spec": ("ModelSpec", "ModelsConfig"),
+    "models_config": ("load_models_config",),
     "options": ("ProxyOptions",),
     "pool": ("ServerInfo", "ServerPool", "server_key"),
     "servers": (

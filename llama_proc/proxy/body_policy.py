@@ -17,7 +17,8 @@ key            request fields                               cap (serve)         
 =============  ===========================================  ==========================  ======
 n_probs        ``n_probs``, ``top_logprobs``, ``logprobs``  ``--max-n-probs``           20
 max_tokens     ``max_tokens``, ``max_completion_tokens``,   ``--max-predict``           131072
-               ``n_predict`` (and the model's context)
+               ``n_predict``, ``max_output_tokens`` (and
+               the model's context)
 n              ``n``, ``n_cmpl``                            ``--max-choices``           4
 logit_bias     entries in ``logit_bias``                    ``--max-logit-bias``        1024
 images         media parts (image, audio, video)            ``--max-images``            8
@@ -26,6 +27,8 @@ grammar_bytes  ``grammar`` (GBNF) length in bytes           ``--max-grammar-byte
 grammar_depth  ``grammar`` parenthesis nesting              ``--max-grammar-depth``     64
 schema_bytes   JSON schemas, bytes of keys and values       ``--max-schema-bytes``      64 KiB
 schema_depth   JSON schemas, nesting of objects/arrays      ``--max-schema-depth``      32
+inputs         items in ``input``, ``documents``,           ``--max-inputs``            2048
+               ``input_extra``, ``prompt`` lists
 =============  ===========================================  ==========================  ======
 
 Repetition counts (``x{n,m}`` in a grammar; ``minItems``, ``maxLength``... in a schema) are
@@ -59,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.proxy.body_shapes import grammar_problem, schema_problem
+from llama_proc.proxy.serve_options import BODY_CAP_FLAGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -104,6 +108,8 @@ class BodyCaps:
         grammar_depth: deepest parenthesis nesting in a ``grammar``.
         schema_bytes: largest JSON schema (keys and values, in bytes).
         schema_depth: deepest nesting of objects and arrays in a JSON schema.
+        inputs: most items in one list of inputs (embedding ``input``, rerank
+            ``documents``, infill ``input_extra``, a batch of completion ``prompt``).
     """
 
     n_probs: int = 20
@@ -116,6 +122,7 @@ class BodyCaps:
     grammar_depth: int = 64
     schema_bytes: int = 64 * _KIB
     schema_depth: int = 32
+    inputs: int = 2048
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -147,21 +154,11 @@ BODY_CEILINGS: Final[Mapping[str, int]] = {
     "grammar_depth": 256,
     "schema_bytes": 4 * _MIB,
     "schema_depth": 64,
+    "inputs": 1 << 16,
 }
 """The most any cap may be set to, whatever the operator asks."""
 
-CAP_FLAGS: Final[Mapping[str, str]] = {
-    "n_probs": "--max-n-probs",
-    "max_tokens": "--max-predict",
-    "n": "--max-choices",
-    "logit_bias": "--max-logit-bias",
-    "images": "--max-images",
-    "image_bytes": "--max-image-bytes",
-    "grammar_bytes": "--max-grammar-bytes",
-    "grammar_depth": "--max-grammar-depth",
-    "schema_bytes": "--max-schema-bytes",
-    "schema_depth": "--max-schema-depth",
-}
+CAP_FLAGS: Final[Mapping[str, str]] = {name: flag for name, (flag, _) in BODY_CAP_FLAGS.items()}
 """The serve flag setting each cap."""
 
 # The config table: field group -> {bound key -> limit}.
@@ -173,6 +170,7 @@ _TABLE_KEYS: Final[Mapping[str, Mapping[str, str]]] = {
     "images": {"max": "images", "max_bytes": "image_bytes"},
     "grammar": {"max_bytes": "grammar_bytes", "max_depth": "grammar_depth"},
     "json_schema": {"max_bytes": "schema_bytes", "max_depth": "schema_depth"},
+    "inputs": {"max": "inputs"},
 }
 _FIELD_KEYS: Final = frozenset({"fields", "unknown_fields"})
 
@@ -210,15 +208,43 @@ _COMPLETION: Final = frozenset({"prompt", "input_prefix", "input_suffix", "input
 _EMBEDDING: Final = frozenset(
     {"input", "content", "model", "encoding_format", "dimensions", "user", "embd_normalize"}
 )
+# Anthropic's Messages API and OpenAI's Responses API, as llama-server converts them to chat.
+_MESSAGES: Final = frozenset(
+    {
+        "messages", "system", "max_tokens", "stop_sequences", "tools", "tool_choice",
+        "thinking", "metadata", "service_tier", "chat_template_kwargs",
+    }
+)  # fmt: skip
+_COUNT_TOKENS: Final = frozenset(
+    {"model", "messages", "system", "tools", "tool_choice", "thinking"}
+)
+_RESPONSES: Final = frozenset(
+    {
+        "input", "instructions", "max_output_tokens", "previous_response_id", "tools",
+        "tool_choice", "parallel_tool_calls", "reasoning", "text", "truncation", "include",
+        "top_logprobs", "chat_template_kwargs",
+    }
+)  # fmt: skip
+_RERANK: Final = frozenset({"model", "query", "documents", "top_n", "return_text"})
 KNOWN_FIELDS: Final[Mapping[str, frozenset[str]]] = {
     "/v1/chat/completions": _SAMPLING | _CHAT,
     "/v1/completions": _SAMPLING | _COMPLETION,
     "/v1/embeddings": _EMBEDDING,
+    "/v1/messages": _SAMPLING | _MESSAGES,
+    "/v1/messages/count_tokens": _COUNT_TOKENS,
+    "/v1/responses": _SAMPLING | _RESPONSES,
+    "/v1/rerank": _RERANK,
+    "/rerank": _RERANK,
+    "/infill": _SAMPLING | _COMPLETION,
+    "/tokenize": frozenset({"model", "content", "add_special", "parse_special", "with_pieces"}),
+    "/detokenize": frozenset({"model", "tokens"}),
+    "/apply-template": _SAMPLING | _CHAT,
 }
 """Top-level fields passed on by default, per forwarded route."""
 
 _N_PROBS: Final = ("n_probs", "top_logprobs", "logprobs")
-_MAX_TOKENS: Final = ("max_tokens", "max_completion_tokens", "n_predict")
+_MAX_TOKENS: Final = ("max_tokens", "max_completion_tokens", "n_predict", "max_output_tokens")
+_INPUT_LISTS: Final = ("input", "documents", "input_extra", "prompt")
 _CHOICES: Final = ("n", "n_cmpl")
 _SCHEMAS: Final = ("json_schema", "response_format", "tools", "functions")
 _MEDIA_PARTS: Final = {
@@ -226,7 +252,12 @@ _MEDIA_PARTS: Final = {
     "input_audio": "input_audio",
     "input_video": "input_video",
     "video_url": "video_url",
+    "image": "source",  # Anthropic: {"type": "base64", "data": ...} or {"type": "url", "url": ...}
+    "input_image": "image_url",  # OpenAI Responses
 }
+_MESSAGE_ROUTES: Final = frozenset(
+    {"/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/apply-template"}
+)
 _CTX_FLAGS: Final = frozenset({"-c", "--ctx-size"})
 
 
@@ -402,8 +433,10 @@ class BodyChecker:
                 )
                 return BodyCheck(Refusal(shown, msg, "unknown_field"))
         refusal = _check_numbers(payload, limits, context) or _check_shapes(payload, limits)
-        if refusal is None and path == "/v1/chat/completions":
+        if refusal is None and path in _MESSAGE_ROUTES:
             refusal = _check_media(_chat_media(payload.get("messages")), limits)
+        elif refusal is None and path == "/v1/responses":
+            refusal = _check_media(_chat_media(payload.get("input")), limits)
         elif refusal is None:
             refusal = _check_media(
                 _prompt_media(payload.get("prompt", payload.get("input"))), limits
@@ -442,6 +475,13 @@ def _check_numbers(
         value = payload.get(name)
         if _number_over(value, limits.n):
             return _over(name, value, limits.n)
+    for name in _INPUT_LISTS:
+        value = payload.get(name)
+        # A list of numbers is one tokenized input, not a batch.
+        if not isinstance(value, list) or len(value) <= limits.inputs:
+            continue
+        if not isinstance(value[0], int | float):
+            return _over(name, len(value), limits.inputs, " items")
     bias = payload.get("logit_bias")
     if isinstance(bias, dict | list) and len(bias) > limits.logit_bias:
         return _over("logit_bias", len(bias), limits.logit_bias, " entries")

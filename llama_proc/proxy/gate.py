@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import http_exceptions, web
 
-from llama_proc.proxy.app import _PROXY_KEY, _Proxy
-from llama_proc.proxy.options import DEFAULT_DRAIN_TIMEOUT, ProxyOptions
-from llama_proc.proxy.relay import _error
+from llama_proc.proxy.app import PROXY_KEY
+from llama_proc.proxy.options import ProxyOptions
+from llama_proc.proxy.relay import error_response
+from llama_proc.proxy.serve_options import DEFAULT_DRAIN_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from llama_proc.proxy.state import ProxyState
 
 __all__ = [
     "run_proxy",
@@ -66,7 +69,7 @@ async def run_proxy(
         app, handler_cancellation=True, shutdown_timeout=drain_timeout, access_log=None
     )
     await runner.setup()
-    proxy = app.get(_PROXY_KEY)
+    proxy = app.get(PROXY_KEY)
     gate = _ConnectionGate(runner, proxy.options if proxy else ProxyOptions(), proxy)
     stop_event = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,7 +157,7 @@ class _ClientConnection(web.RequestHandler):
                 ("bad_request", "The request is not valid HTTP."),
             )
             logger.debug("refused a malformed request (%s, HTTP %d)", type(exc).__name__, status)
-        response = _error(status, text, code=code, kind=kind)
+        response = error_response(status, text, code=code, kind=kind)
         response.force_close()
         return response
 
@@ -192,7 +195,9 @@ class _ConnectionGate:
     lock others out; when every connection is busy, the new one is refused with a 503.
     """
 
-    def __init__(self, runner: web.AppRunner, options: ProxyOptions, proxy: _Proxy | None) -> None:
+    def __init__(
+        self, runner: web.AppRunner, options: ProxyOptions, proxy: ProxyState | None
+    ) -> None:
         self.runner = runner
         self.limit = max(1, options.max_connections)
         self.busy: dict[object, int] = proxy.busy if proxy is not None else {}

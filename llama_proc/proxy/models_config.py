@@ -45,24 +45,21 @@ Request bodies are held to server-wide :class:`~llama_proc.proxy.body_policy.Bod
     grammar = { max_bytes = 16384, max_depth = 16 }
     fields = ["my_extension"]
 
-Given server-wide :class:`~llama_proc.proxy.flag_policy.FlagCaps` (``serve --max-threads``,
+Given server-wide :class:`~llama_proc.proxy.flag_caps.FlagCaps` (``serve --max-threads``,
 ...), every model's options and ``extra_args``, and every ``request_flags`` max, are checked
 against them when the config is read.
 
-A models directory (``--models-dir DIR``) adds every ``*.gguf`` under it, named by its path
-relative to the directory without the suffix (``sub/Model.Q4_K_M``); the first shard of a split
-model (``-00001-of-00003``) stands for the whole model and ``mmproj*`` projector files are
-skipped. Ids from the config file win over scanned ones.
+The other formats ``serve --config`` reads (llama.cpp presets, llama-swap YAML, a models
+folder; :mod:`llama_proc.proxy.configs`) become the same tables and go through
+:func:`models_from_mapping`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -70,19 +67,23 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc.errors import ConfigError, InvalidArgumentError, ModelFileError
 from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.body_policy import BodyCaps, BodyPolicy
-from llama_proc.proxy.flag_policy import FlagCaps, FlagChecker, FlagPolicy
+from llama_proc.proxy.flag_checker import FlagChecker
+from llama_proc.proxy.flag_policy import FlagPolicy
+from llama_proc.proxy.model_spec import ModelsConfig, ModelSpec
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Mapping
+
+    from llama_proc.proxy.flag_caps import FlagCaps
 
 __all__ = [
     "CONFIG_ENV",
     "ModelSpec",
     "ModelsConfig",
-    "load_models",
     "load_models_config",
-    "scan_models_dir",
+    "models_from_mapping",
+    "split_defaults",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,78 +96,7 @@ _MODEL_KEYS: Final = frozenset(
 )
 _DEFAULT_KEYS: Final = frozenset({"extra_args", "idle_ttl", "request_flags", "request_body"})
 _POOL_OWNED: Final = frozenset({"model", "host", "port"})
-_SHARD_RE: Final = re.compile(r"-(\d{5})-of-(\d{5})$")
 _ID_RE: Final = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """One model the proxy can serve.
-
-    Attributes:
-        id: the name clients put in ``model``.
-        path: the GGUF file (first shard for split models); None for a reference not fetched
-            yet.
-        ref: the Hugging Face reference the config names (``model = "org/repo:QUANT"``).
-        mmproj: also fetch the referenced repository's multimodal projector.
-        options: :class:`~llama_proc.runtime.ServerArgs` keyword arguments.
-        extra_args: trusted extra llama-server flags from the config, placed before per-request
-            flags.
-        aliases: other names that resolve to this model.
-        idle_ttl: seconds an idle server stays up; None = the pool default, 0 = never unload.
-        source: where the entry came from (for ``/v1/models`` and error messages).
-        request_flags: which ``X-Llama-Flags`` clients may send for this model (none by
-            default).
-        request_body: this model's limits on request bodies, under the server-wide caps.
-    """
-
-    id: str
-    path: Path | None = None
-    ref: ModelRef | None = None
-    mmproj: bool = False
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
-    extra_args: tuple[str, ...] = ()
-    aliases: tuple[str, ...] = ()
-    idle_ttl: float | None = None
-    source: str = ""
-    request_flags: FlagPolicy = field(default_factory=FlagPolicy)
-    request_body: BodyPolicy = field(default_factory=BodyPolicy)
-
-    def __post_init__(self) -> None:
-        if self.path is None and self.ref is None:
-            msg = f"model {self.id!r} needs a path or a Hugging Face reference"
-            raise ConfigError(msg)
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    """The set of models the proxy serves, by id, with alias lookup."""
-
-    models: Mapping[str, ModelSpec]
-    _names: Mapping[str, str] = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        names: dict[str, str] = {model_id: model_id for model_id in self.models}
-        for spec in self.models.values():
-            for alias in spec.aliases:
-                if names.setdefault(alias, spec.id) != spec.id:
-                    msg = (
-                        f"model alias {alias!r} of {spec.id!r} is already used by "
-                        f"{names[alias]!r}; give it a different name"
-                    )
-                    raise ConfigError(msg)
-        object.__setattr__(self, "_names", MappingProxyType(names))
-
-    def resolve(self, name: str) -> ModelSpec | None:
-        """The model called ``name`` (an id or an alias), or None."""
-        model_id = self._names.get(name)
-        return None if model_id is None else self.models[model_id]
-
-    def __len__(self) -> int:
-        return len(self.models)
-
-    def __iter__(self) -> Iterator[ModelSpec]:
-        return iter(self.models.values())
 
 
 def load_models_config(
@@ -193,116 +123,12 @@ def load_models_config(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         msg = f"models config {path} is not valid TOML: {err}"
         raise ConfigError(msg) from err
-    return _models_from_mapping(
+    return models_from_mapping(
         data, base=path.parent, where=str(path), caps=caps, body_caps=body_caps
     )
 
 
-def scan_models_dir(
-    directory: Path,
-    *,
-    defaults: Mapping[str, Any] | None = None,
-    caps: FlagCaps | None = None,
-    body_caps: BodyCaps | None = None,
-) -> ModelsConfig:
-    """Offer every GGUF file under ``directory`` as a model.
-
-    Args:
-        directory: folder to scan recursively (hidden folders and files are skipped).
-        defaults: a ``[defaults]``-style table applied to every scanned model.
-        caps: server-wide caps the defaults must keep; None = not checked here.
-        body_caps: server-wide request-body caps; None = only the hard ceilings.
-
-    Raises:
-        ConfigError: the folder does not exist, or the defaults are invalid or beyond a cap.
-    """
-    if not directory.is_dir():
-        msg = f"models directory {directory} does not exist or is not a folder"
-        raise ConfigError(msg)
-    base = _split_defaults(defaults or {}, where=str(directory), caps=caps, body_caps=body_caps)
-    base_options, base_extra, base_ttl, base_flags, base_body = base
-    models: dict[str, ModelSpec] = {}
-    for gguf in sorted(_iter_gguf(directory)):
-        rel = gguf.relative_to(directory).with_suffix("").as_posix()
-        shard = _SHARD_RE.search(rel)
-        if shard is not None:
-            if int(shard.group(1)) != 1:
-                continue
-            rel = rel[: shard.start()]
-        models[rel] = ModelSpec(
-            id=rel,
-            path=gguf,
-            options=MappingProxyType(dict(base_options)),
-            extra_args=base_extra,
-            idle_ttl=base_ttl,
-            source=f"dir:{directory}",
-            request_flags=base_flags,
-            request_body=base_body,
-        )
-    if not models:
-        logger.warning("no .gguf files found under %s", directory)
-    return ModelsConfig(models)
-
-
-def load_models(
-    config: Path | None = None,
-    models_dir: Path | None = None,
-    env: Mapping[str, str] | None = None,
-    *,
-    caps: FlagCaps | None = None,
-    body_caps: BodyCaps | None = None,
-) -> ModelsConfig:
-    """Build the served model set from a config file and/or a models directory.
-
-    Args:
-        config: the TOML file; when None, ``LLAMA_PROC_CONFIG`` from ``env`` is used if set.
-        models_dir: a folder to scan; its ``[defaults]`` come from the config file.
-        env: environment to read; ``os.environ`` when None.
-        caps: server-wide caps every model must keep; None = not checked here.
-        body_caps: server-wide request-body caps; None = only the hard ceilings.
-
-    Raises:
-        ConfigError: neither source was given, one is invalid, or no model was found.
-    """
-    source_env = os.environ if env is None else env
-    if config is None and source_env.get(CONFIG_ENV, "").strip():
-        config = Path(source_env[CONFIG_ENV].strip()).expanduser()
-    if config is None and models_dir is None:
-        msg = f"no models: pass --config FILE (or set {CONFIG_ENV}) or --models-dir DIR"
-        raise ConfigError(msg)
-    models: dict[str, ModelSpec] = {}
-    defaults: Mapping[str, Any] = {}
-    if config is not None:
-        configured = load_models_config(config, caps=caps, body_caps=body_caps)
-        defaults = _read_defaults(config)
-        models.update(configured.models)
-    if models_dir is not None:
-        for spec in scan_models_dir(models_dir, defaults=defaults, caps=caps, body_caps=body_caps):
-            models.setdefault(spec.id, spec)
-    if not models:
-        msg = "no models configured: the config file and models directory list none"
-        raise ConfigError(msg)
-    return ModelsConfig(models)
-
-
-def _read_defaults(config: Path) -> Mapping[str, Any]:
-    data = tomllib.loads(config.read_text(encoding="utf-8"))
-    defaults = data.get("defaults", {})
-    return defaults if isinstance(defaults, dict) else {}
-
-
-def _iter_gguf(directory: Path) -> Iterable[Path]:
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith(".") or not name.lower().endswith(".gguf"):
-                continue
-            if name.lower().startswith("mmproj"):
-                continue
-            yield Path(root) / name
-
-
-def _models_from_mapping(
+def models_from_mapping(
     data: Mapping[str, Any],
     *,
     base: Path,
@@ -310,6 +136,18 @@ def _models_from_mapping(
     caps: FlagCaps | None,
     body_caps: BodyCaps | None = None,
 ) -> ModelsConfig:
+    """Check a TOML-shaped ``{"defaults": ..., "models": {id: table}}`` and build its models.
+
+    Args:
+        data: the tables, as TOML gives them.
+        base: the folder relative model paths are taken from.
+        where: what error messages and each model's ``source`` name (the file, and line).
+        caps: server-wide caps every model must keep; None = not checked here.
+        body_caps: server-wide request-body caps; None = only the hard ceilings.
+
+    Raises:
+        ConfigError: an entry is invalid or beyond a cap (the message names table and key).
+    """
     unknown = set(data) - {"defaults", "models"}
     if unknown:
         msg = f"{where}: unknown top-level table(s) {', '.join(sorted(unknown))}; use [defaults] and [models.<id>]"
@@ -318,7 +156,7 @@ def _models_from_mapping(
     if not isinstance(defaults, dict):
         msg = f"{where}: [defaults] must be a table"
         raise ConfigError(msg)
-    base_options, base_extra, base_ttl, base_flags, base_body = _split_defaults(
+    base_options, base_extra, base_ttl, base_flags, base_body = split_defaults(
         defaults, where=where, caps=caps, body_caps=body_caps
     )
     tables = data.get("models", {})
@@ -413,13 +251,18 @@ def _config_path(text: str, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _split_defaults(
+def split_defaults(
     defaults: Mapping[str, Any],
     *,
     where: str,
     caps: FlagCaps | None,
     body_caps: BodyCaps | None = None,
 ) -> tuple[dict[str, Any], tuple[str, ...], float | None, FlagPolicy, BodyPolicy]:
+    """A ``[defaults]`` table checked: options, extra_args, idle_ttl, flag and body policies.
+
+    Raises:
+        ConfigError: an entry is invalid or beyond a cap.
+    """
     ctx = f"{where}: [defaults]"
     if {"path", "model", "aliases"} & set(defaults):
         msg = f"{ctx}: path, model and aliases belong in a [models.<id>] table"

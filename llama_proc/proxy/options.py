@@ -1,18 +1,26 @@
-"""How the proxy treats requests: :class:`ProxyOptions`, its defaults, and the event loop."""
+"""How the proxy treats requests: :class:`ProxyOptions` and its defaults.
+
+Also what ``serve``'s options make of it and of the pool, and the event loop to serve on.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc.errors import ConfigError
+from llama_proc.errors import ConfigError, InvalidArgumentError
 from llama_proc.proxy.body_policy import BodyCaps
-from llama_proc.proxy.flag_policy import FlagCaps
+from llama_proc.proxy.budget import parse_memory_budget
+from llama_proc.proxy.flag_caps import FlagCaps
+from llama_proc.proxy.serve_options import BODY_CAP_FLAGS, DEFAULT_DRAIN_TIMEOUT
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable
+
+    from llama_proc.proxy.serve_options import ServeOptions
 
 __all__ = [
     "DEFAULT_BODY_TIMEOUT",
@@ -24,7 +32,11 @@ __all__ = [
     "DEFAULT_STALL_TIMEOUT",
     "MIN_REQUESTS_PER_KEY",
     "ProxyOptions",
+    "body_caps_of",
     "event_loop_factory",
+    "flag_caps_of",
+    "pool_limits_of",
+    "proxy_options_of",
 ]
 
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
@@ -35,7 +47,6 @@ DEFAULT_FIRST_BYTE_TIMEOUT: Final = 600.0
 generation happens before it, so this is generous."""
 DEFAULT_STALL_TIMEOUT: Final = 120.0
 """Seconds a started stream may go without a byte before it is cut off."""
-DEFAULT_DRAIN_TIMEOUT: Final = 30.0
 
 DEFAULT_IDLE_TIMEOUT: Final = 15.0
 """Seconds a connection may sit without a complete request head (idle keep-alive, or headers
@@ -101,6 +112,64 @@ class ProxyOptions:
         if self.max_requests_per_key is not None:
             return max(1, self.max_requests_per_key)
         return max(MIN_REQUESTS_PER_KEY, self.max_connections // 4)
+
+
+def flag_caps_of(serve: ServeOptions) -> FlagCaps:
+    """The server-wide caps on llama-server flags (defaults where no flag was given)."""
+    names = {f.name for f in dataclasses.fields(FlagCaps)}
+    return FlagCaps(**{n: v for n, v in serve.given().items() if n in names})
+
+
+def body_caps_of(serve: ServeOptions) -> BodyCaps:
+    """The request-body caps (defaults where no flag was given).
+
+    Raises:
+        ConfigError: a cap above its hard ceiling (the message names the flag).
+    """
+    try:
+        return BodyCaps(**serve.body_caps_given)
+    except InvalidArgumentError as err:
+        flag = next((f for n, (f, _) in BODY_CAP_FLAGS.items() if str(err).startswith(n + "=")), "")
+        msg = f"{flag}: {err}" if flag else str(err)
+        raise ConfigError(msg) from None
+
+
+def proxy_options_of(
+    serve: ServeOptions, api_keys: tuple[str, ...] = (), admin_keys: tuple[str, ...] = ()
+) -> ProxyOptions:
+    """The proxy's request handling from ``serve``'s options and the given keys.
+
+    Raises:
+        ConfigError: a request-body cap above its hard ceiling.
+    """
+    defaults = ProxyOptions()
+    return ProxyOptions(
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        max_body_bytes=serve.max_body_bytes or defaults.max_body_bytes,
+        first_byte_timeout=serve.first_byte_timeout or defaults.first_byte_timeout,
+        stall_timeout=serve.stall_timeout or defaults.stall_timeout,
+        drain_timeout=serve.drain_timeout,
+        flag_caps=flag_caps_of(serve),
+        body_caps=body_caps_of(serve),
+        max_response_bytes=serve.max_response_bytes or defaults.max_response_bytes,
+        max_requests_per_key=serve.max_requests_per_key,
+    )
+
+
+def pool_limits_of(serve: ServeOptions) -> dict[str, Any]:
+    """The :class:`~llama_proc.proxy.pool.ServerPool` keyword arguments ``serve`` sets.
+
+    Raises:
+        ConfigError: ``--memory-budget`` is not a size.
+    """
+    return {
+        "max_servers": serve.max_servers,
+        "idle_ttl": serve.idle_ttl,
+        "queue_timeout": serve.queue_timeout,
+        "max_queue": serve.max_queue,
+        "memory_budget": parse_memory_budget(serve.memory_budget),
+    }
 
 
 def event_loop_factory(

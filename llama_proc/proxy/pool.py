@@ -42,6 +42,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self
 from llama_proc.errors import ServerStartError
 from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
 from llama_proc.proxy.metrics import PoolMetrics
+from llama_proc.proxy.serve_options import (
+    DEFAULT_IDLE_TTL,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SERVERS,
+    DEFAULT_QUEUE_TIMEOUT,
+)
 from llama_proc.proxy.servers import (
     ModelTooLargeError,
     PoolBusyError,
@@ -70,11 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_SERVERS: Final = 1
-DEFAULT_IDLE_TTL: Final = 600.0
-DEFAULT_QUEUE_TIMEOUT: Final = 600.0
-DEFAULT_MAX_QUEUE: Final = 64
-"""Requests one model may have waiting for its server before new ones get a 429."""
 DEFAULT_FAIR_SHARE: Final = 16
 """Newer requests a request waiting for an unloaded model lets go first (the fairness bound)."""
 DEFAULT_PROBE_INTERVAL: Final = 10.0

@@ -22,8 +22,33 @@ if TYPE_CHECKING:
     from llama_proc.proxy.upstream import UpstreamResponse
 
 __all__ = [
+    "FORWARDED",
+    "MAX_CACHED_URLS",
     "MAX_JSON_DEPTH",
+    "MODEL_HEADER",
+    "PASS_HEADERS",
+    "RESTARTED_HEADER",
+    "RETRY_PAUSE",
+    "ROUTER_PATHS",
+    "SERVER_HEADER",
+    "THREAD_PARSE_BYTES",
+    "UPSTREAM_ATTEMPTS",
+    "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_KEEPALIVE",
+    "UPSTREAM_METRICS_TIMEOUT",
+    "BadBodyError",
+    "answer_too_large",
+    "check_body",
+    "error_response",
+    "exit_cause",
+    "http_error",
     "json_too_deep",
+    "parse_body",
+    "read_capped",
+    "request_summary",
+    "shutting_down_error",
+    "sse_error",
+    "stream_finished",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,7 +63,21 @@ MAX_CACHED_URLS: Final = 1024
 MODEL_HEADER: Final = "X-Model-Id"
 SERVER_HEADER: Final = "X-Llama-Proc-Server"
 RESTARTED_HEADER: Final = "X-Llama-Proc-Restarted"
-FORWARDED: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+FORWARDED: Final = (
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/messages", "/v1/messages/count_tokens", "/v1/responses",
+    "/v1/rerank", "/rerank", "/infill", "/tokenize", "/detokenize", "/apply-template",
+)  # fmt: skip
+"""The routes forwarded to the server of the body's ``model`` (llama-server's own paths)."""
+ROUTER_PATHS: Final = (
+    "/models",
+    "/models/load",
+    "/models/unload",
+    "/models/sse",
+    "/props",
+    "/slots",
+)
+"""The router API's routes (:mod:`llama_proc.proxy.router_api`), as metrics label them."""
 
 MAX_JSON_DEPTH: Final = 64
 """Deepest nesting of arrays/objects a request body may have (checked before parsing)."""
@@ -47,10 +86,10 @@ SUMMARY_FIELDS: Final = 24
 THREAD_PARSE_BYTES: Final = 64 * 1024
 """Bodies larger than this are checked and parsed in a worker thread, off the event loop."""
 
-_PASS_HEADERS: Final = (("Content-Type", "content-type"), ("Content-Encoding", "content-encoding"))
+PASS_HEADERS: Final = (("Content-Type", "content-type"), ("Content-Encoding", "content-encoding"))
 
 
-def _error(
+def error_response(
     status: int,
     message: str,
     *,
@@ -64,9 +103,27 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _sse_error(message: str, code: str) -> bytes:
+def sse_error(message: str, code: str) -> bytes:
+    """An error event for a stream whose headers are already sent, as llama-server writes it."""
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+_STREAM_ENDS: Final = (b"[DONE]\n\n", b'{"type":"message_stop"}\n\n')
+_LAST_EVENTS: Final = (b"event: response.completed\n", b"event: response.failed\n")
+
+
+def stream_finished(chunk: bytes) -> bool:
+    """Whether a chunk of an event stream ends with the API's last event.
+
+    OpenAI chat and completions end with ``data: [DONE]``, Anthropic messages with
+    ``message_stop``, the Responses API with ``response.completed`` (or ``response.failed``).
+    """
+    if chunk.endswith(_STREAM_ENDS):
+        return True
+    if not chunk.endswith(b"\n\n"):
+        return False
+    return chunk[:-2].rpartition(b"\n\n")[2].startswith(_LAST_EVENTS)
 
 
 _ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
@@ -96,26 +153,27 @@ def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-class _BadBodyError(Exception):
+class BadBodyError(Exception):
     """A request body that is not a JSON object within the limits (answered 400)."""
 
 
-def _parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; :class:`BadBodyError` when it is not one in limits."""
     if json_too_deep(body):
         msg = f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels."
-        raise _BadBodyError(msg)
+        raise BadBodyError(msg)
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         msg = "The request body is not valid JSON."
-        raise _BadBodyError(msg) from None
+        raise BadBodyError(msg) from None
     if not isinstance(payload, dict):
         msg = "The request body must be a JSON object."
-        raise _BadBodyError(msg)
+        raise BadBodyError(msg)
     return payload
 
 
-def _check_body(
+def check_body(
     checker: BodyChecker,
     path: str,
     payload: dict[str, Any],
@@ -132,14 +190,14 @@ def _check_body(
     verdict = checker.check(path, payload, spec.request_body, context=context)
     if verdict.refusal is not None:
         refusal = verdict.refusal
-        return _error(400, refusal.message, code=refusal.code, param=refusal.param)
+        return error_response(400, refusal.message, code=refusal.code, param=refusal.param)
     if not verdict.strip:
         return None
     kept = {k: v for k, v in payload.items() if k not in verdict.strip}
     return json.dumps(kept).encode()
 
 
-async def _read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
+async def read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
     """The whole body of a non-streamed answer, or None once it is longer than ``limit``."""
     declared = upstream.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limit:
@@ -154,17 +212,17 @@ async def _read_capped(upstream: UpstreamResponse, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _answer_too_large(model: str, limit: int, key: str) -> web.Response:
+def answer_too_large(model: str, limit: int, key: str) -> web.Response:
     """The 502 for an answer over ``limit`` (its connection is closed by the caller)."""
     message = (
         f"llama-server's answer for {model!r} is larger than {limit} bytes; it was not relayed "
         "(stream it, ask for less, or raise serve --max-response-bytes)."
     )
     logger.warning("%s [key %s]", message, key)
-    return _error(502, message, code="response_too_large", kind="server_error")
+    return error_response(502, message, code="response_too_large", kind="server_error")
 
 
-def _request_summary(request: web.Request, body: bytes) -> str:
+def request_summary(request: web.Request, body: bytes) -> str:
     """Who sent a request and what it held, for the operator's log (never for tenants).
 
     The API key is named by a fingerprint, the body by its size, digest and top-level fields.
@@ -194,7 +252,7 @@ def _request_summary(request: web.Request, body: bytes) -> str:
     )
 
 
-def _exit_cause(handle: object) -> str:
+def exit_cause(handle: object) -> str:
     """The decoded reason a leased server exited, from its log tail and exit status."""
     code = getattr(handle, "returncode", None)
     logs = getattr(handle, "logs", None)
@@ -202,7 +260,25 @@ def _exit_cause(handle: object) -> str:
     return str(diagnose(lines, code)) if code is not None else ""
 
 
-def _shutting_down() -> web.Response:
-    return _error(
+def shutting_down_error() -> web.Response:
+    """The 503 for a request that arrives while the proxy shuts down."""
+    return error_response(
         503, "The llama-proc proxy is shutting down.", code="shutting_down", kind="server_error"
     )
+
+
+def http_error(exc: web.HTTPException, max_body_bytes: int) -> web.Response:
+    """An aiohttp HTTP error (413, 404, 405...) in OpenAI's shape."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return error_response(
+            413,
+            f"Request body is larger than {max_body_bytes} bytes (raise --max-body-bytes).",
+            code="request_too_large",
+        )
+    if isinstance(exc, web.HTTPNotFound):
+        return error_response(404, f"Unknown route {exc.reason}.", code="not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return error_response(
+            405, f"Method {exc.method} not allowed here.", code="method_not_allowed"
+        )
+    return error_response(exc.status, exc.reason or "HTTP error", code="http_error")

@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc._proc import run_with_timeout
 from llama_proc.config import Settings
 from llama_proc.errors import ConfigError
+from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-__all__ = ["BinaryFlags", "clear_flags_cache", "parse_help", "probe_flags"]
+__all__ = ["BinaryFlags", "clear_flags_cache", "parse_help", "probe_flags", "server_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ HELP_TIMEOUT: Final = 30.0
 """Seconds ``llama-server --help`` may take before the probe gives up."""
 FLAGS_CACHE_SCHEMA: Final = 2
 """Version of the on-disk record; a record of another version is ignored."""
-FLAGS_CACHE_FOLDER: Final = "flags"
-"""Folder under the user cache that holds one record per probed binary."""
+
+UNIFIED_BINARY_NAMES: Final = frozenset({"llama", "llama.exe"})
+"""The official installer's one binary: ``llama serve`` takes llama-server's flags."""
+UNIFIED_SERVE_COMMAND: Final = "serve"
 
 _OPTION_LINE: Final = re.compile(
     r"^(?P<flags>-[^\s,]+(?:,\s+-[^\s,]+)*)(?: (?P<hint>\S.*?))?(?:\s{2,}|\s*$)"
@@ -145,6 +148,19 @@ def clear_flags_cache() -> None:
     """Forget every probed binary in memory (tests); on-disk records check identity anyway."""
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+def server_command(binary: str | os.PathLike[str]) -> list[str]:
+    """The argv that runs ``binary`` as llama-server, before llama-server's own flags.
+
+    ``[binary]``, or ``[binary, "serve"]`` for a binary named ``llama`` (``llama.exe``): the one
+    binary the official installer (llama.app) puts on PATH, whose ``serve`` subcommand is
+    llama-server.
+    """
+    path = Path(binary)
+    if path.name.lower() in UNIFIED_BINARY_NAMES:
+        return [str(path), UNIFIED_SERVE_COMMAND]
+    return [str(path)]
 
 
 def probe_flags(
@@ -247,7 +263,7 @@ def _save(record: Path, key: _Identity, flags: BinaryFlags) -> None:
 
 
 def _run_help(path: Path, env: Mapping[str, str] | None) -> BinaryFlags | None:
-    ran = run_with_timeout([str(path), "--help"], HELP_TIMEOUT, env=env)
+    ran = run_with_timeout([*server_command(path), "--help"], HELP_TIMEOUT, env=env)
     if ran is None or ran.timed_out:
         why = "it could not be started" if ran is None else f"it hung for {HELP_TIMEOUT:g}s"
         logger.warning("could not run %s --help (%s); passing options without checking", path, why)

@@ -51,6 +51,8 @@ __all__ = [
     "LINUX",
     "ON_LINUX",
     "ReleaseFixture",
+    "attestation_document",
+    "attestation_path",
     "fake_gguf",
     "host_flavor",
     "make_release",
@@ -60,6 +62,7 @@ __all__ = [
     "needs_linux",
     "serve_index",
     "serve_release",
+    "serve_semver_release",
     "sha256_of",
     "shim_script",
     "write_variants_toml",
@@ -288,6 +291,7 @@ def make_release(
     extra_assets: Mapping[str, bytes] | None = None,
     server_script: Path | None = None,
     version_line: str | None = None,
+    prerelease: bool = False,
 ) -> ReleaseFixture:
     """Build the archives and listing of a fake release under ``tmpdir/release-<tag>``.
 
@@ -302,6 +306,7 @@ def make_release(
         extra_assets: further ``name -> bytes`` assets (served too; e.g. decoys).
         server_script: make the shims exec ``python server_script "$@"`` (a fake server).
         version_line: what ``--version`` prints instead of ``version: <N> (abcdef0)``.
+        prerelease: mark the release a prerelease (upstream's ``b`` tags are, since Aug 2026).
     """
     flavors = list(variants) if variants is not None else [host_flavor()]
     root = tmpdir / f"release-{tag}"
@@ -344,7 +349,7 @@ def make_release(
         "tag_name": tag,
         "name": tag,
         "draft": False,
-        "prerelease": False,
+        "prerelease": prerelease,
         "assets": assets,
     }
     fixture.listing_path.write_text(json.dumps(fixture.listing, indent=1), encoding="utf-8")
@@ -361,6 +366,128 @@ def serve_release(server: Any, fixture: ReleaseFixture, **faults: Any) -> str:
     for name, (path, _sha) in fixture.assets.items():
         server.add(fixture.download_path(name), path, **faults)
     return str(server.url)
+
+
+def serve_semver_release(
+    server: Any,
+    tag: str,
+    body: bytes,
+    *,
+    repo: str = REPO,
+    size: int | None = None,
+    latest: bool = False,
+) -> str:
+    """Serve a ``vX.Y.Z`` release whose only asset is ``nightly-tag.txt`` holding ``body``.
+
+    Args:
+        server: the :class:`http_server.FileServer`.
+        tag: the semver tag.
+        body: what ``nightly-tag.txt`` holds (e.g. ``b"b11434\\n"``).
+        repo: ``owner/name``.
+        size: the size its listing claims (default: ``len(body)``).
+        latest: also serve the listing at ``/repos/<repo>/releases/latest``.
+
+    Returns:
+        The path ``nightly-tag.txt`` is served at.
+    """
+    from upstream_listings import NIGHTLY_TAG_ASSET, semver_listing
+
+    doc = semver_listing(tag, body, size=size)
+    server.add_json(f"/repos/{repo}/releases/tags/{tag}", doc)
+    if latest:
+        server.add_json(f"/repos/{repo}/releases/latest", doc)
+    path = f"/{repo}/releases/download/{tag}/{NIGHTLY_TAG_ASSET}"
+    server.add(path, body, content_type="text/plain")
+    return path
+
+
+def attestation_path(sha256: str, repo: str = REPO) -> str:
+    """Where GitHub's API (and a mirror) serves the attestations of an asset with ``sha256``."""
+    return f"/repos/{repo}/attestations/sha256:{sha256}"
+
+
+def _self_signed_der() -> bytes:
+    """A short-lived self-signed EC certificate (DER): well formed, and no Fulcio issued it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "not fulcio")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(minutes=5))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def attestation_document(
+    *subject_sha256: str, name: str = "asset", well_formed: bool = False
+) -> dict[str, Any]:
+    """GitHub's attestations answer holding one Sigstore bundle shaped like upstream's.
+
+    Its DSSE envelope holds a real in-toto statement naming ``subject_sha256``; nothing signed
+    it. By default the certificate and log entry are placeholders (sigstore cannot parse the
+    bundle); ``well_formed`` gives a self-signed certificate and a complete (unsigned) log
+    entry, so sigstore parses it and its verifier must reject the certificate chain.
+    """
+    import base64
+    import time
+
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": name, "digest": {"sha256": s}} for s in subject_sha256],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {
+            "buildDefinition": {"buildType": "https://actions.github.io/buildtypes/workflow/v1"}
+        },
+    }
+    payload = base64.b64encode(json.dumps(statement).encode()).decode()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    zeros = b64(bytes(32))
+    entry = {
+        "logIndex": "1",
+        "logId": {"keyId": zeros},
+        "kindVersion": {"kind": "dsse", "version": "0.0.1"},
+        "integratedTime": str(int(time.time())),  # within the certificate's validity
+        "inclusionPromise": {"signedEntryTimestamp": b64(b"not a signed entry timestamp")},
+        "inclusionProof": {
+            "logIndex": "1",
+            "rootHash": zeros,
+            "treeSize": "2",
+            "hashes": [zeros],
+            "checkpoint": {"envelope": "rekor.sigstore.dev - 1\n2\nAAAA\n\n- rekor AAAA\n"},
+        },
+        "canonicalizedBody": b64(b"{}"),
+    }
+    bundle = {
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {
+            "certificate": {
+                "rawBytes": b64(_self_signed_der() if well_formed else b"not a certificate")
+            },
+            "tlogEntries": [entry] if well_formed else [],
+        },
+        "dsseEnvelope": {
+            "payload": payload,
+            "payloadType": "application/vnd.in-toto+json",
+            "signatures": [{"sig": base64.b64encode(b"not a signature").decode()}],
+        },
+    }
+    return {"attestations": [{"bundle": bundle, "repository_id": 612354784}]}
 
 
 def write_variants_toml(

@@ -17,6 +17,7 @@ __all__ = [
     "Asset",
     "assets",
     "listing",
+    "semver_listing",
 ]
 
 REPO = "ggml-org/llama.cpp"
@@ -154,3 +155,41 @@ def assets(tag: str, *, drop: tuple[str, ...] = ()) -> list[Asset]:
         digest = raw["digest"]
         out.append(Asset(raw["name"], raw["size"], digest.split(":", 1)[1] if digest else None))
     return out
+
+
+NIGHTLY_TAG_ASSET = "nightly-tag.txt"
+
+
+def semver_listing(tag: str, body: bytes, *, size: int | None = None) -> dict[str, Any]:
+    """A release of upstream's scheme since Aug 2026: a ``vX.Y.Z`` tag without binaries.
+
+    Its only asset is ``nightly-tag.txt`` (``body``, e.g. ``b"b11434\\n"``) naming the ``b`` build
+    that has them; it is not a prerelease, so GitHub's ``/releases/latest`` points at it.
+
+    Args:
+        tag: e.g. ``v1.0.0``.
+        body: the file's bytes.
+        size: the size the listing claims (default: ``len(body)``).
+    """
+    import hashlib
+
+    return {
+        "url": f"https://api.github.com/repos/{REPO}/releases/1",
+        "tag_name": tag,
+        "name": f"llama.cpp {tag}",
+        "draft": False,
+        "prerelease": False,
+        "assets": [
+            {
+                "id": 900,
+                "name": NIGHTLY_TAG_ASSET,
+                "content_type": "text/plain",
+                "size": len(body) if size is None else size,
+                "digest": f"sha256:{hashlib.sha256(body).hexdigest()}",
+                "state": "uploaded",
+                "browser_download_url": (
+                    f"https://github.com/{REPO}/releases/download/{tag}/{NIGHTLY_TAG_ASSET}"
+                ),
+            }
+        ],
+    }

@@ -24,18 +24,13 @@ from llama_proc.errors import (
     ProvisionError,
 )
 from llama_proc.provision.fetch import download
+from llama_proc.provision.fetch.download import is_local_url
+from llama_proc.provision.fetch.listing import GITHUB_API, ReleaseAsset, match_assets, parse_listing
+from llama_proc.provision.fetch.pins import ReleasePins, pin_manifest_text, pin_release
 from llama_proc.provision.fetch.releases import (
-    GITHUB_API,
-    ReleaseAsset,
-    ReleasePins,
     api_base,
     fetch_release_assets,
-    is_local_url,
     listing_cache_path,
-    match_assets,
-    parse_listing,
-    pin_manifest_text,
-    pin_release,
 )
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 

@@ -13,8 +13,12 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc._cli.serve import is_loopback, read_api_keys
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.flag_policy import Bounds, FlagCaps, FlagChecker, FlagRule
-from llama_proc.proxy.models_config import load_models, load_models_config, scan_models_dir
+from llama_proc.proxy.configs import load_models, scan_models_dir
+from llama_proc.proxy.flag_caps import FlagCaps
+from llama_proc.proxy.flag_checker import FlagChecker
+from llama_proc.proxy.flag_names import Bounds
+from llama_proc.proxy.flag_policy import FlagRule
+from llama_proc.proxy.models_config import load_models_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -206,9 +210,12 @@ def test_models_dir_scan(tmp_path: Path) -> None:
     ):
         write(root / name, "x")
     config = scan_models_dir(root, defaults={"ctx_size": 256})
-    assert sorted(config.models) == ["Alpha.Q4_K_M", "split/big", "sub/beta"]
+    # A folder holding one model is that model, named by the folder (llama.cpp's router
+    # layout); the name it had before stays an alias.
+    assert sorted(config.models) == ["Alpha.Q4_K_M", "split", "sub"]
     big = config.resolve("split/big")
     assert big is not None
+    assert big.id == "split"
     assert big.path == root / "split" / "big-00001-of-00002.gguf"
     assert dict(big.options) == {"ctx_size": 256}
 
@@ -351,3 +358,30 @@ def test_importing_the_proxy_package_does_not_import_aiohttp() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _proxy_imports(module: str) -> set[str]:
+    """The llama_proc.proxy modules ``module`` imports, type-only imports included."""
+    import ast
+
+    path = Path(__file__).parents[2] / "llama_proc" / "proxy" / f"{module}.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("llama_proc.proxy."):
+            found.add((node.module or "").removeprefix("llama_proc.proxy."))
+    return found
+
+
+def test_flag_modules_and_model_records_form_no_import_cycle() -> None:
+    modules = ("flag_caps", "flag_names", "flag_policy", "flag_checker", "model_spec")
+    graph = {m: _proxy_imports(m) for m in modules}
+    for module in modules:
+        # Every module below the models config is a leaf for it: none reaches back up.
+        assert "models_config" not in graph[module], module
+        seen, todo = set(), list(graph[module])
+        while todo:
+            other = todo.pop()
+            assert other != module, f"{module} imports itself through {other}"
+            if other in graph and other not in seen:
+                seen.add(other)
+                todo += graph[other]

@@ -20,13 +20,10 @@ from proxy_harness import pid_alive, running_proxy
 from llama_proc.config import Settings
 from llama_proc.errors import ConfigError, InvalidArgumentError
 from llama_proc.proxy.app import create_app
-from llama_proc.proxy.flag_policy import (
-    FlagCaps,
-    FlagChecker,
-    FlagNames,
-    FlagPolicy,
-    normalize_flags,
-)
+from llama_proc.proxy.flag_caps import FlagCaps
+from llama_proc.proxy.flag_checker import FlagChecker, normalize_flags
+from llama_proc.proxy.flag_names import FlagNames
+from llama_proc.proxy.flag_policy import FlagPolicy
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.pool import ServerPool

@@ -10,7 +10,7 @@ import pytest
 from proxy_fakes import FakeFactory
 
 from llama_proc.errors import InvalidArgumentError, ServerStartError
-from llama_proc.proxy.flag_policy import normalize_flags
+from llama_proc.proxy.flag_checker import normalize_flags
 from llama_proc.proxy.models_config import ModelSpec
 from llama_proc.proxy.pool import ServerPool, server_key
 from llama_proc.proxy.servers import PoolBusyError, PoolClosedError

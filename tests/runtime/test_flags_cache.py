@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from llama_proc.config import Settings
-from llama_proc.runtime.flags import FLAGS_CACHE_FOLDER, clear_flags_cache, probe_flags
+from llama_proc.runtime.flags import clear_flags_cache, probe_flags
+from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llama_proc.provision.cache.install import (
-    FileProblem,
-    check_install,
-    scan_tree,
-)
+from llama_proc.provision.cache.file_record import FileProblem, scan_tree
+from llama_proc.provision.cache.install import check_install
 from llama_proc.provision.cache.layout import (
     INSTALL_JSON,
     servers_dir,

@@ -9,6 +9,10 @@ Layout under ``settings.cache_dir``::
     downloads/<asset>[.part|.lock]               archives and index files while they are fetched
     models/<file>.gguf                           the smoke-test model (models.smoke_model)
     sources/<archive>-<sha>/                     unpacked llama.cpp source (provision.fetch.sources)
+    build/<key>/                                 CMake build folders (provision.compile)
+    toolkits/cuda-<ver>-<arch>-<sha>/            CUDA toolkits from wheels (compile.cuda_wheels)
+    releases/<repo>/<tag>.json                   release listings (provision.fetch.releases)
+    flags/<digest>.json                          what a binary's --help accepts (runtime.flags)
 
 llama-proc runs the programs it finds here, so, as ssh does for its keys, the cache root and
 every existing folder from it down to an install must belong to the current user (or root)
@@ -22,31 +26,40 @@ import os
 import re
 import shlex
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ProvisionError
+from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
 
 __all__ = [
     "BUILD_DIR",
+    "CACHE_KINDS",
     "DOWNLOADS_DIR",
+    "FLAGS_DIR",
     "INSTALL_JSON",
     "MODELS_DIR",
+    "RELEASES_DIR",
     "SERVERS_DIR",
     "SOURCES_DIR",
     "TOOLKITS_DIR",
     "WORK_DIRS",
+    "KindUsage",
     "check_private",
     "downloads_dir",
     "install_dir",
     "models_dir",
     "servers_dir",
+    "tree_size",
+    "usage_by_kind",
 ]
 
 INSTALL_JSON: Final = "install.json"
+"""The record inside every complete install; its presence means the install is complete."""
 BUILD_DIR: Final = "build"
 """Folder under the cache root holding the persistent CMake build folders."""
 SOURCES_DIR: Final = "sources"
@@ -56,10 +69,25 @@ TOOLKITS_DIR: Final = "toolkits"
 WORK_DIRS: Final = (BUILD_DIR, SOURCES_DIR, TOOLKITS_DIR)
 """Work kept for later builds (each child a folder with a ``<name>.lock`` beside it): no
 install needs it to run, and ``cache prune`` removes what no kept install came from."""
-"""The record inside every complete install; its presence means the install is complete."""
 SERVERS_DIR: Final = "servers"
 DOWNLOADS_DIR: Final = "downloads"
 MODELS_DIR: Final = "models"
+RELEASES_DIR: Final = "releases"
+"""Folder under the cache root holding GitHub release listings, one JSON file per tag."""
+FLAGS_DIR: Final = FLAGS_CACHE_FOLDER
+"""Folder under the cache root remembering what each binary's ``--help`` accepts (written by
+``runtime.flags``; the name lives in :mod:`llama_proc.vocab`)."""
+CACHE_KINDS: Final[tuple[tuple[str, str], ...]] = (
+    (SERVERS_DIR, "installed llama-servers"),
+    (DOWNLOADS_DIR, "archives and index files"),
+    (MODELS_DIR, "the smoke-test model"),
+    (BUILD_DIR, "CMake build folders"),
+    (SOURCES_DIR, "unpacked llama.cpp sources"),
+    (TOOLKITS_DIR, "CUDA toolkits from wheels"),
+    (RELEASES_DIR, "release listings"),
+    (FLAGS_DIR, "remembered --help flags"),
+)
+"""Every folder the cache holds, in the order ``cache ls`` and ``doctor`` report them."""
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -162,3 +190,55 @@ def install_dir(settings: Settings, build: str, variant_id: str, flavor: str = "
     path = servers_dir(settings) / _check_name("build", build) / name
     check_private(path, root=settings.cache_dir)
     return path
+
+
+@dataclass(frozen=True)
+class KindUsage:
+    """What one folder of the cache holds: its kind, path, bytes on disk and top entries."""
+
+    kind: str
+    what: str
+    path: Path
+    size: int
+    entries: int
+
+
+def usage_by_kind(root: Path) -> list[KindUsage]:
+    """Each cache folder's size (files' own bytes; links are not followed), in report order.
+
+    A folder that does not exist counts as empty; one that cannot be read counts what could be.
+    """
+    found = []
+    for kind, what in CACHE_KINDS:
+        path = root / kind
+        try:
+            entries = sum(1 for _ in path.iterdir())
+        except OSError:
+            entries = 0
+        found.append(KindUsage(kind, what, path, tree_size(path), entries))
+    return found
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (or of ``path`` itself), links not followed."""
+    if not path.is_dir() or path.is_symlink():
+        try:
+            return path.lstat().st_size
+        except OSError:
+            return 0
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-import llama_proc
 from llama_proc._version import __version__
 from llama_proc.provision.cache.layout import servers_dir
 
@@ -142,7 +141,7 @@ def _manifest_file() -> Path | None:
 
     Inside the package, else at the top of a source checkout.
     """
-    package = Path(llama_proc.__file__).parent
+    package = Path(__file__).resolve().parents[2]  # llama_proc/provision/cache/memo.py
     for candidate in (package / MANIFEST_NAME, package.parent / MANIFEST_NAME):
         if candidate.is_file():
             return candidate

@@ -465,6 +465,7 @@ def fetch_page(
     accept: str | None = None,
     headers: Mapping[str, str] | None = None,
     hints: Mapping[int, str] | None = None,
+    max_bytes: int = MAX_PAGE_BYTES,
 ) -> Page:
     """GET a small document with the same retry policy as :func:`download_file`.
 
@@ -475,6 +476,7 @@ def fetch_page(
         accept: the ``Accept`` header.
         headers: further request headers.
         hints: text appended to the error for a given HTTP status (e.g. 404, 403).
+        max_bytes: the most the document may hold; more is refused (reading stops there).
 
     Raises:
         OfflineError: offline mode and ``url`` is not a ``file://`` URL.
@@ -484,6 +486,9 @@ def fetch_page(
     if scheme == "file":
         path = _local_path(url)
         try:
+            if path.stat().st_size > max_bytes:
+                msg = f"{path} (from {url}) holds more than {max_bytes} bytes; refusing it"
+                raise DownloadError(msg)
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             msg = f"cannot read {path} (from {url}): {getattr(err, 'strerror', None) or err}"
@@ -508,7 +513,7 @@ def fetch_page(
             pace.check(0, None)
             try:
                 return _fetch_once(
-                    sess, url, request_headers, settings.download_timeout, pace, hints
+                    sess, url, request_headers, settings.download_timeout, pace, hints, max_bytes
                 )
             except _RetryableError as err:
                 if attempt >= err.attempts:
@@ -537,6 +542,7 @@ def _fetch_once(
     download_timeout: float,
     pace: _Pace,
     hints: Mapping[int, str] | None,
+    max_bytes: int = MAX_PAGE_BYTES,
 ) -> Page:
     safe = _safe_url(url)
     response = _get(session, url, headers, download_timeout, pace.left(0))
@@ -557,10 +563,12 @@ def _fetch_once(
             if not body:
                 _set_read_timeout(response, download_timeout)
             body += chunk
-            if len(body) > MAX_PAGE_BYTES:
+            if len(body) > max_bytes:
                 msg = (
                     f"{safe} sent more than {_mb(MAX_PAGE_BYTES)}; that is no release listing "
                     "or index page (check LLAMA_PROC_MIRROR and LLAMA_PROC_INDEX_URL)"
+                    if max_bytes == MAX_PAGE_BYTES
+                    else f"{safe} sent more than {max_bytes} bytes, the most expected; refusing it"
                 )
                 raise DownloadError(msg)
             pace.check(len(body), size)

@@ -33,7 +33,8 @@ from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, insta
 from llama_proc.provision.cache.locking import cache_lock, lock_path, try_lock
 from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
-from llama_proc.provision.fetch import archive, download, releases
+from llama_proc.provision.fetch import archive, attest, download, releases
+from llama_proc.provision.fetch.nightly import resolve_build
 from llama_proc.provision.host.host_info import HostInfo, normalize_arch, normalize_os
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
@@ -47,9 +48,9 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compute.ladder import FeatureGroup
-    from llama_proc.provision.fetch.releases import ReleaseAsset
+    from llama_proc.provision.fetch.listing import ReleaseAsset
     from llama_proc.provision.manifest_records import AssetMatch, Manifest, Variant
-    from llama_proc.provision.resolve import Resolution
+    from llama_proc.provision.resolution import Resolution
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]
 
@@ -188,6 +189,11 @@ def _install(
         items = _archives(variant, repo, build, settings, sess)
         came_from: list[str] = []
         downloaded.extend(_unpack(item, staging, settings, sess, came_from) for item in items)
+        # After the sha256 check: a served attestation that does not verify refuses the install.
+        attested = [
+            (item.name, attest.check_asset(repo, item.name, item.sha256, settings, sess))
+            for item in items
+        ]
         removed = _prune(staging, initial) or []
         return {
             "cpu_off": [g.name for g in initial],
@@ -207,6 +213,7 @@ def _install(
                 item.name: where or None for item, where in zip(items, came_from, strict=True)
             },
             "mirror": settings.mirror,
+            "attestation": attest.summarize(attested),
             **metadata,
         }
 
@@ -404,7 +411,8 @@ def fetch_for_platform(
         raise ConfigError(msg)
     manifest = manifest or load_manifest()
     variant = select_variant(manifest, host, settings.backend).variant
-    build = settings.build or manifest.build
+    # A release tag (vX.Y.Z) or latest names the b build that has the binaries.
+    build = resolve_build(settings.build or manifest.build, manifest.repo, settings, session)
     dest = Path(dest).expanduser().absolute()
     _check_dest(dest, variant, build, force=force)
     metadata = {"platform": host.platform, "manifest": manifest.path}

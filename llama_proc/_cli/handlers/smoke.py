@@ -11,6 +11,9 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._cli.common import settings_from_args
+from llama_proc.provision import ensure_server, fetch_smoke_model
+from llama_proc.provision.cache.install import compute_summary
+from llama_proc.server import LlamaServer
 
 if TYPE_CHECKING:
     import argparse
@@ -43,10 +46,6 @@ def run_smoke(args: argparse.Namespace) -> int:
     Raises:
         LlamaProcError: any step failed (the CLI prints it as one line).
     """
-    from llama_proc.provision import ensure_server, fetch_smoke_model
-    from llama_proc.provision.cache.install import compute_summary
-    from llama_proc.server import LlamaServer
-
     settings = settings_from_args(args)
     explain: list[str] = []
     started = time.perf_counter()
@@ -70,7 +69,12 @@ def run_smoke(args: argparse.Namespace) -> int:
     model = fetch_smoke_model(settings)
     _say(f"model: {model} [{time.perf_counter() - started:.1f}s]")
     started = time.perf_counter()
-    with LlamaServer(model, binary=install.server_binary, ctx_size=SMOKE_CTX) as server:
+    with LlamaServer(
+        model,
+        binary=install.server_binary,
+        ctx_size=SMOKE_CTX,
+        start_timeout=SMOKE_READY_TIMEOUT,
+    ) as server:
         _say(f"server ready at {server.url} [{time.perf_counter() - started:.2f}s]")
         started = time.perf_counter()
         reply = server.chat(
