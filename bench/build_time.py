@@ -32,7 +32,8 @@ from pathlib import Path
 from llama_proc.config import Settings
 from llama_proc.provision.compile.build_plan import BuildPlan, check_request, plan_build
 from llama_proc.provision.compile.build_run import Run, run_build
-from llama_proc.provision.fetch.sources import SourceTree, obtain_source
+from llama_proc.provision.fetch.source_tree import SourceTree
+from llama_proc.provision.fetch.sources import obtain_source
 from llama_proc.provision.host.platform import detect_host
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import load_manifest

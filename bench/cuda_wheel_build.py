@@ -34,7 +34,7 @@ from llama_proc.provision.compile.build_run import run_build
 from llama_proc.provision.compile.cuda_wheels import ensure_cuda_toolkit
 from llama_proc.provision.compile.toolchain import find_toolchain
 from llama_proc.provision.fetch.sources import obtain_source
-from llama_proc.provision.host.platform import normalize_arch
+from llama_proc.provision.host.host_info import normalize_arch
 from llama_proc.provision.manifest import load_manifest
 
 

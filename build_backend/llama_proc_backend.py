@@ -51,8 +51,8 @@ import scikit_build_core.build as _skbuild
 if TYPE_CHECKING:
     from llama_proc.config import Settings
     from llama_proc.provision.cache.install import Install
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import Variant
 
 __all__ = [
     "build_editable",

@@ -21,7 +21,7 @@ and the buffers its weights landed in; the "no usable GPU" warning is printed at
 "offloaded 31/31" and keeps everything in ``CPU_Mapped``. The buffer lines say where the
 weights really are.
 
-A leaf module (standard library and :mod:`llama_proc.diagnosis` only), so provisioning's
+A leaf module (standard library, :mod:`llama_proc.backends` and :mod:`llama_proc.diagnosis` only), so provisioning's
 install check and the runtime's start check read the output the same way.
 """
 
@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from llama_proc.backends import TABLE, from_device_prefix, get_backend
 from llama_proc.diagnosis import Cause, diagnose_gpu
 
 if TYPE_CHECKING:
@@ -47,12 +48,10 @@ __all__ = [
     "read_placement",
 ]
 
-GPU_BACKENDS: Final = ("cuda", "rocm", "vulkan", "metal")
+GPU_BACKENDS: Final = tuple(b.name for b in TABLE if b.is_gpu)
 """Backends whose builds must show a device of their own kind."""
 SOFTWARE_RENDERERS: Final = ("llvmpipe", "lavapipe", "swiftshader")
 """Vulkan devices that are the CPU in disguise (description substrings, lower case)."""
-_NAME_ALIASES: Final = {"mtl": "metal"}
-"""Device name prefixes that differ from the backend's name (``MTL0`` is Metal)."""
 _LIST_HEADER: Final = "Available devices:"
 _LIST_LINE: Final = re.compile(
     r"^\s+(?P<name>\S+): (?P<desc>.*?) \((?P<total>\d+) MiB, (?P<free>\d+) MiB free\)\s*$"
@@ -72,7 +71,7 @@ def device_backend(name: str) -> str:
     """The backend of a device from its name: ``CUDA0`` -> ``cuda``, ``MTL0`` -> ``metal``."""
     match = re.match(r"[A-Za-z]+", name)
     prefix = match.group(0).lower() if match else name.lower()
-    return _NAME_ALIASES.get(prefix, prefix)
+    return from_device_prefix(prefix)
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,9 @@ class Device:
     def is_gpu(self) -> bool:
         """Whether it is a GPU of a GPU backend (a software Vulkan renderer is not)."""
         desc = self.description.lower()
-        return self.backend in GPU_BACKENDS and not any(s in desc for s in SOFTWARE_RENDERERS)
+        backend = get_backend(self.backend)
+        is_gpu = backend is not None and backend.is_gpu
+        return is_gpu and not any(s in desc for s in SOFTWARE_RENDERERS)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record (for ``install.json``)."""

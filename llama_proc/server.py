@@ -29,50 +29,38 @@ GPU layers asked for but loaded on the CPU stop the server with CpuFallbackError
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from llama_proc._proc import free_port
-from llama_proc.devices import Device, Placement, asks_for_gpu, cpu_fallback
 from llama_proc.errors import (
-    BinaryNotFoundError,
-    CpuFallbackError,
     InvalidArgumentError,
-    LlamaProcError,
     ServerError,
     ServerRequestError,
     ServerStartError,
 )
-from llama_proc.models.gguf import check_gguf
-from llama_proc.models.hub import ModelFiles, ModelRef, fetch_model
+from llama_proc.models.gguf_header import check_gguf
+from llama_proc.models.model_ref import ModelFiles, ModelRef
 from llama_proc.runtime.args import ServerArgs
-from llama_proc.runtime.client import (
-    REQUEST_TIMEOUT,
-    AsyncLlamaClient,
-    AsyncLlamaEndpoints,
-    LlamaClient,
-    LlamaEndpoints,
-)
+from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints
+from llama_proc.runtime.client import LlamaClient, LlamaEndpoints
 from llama_proc.runtime.flags import probe_flags, server_command
-from llama_proc.runtime.process import (
-    LOG_CAPACITY,
-    LOG_TAIL,
-    STALL_TIMEOUT,
-    STOP_GRACE,
-    ServerProcess,
-    child_environment,
-)
+from llama_proc.runtime.log_buffer import LOG_CAPACITY
+from llama_proc.runtime.process import STALL_TIMEOUT, STOP_GRACE, ServerProcess, child_environment
+from llama_proc.runtime.request_limits import REQUEST_TIMEOUT
 from llama_proc.runtime.rpc import check_workers, local_rpc_version
+from llama_proc.server_state import _NO_KEY, _StateView
+from llama_proc.server_steps import CpuFallback, _StartSteps
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable, Mapping
     from types import TracebackType
 
     from llama_proc.config import Settings
+    from llama_proc.devices import Device, Placement
     from llama_proc.runtime.flags import BinaryFlags
     from llama_proc.runtime.lifetime import Lifetime
 
@@ -82,35 +70,6 @@ logger = logging.getLogger(__name__)
 
 PORT_ATTEMPTS: Final = 3
 """Starts tried with a fresh free port when another process takes the chosen one first."""
-_NO_KEY: Final = "sk-no-key-required"
-LOG_VERBOSITY: Final = 4
-"""llama-server's log level "trace": the first that names the devices and weight buffers a
-model loads into (:attr:`LlamaServer.devices`, the CPU-fallback check). It adds about 30 lines
-per request to the log kept in memory, so it is only asked for when GPU layers were asked for
-(the case the check exists for); a CPU-only server keeps llama-server's default level."""
-_VERBOSITY_FLAGS: Final = ("--log-verbosity", "--verbosity", "-lv")
-_CALLER_LOG_FLAGS: Final = (*_VERBOSITY_FLAGS, "-v", "--verbose", "--log-verbose", "--log-disable")
-"""Flags in ``extra_args`` that mean the caller chose the log level."""
-CpuFallback = Literal["error", "warn"]
-"""What :class:`LlamaServer` does when GPU layers asked for were loaded on the CPU."""
-
-
-class _DownloadAbandonedError(Exception):
-    """Raised from the download's progress callback once stop() or abort_start() was called."""
-
-
-def _option(args: ServerArgs, name: str) -> Any:
-    """A typed option, else its last value in ``extra_args`` (``-ngl 99``, ``--device=none``)."""
-    value = getattr(args, name)
-    if value is not None:
-        return value
-    spellings = next(f.metadata["flags"] for f in dataclasses.fields(args) if f.name == name)
-    extra = list(args.extra_args)
-    for i in range(len(extra) - 1, -1, -1):
-        flag, eq, inline = extra[i].partition("=")
-        if flag in spellings:
-            return inline if eq else (extra[i + 1] if i + 1 < len(extra) else None)
-    return None
 
 
 def reserve_port(host: str = "127.0.0.1") -> int:
@@ -122,7 +81,7 @@ def reserve_port(host: str = "127.0.0.1") -> int:
     return free_port(host.strip("[]"))
 
 
-class LlamaServer(LlamaEndpoints):
+class LlamaServer(_StartSteps, _StateView, LlamaEndpoints):
     """A llama-server process for one model, with the API client on the same object.
 
     Args:
@@ -330,121 +289,11 @@ class LlamaServer(LlamaEndpoints):
             msg = "could not find a free port"  # pragma: no cover - the loop returns or raises
             raise ServerStartError(msg)
 
-    def fetch_model(self) -> ModelFiles:
-        """The model's local files, downloading a Hugging Face reference first.
-
-        :meth:`start` calls it; call it yourself to download ahead of time. A reference is
-        fetched once per server object (into the shared Hugging Face cache); then
-        ``args.model`` (and ``args.mmproj`` with ``mmproj=True``) hold the local paths.
-        ``stop()`` or :meth:`abort_start` from another thread abandons the download at its
-        next chunk (a later call downloads it again).
-
-        Returns:
-            The model file (the first part of a split model), every part, and the projector.
-
-        Raises:
-            ModelFileError: no such repository, revision, file or quantization.
-            DownloadError: a gated or private repository without access, or the transfer
-                failed.
-            OfflineError: offline and the files are not in the Hugging Face cache.
-            ProvisionError: not enough disk space for the download.
-            ServerStartError: the download was abandoned by ``stop()``/``abort_start()``.
-        """
-        with self._lock:
-            self._abort.clear()
-            return self._fetch_locked()
-
-    def _fetch_locked(self) -> ModelFiles:
-        ref = self.model_ref
-        if ref is None:
-            assert self.args.model is not None  # noqa: S101 - checked in __init__
-            return ModelFiles(model=Path(self.args.model))
-        if self._files is not None:
-            return self._files
-        from llama_proc.config import Settings  # noqa: PLC0415 - see _resolve_binary
-
-        settings = self.settings if self.settings is not None else Settings.from_env()
-        try:
-            files = fetch_model(
-                ref,
-                settings=settings,
-                with_mmproj=self._with_mmproj,
-                on_progress=self._download_progress,
-            )
-        except LlamaProcError as err:
-            if not self._abort.is_set():
-                raise
-            msg = f"start of {ref} abandoned during its download; start again to fetch it"
-            raise ServerStartError(msg) from err
-        if self._with_mmproj and files.mmproj is None:
-            logger.warning("%s has no mmproj projector file; starting without one", ref)
-        changes: dict[str, Path] = {"model": files.model}
-        if files.mmproj is not None:
-            changes["mmproj"] = files.mmproj
-        self.args = self.args.replace(**changes)
-        self._files = files
-        return files
-
-    def _download_progress(self, done: int, total: int) -> None:
-        if self._abort.is_set():
-            # Raised inside huggingface_hub's transfer loop: the download stops here, and
-            # huggingface_hub deletes its partial file.
-            raise _DownloadAbandonedError
-        if self.on_download_progress is not None:
-            self.on_download_progress(done, total)
-
-    def _verbosity_args(self) -> list[str]:
-        """``--log-verbosity 4`` for GPU layers, where the binary knows it and no level was chosen."""
-        if self.flags is None:
-            return []
-        if not asks_for_gpu(_option(self.args, "n_gpu_layers"), _option(self.args, "device")):
-            return []
-        chosen = any(a.split("=", 1)[0] in _CALLER_LOG_FLAGS for a in self.args.extra_args)
-        flag = None if chosen else self.flags.first_known(_VERBOSITY_FLAGS)
-        return [] if flag is None else [flag, str(LOG_VERBOSITY)]
-
-    def _check_placement(self, proc: ServerProcess) -> None:
-        """Record where the model went; refuse (or warn about) GPU layers loaded on the CPU."""
-        self.placement = proc.placement()
-        layers = _option(self.args, "n_gpu_layers")
-        if not asks_for_gpu(layers, _option(self.args, "device")):
-            return
-        cause = cpu_fallback(proc.logs())
-        if cause is None:
-            return
-        what = (
-            f"n_gpu_layers={layers} asked for the GPU, but llama-server (pid "
-            f"{proc.pid}) loaded the model on the CPU (cpu_fallback='warn' accepts that)"
-        )
-        if self.cpu_fallback == "warn":
-            logger.warning("%s: %s", what, cause)
-            return
-        proc.stop(self.stop_grace)
-        raise CpuFallbackError(what, None, str(cause), proc.logs(LOG_TAIL))
-
     def _connection_failed(self, _err: ServerRequestError) -> None:
         # A request without an HTTP answer: report the crash, if the child died.
         proc = self._proc
         if proc is not None:
             proc.check_alive()
-
-    def _resolve_binary(self) -> Path:
-        if self.binary is not None:
-            if not self.binary.is_file():
-                msg = f"llama-server binary {self.binary} does not exist"
-                raise BinaryNotFoundError(msg)
-            if os.name == "posix" and not os.access(self.binary, os.X_OK):
-                msg = f"llama-server binary {self.binary} is not executable (chmod +x it)"
-                raise BinaryNotFoundError(msg)
-            return self.binary
-        # Provisioning (and config, which reads platformdirs) costs tens of ms to import and
-        # is not needed at all when a binary is given.
-        from llama_proc.config import Settings  # noqa: PLC0415 - see above
-        from llama_proc.provision import ensure_server  # noqa: PLC0415 - see above
-
-        install = ensure_server(self.settings if self.settings is not None else Settings.from_env())
-        self.binary = install.server_binary
-        return self.binary
 
     def abort_start(self) -> None:
         """Make a ``start()`` running in another thread give up (it stops its child)."""
@@ -481,108 +330,6 @@ class LlamaServer(LlamaEndpoints):
             return self.start(timeout, stall_timeout)
 
     # -- state ---------------------------------------------------------------------------
-
-    @property
-    def process(self) -> ServerProcess:
-        """The running :class:`~llama_proc.runtime.process.ServerProcess`.
-
-        Raises:
-            ServerError: the server was never started.
-        """
-        if self._proc is None:
-            msg = "the server was not started; call start() or use it as a context manager"
-            raise ServerError(msg)
-        return self._proc
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the child process is alive (False after a crash or stop())."""
-        return self._proc is not None and self._proc.is_running
-
-    @property
-    def pid(self) -> int | None:
-        """The child's pid (None before start)."""
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The child's exit status once it exited."""
-        return None if self._proc is None else self._proc.returncode
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on.
-
-        Raises:
-            ServerError: the server was never started.
-        """
-        return self.process.port
-
-    @property
-    def url(self) -> str:
-        """``http://host:port`` of the server.
-
-        Raises:
-            ServerError: the server was never started.
-        """
-        return self.process.url
-
-    @property
-    def base_url(self) -> str:
-        """OpenAI-compatible base URL (``url`` + ``/v1``) for the ``openai`` SDK."""
-        return f"{self.url}/v1"
-
-    @property
-    def api_key(self) -> str | None:
-        """The key clients must send, if any."""
-        return self.args.api_key
-
-    @property
-    def ready_after(self) -> float | None:
-        """Seconds from spawn to ready for the current process."""
-        return None if self._proc is None else self._proc.ready_after
-
-    @property
-    def devices(self) -> tuple[Device, ...]:
-        """The devices the running model uses, from its log (empty: the CPU only, or unknown).
-
-        Each has llama.cpp's name (``CUDA0``), its backend, description and free memory.
-        """
-        return () if self.placement is None else self.placement.devices
-
-    def logs(self, n: int | None = None) -> list[str]:
-        """The last ``n`` lines the server printed (all kept when None)."""
-        return [] if self._proc is None else self._proc.logs(n)
-
-    @property
-    def client(self) -> LlamaClient:
-        """The HTTP client for the running server.
-
-        Raises:
-            ServerError: the server is not started.
-        """
-        if self._client is None:
-            msg = "the server is not running; call start() first"
-            raise ServerError(msg)
-        return self._client
-
-    def openai_client(self, **kwargs: Any) -> Any:
-        """An ``openai.OpenAI`` client pointed at this server (needs the ``openai`` package)."""
-        from openai import OpenAI  # noqa: PLC0415 - optional dependency
-
-        return OpenAI(base_url=self.base_url, api_key=self.api_key or _NO_KEY, **kwargs)
-
-    def check_alive(self) -> None:
-        """Raise if the server process has exited since it became ready (a crash).
-
-        The API methods call it when a request fails without an HTTP answer, so a crash
-        surfaces as the exit status and decoded cause rather than "connection refused".
-
-        Raises:
-            ServerError: the server was never started.
-            ServerStartError: the process is not running; carries exit code, cause and log.
-        """
-        self.process.check_alive()
 
     def _api(self) -> LlamaClient:
         return self.client

@@ -10,6 +10,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Final
 
+from llama_proc.backends import backend_names
+
 __all__ = [
     "AUTO",
     "BACKENDS",
@@ -22,8 +24,9 @@ __all__ = [
     "InstallSource",
 ]
 
-BACKENDS: Final = ("cpu", "cuda", "rocm", "metal", "vulkan", "rpc")
-"""Every llama.cpp backend the manifest can name (``--variant``, ``LLAMA_PROC_VARIANT``)."""
+BACKENDS: Final = backend_names()
+"""Every llama.cpp backend the manifest can name (``--variant``, ``LLAMA_PROC_VARIANT``); the rows
+of :data:`llama_proc.backends.TABLE`."""
 AUTO: Final = "auto"
 """The backend choice that lets host detection decide."""
 BACKEND_CHOICES: Final = (AUTO, *BACKENDS)

@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from upstream_listings import B11434_NAMES
 
 from llama_proc.errors import ManifestError, NoMatchingVariantError
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 from llama_proc.provision.host.selection import prebuilt_blockers, select_variant
-from llama_proc.provision.manifest import Manifest, load_manifest, parse_manifest
+from llama_proc.provision.manifest import load_manifest, parse_manifest
+
+if TYPE_CHECKING:
+    from llama_proc.provision.manifest_records import Manifest
 
 REPO_MANIFEST = Path(__file__).resolve().parents[1] / "variants.toml"
 

@@ -18,7 +18,7 @@ from hub_env import SMOL_FILE, SMOL_REPO, use_fake_hub
 from huggingface_hub import constants
 
 from llama_proc.errors import InvalidArgumentError, ModelFileError, ServerStartError
-from llama_proc.models.hub import ModelRef
+from llama_proc.models.model_ref import ModelRef
 from llama_proc.server import AsyncLlamaServer, LlamaServer
 
 if TYPE_CHECKING:

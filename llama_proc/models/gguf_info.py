@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._text import printable
 from llama_proc.errors import InvalidArgumentError, ModelFileError
-from llama_proc.models.gguf import FILE_TYPES, GGML_TYPES, GgufArray, ReadBudget, read_gguf
+from llama_proc.models.ggml_types import FILE_TYPES, GGML_TYPES
+from llama_proc.models.gguf import GgufArray, ReadBudget, read_gguf
 from llama_proc.vocab import MAX_SPLIT_PARTS
 
 if TYPE_CHECKING:

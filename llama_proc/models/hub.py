@@ -25,11 +25,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import shutil
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.config import parse_bool
@@ -41,6 +40,7 @@ from llama_proc.errors import (
     OfflineError,
     ProvisionError,
 )
+from llama_proc.models.choose import DEFAULT_QUANTS, _shown, choose_files
 from llama_proc.models.hub_trust import (
     ALLOW_INSECURE_ENV,
     SHA256_RE,
@@ -48,12 +48,11 @@ from llama_proc.models.hub_trust import (
     check_endpoint,
     guarded,
     name_problem,
-    revision_problem,
 )
-from llama_proc.vocab import MAX_SPLIT_PARTS
+from llama_proc.models.model_ref import GGUF_SUFFIX, ModelFiles, ModelRef
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from llama_proc.config import Settings
 
@@ -61,349 +60,14 @@ __all__ = ["DEFAULT_QUANTS", "ModelFiles", "ModelRef", "choose_files", "fetch_mo
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUANTS: Final = ("Q4_K_M", "Q8_0")
-"""Quantizations tried, in order, when a reference names none (llama.cpp's ``-hf`` default)."""
 DEFAULT_REVISION: Final = "main"
-HF_SCHEME: Final = "hf://"
-HUB_HOSTS: Final = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
-GGUF_SUFFIX: Final = ".gguf"
-MMPROJ_KEYWORD: Final = "mmproj"
-PREFERRED_MMPROJ_TAG: Final = "F16"
 LOGIN_HINT: Final = "set HF_TOKEN (or run `hf auth login`)"
-# Names llama.cpp never loads as the main model: projectors, importance matrices, draft heads.
-_NOT_A_MODEL: Final = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 _HASH_CHUNK: Final = 1 << 20
 _GIB: Final = 1 << 30
 _MIB: Final = 1 << 20
 
-_PART: Final = r"[A-Za-z0-9][\w.-]*"
-_REPO_RE: Final = re.compile(rf"{_PART}/{_PART}")
-_QUANT_RE: Final = re.compile(r"[A-Za-z0-9_]+")
-# org/repo[@rev][:QUANT][@rev]: a git ref holds no ':' and a quant tag holds no '@'.
-_REPO_REF_RE: Final = re.compile(
-    rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev1>[^:@\s]+))?"
-    r"(?::(?P<quant>[A-Za-z0-9_]+))?(?:@(?P<rev2>[^:@\s]+))?"
-)
-_HF_FILE_RE: Final = re.compile(rf"(?P<repo>{_PART}/{_PART})(?:@(?P<rev>[^/@\s]+))?/(?P<path>.+)")
-_URL_FILE_RE: Final = re.compile(
-    rf"/(?P<repo>{_PART}/{_PART})/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<path>.+)"
-)
-_URL_REPO_RE: Final = re.compile(rf"/(?P<repo>{_PART}/{_PART})/?")
-# llama.cpp's split and tag grammar (common/download.cpp: get_gguf_split_info).
-_SPLIT_RE: Final = re.compile(r"(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})", re.IGNORECASE)
-_TAG_RE: Final = re.compile(r"[-.](?P<tag>[A-Z0-9_]+)$", re.IGNORECASE)
-_BITS_RE: Final = re.compile(r"\d+")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model on the Hugging Face Hub: a repository and a quantization tag or one file in it."""
-
-    repo: str
-    """``org/name`` of the model repository."""
-    quant: str | None = None
-    """Quantization tag (upper-cased, e.g. ``Q4_K_M``); None = llama.cpp's default choice."""
-    file: str | None = None
-    """Path of one GGUF inside the repository (``hf://`` form); excludes ``quant``."""
-    revision: str | None = None
-    """Branch, tag or commit; None = the default branch."""
-
-    def __post_init__(self) -> None:
-        if not _REPO_RE.fullmatch(self.repo):
-            msg = f"{self.repo!r} is not a Hugging Face repository id; write it as org/name"
-            raise ModelFileError(msg)
-        if self.quant is not None:
-            if not _QUANT_RE.fullmatch(self.quant):
-                msg = f"{self.quant!r} is not a quantization tag; use one like Q4_K_M"
-                raise ModelFileError(msg)
-            object.__setattr__(self, "quant", self.quant.upper())
-        if self.quant is not None and self.file is not None:
-            msg = f"name either a quantization or a file of {self.repo}, not both"
-            raise ModelFileError(msg)
-        if self.revision is not None and (problem := revision_problem(self.revision)):
-            # huggingface_hub writes refs/<revision> in its cache: no path may hide in it.
-            msg = (
-                f"revision {self.revision!r} of {self.repo} {problem}; name a branch, tag "
-                "or commit of the repository"
-            )
-            raise ModelFileError(msg)
-
-    @classmethod
-    def parse(cls, text: str) -> ModelRef | None:
-        """Read a reference the way users copy it; None when ``text`` is a plain path.
-
-        Args:
-            text: ``org/repo[:QUANT][@REV]``, ``hf://org/repo/file.gguf[@REV]``, a
-                ``https://huggingface.co/...`` link, or a path.
-
-        Returns:
-            The reference, or None for a path (an existing path always counts as one).
-
-        Raises:
-            ModelFileError: ``text`` starts like a reference (``hf://``, a hub link) but is
-                malformed.
-        """
-        text = text.strip()
-        if not text or _is_existing_path(text):
-            return None
-        if text.startswith(HF_SCHEME):
-            return _parse_hf_uri(text)
-        parsed = urllib.parse.urlsplit(text)
-        if parsed.scheme in ("http", "https") and (parsed.hostname or "") in HUB_HOSTS:
-            return _parse_hub_url(text, parsed.path)
-        if text.lower().endswith(GGUF_SUFFIX):
-            return None  # "models/x.gguf" is a path, never a repo named like a file
-        return _parse_repo_ref(text)
-
-    def __str__(self) -> str:
-        if self.file is not None:
-            at = f"@{urllib.parse.quote(self.revision, safe='')}" if self.revision else ""
-            return f"{HF_SCHEME}{self.repo}{at}/{self.file}"
-        text = self.repo + (f":{self.quant}" if self.quant else "")
-        return text + (f"@{self.revision}" if self.revision else "")
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """Local paths of a fetched model, ready for ``llama-server -m ... [--mmproj ...]``."""
-
-    model: Path
-    """The file to pass as the model: the only file, or the first part of a split GGUF."""
-    parts: tuple[Path, ...] = field(default=())
-    """Every part in order (``model`` first); one entry for an unsplit model."""
-    mmproj: Path | None = None
-    """The multimodal projector, when asked for and the repository has one."""
-
-    def __post_init__(self) -> None:
-        if not self.parts:
-            object.__setattr__(self, "parts", (self.model,))
-
-
-def _is_existing_path(text: str) -> bool:
-    try:
-        return Path(text).expanduser().exists()
-    except (OSError, RuntimeError):  # a name too long for the OS; "~user" of no such user
-        return False
-
-
-def _parse_repo_ref(text: str) -> ModelRef | None:
-    match = _REPO_REF_RE.fullmatch(text)
-    if match is None:
-        return None
-    if match["rev1"] and match["rev2"]:
-        msg = f"{text!r} names two revisions; keep one @REVISION"
-        raise ModelFileError(msg)
-    return ModelRef(match["repo"], quant=match["quant"], revision=match["rev1"] or match["rev2"])
-
-
-def _parse_hf_uri(text: str) -> ModelRef:
-    body = text[len(HF_SCHEME) :]
-    match = _HF_FILE_RE.fullmatch(body)
-    if match is None:
-        ref = _parse_repo_ref(body)
-        if ref is None:
-            msg = f"{text!r} is not a model reference; write hf://org/repo/path/file.gguf"
-            raise ModelFileError(msg)
-        return ref
-    path, revision = match["path"], match["rev"]
-    if revision is None and "@" in path:
-        # hf://org/repo/file.gguf@REV: a trailing revision, which may itself hold '/'.
-        head, _, tail = path.rpartition("@")
-        if head.lower().endswith(GGUF_SUFFIX):
-            path, revision = head, tail
-    return _file_ref(text, match["repo"], path, revision and urllib.parse.unquote(revision))
-
-
-def _parse_hub_url(text: str, url_path: str) -> ModelRef:
-    match = _URL_FILE_RE.fullmatch(url_path)
-    if match is not None:
-        revision = urllib.parse.unquote(match["rev"])
-        return _file_ref(text, match["repo"], urllib.parse.unquote(match["path"]), revision)
-    match = _URL_REPO_RE.fullmatch(url_path)
-    if match is None:
-        msg = f"{text!r} is not a model page or file link; copy the link of a .gguf file"
-        raise ModelFileError(msg)
-    return ModelRef(match["repo"])
-
-
-def _file_ref(text: str, repo: str, path: str, revision: str | None) -> ModelRef:
-    if not path.lower().endswith(GGUF_SUFFIX) or path.startswith("/") or ".." in path.split("/"):
-        msg = f"{text!r} does not name a .gguf file in the repository; llama-server loads GGUF"
-        raise ModelFileError(msg)
-    return ModelRef(repo, file=path, revision=revision or None)
-
 
 # -- choosing files ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _GgufName:
-    path: str
-    prefix: str  # the name without ".gguf" and without the split suffix; tag included
-    tag: str  # upper-cased quantization tag, "" when the name carries none
-    index: int
-    count: int
-
-
-def _gguf_name(path: str) -> _GgufName | None:
-    if not path.lower().endswith(GGUF_SUFFIX):
-        return None
-    prefix = path[: -len(GGUF_SUFFIX)]
-    index = count = 1
-    split = _SPLIT_RE.fullmatch(prefix)
-    if split is not None:
-        prefix, index, count = split["prefix"], int(split["index"]), int(split["count"])
-    tag = _TAG_RE.search(prefix)
-    return _GgufName(path, prefix, tag["tag"].upper() if tag else "", index, count)
-
-
-def _is_model(path: str) -> bool:
-    name = PurePosixPath(path).name.lower()
-    return name.endswith(GGUF_SUFFIX) and not any(word in name for word in _NOT_A_MODEL)
-
-
-def _first_parts(names: Sequence[str]) -> Iterator[_GgufName]:
-    for path in names:
-        info = _gguf_name(path)
-        if info is not None and _is_model(path) and info.index == 1:
-            yield info
-
-
-def _quant_pattern(quant: str) -> re.Pattern[str]:
-    # llama.cpp searches "<tag>[.-]" anywhere in the path; the left boundary keeps Q4_0 from
-    # matching IQ4_0.
-    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}[.-]", re.IGNORECASE)
-
-
-def _find_model(names: Sequence[str], quant: str | None) -> str | None:
-    for tag in (quant,) if quant else DEFAULT_QUANTS:
-        pattern = _quant_pattern(tag)
-        for info in _first_parts(names):
-            if pattern.search(info.path):
-                return info.path
-    if quant is None:
-        return next((info.path for info in _first_parts(names)), None)
-    return None
-
-
-def _available_quants(names: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(info.tag for info in _first_parts(names) if info.tag))
-
-
-def _split_parts(repo: str, names: Sequence[str], primary: str) -> tuple[str, ...]:
-    first = _gguf_name(primary)
-    if first is None or first.count <= 1:
-        return (primary,)
-    if first.count > MAX_SPLIT_PARTS:
-        msg = (
-            f"{repo} lists the split model {_shown(first.prefix)} in {first.count} parts; "
-            f"llama-proc fetches at most {MAX_SPLIT_PARTS}: pick another quantization"
-        )
-        raise ModelFileError(msg)
-    found: dict[int, str] = {}
-    for path in names:
-        info = _gguf_name(path)
-        if info is not None and info.count == first.count and info.prefix == first.prefix:
-            found[info.index] = path
-    missing = [i for i in range(1, first.count + 1) if i not in found]
-    if missing:
-        msg = (
-            f"{repo} holds only part of the split model {first.prefix} "
-            f"(missing part {', '.join(map(str, missing))} of {first.count}); "
-            "pick another quantization"
-        )
-        raise ModelFileError(msg)
-    return tuple(found[i] for i in range(1, first.count + 1))
-
-
-def _bits(tag: str) -> int:
-    match = _BITS_RE.search(tag)
-    return int(match.group()) if match else 0
-
-
-def _find_mmproj(names: Sequence[str], model: str, quant: str | None) -> str | None:
-    """The projector llama.cpp would pair with ``model``, preferring its quant, then F16.
-
-    Like llama.cpp, only a projector in the model's folder or one above it qualifies, and the
-    deepest such folder wins; among those: the same quantization tag, then F16, then the
-    closest bit width.
-    """
-    model_dir = PurePosixPath(model).parent.parts
-    tag = (quant or (_gguf_name(model) or _GgufName(model, "", "", 1, 1)).tag).upper()
-    best: tuple[int, bool, bool, int] | None = None
-    choice = None
-    for path in names:
-        name = PurePosixPath(path)
-        if not path.lower().endswith(GGUF_SUFFIX) or MMPROJ_KEYWORD not in name.name.lower():
-            continue
-        folder = name.parent.parts
-        if model_dir[: len(folder)] != folder:
-            continue
-        own = (_gguf_name(path) or _GgufName(path, "", "", 1, 1)).tag
-        key = (
-            len(folder),
-            bool(tag) and own == tag,
-            own == PREFERRED_MMPROJ_TAG,
-            -abs(_bits(own) - _bits(tag)),
-        )
-        if best is None or key > best:
-            best, choice = key, path
-    return choice
-
-
-def choose_files(
-    ref: ModelRef, names: Sequence[str], *, with_mmproj: bool = False
-) -> tuple[tuple[str, ...], str | None]:
-    """Pick the files of ``ref`` among a repository's file names, the way llama.cpp does.
-
-    Args:
-        ref: the reference (a quantization, a file, or neither).
-        names: the repository's file paths.
-        with_mmproj: also pick the multimodal projector, when the repository has one.
-
-    Returns:
-        The model's files in order (all parts of a split GGUF) and the projector or None.
-
-    Raises:
-        ModelFileError: no file fits; the message lists what the repository has.
-    """
-    names = sorted(names)
-    ggufs = [n for n in names if n.lower().endswith(GGUF_SUFFIX)]
-    if ref.file is not None:
-        if ref.file not in names:
-            msg = f"{ref.repo} has no file {ref.file}; its GGUF files: {', '.join(ggufs) or 'none'}"
-            raise ModelFileError(msg)
-        primary: str | None = ref.file
-        first = _gguf_name(ref.file)
-        if first is not None and first.count > 1:
-            # Any part names the whole model; llama-server is given the first one.
-            primary = next(
-                (
-                    i.path
-                    for n in names
-                    if (i := _gguf_name(n)) and i.prefix == first.prefix and i.index == 1
-                ),
-                ref.file,
-            )
-    else:
-        primary = _find_model(names, ref.quant)
-    if primary is None:
-        quants = _available_quants(names)
-        if not quants and not any(_is_model(n) for n in ggufs):
-            msg = (
-                f"{ref.repo} has no GGUF model files; llama-server needs a GGUF repository "
-                "(often named ...-GGUF)"
-            )
-        else:
-            example = f" (e.g. {ref.repo}:{quants[0]})" if quants else ""
-            msg = (
-                f"{ref.repo} has no GGUF file for quantization {ref.quant}; it has: "
-                f"{', '.join(quants) or 'untagged files only'}{example}"
-            )
-        raise ModelFileError(msg)
-    parts = _split_parts(ref.repo, names, primary)
-    mmproj = _find_mmproj(names, primary, ref.quant) if with_mmproj else None
-    return parts, mmproj
 
 
 # -- fetching ---------------------------------------------------------------------------------
@@ -601,12 +265,6 @@ def _discard(hub: _Hub, path: Path) -> None:
     for each in (path, blob):
         if each.is_relative_to(hub.cache_dir.resolve()) or each == path:
             each.unlink(missing_ok=True)
-
-
-def _shown(name: str) -> str:
-    """A name from the hub, safe to print: escaped and cut short."""
-    text = repr(name)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_disk_space(hub: _Hub, listing: _Listing, fresh: set[str]) -> int:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final
 
 from llama_proc.config import ENV_PREFIX
 from llama_proc.errors import DownloadError
-from llama_proc.provision.fetch.download import is_local_url
+from llama_proc.provision.fetch.session import is_local_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from llama_proc.config import Settings
-    from llama_proc.provision.manifest import IndexFile, Manifest
+    from llama_proc.provision.manifest_records import IndexFile, Manifest
 
 __all__ = ["fetch_smoke_model", "smoke_model_path"]
 

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from llama_proc.provision.cache.installer import install_atomically
     from llama_proc.provision.cache.inventory import list_installs
     from llama_proc.provision.compile.build import build_variant
-    from llama_proc.provision.host.platform import HostInfo, detect_host
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.host.platform import detect_host
     from llama_proc.provision.host.selection import Selection, select_variant
-    from llama_proc.provision.manifest import Manifest, Variant, load_manifest
+    from llama_proc.provision.manifest import load_manifest
+    from llama_proc.provision.manifest_records import Manifest, Variant
     from llama_proc.provision.resolve import ensure_server, resolve_server
 
 __all__ = [
@@ -38,11 +40,11 @@ __all__ = [
 ]
 
 _WHERE: Final = {
-    "HostInfo": "host.platform",
+    "HostInfo": "host.host_info",
     "Install": "cache.install",
-    "Manifest": "manifest",
+    "Manifest": "manifest_records",
     "Selection": "host.selection",
-    "Variant": "manifest",
+    "Variant": "manifest_records",
     "build_variant": "compile.build",
     "detect_host": "host.platform",
     "ensure_server": "resolve",

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from llama_proc.config import Settings
-    from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.manifest_records import Variant
 
 __all__ = [
     "BUNDLE_DIRNAME",

@@ -17,12 +17,15 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.diagnosis import Cause, diagnose
-    from llama_proc.models.gguf import GgufHeader, check_gguf
-    from llama_proc.runtime.args import ServerArgs, validate_extra_args
-    from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient, parse_metrics
+    from llama_proc.models.gguf_header import GgufHeader, check_gguf
+    from llama_proc.runtime.args import ServerArgs
+    from llama_proc.runtime.async_client import AsyncLlamaClient
+    from llama_proc.runtime.client import LlamaClient
+    from llama_proc.runtime.extra_args import validate_extra_args
     from llama_proc.runtime.flags import BinaryFlags, probe_flags
     from llama_proc.runtime.health import probe_health
     from llama_proc.runtime.process import ServerProcess, child_environment
+    from llama_proc.runtime.wire import parse_metrics
 
 __all__ = [
     "AsyncLlamaClient",
@@ -42,20 +45,20 @@ __all__ = [
 ]
 
 _WHERE: Final = {
-    "AsyncLlamaClient": "client",
+    "AsyncLlamaClient": "async_client",
     "BinaryFlags": "flags",
     "Cause": "llama_proc.diagnosis",
-    "GgufHeader": "llama_proc.models.gguf",
+    "GgufHeader": "llama_proc.models.gguf_header",
     "LlamaClient": "client",
     "ServerArgs": "args",
     "ServerProcess": "process",
-    "check_gguf": "llama_proc.models.gguf",
+    "check_gguf": "llama_proc.models.gguf_header",
     "child_environment": "process",
     "diagnose": "llama_proc.diagnosis",
-    "parse_metrics": "client",
+    "parse_metrics": "wire",
     "probe_flags": "flags",
     "probe_health": "health",
-    "validate_extra_args": "args",
+    "validate_extra_args": "extra_args",
 }
 
 

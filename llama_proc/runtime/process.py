@@ -37,7 +37,6 @@ import re
 import subprocess
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Final, Self
 
 from llama_proc._childenv import DROPPED_ENV, child_environment
@@ -47,6 +46,7 @@ from llama_proc.diagnosis import Cause, diagnose
 from llama_proc.errors import ServerNotReadyError, ServerStartError
 from llama_proc.runtime import lifetime as _lifetime
 from llama_proc.runtime.health import HEALTH_PATH, POLL_INTERVAL, format_url, probe_health
+from llama_proc.runtime.log_buffer import LOG_CAPACITY, LogBuffer
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -72,8 +72,6 @@ STOP_GRACE: Final = 10.0
 """Seconds between SIGTERM and SIGKILL in :meth:`ServerProcess.stop`."""
 TERM_REPEAT: Final = 1.0
 """Seconds after the first SIGTERM before a second one (see :meth:`ServerProcess.stop`)."""
-LOG_CAPACITY: Final = 2000
-"""Lines of server output kept in memory."""
 LOG_TAIL: Final = 30
 """Lines of output attached to startup errors."""
 CONFIRM_WINDOW: Final = 1.0
@@ -84,49 +82,8 @@ MAX_LINE: Final = 16384
 """Longest line kept; longer output is split."""
 _READ_CHUNK: Final = 65536
 
-_LISTENING: Final = re.compile(
-    r"listening on (?:https?://)?\[?(?P<host>[^\s\]]*?)\]?:(?P<port>\d+)"
-)
 _LEVEL: Final = re.compile(r"^\d+\.\d+\.\d+\.\d+ (?P<level>[A-Z]) ")
 _LEVELS: Final = {"E": logging.WARNING, "W": logging.INFO}
-
-
-class LogBuffer:
-    """Thread-safe ring buffer of output lines, with the time of the last output."""
-
-    def __init__(self, capacity: int = LOG_CAPACITY) -> None:
-        self._lines: deque[str] = deque(maxlen=capacity)
-        self._lock = threading.Lock()
-        self.last_activity = time.monotonic()
-        """``time.monotonic()`` of the latest output (bytes, not only whole lines)."""
-        self.total = 0
-        """Lines appended since creation (including those pushed out of the buffer)."""
-        self.listening: tuple[str, int] | None = None
-        """(host, port) from the first "listening on" line, if any."""
-        self.listening_seen = threading.Event()
-        """Set with :attr:`listening`: lets a waiter probe at once instead of at its next tick."""
-
-    def touch(self) -> None:
-        """Record output activity that has not completed a line yet."""
-        self.last_activity = time.monotonic()
-
-    def append(self, line: str) -> None:
-        """Add one line."""
-        if self.listening is None:
-            match = _LISTENING.search(line)
-            if match:
-                self.listening = (match.group("host"), int(match.group("port")))
-                self.listening_seen.set()
-        with self._lock:
-            self._lines.append(line)
-            self.total += 1
-        self.last_activity = time.monotonic()
-
-    def tail(self, n: int | None = None) -> list[str]:
-        """The last ``n`` lines (all kept lines when None)."""
-        with self._lock:
-            lines = list(self._lines)
-        return lines if n is None else lines[-n:] if n > 0 else []
 
 
 _LIVE: set[ServerProcess] = set()

@@ -14,7 +14,7 @@ import shutil
 import sys
 from typing import TYPE_CHECKING, Any
 
-from llama_proc.provision.manifest import Variant
+from llama_proc.provision.manifest_records import Variant
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -135,7 +135,7 @@ def fake_variant(backend: str = "cpu", *, os_name: str | None = None, **changes:
     """A manifest variant for this host, as llama-proc would build it."""
     import dataclasses
 
-    from llama_proc.provision.manifest import Requirements
+    from llama_proc.provision.manifest_records import Requirements
 
     rpc = backend == "rpc"
     machine = platform.machine().lower()

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence

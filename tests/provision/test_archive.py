@@ -21,8 +21,8 @@ from llama_proc.provision.fetch.archive import (
     MAX_EXTRACT_BYTES,
     archive_kind,
     extract_archive,
-    find_binaries,
 )
+from llama_proc.provision.fetch.binaries import find_binaries
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and symlinks")
 

@@ -40,7 +40,7 @@ from llama_proc.provision.resolve import ensure_server
 if TYPE_CHECKING:
     from http_server import FileServer
 
-    from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.manifest_records import Manifest
 
 pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims"),

@@ -53,9 +53,10 @@ from llama_proc.provision.compile.cmake_flags import (
     validate_cmake_args,
 )
 from llama_proc.provision.compile.toolchain import Toolchain, find_toolchain
-from llama_proc.provision.fetch.sources import SourceTree, obtain_source
+from llama_proc.provision.fetch.source_tree import SourceTree
+from llama_proc.provision.fetch.sources import obtain_source
 from llama_proc.provision.host import platform as platform_module
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 from llama_proc.provision.manifest import load_manifest
 
 MANIFEST = load_manifest()

@@ -39,7 +39,7 @@ from llama_proc.provision.compute.reference import Reference
 from llama_proc.provision.compute.tiny_model import make_tiny_model, write_gguf
 from llama_proc.provision.fetch import download
 from llama_proc.provision.fetch.prebuilt import install_prebuilt
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 from llama_proc.provision.resolve import ensure_server
 from llama_proc.provision.resolve import plan as resolve_plan

@@ -21,8 +21,8 @@ from llama_proc.config import Settings
 from llama_proc.errors import ManifestError, ProvisionError
 from llama_proc.provision.cache.installer import install_atomically
 from llama_proc.provision.compile import cuda_wheels, toolchain
-from llama_proc.provision.compile.build import bundle_cuda_runtime, driver_stub_dir, elf_needed
 from llama_proc.provision.compile.cmake_flags import compose_cmake_flags, toolkit_link_flags
+from llama_proc.provision.compile.cuda_runtime import bundle_cuda_runtime, driver_stub_dir
 from llama_proc.provision.compile.cuda_wheels import (
     TOOLKIT_MARKER,
     driver_stub_source,
@@ -31,8 +31,10 @@ from llama_proc.provision.compile.cuda_wheels import (
     toolkit_path,
 )
 from llama_proc.provision.compile.toolchain import choose_cuda_toolkit, find_tool
-from llama_proc.provision.host.platform import HostInfo, normalize_arch
-from llama_proc.provision.manifest import CudaToolkitSpec, IndexFile, load_manifest, parse_manifest
+from llama_proc.provision.elf import elf_needed
+from llama_proc.provision.host.host_info import HostInfo, normalize_arch
+from llama_proc.provision.manifest import load_manifest, parse_manifest
+from llama_proc.provision.manifest_records import CudaToolkitSpec, IndexFile
 
 MANIFEST = load_manifest()
 CC = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)

@@ -8,6 +8,7 @@ is too old for CUDA 13, so ``auto`` picks the CUDA 12 build first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from release_fixtures import make_release, make_tar, serve_release, write_variants_toml
 
+from llama_proc import backends
 from llama_proc.config import Settings
 from llama_proc.errors import DeviceNotFoundError, ProvisionError
 from llama_proc.provision import bundle
@@ -31,14 +33,15 @@ from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.explain import Outcome, StepName, steps
 from llama_proc.provision.fetch import download
 from llama_proc.provision.host import platform as platform_module
-from llama_proc.provision.host.platform import HostInfo
-from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.host.host_info import HostInfo
+from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from http_server import FileServer
 
     from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.manifest_records import Manifest
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="runs Linux shell shims"
@@ -278,3 +281,35 @@ def test_the_real_cpu_server_is_no_cuda_build(llama_server_bin: Path) -> None:
     with pytest.raises(DeviceNotFoundError, match=r"devices listed: none") as err:
         check_devices(llama_server_bin, DeviceRequirement("cuda", "an NVIDIA GPU"))
     assert err.value.backend == "cuda"
+
+
+def _listing_build(folder: Path, *lines: str) -> Path:
+    """A build whose ``--list-devices`` prints ``lines`` under llama-server's header."""
+    folder.mkdir()
+    binary = folder / "llama-server"
+    echoes = "".join(f"echo '{line}'\n" for line in ("Available devices:", *lines))
+    binary.write_text(f"#!/bin/sh\n{echoes}")
+    binary.chmod(0o755)
+    return binary
+
+
+def test_a_backend_added_to_the_table_alone_gets_its_gpu_device_check(
+    tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settings, manifest = _setup(tmp_path, server, NO_CUDART)
+    sycl = backends.Backend(
+        "sycl", "SYCL", library="sycl", device_prefix="SYCL", host_gpu=lambda _host: "an Arc GPU"
+    )
+    monkeypatch.setattr(backends, "TABLE", (*backends.TABLE, sycl))
+    variant = dataclasses.replace(manifest.get(CPU), backend="sycl")
+    need = device_requirement(variant, NO_GPU_HOST)
+    assert need is not None
+    assert (need.backend, need.label, need.gpu) == ("sycl", "SYCL", "an Arc GPU")
+    seen = _listing_build(tmp_path / "seen", "  SYCL0: Intel Arc A770 (16032 MiB, 15000 MiB free)")
+    assert [(d.name, d.backend, d.is_gpu) for d in check_devices(seen, need)] == [
+        ("SYCL0", "sycl", True)
+    ]
+    blind = _listing_build(tmp_path / "blind", "  (none)")
+    with pytest.raises(DeviceNotFoundError, match="sees no SYCL device") as err:
+        check_devices(blind, need)
+    assert err.value.backend == "sycl"

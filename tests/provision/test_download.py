@@ -20,8 +20,9 @@ from http_server import FileServer, HangingServer
 from llama_proc._version import __version__
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
-from llama_proc.provision.fetch import download
-from llama_proc.provision.fetch.download import download_file, fetch_page, make_session
+from llama_proc.provision.fetch import download, pace, part
+from llama_proc.provision.fetch.download import download_file, fetch_page
+from llama_proc.provision.fetch.session import make_session
 
 DATA = os.urandom(3_000_000)
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -507,7 +508,7 @@ def spy_files(monkeypatch: pytest.MonkeyPatch) -> list[_SpyFile]:
         opened.append(_SpyFile(path))
         return opened[-1]
 
-    monkeypatch.setattr(download, "_open_part", open_part)
+    monkeypatch.setattr(part, "_open_part", open_part)
     return opened
 
 
@@ -597,7 +598,7 @@ def test_disk_full_while_downloading_leaves_no_part(
         opened.append(_SpyFile(path, fail_after=2_000_000))
         return opened[-1]
 
-    monkeypatch.setattr(download, "_open_part", open_part)
+    monkeypatch.setattr(part, "_open_part", open_part)
     dest = _dest(tmp_path)
     with pytest.raises(DownloadError, match="disk full") as info:
         download_file(server.url_for("/f.bin"), dest, sha256=SHA, size=len(DATA), settings=settings)
@@ -611,7 +612,7 @@ def test_disk_full_copying_a_file_url_leaves_no_part(
 ) -> None:
     src = tmp_path / "f.bin"
     src.write_bytes(DATA)
-    monkeypatch.setattr(download, "_open_part", lambda path: _SpyFile(path, fail_after=1_000_000))
+    monkeypatch.setattr(part, "_open_part", lambda path: _SpyFile(path, fail_after=1_000_000))
     dest = _dest(tmp_path)
     with pytest.raises(DownloadError, match="disk full"):
         download_file(src.as_uri(), dest, sha256=SHA, settings=Settings(cache_dir=tmp_path))
@@ -706,8 +707,8 @@ def test_trickling_stream_is_stopped_by_the_total_bound(
 ) -> None:
     body = DATA[:200_000]
     server.add("/f.bin", body, delay=0.02, chunk_size=2000)  # 2 s in all, never a stall
-    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.5)
-    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    monkeypatch.setattr(pace, "TOTAL_TIME_FLOOR", 0.5)
+    monkeypatch.setattr(pace, "MIN_AVERAGE_RATE", 10_000_000)
     dest = _dest(tmp_path)
     start = time.monotonic()
     with pytest.raises(DownloadError, match="too slow") as info:
@@ -728,8 +729,8 @@ def test_total_bound_spans_retries(
     # Each request makes a little progress and then breaks: without a total bound this goes on
     # for MAX_REQUESTS requests.
     server.add("/f.bin", DATA, drop_after=50_000, drop_times=1000, delay=0.05, chunk_size=25_000)
-    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.6)
-    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    monkeypatch.setattr(pace, "TOTAL_TIME_FLOOR", 0.6)
+    monkeypatch.setattr(pace, "MIN_AVERAGE_RATE", 10_000_000)
     with pytest.raises(DownloadError, match="too slow"):
         download_file(server.url_for("/f.bin"), _dest(tmp_path), sha256=SHA, settings=settings)
     assert server.hits("/f.bin") < download.MAX_REQUESTS
@@ -784,8 +785,8 @@ def test_headers_count_against_the_total_budget(
     server: FileServer, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The headers deadline (5 s here) is cut to what is left of the whole transfer's budget.
-    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.8)
-    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    monkeypatch.setattr(pace, "TOTAL_TIME_FLOOR", 0.8)
+    monkeypatch.setattr(pace, "MIN_AVERAGE_RATE", 10_000_000)
     server.add("/f.bin", DATA, header_trickle=0.2)
     start = time.monotonic()
     with pytest.raises(DownloadError, match=r"too slow|within 0\.8"):
@@ -798,8 +799,8 @@ def test_trickled_listing_states_the_size_it_was_sent(
 ) -> None:
     body = b"[" + b" " * 199_998 + b"]"
     server.add("/releases", body, content_type="application/json", delay=0.02, chunk_size=2000)
-    monkeypatch.setattr(download, "TOTAL_TIME_FLOOR", 0.5)
-    monkeypatch.setattr(download, "MIN_AVERAGE_RATE", 10_000_000)
+    monkeypatch.setattr(pace, "TOTAL_TIME_FLOOR", 0.5)
+    monkeypatch.setattr(pace, "MIN_AVERAGE_RATE", 10_000_000)
     with pytest.raises(DownloadError, match="too slow") as info:
         fetch_page(server.url_for("/releases"), settings)
     assert "of 200000 bytes" in str(info.value)

@@ -25,7 +25,9 @@ from fake_hub import FakeHub, sha256_of
 
 from llama_proc.config import Settings
 from llama_proc.errors import DownloadError, ModelFileError, OfflineError, ProvisionError
-from llama_proc.models.hub import ModelFiles, ModelRef, choose_files, fetch_model
+from llama_proc.models.choose import choose_files
+from llama_proc.models.hub import fetch_model
+from llama_proc.models.model_ref import ModelFiles, ModelRef
 
 REPO = "unsloth/SmolLM2-135M-Instruct-GGUF"
 REAL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -16,8 +16,10 @@ import pytest
 
 from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, DownloadError, ModelFileError
-from llama_proc.models.hub import ModelRef, choose_files, fetch_model
+from llama_proc.models.choose import choose_files
+from llama_proc.models.hub import fetch_model
 from llama_proc.models.hub_trust import check_endpoint
+from llama_proc.models.model_ref import ModelRef
 from llama_proc.vocab import MAX_SPLIT_PARTS
 
 if TYPE_CHECKING:

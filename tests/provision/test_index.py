@@ -20,7 +20,8 @@ from llama_proc.provision.fetch.index import (
     normalize_project,
     parse_index_page,
 )
-from llama_proc.provision.manifest import IndexFile, load_manifest
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import IndexFile
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -32,17 +32,20 @@ from llama_proc import cli
 from llama_proc.config import Settings
 from llama_proc.errors import BinaryNotFoundError, ProvisionError
 from llama_proc.provision import bundle
+from llama_proc.provision.cache.checkup import verify_installs
 from llama_proc.provision.cache.install import FILES_KEY, Install, complete_install
 from llama_proc.provision.cache.installer import install_atomically
-from llama_proc.provision.cache.inventory import list_installs, verify_installs
+from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import INSTALL_JSON, install_dir
 from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.fetch import download
-from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from llama_proc.provision.manifest_records import Manifest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims and links")
 

@@ -15,17 +15,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from llama_proc.provision.host import platform as hostmod
-from llama_proc.provision.host.platform import (
-    HostInfo,
-    cuda_version_from_int,
-    detect_host,
+from llama_proc.provision.host.cuda_probe import cuda_version_from_int, parse_cuda_probe
+from llama_proc.provision.host.host_info import HostInfo, normalize_arch, normalize_os
+from llama_proc.provision.host.parsing import (
     gfx_from_target_version,
     macos_cpu_features,
-    normalize_arch,
-    normalize_os,
     parse_amd_gfx_targets,
     parse_cpuinfo,
-    parse_cuda_probe,
     parse_driver_version_file,
     parse_glibc_confstr,
     parse_kfd_properties,
@@ -34,6 +30,7 @@ from llama_proc.provision.host.platform import (
     parse_nvidia_smi_banner,
     windows_cpu_features,
 )
+from llama_proc.provision.host.platform import detect_host
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

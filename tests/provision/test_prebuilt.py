@@ -45,13 +45,15 @@ from llama_proc.provision.cache.locking import lock_path
 from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.fetch import archive, download
 from llama_proc.provision.fetch.prebuilt import fetch_for_platform, install_prebuilt, parse_platform
-from llama_proc.provision.host.platform import HostInfo
-from llama_proc.provision.manifest import Manifest, load_manifest
+from llama_proc.provision.host.host_info import HostInfo
+from llama_proc.provision.manifest import load_manifest
 from llama_proc.provision.resolve import ensure_server, plan
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from pathlib import Path
+
+    from llama_proc.provision.manifest_records import Manifest
 
 REPO = "ggml-org/llama.cpp"
 TAG = "b11194"

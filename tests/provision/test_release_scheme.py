@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from http_server import FileServer
 
-    from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.manifest_records import Manifest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims")
 

@@ -35,7 +35,7 @@ from llama_proc.provision.fetch.releases import (
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 
 if TYPE_CHECKING:
-    from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.manifest_records import Manifest
 
 REPO = "ggml-org/llama.cpp"
 TAG = "b11434"
@@ -315,7 +315,8 @@ def test_manifest_fixture_roundtrip_download_extract_run(
 
     from release_fixtures import host_flavor, write_variants_toml
 
-    from llama_proc.provision.fetch.archive import extract_archive, find_binaries
+    from llama_proc.provision.fetch.archive import extract_archive
+    from llama_proc.provision.fetch.binaries import find_binaries
 
     release = make_release(tmp_path, "b4242", ["ubuntu-x64", "win-cuda-12.4-x64"])
     mirror = serve_release(server, release)

@@ -53,8 +53,9 @@ from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.explain import Outcome, Step, StepName, steps
 from llama_proc.provision.fetch import download
 from llama_proc.provision.host import platform as platform_module
-from llama_proc.provision.host.platform import HostInfo
-from llama_proc.provision.manifest import Manifest, Variant, load_manifest
+from llama_proc.provision.host.host_info import HostInfo
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import Manifest, Variant
 from llama_proc.provision.resolve import ensure_server, resolve_server
 
 if TYPE_CHECKING:

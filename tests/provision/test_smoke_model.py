@@ -12,7 +12,8 @@ from llama_proc.config import Settings
 from llama_proc.errors import ChecksumMismatchError, ManifestError, OfflineError, ProvisionError
 from llama_proc.models.smoke_model import fetch_smoke_model, smoke_model_path
 from llama_proc.provision.fetch import download
-from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import IndexFile, Manifest
 
 if TYPE_CHECKING:
     from pathlib import Path

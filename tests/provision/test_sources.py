@@ -22,14 +22,10 @@ from llama_proc.errors import (
     ProvisionError,
 )
 from llama_proc.provision.fetch import archive, download, sources
-from llama_proc.provision.fetch.sources import (
-    find_llama_root,
-    git_build_info,
-    obtain_source,
-    parse_source_spec,
-    tree_fingerprint,
-)
-from llama_proc.provision.manifest import IndexFile, Manifest, load_manifest
+from llama_proc.provision.fetch.source_tree import find_llama_root, git_build_info, tree_fingerprint
+from llama_proc.provision.fetch.sources import obtain_source, parse_source_spec
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import IndexFile, Manifest
 
 SHA_A = "a" * 64
 

@@ -17,9 +17,10 @@ from upstream_listings import B11194, assets, listing
 
 from llama_proc.errors import ManifestError, NoMatchingVariantError
 from llama_proc.provision.fetch.listing import match_assets, parse_listing
-from llama_proc.provision.host.platform import HostInfo
+from llama_proc.provision.host.host_info import HostInfo
 from llama_proc.provision.host.selection import BlockerKind, select_variant
-from llama_proc.provision.manifest import AssetRole, Manifest, Variant, load_manifest
+from llama_proc.provision.manifest import load_manifest
+from llama_proc.provision.manifest_records import AssetRole, Manifest, Variant
 
 if TYPE_CHECKING:
     from pathlib import Path

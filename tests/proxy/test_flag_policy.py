@@ -28,7 +28,7 @@ from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.servers import LlamaServerFactory
-from llama_proc.runtime.args import _ALLOWED
+from llama_proc.runtime.extra_args import _ALLOWED
 from llama_proc.runtime.flags import BinaryFlags, clear_flags_cache, parse_help, probe_flags
 
 if TYPE_CHECKING:

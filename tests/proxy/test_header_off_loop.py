@@ -24,7 +24,7 @@ import pytest
 from proxy_fakes import FakeFactory
 from proxy_harness import running_proxy, wait_until
 
-from llama_proc.models.gguf import check_gguf
+from llama_proc.models.gguf_header import check_gguf
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 
 if TYPE_CHECKING:

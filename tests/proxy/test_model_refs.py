@@ -28,7 +28,7 @@ from huggingface_hub import constants
 from proxy_harness import ProxyThread, running_proxy, wait_until
 
 from llama_proc.errors import ConfigError
-from llama_proc.models.hub import ModelRef
+from llama_proc.models.model_ref import ModelRef
 from llama_proc.proxy.models_config import load_models_config
 from llama_proc.proxy.servers import LlamaServerFactory
 

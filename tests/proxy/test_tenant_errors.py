@@ -15,7 +15,7 @@ from huggingface_hub import constants
 from proxy_harness import running_proxy
 
 from llama_proc.errors import ModelFileError, ServerStartError
-from llama_proc.models.hub import ModelRef
+from llama_proc.models.model_ref import ModelRef
 from llama_proc.proxy.models_config import ModelsConfig, ModelSpec
 
 if TYPE_CHECKING:

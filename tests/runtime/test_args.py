@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from llama_proc.errors import InvalidArgumentError
-from llama_proc.runtime.args import (
-    OWNED_FLAGS,
-    ServerArgs,
-    allowed_untrusted_flags,
-    validate_extra_args,
-)
+from llama_proc.runtime.args import ServerArgs
+from llama_proc.runtime.extra_args import OWNED_FLAGS, allowed_untrusted_flags, validate_extra_args
 from llama_proc.runtime.flags import BinaryFlags, clear_flags_cache, parse_help, probe_flags
 
 # Excerpts of real --help output: b11434 (this project's pin) and an older 2025 build whose

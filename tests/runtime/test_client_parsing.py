@@ -7,7 +7,7 @@ import math
 import pytest
 
 from llama_proc.errors import ServerRequestError
-from llama_proc.runtime.client import is_done, parse_metrics, parse_sse_line
+from llama_proc.runtime.wire import is_done, parse_metrics, parse_sse_line
 
 
 def test_sse_lines() -> None:

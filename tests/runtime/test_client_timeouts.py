@@ -16,7 +16,8 @@ import pytest
 from proxy_fakes import FakeUpstream, UpstreamBehaviour
 
 from llama_proc.errors import ServerTimeoutError
-from llama_proc.runtime.client import AsyncLlamaClient, LlamaClient
+from llama_proc.runtime.async_client import AsyncLlamaClient
+from llama_proc.runtime.client import LlamaClient
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -26,9 +26,8 @@ from gguf import (
 from tiny_gguf import write_model
 
 from llama_proc.errors import ModelFileError
+from llama_proc.models.ggml_types import FILE_TYPES, GGML_TYPES
 from llama_proc.models.gguf import (
-    FILE_TYPES,
-    GGML_TYPES,
     INLINE_ARRAY_MAX,
     MAX_ARRAY_DEPTH,
     MAX_ARRAY_LENGTH,
@@ -37,9 +36,9 @@ from llama_proc.models.gguf import (
     MAX_METADATA_COUNT,
     MAX_STRING_LENGTH,
     GgufArray,
-    check_gguf,
     read_gguf,
 )
+from llama_proc.models.gguf_header import check_gguf
 
 if TYPE_CHECKING:
     from pathlib import Path

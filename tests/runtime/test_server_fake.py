@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 
 from llama_proc.errors import ServerExitedError
-from llama_proc.runtime.client import (
-    AsyncLlamaClient,
-    AsyncLlamaEndpoints,
-    LlamaClient,
-    LlamaEndpoints,
-)
+from llama_proc.runtime.async_client import AsyncLlamaClient, AsyncLlamaEndpoints
+from llama_proc.runtime.client import LlamaClient, LlamaEndpoints
 from llama_proc.server import AsyncLlamaServer, LlamaServer
 
 FAKE_SERVER = Path(__file__).resolve().parents[1] / "helpers" / "fake_llama_server.py"

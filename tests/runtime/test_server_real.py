@@ -25,7 +25,7 @@ from llama_proc.errors import (
     ServerRequestError,
     ServerStartError,
 )
-from llama_proc.runtime.client import AsyncLlamaClient
+from llama_proc.runtime.async_client import AsyncLlamaClient
 from llama_proc.runtime.health import probe_health
 from llama_proc.server import AsyncLlamaServer, LlamaServer
 

@@ -25,16 +25,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._version import __version__
 from llama_proc.errors import ProvisionError
+from llama_proc.provision.cache.file_record import FileRecord, alternatives, scan_tree
 from llama_proc.provision.cache.install import (
     COMPUTE_KEY,
     FILES_KEY,
     INSTALL_SCHEMA,
-    FileRecord,
     Install,
-    alternatives,
     check_install,
     complete_install,
-    scan_tree,
 )
 from llama_proc.provision.cache.layout import INSTALL_JSON
 from llama_proc.provision.cache.locking import create_once
@@ -44,9 +42,9 @@ from llama_proc.provision.cache.verify import (
     parse_version_output,
     smoke_check,
 )
-from llama_proc.provision.fetch.archive import find_binaries
+from llama_proc.provision.fetch.binaries import find_binaries
 from llama_proc.provision.fetch.download import file_sha256
-from llama_proc.provision.host.platform import host_os
+from llama_proc.provision.host.host_info import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence

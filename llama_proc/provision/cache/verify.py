@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._childenv import child_environment
 from llama_proc._proc import run_with_timeout
+from llama_proc.backends import get_backend
 from llama_proc.devices import Device, parse_device_list
 from llama_proc.diagnosis import Cause, diagnose, diagnose_gpu
 from llama_proc.errors import DeviceNotFoundError, ProvisionError
@@ -30,8 +31,8 @@ from llama_proc.provision.host.selection import runtime_problems
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import Variant
 
 __all__ = [
     "DEVICE_TIMEOUT",
@@ -52,10 +53,6 @@ _BUILD_NUMBER_RE: Final = re.compile(
 _TAIL_LINES: Final = 3
 DEVICE_TIMEOUT: Final = 120.0
 """Seconds ``llama-server --list-devices`` may take (a first CUDA context on a big GPU is slow)."""
-_BACKEND_LABELS: Final = {"cuda": "CUDA", "rocm": "ROCm", "vulkan": "Vulkan", "metal": "Metal"}
-"""How messages name each GPU backend."""
-_BACKEND_LIBRARIES: Final = {"cuda": "cuda", "rocm": "hip", "vulkan": "vulkan", "metal": "metal"}
-"""The ggml backend library of each backend: ``libggml-cuda.so``, ``ggml-hip.dll``..."""
 _LIBRARY_SUFFIXES: Final = (".so", ".dll", ".dylib")
 _LOAD_SNIPPET: Final = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
 """Loads one library in a throw-away interpreter, so the loader's complaint can be read."""
@@ -134,26 +131,8 @@ class DeviceRequirement:
     @property
     def label(self) -> str:
         """The backend as messages spell it (``CUDA``, ``ROCm``...)."""
-        return _BACKEND_LABELS.get(self.backend, self.backend)
-
-
-def _host_gpu(backend: str, host: HostInfo) -> str | None:
-    """What ``host`` has that a ``backend`` build should see, or None when it has nothing."""
-    nvidia = f"an NVIDIA GPU (driver {host.nvidia_driver})" if host.nvidia_driver else None
-    amd = f"an AMD GPU ({', '.join(host.amd_gpus) or 'gfx target unknown'})"
-    has_amd = host.amd_driver or bool(host.amd_gpus)
-    if backend == "cuda":
-        return nvidia or (f"CUDA {host.cuda_version}" if host.cuda_version else None)
-    if backend == "rocm":
-        return amd if has_amd else None
-    if backend == "vulkan":
-        if nvidia or has_amd:
-            return nvidia or amd
-        icds = host.vulkan_gpu_icds
-        return f"a Vulkan GPU driver ({', '.join(icds)})" if icds else None
-    if backend == "metal":
-        return "an Apple silicon GPU" if host.apple_silicon and host.os == "macos" else None
-    return None
+        backend = get_backend(self.backend)
+        return backend.label if backend is not None else self.backend
 
 
 def device_requirement(variant: Variant, host: HostInfo) -> DeviceRequirement | None:
@@ -163,7 +142,9 @@ def device_requirement(variant: Variant, host: HostInfo) -> DeviceRequirement | 
     on a machine without an NVIDIA GPU (a Docker build stage) cannot show one, and is not
     expected to.
     """
-    gpu = _host_gpu(variant.backend, host)
+    backend = get_backend(variant.backend)
+    probe = backend.host_gpu if backend is not None else None
+    gpu = probe(host) if probe is not None else None
     if gpu is None or host.os != variant.os:
         return None
     hints = [b.text for b in runtime_problems(variant, host)]
@@ -173,7 +154,8 @@ def device_requirement(variant: Variant, host: HostInfo) -> DeviceRequirement | 
 
 
 def _backend_libraries(folder: Path, backend: str) -> list[Path]:
-    name = _BACKEND_LIBRARIES.get(backend, backend)
+    row = get_backend(backend)
+    name = row.library if row is not None and row.library else backend
     prefixes = (f"libggml-{name}", f"ggml-{name}")
     return sorted(
         p

@@ -25,29 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
-import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from llama_proc.errors import BuildError, ToolNotFoundError
+from llama_proc.errors import BuildError
 from llama_proc.provision.cache.installer import install_atomically
 from llama_proc.provision.cache.layout import install_dir
 from llama_proc.provision.cache.locking import remove_tree
 from llama_proc.provision.compile.build_plan import check_request, plan_build
 from llama_proc.provision.compile.build_run import run_build
 from llama_proc.provision.compile.cmake_flags import flag_value, install_flavor
-from llama_proc.provision.compile.cuda_wheels import (
-    CUDA_RUNTIME_LIBRARIES,
-    ensure_cuda_toolkit,
-    runtime_library_files,
+from llama_proc.provision.compile.cuda_runtime import (
+    _toolkit_lib_dirs,
+    bundle_cuda_runtime,
+    cuda_toolchain,
+    driver_stub_dir,
 )
 from llama_proc.provision.compile.toolchain import (
-    choose_cuda_toolkit,
     compiler_info,
-    cuda_toolkit_dirs,
-    find_toolchain,
     version_text,
 )
 from llama_proc.provision.compute.ladder import (
@@ -56,13 +52,15 @@ from llama_proc.provision.compute.ladder import (
     with_compiler_flags,
 )
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
-from llama_proc.provision.fetch.sources import obtain_source, tree_fingerprint
+from llama_proc.provision.elf import elf_needed
+from llama_proc.provision.fetch.source_tree import tree_fingerprint
+from llama_proc.provision.fetch.sources import obtain_source
 from llama_proc.provision.host.platform import detect_host
 from llama_proc.provision.manifest import load_manifest
 from llama_proc.vocab import InstallSource
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
     from llama_proc.config import Settings
@@ -71,8 +69,8 @@ if TYPE_CHECKING:
     from llama_proc.provision.compile.build_plan import BuildPlan, BuildRequest
     from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.compute.ladder import FeatureGroup
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "build_into",
@@ -84,15 +82,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_ELF_MAGIC: Final = b"\x7fELF"
-_ELF_HEADER_SIZE: Final = 64
-_PT_DYNAMIC: Final = 2
-_PT_LOAD: Final = 1
-_DT_NULL: Final = 0
-_DT_NEEDED: Final = 1
-_DT_STRTAB: Final = 5
-_MAX_DYNAMIC_ENTRIES: Final = 4096
 
 
 def copy_outputs(bin_dir: Path, staging: Path) -> list[str]:
@@ -121,128 +110,6 @@ def copy_outputs(bin_dir: Path, staging: Path) -> list[str]:
             shutil.copy2(entry, dest)
         names.append(entry.name)
     return names
-
-
-def elf_needed(path: Path) -> list[str]:
-    """The ``DT_NEEDED`` libraries of a 64-bit little-endian ELF file ([] for anything else).
-
-    Reads the program headers and the dynamic section only; nothing is loaded or run.
-    """
-    try:
-        with path.open("rb") as f:
-            head = f.read(_ELF_HEADER_SIZE)
-            if len(head) < _ELF_HEADER_SIZE or head[:4] != _ELF_MAGIC or head[4:6] != b"\x02\x01":
-                return []
-            phoff = struct.unpack_from("<Q", head, 0x20)[0]
-            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-            loads: list[tuple[int, int, int]] = []
-            dynamic: tuple[int, int] | None = None
-            for i in range(phnum):
-                p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
-                    "<IIQQQQ", table, i * phentsize
-                )
-                if p_type == _PT_LOAD:
-                    loads.append((p_vaddr, p_offset, p_filesz))
-                elif p_type == _PT_DYNAMIC:
-                    dynamic = (p_offset, p_filesz)
-            if dynamic is None:
-                return []
-            f.seek(dynamic[0])
-            raw = f.read(min(dynamic[1], _MAX_DYNAMIC_ENTRIES * 16))
-            entries = [struct.unpack_from("<qQ", raw, i) for i in range(0, len(raw) - 15, 16)]
-            strtab = next((v for t, v in entries if t == _DT_STRTAB), None)
-            base = next(
-                (
-                    off + strtab - va
-                    for va, off, size in loads
-                    if strtab is not None and va <= strtab < va + size
-                ),
-                None,
-            )
-            if base is None:
-                return []
-            names: list[str] = []
-            for tag, value in entries:
-                if tag == _DT_NULL:
-                    break
-                if tag == _DT_NEEDED:
-                    f.seek(base + value)
-                    names.append(f.read(256).split(b"\0", 1)[0].decode("utf-8", "replace"))
-            return names
-    except (OSError, struct.error):
-        return []
-
-
-def cuda_toolchain(
-    request: BuildRequest, manifest: Manifest, settings: Settings
-) -> tuple[Toolchain, ToolkitChoice]:
-    """The tools of a CUDA build: with the system toolkit, or the wheel toolkit laid out now.
-
-    Raises:
-        ToolNotFoundError: no toolkit fits (the message says what to install), or cmake or a
-            compiler is missing.
-        ProvisionError: the wheel toolkit cannot be fetched or laid out.
-    """
-    choice = choose_cuda_toolkit(
-        request.host, manifest.cuda_toolkits, os_name=request.os_name, arch=request.variant.arch
-    )
-    logger.info("CUDA toolkit: %s", choice.reason)
-    if choice.source == "none":
-        msg = f"CUDA builds need nvcc: {choice.reason}"
-        raise ToolNotFoundError(msg)
-    root = ensure_cuda_toolkit(choice.spec, settings) if choice.spec is not None else None
-    return find_toolchain("cuda", request.os_name, cuda_root=root), choice
-
-
-def _toolkit_lib_dirs(tools: Toolchain) -> list[Path]:
-    """The library folders of a build's CUDA toolkit (the wheel toolkit's or a system one)."""
-    return cuda_toolkit_dirs(tools.nvcc)[1] if tools.nvcc else []
-
-
-def driver_stub_dir(lib_dirs: Iterable[Path]) -> str | None:
-    """The folder holding a ``libcuda.so.1`` stand-in (``<lib>/stubs``), if the toolkit has one.
-
-    The package-index toolkit has one (see :mod:`~llama_proc.provision.compile.cuda_wheels`); a system
-    toolkit's ``stubs`` folder holds only ``libcuda.so``, which the loader never asks for.
-    """
-    for folder in lib_dirs:
-        if (folder / "stubs" / "libcuda.so.1").is_file():
-            return str(folder / "stubs")
-    return None
-
-
-def bundle_cuda_runtime(staging: Path, lib_dirs: Iterable[Path]) -> list[str]:
-    """Put the CUDA runtime libraries the staged binaries link beside them.
-
-    The libraries (:data:`~llama_proc.provision.compile.cuda_wheels.CUDA_RUNTIME_LIBRARIES`) named in
-    the ``DT_NEEDED`` entries of the files in ``staging`` are taken from ``lib_dirs`` (a
-    hard link where the cache shares a file system, else a copy) under their soname, so the
-    ``$ORIGIN`` rpath finds them. Libraries already there are kept.
-
-    Returns:
-        The sonames added.
-    """
-    prefixes = tuple(f"{name}.so." for name in CUDA_RUNTIME_LIBRARIES)
-    dirs = list(lib_dirs)
-    todo = [e for e in sorted(staging.iterdir()) if e.is_file() and not e.is_symlink()]
-    added: list[str] = []
-    while todo:  # libcublas needs libcublasLt: follow what the added libraries link too
-        entry = todo.pop(0)
-        wanted = [n for n in elf_needed(entry) if n.startswith(prefixes)]
-        for source in runtime_library_files(
-            dirs, [n for n in wanted if not (staging / n).exists()]
-        ):
-            dest = staging / source.name
-            real = source.resolve()
-            try:
-                os.link(real, dest)
-            except OSError:
-                shutil.copy2(real, dest)
-            added.append(source.name)
-            todo.append(dest)
-    return added
 
 
 def build_into(

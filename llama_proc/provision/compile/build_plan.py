@@ -26,7 +26,7 @@ from llama_proc.provision.compile.cmake_flags import (
     validate_cmake_args,
 )
 from llama_proc.provision.compile.toolchain import find_toolchain
-from llama_proc.provision.host.platform import host_os
+from llama_proc.provision.host.host_info import host_os
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.compile.toolchain import Toolchain
-    from llama_proc.provision.fetch.sources import SourceTree
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.fetch.source_tree import SourceTree
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "BUILD_DIR",

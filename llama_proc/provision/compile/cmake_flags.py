@@ -22,8 +22,8 @@ from llama_proc.provision.manifest import split_alternatives
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
 
-    from llama_proc.provision.fetch.sources import SourceTree
-    from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.fetch.source_tree import SourceTree
+    from llama_proc.provision.manifest_records import Variant
 
 __all__ = [
     "build_key",

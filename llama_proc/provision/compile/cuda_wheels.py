@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import requests
 
     from llama_proc.config import Settings
-    from llama_proc.provision.manifest import CudaToolkitSpec
+    from llama_proc.provision.manifest_records import CudaToolkitSpec
 
 __all__ = [
     "CUDA_RUNTIME_LIBRARIES",

@@ -29,8 +29,8 @@ from llama_proc.errors import ToolNotFoundError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import CudaToolkitSpec
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import CudaToolkitSpec
 
 __all__ = [
     "MIN_CMAKE",

@@ -17,35 +17,66 @@ room; a write that fails (a full disk) removes the ``.part`` instead of leaving 
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import ipaddress
 import logging
-import re
-import shutil
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
-from llama_proc._version import __version__
 from llama_proc.errors import ChecksumMismatchError, DownloadError, OfflineError, ProvisionError
-from llama_proc.provision.fetch._headers_deadline import headers_deadline, watched_adapter
+from llama_proc.provision.fetch._headers_deadline import headers_deadline
+from llama_proc.provision.fetch.pace import _Pace, _progress_bar
+from llama_proc.provision.fetch.part import (
+    CHUNK_SIZE,
+    PART_SUFFIX,
+    _expected_sha256,
+    _local_path,
+    _mb,
+    _Part,
+    _require_space,
+    file_sha256,
+)
+from llama_proc.provision.fetch.response import (
+    Page,
+    _chunks,
+    _content_range,
+    _describe,
+    _headers_too_slow,
+    _int_header,
+    _set_read_timeout,
+    _too_long,
+)
+from llama_proc.provision.fetch.retry import (
+    ATTEMPTS,
+    BACKOFF_BASE,
+    DNS_ATTEMPTS,
+    MAX_REQUESTS,
+    NO_ANSWER_ATTEMPTS,
+    _backoff,
+    _parse_retry_after,
+    _RestartError,
+    _retryable_status,
+    _RetryableError,
+)
+from llama_proc.provision.fetch.session import _safe_url, is_local_url, make_session, plain_remote
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     import requests
 
     from llama_proc.config import Settings
 
 __all__ = [
+    "ATTEMPTS",
+    "BACKOFF_BASE",
     "CHUNK_SIZE",
+    "DNS_ATTEMPTS",
+    "MAX_REQUESTS",
+    "NO_ANSWER_ATTEMPTS",
     "PART_SUFFIX",
     "Page",
     "download_file",
@@ -58,22 +89,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CHUNK_SIZE: Final = 1 << 20
-"""Most bytes taken per read while streaming (large, so hashing dominates the loop)."""
-PART_SUFFIX: Final = ".part"
-USER_AGENT: Final = f"llama-proc/{__version__}"
-GITHUB_API_HOST: Final = "api.github.com"
-ATTEMPTS: Final = 5
-"""Consecutive failed requests (no new bytes) before giving up."""
-DNS_ATTEMPTS: Final = 2
-"""Tries for a host name that does not resolve: it rarely starts resolving within seconds, and
-an offline host would otherwise wait out the whole backoff before falling back."""
-NO_ANSWER_ATTEMPTS: Final = 2
-"""Tries for a server that does not connect or does not answer in time: a wedged server
-rarely recovers within seconds, and each try costs a whole deadline."""
-HOST_NOT_FOUND: Final = "host name not found"
-MAX_REQUESTS: Final = 30
-"""Hard cap on requests for one download, even when each one makes progress."""
 CONNECT_TIMEOUT: Final = 10.0
 """Most seconds to wait for a connection (``download_timeout`` when that is smaller)."""
 FIRST_BYTE_TIMEOUT: Final = 10.0
@@ -85,29 +100,13 @@ line and every header together (``download_timeout`` when that is smaller). The 
 timeouts alone let a server that sends a header byte every few seconds hold a request forever."""
 WAIT_NOTICE_AFTER: Final = 5.0
 """A server silent this long gets a log line, so a wait is never silent without a terminal."""
-TOTAL_TIME_FLOOR: Final = 300.0
-"""Seconds any one transfer may take in all, whatever its size (plus the size's share below)."""
-MIN_AVERAGE_RATE: Final = 50_000
-"""Bytes per second a transfer must average over its whole life (beyond the floor): a stream
-that stalls again and again, or trickles, fails instead of going on for hours."""
 MAX_PAGE_BYTES: Final = 64 * 1024 * 1024
 """Largest document :func:`fetch_page` reads (a release listing is a few hundred kB)."""
-_DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-BACKOFF_BASE: Final = 0.5
-BACKOFF_MAX: Final = 10.0
-RETRY_AFTER_MAX: Final = 30.0
-"""A server's ``Retry-After`` is honoured up to this many seconds."""
-_SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-_CONTENT_RANGE_RE: Final = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 
 
 def _sleep(seconds: float) -> None:
     # One indirection so tests can record (and skip) backoff waits.
     time.sleep(seconds)
-
-
-def _attempts_for(reason: str) -> int:
-    return DNS_ATTEMPTS if reason == HOST_NOT_FOUND else ATTEMPTS
 
 
 def _timeouts(download_timeout: float) -> tuple[float, float]:
@@ -117,329 +116,6 @@ def _timeouts(download_timeout: float) -> tuple[float, float]:
 
 def _headers_timeout(download_timeout: float) -> float:
     return min(download_timeout, HEADERS_TIMEOUT)
-
-
-def _mb(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
-
-
-def _retryable_status(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def _backoff(failures: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), RETRY_AFTER_MAX)
-    return float(min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX))
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-
-
-class _GitHubTokenAuth:
-    """Adds the token only to requests for the GitHub API, never to downloads or mirrors."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        parts = urllib.parse.urlsplit(request.url or "")
-        if parts.scheme == "https" and parts.hostname == GITHUB_API_HOST:
-            request.headers["Authorization"] = f"Bearer {self._token}"
-        return request
-
-
-def make_session(settings: Settings) -> requests.Session:
-    """A ``requests`` session with llama-proc's User-Agent (and GitHub token, API host only).
-
-    Args:
-        settings: provides ``github_token``.
-    """
-    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
-
-    session = requests.Session()
-    session.headers["User-Agent"] = USER_AGENT
-    for prefix in ("https://", "http://"):
-        session.mount(prefix, watched_adapter())
-    session.hooks["response"].append(_refuse_downgrade)
-    if settings.github_token:
-        session.auth = _GitHubTokenAuth(settings.github_token)
-    return session
-
-
-def is_local_url(url: str) -> bool:
-    """Whether ``url`` stays on this machine: ``file://`` or an http(s) loopback host."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "file":
-        return True
-    if scheme not in ("http", "https"):
-        return False
-    try:
-        host = parts.hostname
-    except ValueError:
-        return False
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def plain_remote(url: str) -> bool:
-    """Plain http to another machine: anyone on the path can change what it serves."""
-    return urllib.parse.urlsplit(url).scheme.lower() == "http" and not is_local_url(url)
-
-
-def _refuse_downgrade(response: requests.Response, *_args: Any, **_kwargs: Any) -> None:
-    """Refuse a redirect to plain http on another machine, before it is followed.
-
-    Like a plain-http mirror: anyone on that path could swap the bytes, and for a listing the
-    digests that vouch for them. Only a redirect from such a host itself (a plain-http mirror,
-    allowed only with every asset pinned) may stay on plain http.
-    """
-    if not response.is_redirect:
-        return
-    target = urllib.parse.urljoin(response.url, response.headers.get("Location", ""))
-    if plain_remote(target) and not plain_remote(response.url):
-        msg = (
-            f"{_safe_url(response.url)} redirects to {_safe_url(target)}, plain http to another "
-            "machine: anyone on the path could swap what it serves; refused (use an https:// "
-            "mirror, or one whose redirects stay on https)"
-        )
-        response.close()  # raising here skips requests' own close of a followed redirect
-        raise DownloadError(msg)
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _expected_sha256(sha256: str, url: str) -> str:
-    value = (sha256 or "").strip().lower()
-    if not _SHA256_RE.match(value):
-        msg = (
-            f"no valid sha256 to verify {url} against (got {sha256!r}); pin one in variants.toml "
-            "— llama-proc never installs unverified bytes"
-        )
-        raise ProvisionError(msg)
-    return value
-
-
-def _local_path(url: str) -> Path:
-    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
-
-
-def _safe_url(url: str) -> str:
-    """The URL without credentials or query string, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class _Sink(Protocol):
-    def write(self, data: bytes, /) -> object: ...
-    def close(self) -> None: ...
-
-
-def _open_part(path: Path) -> _Sink:
-    # One indirection so tests can put a writer that fails like a full disk in its place.
-    return path.open("ab")
-
-
-class _Part:
-    """The ``.part`` file and the running hash of exactly the bytes it holds.
-
-    A write that fails removes the file: a ``.part`` is kept for resuming only after network
-    failures, never after a full disk (where keeping it would keep the disk full).
-    """
-
-    def __init__(self, path: Path, expected_size: int | None = None) -> None:
-        self.path = path
-        self.expected_size = expected_size
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._fh: _Sink | None = None
-
-    def sync(self) -> int:
-        """Make the hash cover the file as it is on disk; return its size (the resume offset).
-
-        A file longer than the expected size cannot be a prefix of it and is discarded.
-        """
-        try:
-            on_disk = self.path.stat().st_size
-        except FileNotFoundError:
-            on_disk = 0
-        if self.expected_size is not None and on_disk > self.expected_size:
-            self.reset()
-            return 0
-        if on_disk != self.size:
-            # A part left by an earlier process (or a write we could not finish): re-hash it so
-            # the final digest covers every byte, not only the ones fetched this time.
-            self.digest = hashlib.sha256()
-            self.size = 0
-            if on_disk:
-                with self.path.open("rb") as fh:
-                    while chunk := fh.read(CHUNK_SIZE):
-                        self.digest.update(chunk)
-                        self.size += len(chunk)
-        return self.size
-
-    def reset(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(OSError):  # flushing may fail again on a full disk
-                self._fh.close()
-            self._fh = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def open(self) -> None:
-        try:
-            self._fh = _open_part(self.path)
-        except OSError as err:
-            raise self._failed(err) from err
-
-    def write(self, chunk: bytes) -> None:
-        assert self._fh is not None  # noqa: S101 - opened by the caller
-        try:
-            self._fh.write(chunk)
-        except OSError as err:
-            raise self._failed(err) from err
-        self.digest.update(chunk)
-        self.size += len(chunk)
-
-    def close(self) -> None:
-        if self._fh is not None:
-            fh, self._fh = self._fh, None
-            try:
-                fh.close()  # flushes: a full disk may only show here
-            except OSError as err:
-                raise self._failed(err) from err
-
-    def _failed(self, err: OSError) -> DownloadError:
-        written = self.size
-        self.reset()
-        folder = self.path.parent
-        if err.errno in _DISK_FULL:
-            need = (
-                f"{_mb(self.expected_size)} for {self.path.name[: -len(PART_SUFFIX)]}"
-                if self.expected_size is not None
-                else "more space"
-            )
-            msg = (
-                f"disk full in {folder} after writing {_mb(written)}; the partial download was "
-                f"removed; it needs {need}: free space there or set LLAMA_PROC_CACHE_DIR to a "
-                "bigger disk"
-            )
-        else:
-            msg = (
-                f"cannot write {self.path}: {err.strerror or err}; the partial download was "
-                "removed; check the folder's permissions or set LLAMA_PROC_CACHE_DIR"
-            )
-        return DownloadError(msg)
-
-
-def _require_space(folder: Path, needed: int, name: str) -> None:
-    """Refuse to start a transfer that cannot fit on ``folder``'s filesystem."""
-    if needed <= 0:
-        return
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return  # cannot tell: the write itself will say if the disk fills up
-    if free < needed:
-        msg = (
-            f"not enough free space in {folder} for {name}: it needs {_mb(needed)} and "
-            f"{_mb(free)} is free; free space there or set LLAMA_PROC_CACHE_DIR to a bigger disk"
-        )
-        raise DownloadError(msg)
-
-
-class _Pace:
-    """The whole-transfer bound: the floor plus the size's share at the minimum average rate."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.started = time.monotonic()
-        self.total: int | None = None
-        """The size, once a listing or the server said it."""
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def left(self, received: int) -> float:
-        """Seconds left of the budget, for the next wait (headers included)."""
-        return self._budget(received, self.total) - self.elapsed
-
-    def _budget(self, received: int, total: int | None) -> float:
-        return TOTAL_TIME_FLOOR + max(total or 0, received) / MIN_AVERAGE_RATE
-
-    def check(self, received: int, total: int | None) -> None:
-        if total is not None:
-            self.total = total
-        total = self.total
-        budget = self._budget(received, total)
-        elapsed = self.elapsed
-        if elapsed > budget:
-            of = f"{total} bytes" if total is not None else "an unknown size"
-            msg = (
-                f"download of {self.url} is too slow: {received} of {of} in {elapsed:.1f} s "
-                f"(the floor is {MIN_AVERAGE_RATE // 1000} kB/s on average); try again later "
-                "or use a closer LLAMA_PROC_MIRROR"
-            )
-            raise DownloadError(msg)
-
-
-class _RetryableError(Exception):
-    """One request failed in a way worth retrying (up to ``attempts`` times in a row)."""
-
-    def __init__(
-        self, reason: str, retry_after: float | None = None, attempts: int | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.attempts = _attempts_for(reason) if attempts is None else attempts
-
-
-class _RestartError(Exception):
-    """The part was discarded; start again from byte 0 at once."""
-
-
-def _progress_bar(total: int | None, initial: int, desc: str, *, enabled: bool | None) -> Any:
-    from tqdm import tqdm  # noqa: PLC0415 - heavy; only a transfer needs it
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        file=sys.stderr,
-        # None lets tqdm hide itself when stderr is not a terminal.
-        disable=None if enabled is None else not enabled,
-        leave=False,
-    )
 
 
 def download_file(
@@ -533,14 +209,6 @@ def download_file(
         raise DownloadError(msg) from err
     logger.debug("downloaded %s -> %s (sha256 ok)", _safe_url(url), dest)
     return dest
-
-
-def _too_long(url: str, limit: int) -> DownloadError:
-    msg = (
-        f"{_safe_url(url)} sent more than the {limit} bytes the release listing announces; the "
-        "mirror serves another file or the listing is stale; check LLAMA_PROC_MIRROR"
-    )
-    return DownloadError(msg)
 
 
 def _copy_local(url: str, part: _Part, name: str) -> None:
@@ -708,15 +376,6 @@ def _get(
         notice.cancel()
 
 
-def _headers_too_slow(host: str, limit: float, started: float) -> _RetryableError:
-    elapsed = time.monotonic() - started
-    reason = (
-        f"{host} did not finish its status line and headers within {limit:g} s "
-        f"(timed out after {elapsed:.1f} s)"
-    )
-    return _RetryableError(reason, attempts=NO_ANSWER_ATTEMPTS)
-
-
 def _attempt(job: _Job) -> None:
     part, url = job.part, _safe_url(job.url)
     offset = part.size
@@ -777,46 +436,6 @@ def _attempt(job: _Job) -> None:
             raise _RetryableError(msg)
 
 
-def _set_read_timeout(response: requests.Response, seconds: float) -> None:
-    """Give the rest of the body the stall timeout instead of the first-byte deadline."""
-    connection = getattr(response.raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.settimeout(seconds)
-
-
-def _chunks(response: requests.Response) -> Iterator[bytes]:
-    """Body chunks as they arrive.
-
-    urllib3 2's ``read1`` hands over whatever has arrived (up to ``CHUNK_SIZE``), so a broken
-    connection loses nothing already received; ``iter_content`` (older urllib3) waits for a
-    full chunk and drops a partial one.
-    """
-    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
-    import urllib3  # noqa: PLC0415 - comes with requests
-
-    raw = response.raw
-    if not hasattr(raw, "read1"):
-        try:
-            yield from response.iter_content(chunk_size=CHUNK_SIZE)
-        except requests.RequestException as err:
-            raise _RetryableError(_describe(err)) from err
-        return
-    while True:
-        try:
-            chunk = raw.read1(CHUNK_SIZE, decode_content=True)
-        except urllib3.exceptions.ReadTimeoutError as err:
-            msg = "read timed out"
-            raise _RetryableError(msg) from err
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            msg = "connection broken mid-transfer"
-            raise _RetryableError(msg) from err
-        if not chunk:
-            return
-        yield chunk
-
-
 def _stream_body(response: requests.Response, job: _Job, total: int | None) -> None:
     part, limit = job.part, job.part.expected_size
     part.open()
@@ -836,53 +455,6 @@ def _stream_body(response: requests.Response, job: _Job, total: int | None) -> N
             job.pace.check(part.size, total)
     finally:
         part.close()
-
-
-def _content_range(value: str) -> tuple[int, int | None]:
-    match = _CONTENT_RANGE_RE.match(value.strip())
-    if match is None:
-        return -1, None
-    total = match.group(3)
-    return int(match.group(1)), None if total == "*" else int(total)
-
-
-def _int_header(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None
-
-
-def _describe(err: BaseException) -> str:
-    """A short reason for a requests/urllib3 error (their str() nests several layers)."""
-    import requests  # noqa: PLC0415 - heavy; a cache hit never needs it
-
-    if isinstance(err, requests.ConnectTimeout):
-        return "connection timed out"
-    if isinstance(err, requests.ReadTimeout):
-        return "read timed out"
-    if isinstance(err, requests.exceptions.ChunkedEncodingError):
-        return "connection broken mid-transfer"
-    if isinstance(err, requests.ConnectionError):
-        text = str(err)
-        if "timed out" in text:  # a read timeout while streaming arrives as ConnectionError
-            return "read timed out"
-        if "Connection refused" in text:
-            return "connection refused"
-        if "Name or service not known" in text or "getaddrinfo" in text:
-            return HOST_NOT_FOUND
-        return "connection error"
-    return f"{type(err).__name__}: {err}"
-
-
-@dataclass(frozen=True)
-class Page:
-    """A small document fetched whole (a release listing, an index page)."""
-
-    url: str
-    """The final URL, after redirects (relative links resolve against it)."""
-    content_type: str
-    text: str
 
 
 def fetch_page(

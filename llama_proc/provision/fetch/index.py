@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import requests
 
     from llama_proc.config import Settings
-    from llama_proc.provision.manifest import IndexFile
+    from llama_proc.provision.manifest_records import IndexFile
 
 __all__ = [
     "IndexEntry",

@@ -35,7 +35,7 @@ from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.fetch import archive, attest, download, releases
 from llama_proc.provision.fetch.nightly import resolve_build
-from llama_proc.provision.host.platform import HostInfo, normalize_arch, normalize_os
+from llama_proc.provision.host.host_info import HostInfo, normalize_arch, normalize_os
 from llama_proc.provision.host.selection import select_variant
 from llama_proc.provision.manifest import ARCHES, OSES, load_manifest
 from llama_proc.vocab import AUTO, InstallSource
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.fetch.listing import ReleaseAsset
-    from llama_proc.provision.manifest import AssetMatch, Manifest, Variant
+    from llama_proc.provision.manifest_records import AssetMatch, Manifest, Variant
     from llama_proc.provision.resolution import Resolution
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]

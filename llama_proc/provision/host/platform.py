@@ -17,24 +17,50 @@ child keeps a forking caller's CUDA usable and lets a wedged driver time out.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._proc import run_with_timeout
+from llama_proc.provision.host.cuda_probe import (
+    _CUDA_PROBE_SCRIPT,
+    CudaProbe,
+    cuda_version_from_int,
+    parse_cuda_probe,
+)
+from llama_proc.provision.host.host_info import (
+    LLAMA_CPU_FEATURES,
+    SOFTWARE_VULKAN_ICDS,
+    HostInfo,
+    host_os,
+    normalize_arch,
+    normalize_os,
+)
+from llama_proc.provision.host.parsing import (
+    _MACOS_OPTIONAL,
+    NvidiaSmiInfo,
+    gfx_from_target_version,
+    macos_cpu_features,
+    parse_amd_gfx_targets,
+    parse_cpuinfo,
+    parse_driver_version_file,
+    parse_glibc_confstr,
+    parse_kfd_properties,
+    parse_musl_version,
+    parse_nvidia_smi,
+    parse_nvidia_smi_banner,
+    windows_cpu_features,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "LLAMA_CPU_FEATURES",
@@ -100,8 +126,6 @@ VULKAN_ICD_DIRS: Final = (
 """Where the Vulkan loader looks for driver manifests (ICDs) on Linux, besides XDG_DATA_DIRS."""
 VULKAN_ICD_ENV: Final = ("VK_DRIVER_FILES", "VK_ICD_FILENAMES", "VK_ADD_DRIVER_FILES")
 """Variables that name ICD manifests explicitly (they replace or extend the folders)."""
-SOFTWARE_VULKAN_ICDS: Final = ("lvp", "lavapipe", "llvmpipe", "swiftshader")
-"""ICD manifest names containing one of these are CPU renderers, not GPUs."""
 KFD_TOPOLOGY: Final = "/sys/class/kfd/kfd/topology/nodes"
 """The amdgpu kernel driver's compute (KFD) topology: one folder per CPU or GPU node."""
 HIP_LIBRARIES: Final = {
@@ -127,441 +151,6 @@ NVIDIA_EVIDENCE: Final = {
 """Paths of which at least one exists on any Linux host an NVIDIA GPU can be used from; with
 none of them the CUDA probes are skipped (most hosts: no library loading, no processes)."""
 LD_SO_CACHE: Final = "/etc/ld.so.cache"
-LLAMA_CPU_FEATURES: Final = (
-    "sse3", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f",
-    "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
-    "neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme",
-)  # fmt: skip
-"""The CPU features llama.cpp's CPU backends select on, in a stable order for reports."""
-_CU_ATTR_CC_MAJOR: Final = 75
-_CU_ATTR_CC_MINOR: Final = 76
-
-# Aliases so manifest requirements can use the names llama.cpp's CMake options use.
-_CPU_ALIASES: Final = {
-    "pni": "sse3",
-    "asimd": "neon",
-    "asimddp": "dotprod",
-    "asimdhp": "fp16",
-    "svei8mm": "sve_i8mm",
-}
-
-# winnt.h PF_* constants for IsProcessorFeaturePresent.
-_WINDOWS_PF: Final = {
-    "sse": 6,
-    "sse2": 10,
-    "sse3": 13,
-    "neon": 19,
-    "rdrand": 28,
-    "ssse3": 36,
-    "sse4_1": 37,
-    "sse4_2": 38,
-    "avx": 39,
-    "avx2": 40,
-    "avx512f": 41,
-    "dotprod": 43,
-}
-
-# sysctl hw.optional.* keys on macOS -> our feature names.
-_MACOS_OPTIONAL: Final = {
-    "hw.optional.sse3": "sse3",
-    "hw.optional.supplementalsse3": "ssse3",
-    "hw.optional.sse4_1": "sse4_1",
-    "hw.optional.sse4_2": "sse4_2",
-    "hw.optional.avx1_0": "avx",
-    "hw.optional.avx2_0": "avx2",
-    "hw.optional.fma": "fma",
-    "hw.optional.f16c": "f16c",
-    "hw.optional.avx512f": "avx512f",
-    "hw.optional.avx512bw": "avx512bw",
-    "hw.optional.avx512vl": "avx512vl",
-    "hw.optional.avx512vnni": "avx512_vnni",
-    "hw.optional.neon": "neon",
-    "hw.optional.neon_fp16": "fp16",
-    "hw.optional.arm.FEAT_DotProd": "dotprod",
-    "hw.optional.arm.FEAT_I8MM": "i8mm",
-    "hw.optional.arm.FEAT_BF16": "bf16",
-    "hw.optional.arm.FEAT_FP16": "fp16",
-    "hw.optional.arm.FEAT_SME": "sme",
-}
-# machdep.cpu.features / leaf7_features tokens (upper case, Intel Macs) -> our names.
-_MACOS_TOKENS: Final = {
-    "SSE3": "sse3",
-    "SSSE3": "ssse3",
-    "SSE4.1": "sse4_1",
-    "SSE4.2": "sse4_2",
-    "AVX1.0": "avx",
-    "AVX2": "avx2",
-    "FMA": "fma",
-    "F16C": "f16c",
-    "AVX512F": "avx512f",
-    "AVX512BW": "avx512bw",
-    "AVX512VL": "avx512vl",
-    "AVX512VNNI": "avx512_vnni",
-    "BMI2": "bmi2",
-    "POPCNT": "popcnt",
-}
-
-_CUDA_PROBE_SCRIPT: Final = """
-import ctypes, json, sys
-lib = None
-for name in sys.argv[1:]:
-    try:
-        lib = ctypes.CDLL(name)
-        break
-    except OSError:
-        pass
-out = {}
-if lib is None:
-    out["error"] = "libcuda not found"
-else:
-    v = ctypes.c_int()
-    if lib.cuDriverGetVersion(ctypes.byref(v)) == 0:
-        out["cuda"] = v.value
-    rc = lib.cuInit(0)
-    out["init"] = rc
-    if rc == 0:
-        n = ctypes.c_int()
-        devices = []
-        if lib.cuDeviceGetCount(ctypes.byref(n)) == 0:
-            for i in range(n.value):
-                d = ctypes.c_int()
-                if lib.cuDeviceGet(ctypes.byref(d), i) != 0:
-                    continue
-                ma, mi = ctypes.c_int(), ctypes.c_int()
-                lib.cuDeviceGetAttribute(ctypes.byref(ma), @MAJOR@, d)
-                lib.cuDeviceGetAttribute(ctypes.byref(mi), @MINOR@, d)
-                buf = ctypes.create_string_buffer(256)
-                lib.cuDeviceGetName(buf, 256, d)
-                devices.append([buf.value.decode("utf-8", "replace"), f"{ma.value}.{mi.value}"])
-        out["devices"] = devices
-print(json.dumps(out))
-""".replace("@MAJOR@", str(_CU_ATTR_CC_MAJOR)).replace("@MINOR@", str(_CU_ATTR_CC_MINOR))
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    """What matters about this machine for choosing a llama-server variant."""
-
-    os: str
-    """``linux``, ``macos`` or ``windows``."""
-    arch: str
-    """Normalised machine: ``x86_64``, ``aarch64`` (Linux) or ``arm64`` (macOS)."""
-    os_version: str | None = None
-    """Kernel release on Linux, product version on macOS, build on Windows."""
-    libc: str | None = None
-    """``glibc``, ``musl`` or None (not Linux / unknown)."""
-    libc_version: str | None = None
-    cpu_features: frozenset[str] = field(default_factory=frozenset)
-    """Lowercase feature names: sse4_2, avx, avx2, fma, f16c, avx512f, neon, ..."""
-    nvidia_driver: str | None = None
-    cuda_version: str | None = None
-    """Highest CUDA version the driver supports, e.g. ``12.4``."""
-    gpus: tuple[str, ...] = ()
-    """GPU names, when known."""
-    compute_capabilities: tuple[str, ...] = ()
-    """NVIDIA compute capabilities, e.g. ``("9.0",)``."""
-    vulkan: bool = False
-    """A Vulkan loader library is present."""
-    apple_silicon: bool = False
-    """The CPU is Apple silicon (also true under Rosetta)."""
-    rosetta: bool = False
-    """This process is an x86_64 process translated by Rosetta 2."""
-    cpu_count: int = 1
-    wsl: bool = False
-    """Linux running under Windows Subsystem for Linux."""
-    vulkan_icds: tuple[str, ...] = ()
-    """Vulkan driver manifests (ICD ``.json`` file names) found on Linux, e.g.
-    ``nvidia_icd.json``, ``radeon_icd.x86_64.json``; ``lvp_*`` is a CPU renderer."""
-    amd_driver: bool = False
-    """An AMD GPU compute driver is present (Linux: the KFD topology; Windows: the HIP DLL)."""
-    amd_gpus: tuple[str, ...] = ()
-    """gfx targets of the AMD GPUs, e.g. ``("gfx1100",)`` (empty = none found or unknown)."""
-    hip_runtime: bool = False
-    """The HIP runtime library (``libamdhip64``) is on the loader path (Linux)."""
-    notes: tuple[str, ...] = ()
-    """What a probe could not find out, and why (for ``llama-proc doctor``)."""
-
-    @property
-    def platform(self) -> str:
-        """``<os>-<arch>``, the manifest's platform key."""
-        return f"{self.os}-{self.arch}"
-
-    @property
-    def vulkan_gpu_icds(self) -> tuple[str, ...]:
-        """The Vulkan ICDs that drive a GPU (CPU renderers such as lavapipe left out)."""
-        return tuple(
-            i for i in self.vulkan_icds if not any(m in i.lower() for m in SOFTWARE_VULKAN_ICDS)
-        )
-
-    def summary(self) -> str:
-        """One line describing the host."""
-        parts = [self.platform]
-        if self.libc:
-            parts.append(f"{self.libc} {self.libc_version or '?'}")
-        simd = [f for f in ("avx512f", "avx2", "avx", "neon") if f in self.cpu_features]
-        if simd:
-            parts.append(simd[0])
-        if self.nvidia_driver:
-            cc = f", sm {','.join(self.compute_capabilities)}" if self.compute_capabilities else ""
-            parts.append(
-                f"NVIDIA driver {self.nvidia_driver} (CUDA {self.cuda_version or '?'}{cc})"
-            )
-        if self.apple_silicon:
-            parts.append("Apple silicon" + (" under Rosetta" if self.rosetta else ""))
-        if self.amd_gpus or self.amd_driver:
-            parts.append(f"AMD {','.join(self.amd_gpus) or 'GPU (gfx target unknown)'}")
-        if self.vulkan:
-            parts.append("Vulkan loader")
-        return ", ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields for ``install.json`` (CPU features: those llama.cpp uses)."""
-        return {
-            "platform": self.platform,
-            "os_version": self.os_version,
-            "libc": self.libc,
-            "libc_version": self.libc_version,
-            "cpu_features": [f for f in LLAMA_CPU_FEATURES if f in self.cpu_features],
-            "nvidia_driver": self.nvidia_driver,
-            "cuda_version": self.cuda_version,
-            "gpus": list(self.gpus),
-            "compute_capabilities": list(self.compute_capabilities),
-            "vulkan": self.vulkan,
-            "vulkan_icds": list(self.vulkan_icds),
-            "amd_driver": self.amd_driver,
-            "amd_gpus": list(self.amd_gpus),
-            "hip_runtime": self.hip_runtime,
-            "apple_silicon": self.apple_silicon,
-            "rosetta": self.rosetta,
-            "wsl": self.wsl,
-            "cpu_count": self.cpu_count,
-            "summary": self.summary(),
-        }
-
-
-# ----------------------------------------------------------------------------- pure parsing
-def normalize_os(sys_platform: str) -> str:
-    """``sys.platform`` -> ``linux``, ``macos``, ``windows`` (others pass through)."""
-    if sys_platform.startswith("linux"):
-        return "linux"
-    if sys_platform == "darwin":
-        return "macos"
-    if sys_platform in ("win32", "cygwin"):
-        return "windows"
-    return sys_platform
-
-
-def host_os() -> str:
-    """This process's OS as the manifest names it (``linux``, ``macos``, ``windows``)."""
-    return normalize_os(sys.platform)
-
-
-def normalize_arch(machine: str, os_name: str, *, is_64bit: bool = True) -> str:
-    """``platform.machine()`` -> the manifest's arch names.
-
-    ``AMD64``/``x64`` become ``x86_64``; 64-bit Arm is ``arm64`` on macOS and Windows and
-    ``aarch64`` on Linux. A 32-bit interpreter on a 64-bit OS reports its own (32-bit) arch,
-    since that is what it can load.
-    """
-    m = machine.strip().lower()
-    if m in ("x86_64", "amd64", "x64", "em64t"):
-        return "x86_64" if is_64bit else "x86"
-    if m in ("i386", "i486", "i586", "i686", "x86"):
-        return "x86"
-    if m in ("aarch64", "arm64", "armv8", "armv8l", "aarch64_be"):
-        if not is_64bit:
-            return "arm"
-        return "aarch64" if os_name == "linux" else "arm64"
-    return m or "unknown"
-
-
-def parse_cpuinfo(text: str) -> frozenset[str]:
-    """CPU features from Linux ``/proc/cpuinfo`` (x86 ``flags`` or Arm ``Features`` lines).
-
-    Heterogeneous cores may differ, so only features every core lists are kept. Kernel names are
-    kept and a few aliases are added (``pni`` -> ``sse3``, ``asimd`` -> ``neon``, ``asimddp`` ->
-    ``dotprod``).
-    """
-    sets: list[set[str]] = []
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("flags", "features"):
-            sets.append({tok.lower() for tok in value.split()})
-    if not sets:
-        return frozenset()
-    common = set.intersection(*sets)
-    common |= {_CPU_ALIASES[f] for f in common if f in _CPU_ALIASES}
-    return frozenset(common)
-
-
-def parse_glibc_confstr(text: str | None) -> tuple[str, str] | None:
-    """``os.confstr("CS_GNU_LIBC_VERSION")`` (``"glibc 2.36"``) -> ``("glibc", "2.36")``."""
-    if not text:
-        return None
-    match = re.match(r"^\s*glibc\s+([0-9]+\.[0-9]+(?:\.[0-9]+)?)", text)
-    return ("glibc", match.group(1)) if match else None
-
-
-def parse_musl_version(text: str) -> str | None:
-    """The version from musl's loader banner (``musl libc (x86_64)`` / ``Version 1.2.4``)."""
-    if "musl" not in text.lower():
-        return None
-    match = re.search(r"^Version\s+([0-9][0-9.]*)", text, re.MULTILINE)
-    return match.group(1) if match else None
-
-
-def parse_driver_version_file(text: str) -> str | None:
-    """The NVIDIA driver version from ``/proc/driver/nvidia/version``.
-
-    Handles the proprietary (``Kernel Module  550.54.15``) and the open
-    (``Open Kernel Module for x86_64  550.54.15``) modules.
-    """
-    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+([0-9]+\.[0-9]+(?:\.[0-9]+)?)\b", text)
-    return match.group(1) if match else None
-
-
-@dataclass(frozen=True)
-class NvidiaSmiInfo:
-    """What ``nvidia-smi --query-gpu=driver_version,name,compute_cap`` said."""
-
-    driver: str | None
-    gpus: tuple[str, ...]
-    compute_capabilities: tuple[str, ...]
-
-
-def parse_nvidia_smi(text: str) -> NvidiaSmiInfo | None:
-    """Parse ``--format=csv,noheader`` lines: ``550.54.15, NVIDIA H100 80GB HBM3, 9.0``.
-
-    Two columns (driver, name) are accepted for drivers too old to know ``compute_cap``.
-    Returns None when no line has that shape (an error message, an empty answer).
-    """
-    driver: str | None = None
-    gpus: list[str] = []
-    caps: list[str] = []
-    for line in text.splitlines():
-        cols = [c.strip() for c in line.split(",")]
-        if len(cols) < 2 or not re.match(r"^[0-9]+\.[0-9]+(\.[0-9]+)?$", cols[0]):
-            continue
-        driver = driver or cols[0]
-        # GPU names may hold commas in theory; the compute capability is always last.
-        has_cap = len(cols) >= 3 and re.match(r"^[0-9]+\.[0-9]+$", cols[-1]) is not None
-        name = ", ".join(cols[1:-1] if has_cap or len(cols) >= 3 else cols[1:])
-        if name and name != "[N/A]":
-            gpus.append(name)
-        if has_cap:
-            caps.append(cols[-1])
-    if driver is None:
-        return None
-    return NvidiaSmiInfo(driver, tuple(gpus), tuple(caps))
-
-
-def parse_nvidia_smi_banner(text: str) -> str | None:
-    """The ``CUDA Version: 12.4`` from plain ``nvidia-smi`` output."""
-    match = re.search(r"CUDA Version\s*:\s*([0-9]+\.[0-9]+)", text)
-    return match.group(1) if match else None
-
-
-def cuda_version_from_int(value: int) -> str | None:
-    """``cuDriverGetVersion``'s integer (``12040``) -> ``"12.4"``."""
-    if value <= 0:
-        return None
-    return f"{value // 1000}.{(value % 1000) // 10}"
-
-
-@dataclass(frozen=True)
-class CudaProbe:
-    """What the ``cuInit`` child process found."""
-
-    cuda_version: str | None
-    gpus: tuple[str, ...]
-    compute_capabilities: tuple[str, ...]
-    error: str | None = None
-
-
-def parse_cuda_probe(text: str) -> CudaProbe:
-    """Parse the JSON line the CUDA probe child prints (never raises)."""
-    try:
-        data = json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
-    except (json.JSONDecodeError, IndexError):
-        return CudaProbe(None, (), (), f"unreadable probe output: {text.strip()[:200]!r}")
-    if not isinstance(data, dict):
-        return CudaProbe(None, (), (), "unreadable probe output")
-    cuda = data.get("cuda")
-    version = cuda_version_from_int(cuda) if isinstance(cuda, int) else None
-    devices = data.get("devices") or []
-    names = tuple(str(d[0]) for d in devices if isinstance(d, list) and len(d) == 2)
-    caps = tuple(str(d[1]) for d in devices if isinstance(d, list) and len(d) == 2)
-    error = data.get("error")
-    if error is None and data.get("init", 0) != 0:
-        error = f"cuInit failed with CUresult {data['init']}"
-    return CudaProbe(version, names, caps, str(error) if error else None)
-
-
-def gfx_from_target_version(value: int) -> str | None:
-    """KFD's ``gfx_target_version`` (``110000``, ``90010``) -> ``gfx1100``, ``gfx90a``.
-
-    The number is ``major * 10000 + minor * 100 + stepping``; the gfx name writes minor and
-    stepping as one hex digit each. 0 (a CPU node) gives None.
-    """
-    if value <= 0:
-        return None
-    major, minor, stepping = value // 10000, (value // 100) % 100, value % 100
-    return f"gfx{major}{minor:x}{stepping:x}"
-
-
-def parse_kfd_properties(text: str) -> str | None:
-    """The gfx target of one KFD topology node's ``properties`` file (None for CPU nodes)."""
-    match = re.search(r"^gfx_target_version\s+([0-9]+)\s*$", text, re.MULTILINE)
-    return gfx_from_target_version(int(match.group(1))) if match else None
-
-
-def parse_amd_gfx_targets(text: str) -> tuple[str, ...]:
-    """AMD gfx targets from ``rocminfo`` or ``hipInfo`` output.
-
-    ``rocminfo`` prints ``Name: gfx1100`` per agent, ``hipInfo`` ``gcnArchName:
-    gfx90a:sramecc+:xnack-``; targets come back in order, without duplicates or feature suffixes.
-    """
-    found = re.findall(
-        r"^\s*(?:Name|gcnArchName)\s*:\s*(gfx[0-9a-f]+)(?::\S*)?\s*$", text, re.MULTILINE
-    )
-    return tuple(dict.fromkeys(found))
-
-
-def windows_cpu_features(is_present: Callable[[int], bool], arch: str) -> frozenset[str]:
-    """CPU features from ``IsProcessorFeaturePresent`` (``is_present(PF_*)``).
-
-    Windows has no PF_ constants for FMA and F16C; every CPU with AVX2 has both (Haswell,
-    Excavator and later), so they are implied by AVX2.
-    """
-    found: set[str] = set()
-    for name, code in _WINDOWS_PF.items():
-        with contextlib.suppress(Exception):
-            if is_present(code):
-                found.add(name)
-    if "avx2" in found:
-        found |= {"fma", "f16c"}
-    if arch in ("arm64", "aarch64"):
-        found.add("neon")
-    return frozenset(found)
-
-
-def macos_cpu_features(
-    optional: Mapping[str, int], features: str = "", leaf7_features: str = ""
-) -> frozenset[str]:
-    """CPU features from macOS sysctls.
-
-    Args:
-        optional: ``hw.optional.*`` values that were readable (1 = present).
-        features: ``machdep.cpu.features`` (Intel only).
-        leaf7_features: ``machdep.cpu.leaf7_features`` (Intel only; AVX2, AVX512*).
-    """
-    found = {name for key, name in _MACOS_OPTIONAL.items() if optional.get(key, 0) == 1}
-    for token in f"{features} {leaf7_features}".upper().split():
-        if token in _MACOS_TOKENS:
-            found.add(_MACOS_TOKENS[token])
-    if optional.get("hw.optional.arm64", 0) == 1 and optional.get("hw.optional.neon", 1) != 0:
-        found.add("neon")
-    return frozenset(found)
 
 
 # ----------------------------------------------------------------------------- probes

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Final
 
 from packaging.version import InvalidVersion, Version
 
+from llama_proc.backends import auto_chain
 from llama_proc.errors import NoMatchingVariantError
 from llama_proc.vocab import AUTO
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from llama_proc.provision.host.platform import HostInfo
-    from llama_proc.provision.manifest import Manifest, Variant
+    from llama_proc.provision.host.host_info import HostInfo
+    from llama_proc.provision.manifest_records import Manifest, Variant
 
 __all__ = [
     "AUTO_CHAIN",
@@ -40,7 +41,7 @@ __all__ = [
     "select_variant",
 ]
 
-AUTO_CHAIN: Final = ("cuda", "rocm", "metal", "vulkan", "cpu")
+AUTO_CHAIN: Final = auto_chain()
 """Backends ``auto`` tries, best first (``rpc`` is only chosen when asked for)."""
 
 
