@@ -1,7 +1,7 @@
 """The pool's bookkeeping: one entry per server key, one ticket per waiting request.
 
 :class:`Entry` is what the pool knows of one server (state, handle, counters, memory);
-:class:`Ticket` is one request waiting for room; :class:`ServerInfo` is the snapshot of an
+:class:`~llama_proc.proxy.lease.Ticket` is one request waiting for room; :class:`ServerInfo` is the snapshot of an
 entry that ``GET /servers`` and the gauges show.
 """
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
     from llama_proc.proxy.measure import Measured
     from llama_proc.proxy.models_config import ModelSpec
-    from llama_proc.proxy.pool import Lease
     from llama_proc.proxy.servers import ServerHandle
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "Healed",
     "ServerInfo",
     "State",
-    "Ticket",
     "gauges",
     "server_key",
     "snapshot",
@@ -187,18 +185,6 @@ class Entry:
     def has_room(self) -> bool:
         """Whether the server takes one more request now."""
         return self.concurrency is None or self.active < self.concurrency
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request waiting in the pool."""
-
-    entry: Entry
-    seq: int
-    arrived: float
-    future: asyncio.Future[Lease]
-    passed: int = 0
-    """Requests that arrived after this one and were served while it waited for room."""
 
 
 def snapshot(entries: Iterator[Entry], now: float) -> list[ServerInfo]:

@@ -1,18 +1,48 @@
-"""One request's hold on a pooled server (:class:`Lease`) and its ``async with`` form."""
+"""One request's hold on a pooled server (:class:`Lease`) and its ``async with`` form.
+
+Also the request still waiting for one (:class:`Ticket`).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Self
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
+    import asyncio
     from types import TracebackType
 
-    from llama_proc.proxy.entries import Entry, Healed
+    from llama_proc.proxy.entries import Entry, Healed, HealReason
     from llama_proc.proxy.models_config import ModelSpec
-    from llama_proc.proxy.pool import ServerPool
     from llama_proc.proxy.servers import ServerHandle
 
-__all__ = ["Lease", "LeaseContext"]
+__all__ = ["Lease", "LeaseContext", "LeasePool", "Ticket"]
+
+
+class LeasePool(Protocol):
+    """What a lease needs of its pool (:class:`~llama_proc.proxy.pool.ServerPool`)."""
+
+    async def acquire(self, spec: ModelSpec, flags: tuple[str, ...] = ()) -> Lease:
+        """Wait for a ready server for ``spec`` and ``flags`` and hold it."""
+        ...
+
+    def _release(self, entry: Entry) -> None: ...
+
+    def _check_alive(self, entry: Entry) -> bool: ...
+
+    def _heal(self, entry: Entry, reason: HealReason, detail: str | None = None) -> None: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request waiting in the pool."""
+
+    entry: Entry
+    seq: int
+    arrived: float
+    future: asyncio.Future[Lease]
+    passed: int = 0
+    """Requests that arrived after this one and were served while it waited for room."""
 
 
 class Lease:
@@ -20,7 +50,7 @@ class Lease:
 
     __slots__ = ("_entry", "_handle", "_pool", "_released", "api_key", "key", "restarted", "url")
 
-    def __init__(self, pool: ServerPool, entry: Entry, *, restarted: bool) -> None:
+    def __init__(self, pool: LeasePool, entry: Entry, *, restarted: bool) -> None:
         self._pool = pool
         self._entry = entry
         self._handle = entry.handle
@@ -80,7 +110,7 @@ class LeaseContext:
 
     __slots__ = ("_flags", "_lease", "_pool", "_spec")
 
-    def __init__(self, pool: ServerPool, spec: ModelSpec, flags: tuple[str, ...]) -> None:
+    def __init__(self, pool: LeasePool, spec: ModelSpec, flags: tuple[str, ...]) -> None:
         self._pool, self._spec, self._flags = pool, spec, flags
         self._lease: Lease | None = None
 

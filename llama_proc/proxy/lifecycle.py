@@ -19,7 +19,6 @@ from llama_proc.proxy.entries import (
     Healed,
     HealReason,
     ServerInfo,
-    Ticket,
     gauges,
     snapshot,
 )
@@ -29,6 +28,7 @@ from llama_proc.proxy.servers import PoolBusyError
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
 
+    from llama_proc.proxy.lease import Ticket
     from llama_proc.proxy.metrics import PoolMetrics
     from llama_proc.proxy.servers import ServerFactory
 

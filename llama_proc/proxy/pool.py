@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Final
 
 from llama_proc.proxy.budget import MemoryEstimate, estimate_server_memory
 from llama_proc.proxy.device_budget import HOST
-from llama_proc.proxy.entries import Entry, Healed, ServerInfo, Ticket, server_key
-from llama_proc.proxy.lease import Lease, LeaseContext
+from llama_proc.proxy.entries import Entry, Healed, ServerInfo, server_key
+from llama_proc.proxy.lease import Lease, LeaseContext, Ticket
 from llama_proc.proxy.lifecycle import MEASURE_MIN_INTERVAL, PoolLifecycle
 from llama_proc.proxy.metrics import PoolMetrics
 from llama_proc.proxy.scheduler import (

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from llama_proc.proxy.entries import Entry, EvictReason, Ticket
+    from llama_proc.proxy.entries import Entry, EvictReason
+    from llama_proc.proxy.lease import Ticket
     from llama_proc.proxy.models_config import ModelSpec
 
 __all__ = [

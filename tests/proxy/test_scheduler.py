@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from llama_proc.errors import ConfigError
-from llama_proc.proxy.entries import Entry, Ticket
+from llama_proc.proxy.entries import Entry
+from llama_proc.proxy.lease import Ticket
 from llama_proc.proxy.models_config import ModelSpec, load_models_config
 from llama_proc.proxy.scheduler import (
     Room,
