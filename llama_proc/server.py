@@ -51,7 +51,7 @@ from llama_proc.runtime.log_buffer import LOG_CAPACITY
 from llama_proc.runtime.process import STALL_TIMEOUT, STOP_GRACE, ServerProcess, child_environment
 from llama_proc.runtime.request_limits import REQUEST_TIMEOUT
 from llama_proc.runtime.rpc import check_workers, local_rpc_version
-from llama_proc.server_state import _NO_KEY, _StateView
+from llama_proc.server_state import _NO_KEY, ServerView, _StateView
 from llama_proc.server_steps import CpuFallback, _StartSteps
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from llama_proc.config import Settings
-    from llama_proc.devices import Device, Placement
+    from llama_proc.devices import Placement
     from llama_proc.runtime.flags import BinaryFlags
     from llama_proc.runtime.lifetime import Lifetime
 
@@ -354,7 +354,7 @@ class LlamaServer(_StartSteps, _StateView, LlamaEndpoints):
         return f"<LlamaServer {model} {state} {where}>"
 
 
-class AsyncLlamaServer(AsyncLlamaEndpoints):
+class AsyncLlamaServer(ServerView, AsyncLlamaEndpoints):
     """The asyncio twin of :class:`LlamaServer` (same arguments).
 
     Process management runs in a worker thread (the child itself is forked by the runtime's
@@ -369,6 +369,9 @@ class AsyncLlamaServer(AsyncLlamaEndpoints):
     @property
     def server(self) -> LlamaServer:
         """The underlying synchronous :class:`LlamaServer`."""
+        return self._server
+
+    def _holder(self) -> LlamaServer:
         return self._server
 
     @property
@@ -445,45 +448,6 @@ class AsyncLlamaServer(AsyncLlamaEndpoints):
         """Stop and start again."""
         await self.stop()
         return await self.start(timeout, stall_timeout)
-
-    @property
-    def is_running(self) -> bool:
-        """Whether the child process is alive."""
-        return self._server.is_running
-
-    @property
-    def pid(self) -> int | None:
-        """The child's pid."""
-        return self._server.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The child's exit status once it exited."""
-        return self._server.returncode
-
-    @property
-    def url(self) -> str:
-        """``http://host:port`` of the server."""
-        return self._server.url
-
-    @property
-    def base_url(self) -> str:
-        """OpenAI-compatible base URL."""
-        return self._server.base_url
-
-    @property
-    def ready_after(self) -> float | None:
-        """Seconds from spawn to ready."""
-        return self._server.ready_after
-
-    @property
-    def devices(self) -> tuple[Device, ...]:
-        """The devices the running model uses (see :attr:`LlamaServer.devices`)."""
-        return self._server.devices
-
-    def logs(self, n: int | None = None) -> list[str]:
-        """The last ``n`` lines the server printed."""
-        return self._server.logs(n)
 
     @property
     def client(self) -> AsyncLlamaClient:

@@ -6,7 +6,7 @@ server.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from llama_proc.errors import (
     ServerError,
@@ -23,13 +23,25 @@ if TYPE_CHECKING:
 _NO_KEY: Final = "sk-no-key-required"
 
 
-class _StateView:
-    """Part of :class:`~llama_proc.server.LlamaServer`; the attributes below are set by its ``__init__``."""
+class _Holder(Protocol):
+    """What the view reads: the attributes :class:`~llama_proc.server.LlamaServer` sets."""
 
     _proc: ServerProcess | None
-    _client: LlamaClient | None
     args: ServerArgs
     placement: Placement | None
+
+
+class ServerView:
+    """What a server shows, written once for the sync server and its asyncio twin.
+
+    Its process, port and URLs, key, devices, logs, and whether it is alive.
+
+    Each property reads the object :meth:`_holder` returns: the server itself, or the
+    synchronous server inside the twin.
+    """
+
+    def _holder(self) -> _Holder:
+        raise NotImplementedError
 
     @property
     def process(self) -> ServerProcess:
@@ -38,25 +50,26 @@ class _StateView:
         Raises:
             ServerError: the server was never started.
         """
-        if self._proc is None:
+        proc = self._holder()._proc
+        if proc is None:
             msg = "the server was not started; call start() or use it as a context manager"
             raise ServerError(msg)
-        return self._proc
+        return proc
 
     @property
     def is_running(self) -> bool:
         """Whether the child process is alive (False after a crash or stop())."""
-        return self._proc is not None and self._proc.is_running
+        return (proc := self._holder()._proc) is not None and proc.is_running
 
     @property
     def pid(self) -> int | None:
         """The child's pid (None before start)."""
-        return None if self._proc is None else self._proc.pid
+        return None if (proc := self._holder()._proc) is None else proc.pid
 
     @property
     def returncode(self) -> int | None:
         """The child's exit status once it exited."""
-        return None if self._proc is None else self._proc.returncode
+        return None if (proc := self._holder()._proc) is None else proc.returncode
 
     @property
     def port(self) -> int:
@@ -84,12 +97,12 @@ class _StateView:
     @property
     def api_key(self) -> str | None:
         """The key clients must send, if any."""
-        return self.args.api_key
+        return self._holder().args.api_key
 
     @property
     def ready_after(self) -> float | None:
         """Seconds from spawn to ready for the current process."""
-        return None if self._proc is None else self._proc.ready_after
+        return None if (proc := self._holder()._proc) is None else proc.ready_after
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -97,11 +110,35 @@ class _StateView:
 
         Each has llama.cpp's name (``CUDA0``), its backend, description and free memory.
         """
-        return () if self.placement is None else self.placement.devices
+        return () if (placement := self._holder().placement) is None else placement.devices
 
     def logs(self, n: int | None = None) -> list[str]:
         """The last ``n`` lines the server printed (all kept when None)."""
-        return [] if self._proc is None else self._proc.logs(n)
+        return [] if (proc := self._holder()._proc) is None else proc.logs(n)
+
+    def check_alive(self) -> None:
+        """Raise if the server process has exited since it became ready (a crash).
+
+        The API methods call it when a request fails without an HTTP answer, so a crash
+        surfaces as the exit status and decoded cause rather than "connection refused".
+
+        Raises:
+            ServerError: the server was never started.
+            ServerStartError: the process is not running; carries exit code, cause and log.
+        """
+        self.process.check_alive()
+
+
+class _StateView(ServerView):
+    """Part of :class:`~llama_proc.server.LlamaServer`; the attributes below are set by its ``__init__``."""
+
+    _proc: ServerProcess | None
+    _client: LlamaClient | None
+    args: ServerArgs
+    placement: Placement | None
+
+    def _holder(self) -> _Holder:
+        return self
 
     @property
     def client(self) -> LlamaClient:
@@ -120,15 +157,3 @@ class _StateView:
         from openai import OpenAI  # noqa: PLC0415 - optional dependency
 
         return OpenAI(base_url=self.base_url, api_key=self.api_key or _NO_KEY, **kwargs)
-
-    def check_alive(self) -> None:
-        """Raise if the server process has exited since it became ready (a crash).
-
-        The API methods call it when a request fails without an HTTP answer, so a crash
-        surfaces as the exit status and decoded cause rather than "connection refused".
-
-        Raises:
-            ServerError: the server was never started.
-            ServerStartError: the process is not running; carries exit code, cause and log.
-        """
-        self.process.check_alive()

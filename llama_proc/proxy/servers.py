@@ -252,7 +252,7 @@ class _AsyncServerHandle:
 
     @property
     def api_key(self) -> str | None:
-        key = self._server.server.api_key
+        key = self._server.api_key
         return None if key is None else str(key)
 
     def logs(self) -> list[str]:

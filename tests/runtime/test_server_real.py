@@ -486,3 +486,28 @@ def test_stop_from_another_thread_abandons_a_start(
     assert len(errors) == 1
     assert isinstance(errors[0], ServerStartError)
     assert "cancelled" in str(errors[0])
+
+
+def test_async_twin_shows_all_the_server_shows(llama_server_bin: Path, smol_model: Path) -> None:
+    """One view for both: every read-only property of the server is on its async twin too."""
+    from llama_proc.server_state import ServerView
+
+    shared = [n for n, v in vars(ServerView).items() if isinstance(v, property)]
+    assert {"port", "api_key", "process", "url", "devices"} <= set(shared)
+
+    async def main() -> None:
+        async with AsyncLlamaServer(
+            smol_model,
+            binary=llama_server_bin,
+            ctx_size=512,
+            api_key="k-test",
+            start_timeout=START_TIMEOUT,
+        ) as srv:
+            for name in shared:
+                assert getattr(srv, name) == getattr(srv.server, name), name
+            assert srv.api_key == "k-test"
+            assert srv.url.endswith(f":{srv.port}")
+            srv.check_alive()
+            assert srv.logs(3) == srv.server.logs(3)
+
+    asyncio.run(main())

@@ -287,6 +287,9 @@ def _stream_with_retries(job: _Job) -> None:
             except _RetryableError as err:
                 progressed = part.size > before
                 failures = 1 if progressed else failures + 1
+                # A wait cut short by the whole transfer's budget is that budget running out:
+                # say so, rather than blame the last request's own deadline.
+                job.pace.check(part.size, part.expected_size)
                 if failures >= err.attempts or requests_made >= MAX_REQUESTS:
                     msg = (
                         f"download of {url} failed after {requests_made} attempts in "
