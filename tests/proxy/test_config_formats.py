@@ -557,3 +557,30 @@ def test_llama_swap_cmd_may_run_the_official_llama_binary(tmp_path: Path) -> Non
     spec = load_llama_swap(swap).resolve("m")
     assert spec is not None
     assert spec.path == tmp_path / "a.gguf"
+
+
+def test_every_llama_arg_variable_of_the_binary_names_its_own_flag(llama_server_bin: Path) -> None:
+    """Each ``(env: LLAMA_ARG_X)`` in the real binary's --help maps to a flag of that option."""
+    import re
+    import subprocess
+
+    from llama_proc.proxy.configs.server_flags import flag_for_key
+
+    text = subprocess.run(
+        [str(llama_server_bin), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    entries: list[list[str]] = []
+    for line in (text.stdout + text.stderr).splitlines():
+        if line.startswith("-"):
+            entries.append([line])
+        elif entries:
+            entries[-1].append(line)
+    checked = 0
+    for entry in entries:
+        found = re.search(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)", " ".join(entry))
+        if found is None:
+            continue
+        spellings = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w.-]*)", entry[0][:60]))
+        assert flag_for_key(found.group(1)) in spellings, (found.group(1), entry[0])
+        checked += 1
+    assert checked > 100

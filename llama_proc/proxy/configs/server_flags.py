@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ConfigError
+from llama_proc.proxy.configs.llama_arg_env import LLAMA_ARG_FLAGS
 from llama_proc.proxy.flag_names import FlagNames
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.flags import normalize_flag
@@ -31,18 +32,6 @@ HF_REPO_FLAGS: Final = frozenset({"-hf", "-hfr", "--hf-repo"})
 HF_FILE_FLAGS: Final = frozenset({"-hff", "--hf-file"})
 PROXY_OWNED: Final = frozenset({"--host", "--port"})
 """Flags the pool sets for each server it starts; a config's own are dropped."""
-_ENV_RENAMES: Final[Mapping[str, str]] = {
-    # Variables whose name is not the long flag's (from llama.cpp's common/arg.cpp).
-    "N_PARALLEL": "--parallel",
-    "BATCH": "--batch-size",
-    "UBATCH": "--ubatch-size",
-    "ROPE_SCALING_TYPE": "--rope-scaling",
-    "ENDPOINT_METRICS": "--metrics",
-    "ENDPOINT_SLOTS": "--slots",
-    "ENDPOINT_PROPS": "--props",
-    "HF_REPO": "--hf-repo",
-    "HF_FILE": "--hf-file",
-}
 _KEY_RE: Final = re.compile(r"-{0,2}[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TRUE_WORDS: Final = frozenset({"true", "1", "on", "yes", "enabled"})
 FALSE_WORDS: Final = frozenset({"false", "0", "off", "no", "disabled"})
@@ -120,7 +109,10 @@ def flag_for_key(key: str, names: FlagNames | None = None) -> str:
     names = names if names is not None else FlagNames()
     if key.startswith(ENV_PREFIX):
         rest = key.removeprefix(ENV_PREFIX)
-        flag = _ENV_RENAMES.get(rest, "--" + rest.lower().replace("_", "-"))
+        flag = LLAMA_ARG_FLAGS.get(rest)
+        if flag is not None:
+            return flag
+        flag = "--" + rest.lower().replace("_", "-")
         if not rest or not names.known(flag):
             msg = f"{key} is not a llama-server variable llama-proc knows; write the flag's name"
             raise ConfigError(msg)
