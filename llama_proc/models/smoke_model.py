@@ -24,8 +24,8 @@ from llama_proc.provision.manifest import load_manifest
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from llama_proc.config import Settings
     from llama_proc.provision.manifest_records import IndexFile, Manifest
+    from llama_proc.provision.views import CacheView, FetchView
 
 __all__ = ["fetch_smoke_model", "smoke_model_path"]
 
@@ -37,7 +37,7 @@ _COPY_CHUNK: Final = 1 << 20
 _MODEL_MODE: Final = 0o644
 
 
-def smoke_model_path(settings: Settings, spec: IndexFile) -> Path:
+def smoke_model_path(settings: CacheView, spec: IndexFile) -> Path:
     """Where the smoke model of ``spec`` lives in the cache."""
     return models_dir(settings) / PurePosixPath(spec.member).name
 
@@ -66,7 +66,7 @@ def _is_cached(target: Path, spec: IndexFile) -> bool:
     return size_ok and {k: saved.get(k) for k in _record(spec)} == _record(spec)
 
 
-def fetch_smoke_model(settings: Settings, manifest: Manifest | None = None) -> Path:
+def fetch_smoke_model(settings: FetchView, manifest: Manifest | None = None) -> Path:
     """Path to the manifest's smoke-test GGUF model, fetching it on first use.
 
     Args:

@@ -31,8 +31,8 @@ from llama_proc.vocab import InstallSource
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from llama_proc.config import Settings
     from llama_proc.provision.manifest_records import Variant
+    from llama_proc.provision.views import BuildView
 
 __all__ = [
     "BUNDLE_DIRNAME",
@@ -265,7 +265,7 @@ def stage_bundle(
     install: Install,
     dest: Path,
     *,
-    settings: Settings,
+    settings: BuildView,
     variant: Variant,
     os_name: str,
     extra_metadata: Mapping[str, Any] | None = None,

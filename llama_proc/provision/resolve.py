@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.host.platform import HostInfo
     from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.views import BuildView, CacheView
 
 __all__ = ["Resolution", "concrete_build", "ensure_server", "plan", "resolve_server"]
 
@@ -178,7 +179,7 @@ def _cached(
     return None, "; ".join(reasons)
 
 
-def _unchecked(install: Install, settings: Settings) -> bool:
+def _unchecked(install: Install, settings: BuildView) -> bool:
     """Whether a cache install still needs its one compute check (made before it existed)."""
     return (
         settings.compute_check
@@ -187,7 +188,7 @@ def _unchecked(install: Install, settings: Settings) -> bool:
     )
 
 
-def _check_first_use(install: Install, settings: Settings) -> Install:
+def _check_first_use(install: Install, settings: CacheView) -> Install:
     # Imported here: a cache hit of a checked install never loads the check.
     from llama_proc.provision.compute.first_use import check_on_first_use  # noqa: PLC0415
 

@@ -24,12 +24,10 @@ from llama_proc._version import __version__
 from llama_proc.errors import LlamaProcError
 from llama_proc.provision.cache.install import compute_summary
 from llama_proc.provision.cache.inventory import list_installs
-from llama_proc.provision.cache.layout import downloads_dir, servers_dir
-from llama_proc.provision.cache.locking import LOCK_SUFFIX, OLD_MARK, STAGING_MARK
+from llama_proc.provision.cache.store import Cache
 from llama_proc.provision.compile import toolchain
 from llama_proc.provision.compute.plan import initial_off
 from llama_proc.provision.explain import StepName
-from llama_proc.provision.fetch.download import PART_SUFFIX
 from llama_proc.provision.host.platform import LLAMA_CPU_FEATURES, HostInfo
 from llama_proc.provision.manifest import Manifest, load_manifest
 from llama_proc.provision.resolve import resolve_server
@@ -99,23 +97,13 @@ def _cache_lines(settings: Settings) -> list[str]:
         f"  {i.id} ({i.source}, {i.version or '?'}); compute: {compute_summary(i.compute)}"
         for i in installs
     )
-    stale = [
-        p
-        for build in _children(servers_dir(settings))
-        for p in _children(build)
-        if STAGING_MARK in p.name or OLD_MARK in p.name
-    ]
-    parts = [p for p in _children(downloads_dir(settings)) if p.name.endswith(PART_SUFFIX)]
-    locks = [
-        p for build in _children(servers_dir(settings)) for p in _children(build)
-        if p.name.endswith(LOCK_SUFFIX)
-    ]  # fmt: skip
-    if stale or parts:
+    left = Cache.of(settings).leftovers()
+    if left.staging or left.parts:
         lines.append(
-            f"  leftovers: {len(stale)} interrupted install(s), {len(parts)} partial "
+            f"  leftovers: {len(left.staging)} interrupted install(s), {len(left.parts)} partial "
             "download(s); `llama-proc cache prune` removes them"
         )
-    lines.append(f"  lock files: {len(locks)}")
+    lines.append(f"  lock files: {len(left.locks)}")
     lines.extend("  " + line for line in kind_lines(settings.cache_dir)[1:])
     return lines
 

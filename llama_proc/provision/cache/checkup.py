@@ -19,7 +19,7 @@ from llama_proc.provision.cache.layout import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import CacheView
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def verify_install(path: Path) -> Verification:
     return Verification(ident, path, tuple(problems), len(install.files))
 
 
-def verify_installs(settings: Settings) -> list[Verification]:
+def verify_installs(settings: CacheView) -> list[Verification]:
     """Verify every install in the cache (:func:`verify_install`), newest build first.
 
     Unlike :func:`list_installs`, installs whose ``install.json`` cannot be used (unreadable,

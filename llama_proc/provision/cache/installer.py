@@ -49,8 +49,8 @@ from llama_proc.provision.host.host_info import host_os
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from llama_proc.config import Settings
     from llama_proc.provision.compute.plan import ComputePlan
+    from llama_proc.provision.views import BuildView
 
 __all__ = ["Installed", "install_atomically", "install_once"]
 
@@ -183,7 +183,7 @@ def install_atomically(
     target: Path,
     populate: Callable[[Path], Mapping[str, Any]],
     *,
-    settings: Settings,
+    settings: BuildView,
     binaries: Sequence[str],
     os_name: str,
     force: bool = False,
@@ -215,7 +215,7 @@ def install_once(
     target: Path,
     populate: Callable[[Path], Mapping[str, Any]],
     *,
-    settings: Settings,
+    settings: BuildView,
     binaries: Sequence[str],
     os_name: str,
     force: bool = False,

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from llama_proc.config import Settings
+    from llama_proc.provision.views import CacheView
 
 __all__ = ["Verification", "list_installs", "prune", "remove", "verify_install", "verify_installs"]
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 def list_installs(
-    settings: Settings, *, build: str | None = None, variant_id: str | None = None
+    settings: CacheView, *, build: str | None = None, variant_id: str | None = None
 ) -> list[Install]:
     """Complete installs in the cache, newest build first.
 
@@ -85,7 +86,7 @@ def list_installs(
     return sorted(out, key=lambda i: (-_build_number(i.build), i.path.name))
 
 
-def _resolve_id(settings: Settings, ident: str) -> Path:
+def _resolve_id(settings: CacheView, ident: str) -> Path:
     root = servers_dir(settings)
     candidate = Path(ident)
     if candidate.is_absolute():
@@ -114,7 +115,7 @@ def _resolve_id(settings: Settings, ident: str) -> Path:
     return root / rel
 
 
-def remove(settings: Settings, ident: str | Install) -> Path:
+def remove(settings: CacheView, ident: str | Install) -> Path:
     """Delete one install from the cache, under its lock.
 
     Args:
@@ -264,7 +265,7 @@ def _prune_target(target: Path, *, drop: bool, running: set[Path], dry: bool) ->
     return out
 
 
-def _work_in_use(settings: Settings, installs: Iterable[Install]) -> set[Path]:
+def _work_in_use(settings: CacheView, installs: Iterable[Install]) -> set[Path]:
     """The work folders that kept installs came from, so a rebuild of them stays incremental.
 
     That is ``build/<key>``, ``sources/<tree>`` and ``toolkits/<kit>``, read from each
@@ -290,7 +291,7 @@ def _work_in_use(settings: Settings, installs: Iterable[Install]) -> set[Path]:
     return used
 
 
-def _prune_work(settings: Settings, in_use: set[Path], *, dry_run: bool) -> list[Path]:
+def _prune_work(settings: CacheView, in_use: set[Path], *, dry_run: bool) -> list[Path]:
     """Remove the build folders, source trees and toolkits no kept install came from.
 
     Each goes under its own lock (a build or an unpack in progress holds it, and is left
@@ -327,7 +328,7 @@ def _delete(path: Path) -> bool:
     return True
 
 
-def _prune_downloads(settings: Settings, *, dry_run: bool) -> list[Path]:
+def _prune_downloads(settings: CacheView, *, dry_run: bool) -> list[Path]:
     from llama_proc.provision.fetch.part import PART_SUFFIX  # noqa: PLC0415  off the hit path
 
     folder = downloads_dir(settings)

@@ -34,7 +34,7 @@ from llama_proc.errors import ProvisionError
 from llama_proc.vocab import FLAGS_CACHE_FOLDER
 
 if TYPE_CHECKING:
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import CacheView
 
 __all__ = [
     "BUILD_DIR",
@@ -91,7 +91,7 @@ CACHE_KINDS: Final[tuple[tuple[str, str], ...]] = (
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-def servers_dir(settings: Settings) -> Path:
+def servers_dir(settings: CacheView) -> Path:
     """``cache_dir/servers``: where installs live.
 
     Raises:
@@ -161,12 +161,12 @@ def _private_group(gid: int, uid: int) -> bool:
     )
 
 
-def downloads_dir(settings: Settings) -> Path:
+def downloads_dir(settings: CacheView) -> Path:
     """``cache_dir/downloads``: archives and index files while they are fetched."""
     return settings.cache_dir / DOWNLOADS_DIR
 
 
-def models_dir(settings: Settings) -> Path:
+def models_dir(settings: CacheView) -> Path:
     """``cache_dir/models``: model files llama-proc fetches (the smoke-test model)."""
     return settings.cache_dir / MODELS_DIR
 
@@ -178,7 +178,7 @@ def _check_name(kind: str, value: str) -> str:
     return value
 
 
-def install_dir(settings: Settings, build: str, variant_id: str, flavor: str = "") -> Path:
+def install_dir(settings: CacheView, build: str, variant_id: str, flavor: str = "") -> Path:
     """``cache_dir/servers/<build>/<variant_id>[+<flavor>]``.
 
     Raises:

@@ -33,6 +33,7 @@ from llama_proc.provision.cache.layout import servers_dir
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
+    from llama_proc.provision.views import CacheView
 
 __all__ = ["MEMO_FILE", "Target", "host_fingerprint", "recall", "remember"]
 
@@ -165,7 +166,7 @@ def _key(settings: Settings) -> str | None:
     )
 
 
-def _memo_path(settings: Settings) -> Path:
+def _memo_path(settings: CacheView) -> Path:
     return servers_dir(settings) / MEMO_FILE
 
 

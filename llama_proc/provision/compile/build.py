@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.compute.ladder import FeatureGroup
     from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest_records import Manifest, Variant
+    from llama_proc.provision.views import BuildView, FetchView
 
 __all__ = [
     "build_into",
@@ -116,7 +117,7 @@ def build_into(
     staging: Path,
     plan: BuildPlan,
     *,
-    settings: Settings,
+    settings: FetchView,
     cuda_toolkit: ToolkitChoice | None = None,
 ) -> dict[str, Any]:
     """Run ``plan`` and copy the results into ``staging``: the ``populate`` step of an install.
@@ -209,7 +210,7 @@ def _cpu_plan(
     host: HostInfo,
     manifest: Manifest,
     build: str | None,
-    settings: Settings,
+    settings: BuildView,
 ) -> _CpuPlan:
     flags = (
         request.variant.portable_cmake_flags if request.portable else request.variant.cmake_flags

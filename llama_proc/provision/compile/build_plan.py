@@ -32,11 +32,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-    from llama_proc.config import Settings
     from llama_proc.provision.compile.toolchain import Toolchain
     from llama_proc.provision.fetch.source_tree import SourceTree
     from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest_records import Manifest, Variant
+    from llama_proc.provision.views import BuildView
 
 __all__ = [
     "BUILD_DIR",
@@ -158,7 +158,7 @@ class BuildPlan:
 
 
 def _cuda_arch(
-    request: BuildRequest, settings: Settings, manifest: Manifest, tools: Toolchain
+    request: BuildRequest, settings: BuildView, manifest: Manifest, tools: Toolchain
 ) -> str | None:
     """``CMAKE_CUDA_ARCHITECTURES`` for the build (None: not CUDA, or llama.cpp's default)."""
     variant = request.variant
@@ -187,7 +187,7 @@ def _cuda_arch(
 def plan_build(
     request: BuildRequest,
     source: SourceTree,
-    settings: Settings,
+    settings: BuildView,
     *,
     manifest: Manifest,
     toolchain: Toolchain | None = None,

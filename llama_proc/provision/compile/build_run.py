@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-    from llama_proc.config import Settings
     from llama_proc.provision.compile.build_plan import BuildPlan
+    from llama_proc.provision.views import FetchView
 
 __all__ = ["BuildResult", "Run", "parse_progress", "run_build"]
 
@@ -201,7 +201,7 @@ def _forget_configure(build_dir: Path) -> None:
     shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
 
 
-def run_build(plan: BuildPlan, settings: Settings) -> BuildResult:
+def run_build(plan: BuildPlan, settings: FetchView) -> BuildResult:
     """Configure (unless a matching configure exists) and build the plan's targets.
 
     The build folder is locked for the whole run: the cpu and rpc variants share it.

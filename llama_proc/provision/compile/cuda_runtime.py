@@ -28,16 +28,16 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-    from llama_proc.config import Settings
     from llama_proc.provision.compile.build_plan import BuildRequest
     from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice
     from llama_proc.provision.manifest_records import Manifest
+    from llama_proc.provision.views import FetchView
 
 logger = logging.getLogger(__name__)
 
 
 def cuda_toolchain(
-    request: BuildRequest, manifest: Manifest, settings: Settings
+    request: BuildRequest, manifest: Manifest, settings: FetchView
 ) -> tuple[Toolchain, ToolkitChoice]:
     """The tools of a CUDA build: with the system toolkit, or the wheel toolkit laid out now.
 

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 
     import requests
 
-    from llama_proc.config import Settings
     from llama_proc.provision.manifest_records import CudaToolkitSpec
+    from llama_proc.provision.views import CacheView, FetchView
 
 __all__ = [
     "CUDA_RUNTIME_LIBRARIES",
@@ -83,7 +83,7 @@ _CUDA_DEFINE_RE: Final = re.compile(
 _NVCC_RELEASE_RE: Final = re.compile(r"release (\d+)\.(\d+)")
 
 
-def toolkit_path(spec: CudaToolkitSpec, settings: Settings) -> Path:
+def toolkit_path(spec: CudaToolkitSpec, settings: CacheView) -> Path:
     """``cache_dir/toolkits/cuda-<version>-<arch>-<hash of the pinned wheels>``."""
     digest = hashlib.sha256("".join(w.sha256 for w in spec.wheels).encode()).hexdigest()
     return (
@@ -106,7 +106,7 @@ def read_toolkit_marker(root: Path) -> dict[str, Any] | None:
 
 def ensure_cuda_toolkit(
     spec: CudaToolkitSpec,
-    settings: Settings,
+    settings: FetchView,
     *,
     session: requests.Session | None = None,
     force: bool = False,

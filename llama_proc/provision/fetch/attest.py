@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     import requests
 
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import NetView
 
 __all__ = ["Attestation", "AttestationState", "check_asset", "summarize"]
 
@@ -77,7 +77,7 @@ def check_asset(
     repo: str,
     name: str,
     sha256: str,
-    settings: Settings,
+    settings: NetView,
     session: requests.Session,
 ) -> Attestation:
     """Fetch and verify the attestation of the asset ``name`` whose sha256 is ``sha256``.
@@ -152,7 +152,7 @@ def summarize(found: Sequence[tuple[str, Attestation]]) -> dict[str, Any]:
     }
 
 
-def _fetch(url: str, settings: Settings, session: requests.Session) -> bytes | Attestation:
+def _fetch(url: str, settings: NetView, session: requests.Session) -> bytes | Attestation:
     """The attestation document, or the state to record when there is none to check."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "file":

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
     import requests
 
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import NetView
 
 __all__ = [
     "ATTEMPTS",
@@ -123,7 +123,7 @@ def download_file(
     dest: Path,
     *,
     sha256: str,
-    settings: Settings,
+    settings: NetView,
     size: int | None = None,
     session: requests.Session | None = None,
     desc: str | None = None,
@@ -462,7 +462,7 @@ def _stream_body(response: requests.Response, job: _Job, total: int | None) -> N
 
 def fetch_page(
     url: str,
-    settings: Settings,
+    settings: NetView,
     *,
     session: requests.Session | None = None,
     accept: str | None = None,

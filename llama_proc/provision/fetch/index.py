@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     import requests
 
-    from llama_proc.config import Settings
     from llama_proc.provision.manifest_records import IndexFile
+    from llama_proc.provision.views import CacheView, FetchView, NetView
 
 __all__ = [
     "IndexEntry",
@@ -125,7 +125,7 @@ def _entry(filename: str, url: str, page_url: str, sha256: str | None) -> IndexE
 
 
 def find_index_file(
-    spec: IndexFile, settings: Settings, session: requests.Session | None = None
+    spec: IndexFile, settings: NetView, session: requests.Session | None = None
 ) -> str:
     """The download URL of a pinned file, after checking the index's hash against the pin.
 
@@ -162,13 +162,13 @@ def find_index_file(
     return entry.url
 
 
-def index_cache_path(spec: IndexFile, settings: Settings) -> Path:
+def index_cache_path(spec: IndexFile, settings: CacheView) -> Path:
     """Where :func:`fetch_index_file` keeps ``spec``'s file."""
     return downloads_dir(settings) / spec.filename
 
 
 def fetch_index_file(
-    spec: IndexFile, settings: Settings, session: requests.Session | None = None
+    spec: IndexFile, settings: FetchView, session: requests.Session | None = None
 ) -> Path:
     """The pinned file, verified, from the cache or downloaded from the index.
 

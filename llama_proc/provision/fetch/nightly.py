@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     import requests
 
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import CacheView, FetchView
 
 __all__ = ["LATEST", "NIGHTLY_TAG_ASSET", "resolve_build"]
 
@@ -56,7 +56,7 @@ _SEMVER_RE: Final = re.compile(r"^v[0-9]+\.[0-9]+\.[0-9]+$")
 
 
 def resolve_build(
-    build: str, repo: str, settings: Settings, session: requests.Session | None = None
+    build: str, repo: str, settings: FetchView, session: requests.Session | None = None
 ) -> str:
     """The ``bNNNN`` build that ``build`` (``bNNNN``, ``vX.Y.Z`` or ``latest``) names.
 
@@ -82,11 +82,11 @@ def resolve_build(
     raise ProvisionError(msg)
 
 
-def _memo_path(settings: Settings, repo: str, tag: str) -> Path:
+def _memo_path(settings: CacheView, repo: str, tag: str) -> Path:
     return listing_cache_path(settings, repo, tag).with_suffix(".nightly.json")
 
 
-def _recall(settings: Settings, repo: str, tag: str) -> str | None:
+def _recall(settings: FetchView, repo: str, tag: str) -> str | None:
     path = _memo_path(settings, repo, tag)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -99,7 +99,7 @@ def _recall(settings: Settings, repo: str, tag: str) -> str | None:
 
 
 def _resolve_semver(
-    tag: str, repo: str, settings: Settings, session: requests.Session | None
+    tag: str, repo: str, settings: FetchView, session: requests.Session | None
 ) -> str:
     remembered = _recall(settings, repo, tag)
     if remembered is not None:
@@ -113,7 +113,7 @@ def _resolve_semver(
     return found
 
 
-def _resolve_latest(repo: str, settings: Settings, session: requests.Session | None) -> str:
+def _resolve_latest(repo: str, settings: FetchView, session: requests.Session | None) -> str:
     check_repo_tag(repo, LATEST)
     origin = api_base(settings)
     if settings.offline and not origin.lower().startswith("file:"):
@@ -164,7 +164,7 @@ def _follow(
     tag: str,
     repo: str,
     assets: list[ReleaseAsset],
-    settings: Settings,
+    settings: FetchView,
     session: requests.Session | None,
 ) -> str:
     """The build ``tag``'s ``nightly-tag.txt`` names, checked to be a release with binaries."""

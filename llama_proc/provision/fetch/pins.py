@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.manifest import Manifest
+    from llama_proc.provision.views import NetView
 
 __all__ = ["PinnedAsset", "ReleasePins", "pin_manifest_text", "pin_release"]
 
@@ -173,7 +174,7 @@ def pin_release(
     return ReleasePins(repo, build, commit, origin, tuple(pinned), variants, unmatched)
 
 
-def _fetch_json(url: str, settings: Settings, session: requests.Session) -> Any:
+def _fetch_json(url: str, settings: NetView, session: requests.Session) -> Any:
     page = fetch_page(
         url,
         settings,

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from llama_proc.provision.fetch.listing import ReleaseAsset
     from llama_proc.provision.manifest_records import AssetMatch, Manifest, Variant
     from llama_proc.provision.resolution import Resolution
+    from llama_proc.provision.views import BuildView, FetchView
 
 __all__ = ["fetch_for_platform", "install_prebuilt", "parse_platform"]
 
@@ -96,7 +97,7 @@ def _archives(
     variant: Variant,
     repo: str,
     build: str,
-    settings: Settings,
+    settings: FetchView,
     session: requests.Session,
 ) -> list[_Archive]:
     """Every archive ``variant`` installs from release ``build``: the binary, then its twins."""
@@ -108,7 +109,7 @@ def _archives(
 def _unpack(
     item: _Archive,
     staging: Path,
-    settings: Settings,
+    settings: FetchView,
     session: requests.Session,
     came_from: list[str],
 ) -> Path:
@@ -159,7 +160,7 @@ def _install(
     variant: Variant,
     build: str,
     repo: str,
-    settings: Settings,
+    settings: BuildView,
     session: requests.Session | None,
     metadata: Mapping[str, Any],
     *,
@@ -257,7 +258,7 @@ def _prune(staging: Path, groups: tuple[FeatureGroup, ...]) -> list[str] | None:
 
 def install_prebuilt(
     res: Resolution,
-    settings: Settings,
+    settings: BuildView,
     *,
     force: bool = False,
     session: requests.Session | None = None,

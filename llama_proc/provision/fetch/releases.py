@@ -43,8 +43,8 @@ from llama_proc.provision.fetch.listing import GITHUB_API, ReleaseAsset, parse_l
 if TYPE_CHECKING:
     import requests
 
-    from llama_proc.config import Settings
     from llama_proc.provision.manifest import Variant
+    from llama_proc.provision.views import CacheView, FetchView, NetView
 
 __all__ = [
     "GITHUB_ACCEPT",
@@ -66,12 +66,12 @@ _ORIGIN_KEY: Final = "llama_proc_origin"
 _REPO_RE: Final = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
-def api_base(settings: Settings) -> str:
+def api_base(settings: NetView) -> str:
     """The release API root: the mirror when set, else GitHub's API."""
     return (settings.mirror or GITHUB_API).rstrip("/")
 
 
-def listing_cache_path(settings: Settings, repo: str, tag: str) -> Path:
+def listing_cache_path(settings: CacheView, repo: str, tag: str) -> Path:
     """Where the listing for ``repo``/``tag`` is cached (the file records its origin)."""
     return settings.cache_dir / "releases" / repo.replace("/", "_") / f"{tag}.json"
 
@@ -83,7 +83,7 @@ def _unpinned_patterns(variant: Variant, build: str) -> list[str]:
     return [p.pattern for p in patterns if not any(p.search(name) for name in variant.sha256)]
 
 
-def require_trusted_mirror(settings: Settings, variant: Variant | None, build: str) -> None:
+def require_trusted_mirror(settings: NetView, variant: Variant | None, build: str) -> None:
     """Refuse a plain-http mirror on another machine unless ``variant`` pins every asset.
 
     Over plain http anyone on the path can swap the archives together with the digests of the
@@ -128,7 +128,7 @@ def check_repo_tag(repo: str, tag: str) -> None:
 def fetch_release_assets(
     repo: str,
     tag: str,
-    settings: Settings,
+    settings: FetchView,
     session: requests.Session | None = None,
     *,
     variant: Variant | None = None,

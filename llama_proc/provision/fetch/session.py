@@ -18,7 +18,7 @@ from llama_proc.provision.fetch._headers_deadline import watched_adapter
 if TYPE_CHECKING:
     import requests
 
-    from llama_proc.config import Settings
+    from llama_proc.provision.views import NetView
 
 
 USER_AGENT: Final = f"llama-proc/{__version__}"
@@ -40,7 +40,7 @@ class _GitHubTokenAuth:
         return request
 
 
-def make_session(settings: Settings) -> requests.Session:
+def make_session(settings: NetView) -> requests.Session:
     """A ``requests`` session with llama-proc's User-Agent (and GitHub token, API host only).
 
     Args:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.manifest_records import IndexFile, Manifest
+    from llama_proc.provision.views import BuildView, CacheView, FetchView
 
 __all__ = [
     "SOURCES_DIR",
@@ -169,7 +170,7 @@ def obtain_source(
     return tree
 
 
-def _wanted_build(settings: Settings, manifest: Manifest) -> str:
+def _wanted_build(settings: BuildView, manifest: Manifest) -> str:
     return settings.build or manifest.build
 
 
@@ -203,7 +204,7 @@ def _default_source(settings: Settings, manifest: Manifest) -> SourceTree:
     raise ProvisionError(msg)
 
 
-def _cached_pinned_tree(settings: Settings, manifest: Manifest) -> SourceTree | None:
+def _cached_pinned_tree(settings: BuildView, manifest: Manifest) -> SourceTree | None:
     """The pinned release or index tree if it is already unpacked (no network needed)."""
     release_sha = _release_sha256(settings, manifest, "")
     if release_sha:
@@ -262,7 +263,7 @@ def _local_tree(path: Path, manifest: Manifest, build: str | None) -> SourceTree
     )
 
 
-def _release_url(settings: Settings, manifest: Manifest) -> str:
+def _release_url(settings: BuildView, manifest: Manifest) -> str:
     url = manifest.source.release_url.replace("{build}", _wanted_build(settings, manifest))
     github = "https://github.com/"
     if settings.mirror and url.startswith(github):
@@ -271,7 +272,7 @@ def _release_url(settings: Settings, manifest: Manifest) -> str:
     return url
 
 
-def _release_sha256(settings: Settings, manifest: Manifest, given: str) -> str:
+def _release_sha256(settings: BuildView, manifest: Manifest, given: str) -> str:
     if given:
         return given
     if _wanted_build(settings, manifest) == manifest.build:
@@ -279,7 +280,7 @@ def _release_sha256(settings: Settings, manifest: Manifest, given: str) -> str:
     return ""
 
 
-def _release_tree(settings: Settings, manifest: Manifest, given_sha: str) -> SourceTree:
+def _release_tree(settings: BuildView, manifest: Manifest, given_sha: str) -> SourceTree:
     build = _wanted_build(settings, manifest)
     sha = _release_sha256(settings, manifest, given_sha)
     url = _release_url(settings, manifest)
@@ -305,7 +306,7 @@ def _release_tree(settings: Settings, manifest: Manifest, given_sha: str) -> Sou
     )
 
 
-def _index_tree(settings: Settings, manifest: Manifest) -> SourceTree:
+def _index_tree(settings: BuildView, manifest: Manifest) -> SourceTree:
     spec = manifest.source.index
     if spec is None:
         msg = "the manifest pins no package-index sdist ([source.index]); use --source release"
@@ -330,12 +331,12 @@ def _index_tree(settings: Settings, manifest: Manifest) -> SourceTree:
     )
 
 
-def _fetch_index(settings: Settings, spec: IndexFile) -> Path:
+def _fetch_index(settings: FetchView, spec: IndexFile) -> Path:
     return fetch_index_file(spec, settings)
 
 
 def _archive_tree(
-    settings: Settings, manifest: Manifest, spec: _Spec, build: str | None
+    settings: BuildView, manifest: Manifest, spec: _Spec, build: str | None
 ) -> SourceTree:
     location = spec.location
     scheme = urllib.parse.urlsplit(location).scheme.lower()
@@ -384,7 +385,7 @@ def _archive_tree(
     )
 
 
-def _pinned_sha_for(settings: Settings, manifest: Manifest, location: str, filename: str) -> str:
+def _pinned_sha_for(settings: BuildView, manifest: Manifest, location: str, filename: str) -> str:
     """The manifest's sha256 for this archive, when it is one of the pinned files."""
     if manifest.source.release_sha256 and location == _release_url(settings, manifest):
         return manifest.source.release_sha256
@@ -417,7 +418,7 @@ def _archive_filename(location: str) -> str:
     return name
 
 
-def _download(settings: Settings, url: str, filename: str, sha: str) -> Path:
+def _download(settings: FetchView, url: str, filename: str, sha: str) -> Path:
     dest = settings.cache_dir / DOWNLOADS_DIR / f"{sha[:12]}-{filename}"
     if dest.is_file() and file_sha256(dest) == sha:
         return dest
@@ -432,11 +433,11 @@ def _stem(filename: str) -> str:
     return filename
 
 
-def _unpacked_dir(settings: Settings, filename: str, sha: str) -> Path:
+def _unpacked_dir(settings: CacheView, filename: str, sha: str) -> Path:
     return settings.cache_dir / SOURCES_DIR / f"{_stem(filename)}-{sha[:12]}"
 
 
-def _unpacked(settings: Settings, filename: str, sha: str, fetch: Callable[[], Path]) -> Path:
+def _unpacked(settings: CacheView, filename: str, sha: str, fetch: Callable[[], Path]) -> Path:
     """Unpack an archive once into ``sources/<name>`` (:func:`~.locking.create_once`)."""
     target = _unpacked_dir(settings, filename, sha)
 
