@@ -193,7 +193,7 @@ def _obtain(request: Request) -> tuple[Install, Variant, HostInfo]:
         from llama_proc.provision.compile.build import build_variant
         from llama_proc.provision.host.selection import select_variant
 
-        variant = select_variant(manifest, host, settings.backend).variant
+        variant = select_variant(manifest, host, settings.variant).variant
         install = build_variant(
             variant,
             settings.replace(no_build=False, no_prebuilt=True),

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -100,8 +101,10 @@ class Settings:
 
     cache_dir: Path = field(metadata=_meta("CACHE_DIR", "path"))
     """Root of the per-user cache. Env: LLAMA_PROC_CACHE_DIR."""
-    backend: str = field(default="auto", metadata=_meta("VARIANT", "backend"))
-    """Backend (``--variant``): auto or one of ``vocab.BACKENDS``. Env: LLAMA_PROC_VARIANT."""
+    variant: str = field(default="auto", metadata=_meta("VARIANT", "backend"))
+    """The variant asked for (``--variant``): auto or a backend of ``vocab.BACKENDS`` (cpu, cuda,
+    ...); the manifest's entry for this platform is chosen from it. Env: LLAMA_PROC_VARIANT.
+    (``backend`` is its old, deprecated name.)"""
     build: str | None = field(default=None, metadata=_meta("BUILD", "build"))
     """llama.cpp build tag (``bNNNN``), release tag (``v1.0.0``) or ``latest``, resolved to the
     ``bNNNN`` build with binaries; None = the manifest's pinned build. Env: LLAMA_PROC_BUILD."""
@@ -152,8 +155,8 @@ class Settings:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
         if self.server_binary is not None:
             object.__setattr__(self, "server_binary", Path(self.server_binary).expanduser())
-        if self.backend not in BACKEND_CHOICES:
-            msg = f"unknown variant {self.backend!r}; choose one of {', '.join(BACKEND_CHOICES)}"
+        if self.variant not in BACKEND_CHOICES:
+            msg = f"unknown variant {self.variant!r}; choose one of {', '.join(BACKEND_CHOICES)}"
             raise ConfigError(msg)
         object.__setattr__(self, "cpu_off", _check_cpu_groups("cpu_off", self.cpu_off))
         if self.prefer not in PREFER_CHOICES:
@@ -188,6 +191,10 @@ class Settings:
             raw = source.get(var)
             if raw is not None and raw.strip() != "":
                 values[f.name] = _parse(var, f.metadata["parse"], raw)
+        if overrides.get("backend") is not None:
+            warnings.warn(_BACKEND_RENAMED, DeprecationWarning, stacklevel=2)
+            overrides = {**overrides, "variant": overrides["backend"]}
+        overrides.pop("backend", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -234,7 +241,31 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with some fields changed (validated again)."""
+        if "backend" in changes:
+            warnings.warn(_BACKEND_RENAMED, DeprecationWarning, stacklevel=2)
+            changes["variant"] = changes.pop("backend")
         return dataclasses.replace(self, **changes)
+
+
+_BACKEND_RENAMED: Final = "Settings.backend is now Settings.variant (the --variant it holds)"
+
+if not TYPE_CHECKING:
+
+    def _backend(self: Settings) -> str:
+        """Deprecated: :attr:`Settings.variant`."""
+        warnings.warn(_BACKEND_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.variant
+
+    Settings.backend = property(_backend)
+    _dataclass_init = Settings.__init__
+
+    def _init(self: Settings, *args: Any, backend: str | None = None, **kwargs: Any) -> None:
+        if backend is not None:
+            warnings.warn(_BACKEND_RENAMED, DeprecationWarning, stacklevel=2)
+            kwargs.setdefault("variant", backend)
+        _dataclass_init(self, *args, **kwargs)
+
+    Settings.__init__ = _init
 
 
 BACKEND_ONLY_KEYS: Final = frozenset({"source", "portable"})

@@ -82,7 +82,7 @@ def llama_server_bin(real_settings: Settings) -> Path:
         return Path(explicit)
     from llama_proc.provision import ensure_server
 
-    install = ensure_server(real_settings.replace(backend="cpu"))
+    install = ensure_server(real_settings.replace(variant="cpu"))
     computed = install.compute or {}
     assert computed.get("ok") is True, f"the run's llama-server does not compute: {computed}"
     assert "not run" not in str(computed.get("reason")), computed
@@ -99,7 +99,7 @@ def rpc_install(real_settings: Settings) -> Install:
         from llama_proc.provision import Install as _Install
 
         return _Install.from_dir(Path(explicit))
-    return ensure_server(real_settings.replace(backend="rpc"))
+    return ensure_server(real_settings.replace(variant="rpc"))
 
 
 @pytest.fixture(scope="session")

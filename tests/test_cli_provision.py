@@ -315,7 +315,7 @@ def test_every_command_fills_settings_from_the_same_flags(command: str, tmp_path
     )  # fmt: skip
     settings = settings_from_args(args)
     assert settings.cache_dir == tmp_path
-    assert (settings.backend, settings.build, settings.offline) == ("cpu", "b42", True)
+    assert (settings.variant, settings.build, settings.offline) == ("cpu", "b42", True)
     assert settings.mirror == "file:///srv/mirror"
     assert settings.progress is False
 
@@ -332,7 +332,7 @@ def test_an_absent_flag_leaves_the_environment_alone(
     settings = settings_from_args(_parse(command))
     assert (settings.offline, settings.build) == (True, "b7")
     # rpc-worker picks the rpc build unless told otherwise; the others follow the environment.
-    assert settings.backend == ("rpc" if command == "rpc-worker" else "vulkan")
+    assert settings.variant == ("rpc" if command == "rpc-worker" else "vulkan")
     assert settings.progress is None
 
 

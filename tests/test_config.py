@@ -23,7 +23,7 @@ def _env(**values: str) -> dict[str, str]:
 def test_defaults() -> None:
     s = Settings.from_env(env={})
     assert s.cache_dir == default_cache_dir()
-    assert (s.backend, s.build, s.prefer) == ("auto", None, "prebuilt")
+    assert (s.variant, s.build, s.prefer) == ("auto", None, "prebuilt")
     assert (s.no_build, s.no_prebuilt, s.offline) == (False, False, False)
     assert (s.server_binary, s.mirror, s.build_source, s.cuda_arch, s.jobs) == (None,) * 5
     assert s.index_url == "https://pypi.org/simple"
@@ -36,8 +36,8 @@ def test_defaults() -> None:
     ("var", "raw", "field", "expected"),
     [
         pytest.param("CACHE_DIR", "/srv/cache", "cache_dir", Path("/srv/cache"), id="cache-dir"),
-        pytest.param("VARIANT", " CUDA ", "backend", "cuda", id="variant-normalised"),
-        pytest.param("VARIANT", "rpc", "backend", "rpc", id="variant-rpc"),
+        pytest.param("VARIANT", " CUDA ", "variant", "cuda", id="variant-normalised"),
+        pytest.param("VARIANT", "rpc", "variant", "rpc", id="variant-rpc"),
         pytest.param("BUILD", "11434", "build", "b11434", id="build-bare-number"),
         pytest.param("BUILD", "b0042", "build", "b42", id="build-leading-zeros"),
         pytest.param("PREFER", "Source", "prefer", "source", id="prefer"),
@@ -74,7 +74,7 @@ def test_home_is_expanded() -> None:
 
 def test_empty_values_mean_unset() -> None:
     s = Settings.from_env(env=_env(VARIANT="", JOBS="  ", MIRROR=""))
-    assert (s.backend, s.jobs, s.mirror) == ("auto", None, None)
+    assert (s.variant, s.jobs, s.mirror) == ("auto", None, None)
 
 
 def test_token_is_not_in_repr() -> None:
@@ -112,8 +112,8 @@ def test_no_build_and_no_prebuilt_conflict() -> None:
 
 def test_overrides_win_and_none_is_ignored() -> None:
     env = _env(VARIANT="cuda", JOBS="8", OFFLINE="1")
-    s = Settings.from_env(env=env, backend="cpu", jobs=None, offline=False)
-    assert (s.backend, s.jobs, s.offline) == ("cpu", 8, False)
+    s = Settings.from_env(env=env, variant="cpu", jobs=None, offline=False)
+    assert (s.variant, s.jobs, s.offline) == ("cpu", 8, False)
     assert Settings.from_env(env=env, cache_dir="/x").cache_dir == Path("/x")
 
 
@@ -124,7 +124,7 @@ def test_unknown_override_is_refused() -> None:
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMA_PROC_VARIANT", "vulkan")
-    assert Settings.from_env().backend == "vulkan"
+    assert Settings.from_env().variant == "vulkan"
 
 
 def test_replace_validates_again() -> None:
@@ -133,13 +133,13 @@ def test_replace_validates_again() -> None:
     with pytest.raises(ConfigError):
         s.replace(jobs=0)
     with pytest.raises(ConfigError):
-        s.replace(backend="tpu")
+        s.replace(variant="tpu")
 
 
 def test_settings_are_frozen() -> None:
     s = Settings.from_env(env=BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.backend = "cpu"  # type: ignore[misc]
+        s.variant = "cpu"  # type: ignore[misc]
 
 
 def test_from_config_settings() -> None:
@@ -154,7 +154,7 @@ def test_from_config_settings() -> None:
         },
         env=_env(VARIANT="cpu", JOBS="3"),
     )
-    assert (s.backend, s.cuda_arch, s.no_build, s.build, s.jobs) == (
+    assert (s.variant, s.cuda_arch, s.no_build, s.build, s.jobs) == (
         "cuda",
         "90",
         True,
@@ -240,3 +240,20 @@ def test_table_names_no_variable_that_does_not_exist() -> None:
     table = config.__doc__ or ""
     named = {w for w in table.split() if w.startswith(ENV_PREFIX)}
     assert named <= known, named - known
+
+
+def test_backend_is_the_deprecated_name_of_variant(tmp_path: Path) -> None:
+    """`--variant` is the user's word, so the setting is `variant`; the old name still works."""
+    with pytest.warns(DeprecationWarning, match="Settings.variant"):
+        s = Settings(cache_dir=tmp_path, backend="cpu")  # type: ignore[call-arg]
+    assert s.variant == "cpu"
+    with pytest.warns(DeprecationWarning, match="Settings.variant"):
+        assert s.backend == "cpu"  # type: ignore[attr-defined]
+    with pytest.warns(DeprecationWarning, match="Settings.variant"):
+        assert s.replace(backend="vulkan").variant == "vulkan"
+    with pytest.warns(DeprecationWarning, match="Settings.variant"):
+        assert Settings.from_env(env={}, cache_dir=tmp_path, backend="rocm").variant == "rocm"
+    assert (
+        Settings.from_env(env={"LLAMA_PROC_VARIANT": "metal"}, cache_dir=tmp_path).variant
+        == "metal"
+    )

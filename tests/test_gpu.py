@@ -30,7 +30,7 @@ def test_cuda_variant_serves_with_all_layers_on_the_gpu(
 
     host = detect_host()
     assert host.nvidia_driver, "this test needs an NVIDIA driver: run it on a GPU machine"
-    install = ensure_server(real_settings.replace(backend="cuda"))
+    install = ensure_server(real_settings.replace(variant="cuda"))
     assert install.variant_id.endswith("-cuda")
     print("install:", install.source, install.metadata.get("build_seconds"), "s to build")
 

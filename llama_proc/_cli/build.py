@@ -37,7 +37,7 @@ def register(subparsers: Any) -> None:
         "cuda_arch",
         "jobs",
         "cpu_off",
-        backend={
+        variant={
             "help": "backend to build (rpc = cpu + the ggml-rpc-server worker); default: "
             "$LLAMA_PROC_VARIANT or auto-detect from this host's hardware",
         },

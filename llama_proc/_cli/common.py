@@ -100,7 +100,7 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
             "help": "cache root (default: $LLAMA_PROC_CACHE_DIR, else the per-user cache folder)",
         },
     ),
-    "backend": (
+    "variant": (
         ("--variant",),
         {
             "choices": BACKEND_CHOICES,
@@ -205,7 +205,7 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
 }
 """Every flag that sets a ``Settings`` field: field name -> (option strings, argparse options)."""
 
-PROVISION_FLAGS: Final = ("cache_dir", "backend", "build", "offline", "mirror")
+PROVISION_FLAGS: Final = ("cache_dir", "variant", "build", "offline", "mirror")
 """The fields every command that resolves a llama-server takes as flags."""
 
 

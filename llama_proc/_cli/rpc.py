@@ -104,7 +104,7 @@ def register(subparsers: Any) -> None:
     add_settings_flags(
         p,
         *PROVISION_FLAGS,
-        backend={
+        variant={
             "default": "rpc",
             "choices": BACKENDS,
             "help": "which provisioned build provides the worker (default: rpc); it must be the "

@@ -89,7 +89,7 @@ def plan(
     manifest = manifest or load_manifest()
     # Selection needs the driver and CUDA versions, not the GPU list: skip the cuInit probe.
     host = host or detect_host(gpu_details=False)
-    selection = select_variant(manifest, host, settings.backend)
+    selection = select_variant(manifest, host, settings.variant)
     return Resolution(selection, settings.build or manifest.build, host, manifest)
 
 
@@ -369,7 +369,7 @@ def _provision_chain(
         try:
             return _provision(res, settings, force=force, explain=explain)
         except DeviceNotFoundError as err:
-            if settings.backend != AUTO:
+            if settings.variant != AUTO:
                 raise
             refused.append(res.variant.id)
             following = _next_in_chain(res, settings, refused)

@@ -142,7 +142,7 @@ def test_provisioning_keys_reach_settings(backend: ModuleType, tmp_path: Path) -
         "llama-proc.cache-dir",
     }
     settings = request.settings(env={})
-    assert settings.backend == "cuda"
+    assert settings.variant == "cuda"
     assert settings.cuda_arch == "90"
     assert settings.mirror == "http://127.0.0.1:9"
     assert settings.cache_dir == tmp_path

@@ -884,7 +884,7 @@ def test_real_llama_cpp_build(llama_server_bin, real_settings):
     variant = load_manifest().get(install.variant_id)
     started = time.monotonic()
     explain: list[str] = []
-    again = build_variant(variant, real_settings.replace(backend="cpu"), explain=explain)
+    again = build_variant(variant, real_settings.replace(variant="cpu"), explain=explain)
     assert time.monotonic() - started < 2
     assert again.path == install.path
     assert any(line.startswith("cache hit") for line in explain)

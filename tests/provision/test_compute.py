@@ -411,7 +411,7 @@ def mirror_settings(
 ) -> Settings:
     monkeypatch.setattr(download, "_sleep", lambda _s: None)
     monkeypatch.setattr(bundle, "find_bundled", lambda root=None: None)
-    return Settings(cache_dir=tmp_path / "cache", mirror=server.url, progress=False, backend="cpu")
+    return Settings(cache_dir=tmp_path / "cache", mirror=server.url, progress=False, variant="cpu")
 
 
 def _prebuilt(

@@ -145,7 +145,7 @@ def _leftovers(settings: Settings) -> list[Path]:
 def test_cuda_build_without_its_runtime_is_refused_with_the_cause(
     tmp_path: Path, server: FileServer, builds: list[str]
 ) -> None:
-    settings, manifest = _setup(tmp_path, server, NO_CUDART, backend="cuda")
+    settings, manifest = _setup(tmp_path, server, NO_CUDART, variant="cuda")
     with pytest.raises(DeviceNotFoundError) as err:
         ensure_server(settings, host=NVIDIA_HOST, manifest=manifest)
     text = str(err.value)
@@ -162,7 +162,7 @@ def test_cuda_build_without_its_runtime_is_refused_with_the_cause(
 
 
 def test_a_driver_too_old_is_named(tmp_path: Path, server: FileServer, builds: list[str]) -> None:
-    settings, manifest = _setup(tmp_path, server, OLD_DRIVER, backend="cuda")
+    settings, manifest = _setup(tmp_path, server, OLD_DRIVER, variant="cuda")
     with pytest.raises(DeviceNotFoundError, match="update the NVIDIA driver") as err:
         ensure_server(settings, host=NVIDIA_HOST, manifest=manifest)
     assert err.value.cause == "gpu_driver_too_old"

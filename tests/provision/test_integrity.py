@@ -191,7 +191,7 @@ def test_binary_path_outside_the_install_is_refused(
     assert complete_install(install.path) is None
     assert list_installs(settings) == []
     with pytest.raises(BinaryNotFoundError):
-        resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+        resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     # Repair: installing again replaces the record (the escape is never followed).
     repaired = _install(settings)
     assert repaired.server_binary == install.path / "bin" / "llama-server"
@@ -224,7 +224,7 @@ def test_binary_symlink_resolving_outside_is_refused(
     assert found.missing_files() == ["llama-server"]
     assert complete_install(install.path) is None
     with pytest.raises(BinaryNotFoundError):
-        resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+        resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
 
 
 # ----------------------------------------------------------------------------- damage is noticed
@@ -290,7 +290,7 @@ def test_legacy_install_is_checked_by_its_binaries_only(settings: Settings) -> N
     legacy = Install.from_dir(install.path)
     assert legacy.problems() == []
     assert complete_install(install.path) == legacy
-    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    hit = resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     assert hit.path == install.path
     (install.path / "bin" / "llama-server").unlink()
     assert [(p.path, p.kind) for p in legacy.problems()] == [("bin/llama-server", "missing")]
@@ -305,7 +305,7 @@ def test_legacy_built_install_with_a_files_list_stays_usable(settings: Settings)
     record["files"] = ["llama-server", LIB]
     _write_record(install.path, record)
     assert complete_install(install.path) == Install.from_dir(install.path)
-    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    hit = resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     assert hit.path == install.path
 
 
@@ -316,7 +316,7 @@ def test_a_cache_hit_only_stats(settings: Settings, monkeypatch: pytest.MonkeyPa
         pytest.fail(f"a cache hit hashed {path}")
 
     monkeypatch.setattr(download, "file_sha256", no_hashing)
-    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    hit = resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     assert hit == install
 
 
@@ -524,14 +524,14 @@ def test_a_file_whose_change_time_moved_is_rehashed_once(
     rehashed: list[str] = []
     assert install.problems(rehashed) == []
     assert rehashed == [f"bin/{LIB}"]
-    hit = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    hit = resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     assert hit.problems() == []
 
     def no_hashing(path: Path) -> str:
         pytest.fail(f"a renewed record re-hashed {path}")
 
     monkeypatch.setattr(download, "file_sha256", no_hashing)
-    again = resolve_server(settings.replace(backend="cpu"), provision=False, host=LINUX)
+    again = resolve_server(settings.replace(variant="cpu"), provision=False, host=LINUX)
     assert again.problems() == []
 
 

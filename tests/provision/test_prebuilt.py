@@ -196,7 +196,7 @@ def test_cuda_install_holds_the_binary_and_its_runtime_twin(
     assert names.index(CUDART13) < names.index(CUDA13)
     serve_release(server, release)
     manifest = _manifest(tmp_path, release)
-    install = ensure_server(settings.replace(backend="cuda"), host=NVIDIA_HOST, manifest=manifest)
+    install = ensure_server(settings.replace(variant="cuda"), host=NVIDIA_HOST, manifest=manifest)
 
     assert install.variant_id == "linux-x86_64-cuda13"
     assert install.server_binary == install.path / "llama-server"
@@ -224,7 +224,7 @@ def test_listing_without_the_twin_falls_to_the_next_step(
     release = _cuda_release(tmp_path, drop=(CUDART13,))
     serve_release(server, release)
     manifest = _manifest(tmp_path, release)
-    cuda = settings.replace(backend="cuda")
+    cuda = settings.replace(variant="cuda")
     explain: list[str] = []
     with pytest.raises(ProvisionError, match="fake build"):
         ensure_server(cuda, host=NVIDIA_HOST, manifest=manifest, explain=explain)
@@ -254,7 +254,7 @@ def test_listing_size_is_checked_not_only_the_digest(
     manifest = _manifest(tmp_path, release)
     with pytest.raises(DownloadError, match=CUDART13.replace(".", r"\.")):
         ensure_server(
-            settings.replace(backend="cuda", no_build=True), host=NVIDIA_HOST, manifest=manifest
+            settings.replace(variant="cuda", no_build=True), host=NVIDIA_HOST, manifest=manifest
         )
     assert list_installs(settings) == []
 
@@ -268,7 +268,7 @@ def test_plain_http_remote_mirror_with_every_asset_pinned_installs(
     mirror = "http://mirror.example.internal:8080"
     pins = {n: release.sha256(n) for n in (CUDA13, CUDART13)}
     manifest = _manifest(tmp_path, release, pin=pins)
-    settings = Settings(cache_dir=tmp_path / "cache", mirror=mirror, backend="cuda", progress=False)
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=mirror, variant="cuda", progress=False)
     res = plan(settings, host=NVIDIA_HOST, manifest=manifest)
     with routed_session(server, mirror) as session:
         done = install_prebuilt(res, settings, session=session)
@@ -295,7 +295,7 @@ def test_crash_after_extraction_keeps_the_verified_archives(
     release = _cuda_release(tmp_path)
     serve_release(server, release)
     manifest = _manifest(tmp_path, release)
-    cuda = settings.replace(backend="cuda", no_build=True)
+    cuda = settings.replace(variant="cuda", no_build=True)
 
     def die(*args: Any, **kw: Any) -> Any:
         raise Killed
@@ -327,7 +327,7 @@ def test_waiting_on_the_lock_reports_another_process_installed(
     release = _cuda_release(tmp_path)
     serve_release(server, release)
     manifest = _manifest(tmp_path, release)
-    cuda = settings.replace(backend="cuda", no_build=True)
+    cuda = settings.replace(variant="cuda", no_build=True)
     # "Another process": the same install made in another cache, to be moved in under the lock.
     other = ensure_server(
         cuda.replace(cache_dir=tmp_path / "other"), host=NVIDIA_HOST, manifest=manifest
@@ -438,7 +438,7 @@ def test_fetch_for_platform_never_runs_the_binary(server: FileServer, tmp_path: 
     files = {LINUX_CPU: _linux_binary(tmp_path / LINUX_CPU, failing=True)}
     release = _real_release(tmp_path, files)
     serve_release(server, release)
-    settings = Settings(cache_dir=tmp_path / "cache", mirror=server.url, backend="cpu")
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=server.url, variant="cpu")
     dest = tmp_path / "out"
     done = fetch_for_platform(settings, "linux-x86_64", dest, manifest=_manifest(tmp_path, release))
     assert done.made
@@ -454,10 +454,10 @@ def test_fetch_for_platform_protects_the_destination(server: FileServer, tmp_pat
     release = _real_release(tmp_path, files)
     serve_release(server, release)
     manifest = _manifest(tmp_path, release)
-    settings = Settings(cache_dir=tmp_path / "cache", mirror=server.url, backend="cpu")
+    settings = Settings(cache_dir=tmp_path / "cache", mirror=server.url, variant="cpu")
 
     with pytest.raises(ConfigError, match="--variant"):
-        fetch_for_platform(settings.replace(backend="auto"), "linux-aarch64", tmp_path / "x")
+        fetch_for_platform(settings.replace(variant="auto"), "linux-aarch64", tmp_path / "x")
 
     mine = tmp_path / "mine"
     mine.mkdir()

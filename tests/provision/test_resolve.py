@@ -315,7 +315,7 @@ def test_force_reinstalls(
 def test_rpc_variant_provides_the_worker(
     served: FileServer, manifest: Manifest, settings: Settings
 ) -> None:
-    install = ensure_server(settings.replace(backend="rpc"), host=LINUX, manifest=manifest)
+    install = ensure_server(settings.replace(variant="rpc"), host=LINUX, manifest=manifest)
     assert install.variant_id == "linux-x86_64-rpc"
     assert install.binary("rpc-server").name == "ggml-rpc-server"
     assert install.binary("rpc-server").parent == install.path
@@ -406,7 +406,7 @@ def test_host_blockers_skip_the_prebuilt(
     assert served.hits() == 0
     with pytest.raises(BinaryNotFoundError, match=r"glibc >= 2\.35.*LLAMA_PROC_NO_BUILD"):
         ensure_server(
-            settings.replace(no_build=True, backend="vulkan"),
+            settings.replace(no_build=True, variant="vulkan"),
             host=old,
             manifest=manifest,
         )
@@ -498,7 +498,7 @@ def test_bundled_install_is_used_when_it_fits(
     explain.clear()
     with pytest.raises(BinaryNotFoundError):
         resolve_server(
-            settings.replace(backend="rpc"),
+            settings.replace(variant="rpc"),
             explain=explain,
             provision=False,
             host=LINUX,

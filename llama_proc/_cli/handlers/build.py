@@ -20,7 +20,7 @@ def build(args: argparse.Namespace) -> int:
     manifest = load_manifest()
     settings = concrete_build(settings, manifest)  # a release tag or latest -> its bNNNN
     host = detect_host()
-    selection = select_variant(manifest, host, settings.backend)
+    selection = select_variant(manifest, host, settings.variant)
     explain: list[str] = []
     install = build_variant(
         selection.variant,

@@ -145,18 +145,18 @@ def doctor(args: argparse.Namespace) -> int:
     )
     print(_cpu_off_line(host, manifest, settings))
     print(
-        f"settings: variant={settings.backend} build={settings.build or manifest.build} "
+        f"settings: variant={settings.variant} build={settings.build or manifest.build} "
         f"prefer={settings.prefer} no_build={settings.no_build} "
         f"no_prebuilt={settings.no_prebuilt} offline={settings.offline} "
         f"mirror={settings.mirror or '-'} server_bin={settings.server_binary or '-'}"
     )
     try:
-        selection = host_selection.select_variant(manifest, host, settings.backend)
+        selection = host_selection.select_variant(manifest, host, settings.variant)
     except LlamaProcError as err:
         print(f"selection:\n  error: {err}")
     else:
         print("selection:")
-        for line in chain_lines(selection, settings.backend):
+        for line in chain_lines(selection, settings.variant):
             print(f"  {line}")
         if selection.prebuilt_reasons:
             why = reasons(selection.prebuilt_reasons)

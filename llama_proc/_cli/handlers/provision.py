@@ -75,7 +75,7 @@ def list_variants(args: argparse.Namespace) -> int:
     variants = manifest.for_platform(host.os, host.arch)
     try:
         chosen: str | None = host_selection.select_variant(
-            manifest, host, settings.backend
+            manifest, host, settings.variant
         ).variant.id
     except NoMatchingVariantError as err:
         chosen = None
@@ -101,5 +101,5 @@ def list_variants(args: argparse.Namespace) -> int:
         print(f"{mark} {v.id:<{width}}  {fits}; {prebuilt}")
         for install in installed.get(v.id, []):
             print(f"  {'':<{width}}  installed: {install.id} ({install.source}, {install.version})")
-    print("(* = what --variant " + settings.backend + " picks)")
+    print("(* = what --variant " + settings.variant + " picks)")
     return 0

@@ -48,7 +48,7 @@ def which(args: argparse.Namespace) -> int:
             print_steps(explain)
         else:
             # The chain replaces the selection's reasoning lines, where they stood.
-            chain = [f"select: {line}" for line in chain_lines(res.selection, settings.backend)]
+            chain = [f"select: {line}" for line in chain_lines(res.selection, settings.variant)]
             at = next(
                 (
                     i

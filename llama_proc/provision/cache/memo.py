@@ -158,7 +158,7 @@ def _key(settings: Settings) -> str | None:
         {
             "schema": MEMO_SCHEMA,
             "llama_proc": __version__,
-            "backend": settings.backend,
+            "backend": settings.variant,
             "build": settings.build,
             "manifest": [str(manifest), _stat(manifest)],
             "host": host,

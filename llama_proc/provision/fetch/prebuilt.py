@@ -404,14 +404,14 @@ def fetch_for_platform(
         CacheLockTimeoutError: another process held the lock too long.
     """
     host = parse_platform(platform)
-    if settings.backend == AUTO:
+    if settings.variant == AUTO:
         msg = (
             f"--platform {host.platform} needs a backend: pass --variant (e.g. cpu, cuda, "
             "vulkan); auto detects this machine's GPU, not the other machine's"
         )
         raise ConfigError(msg)
     manifest = manifest or load_manifest()
-    variant = select_variant(manifest, host, settings.backend).variant
+    variant = select_variant(manifest, host, settings.variant).variant
     # A release tag (vX.Y.Z) or latest names the b build that has the binaries.
     build = resolve_build(settings.build or manifest.build, manifest.repo, settings, session)
     dest = Path(dest).expanduser().absolute()
