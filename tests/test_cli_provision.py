@@ -567,3 +567,19 @@ def test_cache_ls_and_prune_count_every_kind_in_bytes(
     code, out, _ = run(capsys, "cache", "prune")
     assert out.splitlines()[-1] == "freed 8.0 MB"
     assert not (cache_dir / "toolkits" / "cuda-13.0-x86_64-0123abcd").exists()
+
+
+def test_build_source_flag_and_its_deprecated_spelling(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--build-source names what it sets (Settings.build_source, LLAMA_PROC_BUILD_SOURCE);
+    the old --source still works and says once that it is deprecated."""
+    from llama_proc._cli.common import settings_from_args
+
+    args = _parse("build", "--build-source", str(tmp_path))
+    assert settings_from_args(args).build_source == str(tmp_path)
+    assert capsys.readouterr().err == ""
+    args = _parse("build", "--source", str(tmp_path))
+    assert settings_from_args(args).build_source == str(tmp_path)
+    err = capsys.readouterr().err
+    assert err == "llama-proc build: warning: --source is deprecated; use --build-source\n"

