@@ -50,7 +50,7 @@ import scikit_build_core.build as _skbuild
 
 if TYPE_CHECKING:
     from llama_proc.config import Settings
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
     from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.manifest_records import Variant
 

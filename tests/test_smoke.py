@@ -57,7 +57,7 @@ def test_smoke_says_what_the_compute_check_found(
     llama_server_bin: Path, smol_model: Path, real_settings: Settings
 ) -> None:
     from llama_proc.errors import ProvisionError
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
 
     try:
         Install.from_dir(llama_server_bin.parent)

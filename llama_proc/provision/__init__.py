@@ -11,9 +11,9 @@ from llama_proc._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llama_proc.models.smoke_model import fetch_smoke_model
-    from llama_proc.provision.cache.install import Install
     from llama_proc.provision.cache.installer import install_atomically
     from llama_proc.provision.cache.inventory import list_installs
+    from llama_proc.provision.cache.record import Install
     from llama_proc.provision.compile.build import build_variant
     from llama_proc.provision.host.host_info import HostInfo
     from llama_proc.provision.host.platform import detect_host
@@ -41,7 +41,7 @@ __all__ = [
 
 _WHERE: Final = {
     "HostInfo": "host.host_info",
-    "Install": "cache.install",
+    "Install": "cache.record",
     "Manifest": "manifest_records",
     "Selection": "host.selection",
     "Variant": "manifest_records",

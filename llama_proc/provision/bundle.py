@@ -2,7 +2,7 @@
 
 A wheel built by the in-tree backend (``build_backend/``) with a binary inside carries a complete
 install at ``llama_proc/_bundled/``: the same files and the same ``install.json`` as an install in
-the cache (written by :func:`~llama_proc.provision.cache.install.install_atomically`, ``source =
+the cache (written by :func:`~llama_proc.provision.cache.record.install_atomically`, ``source =
 "bundled"``). The resolution ladder looks there right after an explicit binary
 (:func:`find_bundled`); the backend makes one from a verified cache install with
 :func:`stage_bundle` and names the wheel's platform with :func:`wheel_tag`.
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from llama_proc.errors import ConfigError, ProvisionError
-from llama_proc.provision.cache.install import Install
 from llama_proc.provision.cache.layout import INSTALL_JSON
+from llama_proc.provision.cache.record import Install
 from llama_proc.vocab import InstallSource
 
 if TYPE_CHECKING:

@@ -39,9 +39,9 @@ from llama_proc.errors import (
 )
 from llama_proc.provision import bundle
 from llama_proc.provision.cache import memo
-from llama_proc.provision.cache.install import Install, restamp
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import install_dir
+from llama_proc.provision.cache.record import Install, restamp
 from llama_proc.provision.explain import Outcome, Step, StepName
 from llama_proc.provision.resolution import Resolution
 from llama_proc.vocab import AUTO, InstallSource

@@ -54,9 +54,9 @@ def cache_with_the_runs_build(
     llama_server_bin: Path, real_settings: Settings, tmp_path: Path
 ) -> tuple[Path, Path]:
     """A cache dir holding the run's CPU build as a ``built`` install; and that install's path."""
-    from llama_proc.provision.cache.install import Install
     from llama_proc.provision.cache.installer import install_atomically
     from llama_proc.provision.cache.layout import install_dir
+    from llama_proc.provision.cache.record import Install
     from llama_proc.provision.manifest import load_manifest
 
     for parent in llama_server_bin.parents:
@@ -116,7 +116,7 @@ def test_build_source_bundles_the_cached_build_and_it_serves(
     real_settings: Settings,
     smol_model: Path,
 ) -> None:
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
 
     cache, origin = cache_with_the_runs_build(llama_server_bin, real_settings, tmp_path)
     run_install = Install.from_dir(origin)

@@ -855,7 +855,7 @@ def test_build_variant_refuses_unverified_release(settings):
 @pytest.mark.compile
 def test_real_llama_cpp_build(llama_server_bin, real_settings):
     """The run's one shared CPU build: inspect it, then building again must be a cache hit."""
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
 
     version = _run_binary(llama_server_bin, "--version")
     assert "build 11434" in version.stderr + version.stdout

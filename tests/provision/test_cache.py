@@ -22,11 +22,11 @@ from llama_proc.errors import (
     CacheLockTimeoutError,
     ProvisionError,
 )
-from llama_proc.provision.cache.install import Install
 from llama_proc.provision.cache.installer import install_atomically
 from llama_proc.provision.cache.inventory import list_installs, prune, remove
 from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
 from llama_proc.provision.cache.locking import STAGING_MARK, create_once
+from llama_proc.provision.cache.record import Install
 from llama_proc.provision.cache.verify import parse_version_output, smoke_check
 
 if TYPE_CHECKING:

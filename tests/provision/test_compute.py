@@ -26,8 +26,8 @@ from llama_proc.config import Settings
 from llama_proc.diagnosis import diagnose
 from llama_proc.errors import ComputeCheckError, ManifestError, ProvisionError
 from llama_proc.provision import bundle
-from llama_proc.provision.cache.install import COMPUTE_KEY, Install
 from llama_proc.provision.cache.layout import INSTALL_JSON, install_dir
+from llama_proc.provision.cache.record import COMPUTE_KEY, Install
 from llama_proc.provision.compute import check, ladder, plan
 from llama_proc.provision.compute.check import (
     GENERATED_TOKENS,

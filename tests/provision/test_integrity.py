@@ -33,10 +33,10 @@ from llama_proc.config import Settings
 from llama_proc.errors import BinaryNotFoundError, ProvisionError
 from llama_proc.provision import bundle
 from llama_proc.provision.cache.checkup import verify_installs
-from llama_proc.provision.cache.install import FILES_KEY, Install, complete_install
 from llama_proc.provision.cache.installer import install_atomically
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import INSTALL_JSON, install_dir
+from llama_proc.provision.cache.record import FILES_KEY, Install, complete_install
 from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.fetch import download
 from llama_proc.provision.manifest import load_manifest

@@ -38,10 +38,10 @@ from llama_proc.errors import (
 )
 from llama_proc.provision import bundle
 from llama_proc.provision.cache import installer
-from llama_proc.provision.cache.install import Install
 from llama_proc.provision.cache.inventory import list_installs
 from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
 from llama_proc.provision.cache.locking import lock_path
+from llama_proc.provision.cache.record import Install
 from llama_proc.provision.compile import build as build_module
 from llama_proc.provision.fetch import archive, download
 from llama_proc.provision.fetch.prebuilt import fetch_for_platform, install_prebuilt, parse_platform

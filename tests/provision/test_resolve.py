@@ -61,7 +61,7 @@ from llama_proc.provision.resolve import ensure_server, resolve_server
 if TYPE_CHECKING:
     from http_server import FileServer
 
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell shims")
 

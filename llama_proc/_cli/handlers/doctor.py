@@ -22,8 +22,8 @@ from llama_proc._cli.handlers.output import (
 )
 from llama_proc._version import __version__
 from llama_proc.errors import LlamaProcError
-from llama_proc.provision.cache.install import compute_summary
 from llama_proc.provision.cache.inventory import list_installs
+from llama_proc.provision.cache.record import compute_summary
 from llama_proc.provision.cache.store import Cache
 from llama_proc.provision.compile import toolchain
 from llama_proc.provision.compute.plan import initial_off

@@ -8,14 +8,14 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Final, TextIO
 
-from llama_proc.provision.cache.install import compute_summary
+from llama_proc.provision.cache.record import compute_summary
 from llama_proc.provision.explain import Step
 from llama_proc.vocab import AUTO
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
     from llama_proc.provision.host.selection import Blocker, Selection
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import argparse
 
     from llama_proc.config import Settings
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
 
 
 def _fetch_for_platform(args: argparse.Namespace) -> int:

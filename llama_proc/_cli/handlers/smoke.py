@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc._cli.common import settings_from_args
 from llama_proc.provision import ensure_server, fetch_smoke_model
-from llama_proc.provision.cache.install import compute_summary
+from llama_proc.provision.cache.record import compute_summary
 from llama_proc.server import LlamaServer
 
 if TYPE_CHECKING:

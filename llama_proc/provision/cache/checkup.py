@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llama_proc.provision.cache.file_record import FileProblem, scan_tree
-from llama_proc.provision.cache.install import check_install
 from llama_proc.provision.cache.layout import (
     INSTALL_JSON,
     servers_dir,
 )
+from llama_proc.provision.cache.record import check_install
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,7 +54,7 @@ class Verification:
 def verify_install(path: Path) -> Verification:
     """Re-hash every file of the install at ``path`` against its ``install.json``.
 
-    On top of :meth:`~llama_proc.provision.cache.install.Install.problems` (the stat facts a cache
+    On top of :meth:`~llama_proc.provision.cache.record.Install.problems` (the stat facts a cache
     hit compares): each regular file's sha256, each symlink's target (it must still say what
     was recorded and stay inside the folder), and files that were not part of the install. An
     install without file records is checked by its binaries' recorded sha256 only.

@@ -6,7 +6,7 @@ generated model served and compared with a reference, :mod:`~llama_proc.provisio
 repaired down the CPU-feature ladder when the caller can), described by an
 ``install.json`` written inside it, and only then renamed into place
 (:func:`~llama_proc.provision.cache.locking.create_once`): ``install.json``'s presence means the
-install is complete (:class:`~llama_proc.provision.cache.install.Install` reads it).
+install is complete (:class:`~llama_proc.provision.cache.record.Install` reads it).
 
 :func:`install_once` also says whether this call made the install or found it complete, so a
 process that waited on the lock while another one installed can say so instead of "installed".
@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc._version import __version__
 from llama_proc.errors import ProvisionError
 from llama_proc.provision.cache.file_record import FileRecord, alternatives, scan_tree
-from llama_proc.provision.cache.install import (
+from llama_proc.provision.cache.layout import INSTALL_JSON
+from llama_proc.provision.cache.locking import create_once
+from llama_proc.provision.cache.record import (
     COMPUTE_KEY,
     FILES_KEY,
     INSTALL_SCHEMA,
@@ -34,8 +36,6 @@ from llama_proc.provision.cache.install import (
     check_install,
     complete_install,
 )
-from llama_proc.provision.cache.layout import INSTALL_JSON
-from llama_proc.provision.cache.locking import create_once
 from llama_proc.provision.cache.verify import (
     DeviceRequirement,
     check_devices,

@@ -21,7 +21,6 @@ from llama_proc.provision.cache.checkup import (
     verify_install,
     verify_installs,
 )
-from llama_proc.provision.cache.install import Install
 from llama_proc.provision.cache.layout import (
     INSTALL_JSON,
     WORK_DIRS,
@@ -38,6 +37,7 @@ from llama_proc.provision.cache.locking import (
     remove_tree,
     try_lock,
 )
+from llama_proc.provision.cache.record import Install
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

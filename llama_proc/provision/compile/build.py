@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from llama_proc.config import Settings
-    from llama_proc.provision.cache.install import Install
+    from llama_proc.provision.cache.record import Install
     from llama_proc.provision.cache.verify import DeviceRequirement
     from llama_proc.provision.compile.build_plan import BuildPlan, BuildRequest
     from llama_proc.provision.compile.toolchain import Toolchain, ToolkitChoice

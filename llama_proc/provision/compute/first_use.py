@@ -3,7 +3,7 @@
 :func:`check_on_first_use` serves the tiny model with a cached install that has no compute
 record, under the install's lock (so concurrent processes check it once), and writes the result
 into its ``install.json`` (atomically: a temporary file beside it, then a rename). A failed
-record makes :meth:`~llama_proc.provision.cache.install.Install.problems` report the install as
+record makes :meth:`~llama_proc.provision.cache.record.Install.problems` report the install as
 broken, so the resolver passes it over and provisioning installs it again, this time through
 the ladder.
 """
@@ -15,9 +15,9 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ProvisionError
-from llama_proc.provision.cache.install import COMPUTE_KEY, Install
 from llama_proc.provision.cache.layout import INSTALL_JSON
 from llama_proc.provision.cache.locking import cache_lock, lock_path
+from llama_proc.provision.cache.record import COMPUTE_KEY, Install
 from llama_proc.provision.compute import check
 
 if TYPE_CHECKING:

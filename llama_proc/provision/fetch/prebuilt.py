@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_proc.errors import ConfigError, ManifestError, ProvisionError
-from llama_proc.provision.cache.install import Install
 from llama_proc.provision.cache.installer import Installed, install_once
 from llama_proc.provision.cache.layout import INSTALL_JSON, downloads_dir, install_dir
 from llama_proc.provision.cache.locking import cache_lock, lock_path, try_lock
+from llama_proc.provision.cache.record import Install
 from llama_proc.provision.compute.ladder import prune_cpu_variants
 from llama_proc.provision.compute.plan import ComputePlan, initial_off
 from llama_proc.provision.fetch import archive, attest, download, releases
