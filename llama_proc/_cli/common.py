@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from llama_proc.proxy.serve_options import ADMIN_KEYS_ENV, API_KEYS_ENV
+from llama_proc.proxy.key_env import ADMIN_KEYS_ENV, API_KEYS_ENV
 from llama_proc.vocab import BACKEND_CHOICES, PREFER_CHOICES
 
 if TYPE_CHECKING:

@@ -11,13 +11,8 @@ from llama_proc._cli.common import (
     add_command,
     add_settings_flags,
 )
-from llama_proc.proxy.serve_options import (
-    API_KEYS_ENV,
-    ServeOptions,
-    add_serve_flags,
-    is_loopback,
-    read_api_keys,
-)
+from llama_proc.proxy.key_env import API_KEYS_ENV, read_api_keys
+from llama_proc.proxy.serve_flags import add_serve_flags, is_loopback
 
 if TYPE_CHECKING:
     import argparse
@@ -91,6 +86,7 @@ def flag_caps(args: argparse.Namespace) -> FlagCaps:
         ConfigError: a cap below 1.
     """
     from llama_proc.proxy.options import flag_caps_of
+    from llama_proc.proxy.serve_options import ServeOptions
 
     return flag_caps_of(ServeOptions.from_args(args))
 
@@ -102,5 +98,6 @@ def body_caps(args: argparse.Namespace) -> BodyCaps:
         ConfigError: a cap below 0 or above its hard ceiling.
     """
     from llama_proc.proxy.options import body_caps_of
+    from llama_proc.proxy.serve_options import ServeOptions
 
     return body_caps_of(ServeOptions.from_args(args))

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.proxy.body_shapes import grammar_problem, schema_problem
-from llama_proc.proxy.serve_options import BODY_CAP_FLAGS
+from llama_proc.proxy.serve_flags import BODY_CAP_FLAGS
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence

@@ -20,7 +20,7 @@ from aiohttp import http_exceptions, web
 from llama_proc.proxy.app import PROXY_KEY
 from llama_proc.proxy.options import ProxyOptions
 from llama_proc.proxy.relay import error_response
-from llama_proc.proxy.serve_options import DEFAULT_DRAIN_TIMEOUT
+from llama_proc.proxy.serve_flags import DEFAULT_DRAIN_TIMEOUT
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -13,7 +13,7 @@ from llama_proc.errors import ConfigError, InvalidArgumentError
 from llama_proc.proxy.body_policy import BodyCaps
 from llama_proc.proxy.budget import parse_memory_budget
 from llama_proc.proxy.flag_caps import FlagCaps
-from llama_proc.proxy.serve_options import BODY_CAP_FLAGS, DEFAULT_DRAIN_TIMEOUT
+from llama_proc.proxy.serve_flags import BODY_CAP_FLAGS, DEFAULT_DRAIN_TIMEOUT
 from llama_proc.vocab import AUTO, EVENT_LOOPS
 
 if TYPE_CHECKING:

@@ -10,7 +10,8 @@ import pytest
 from llama_proc._cli import serve
 from llama_proc.errors import ConfigError
 from llama_proc.proxy.options import ProxyOptions, body_caps_of, pool_limits_of, proxy_options_of
-from llama_proc.proxy.serve_options import BODY_CAP_FLAGS, ServeOptions, add_serve_flags
+from llama_proc.proxy.serve_flags import BODY_CAP_FLAGS, add_serve_flags
+from llama_proc.proxy.serve_options import ServeOptions
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

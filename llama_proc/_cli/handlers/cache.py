@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from llama_proc._cli.common import settings_from_args
 from llama_proc._cli.handlers.output import print_err, size_mb
-from llama_proc.provision.cache.inventory import list_installs, prune, remove, verify_installs
+from llama_proc.provision.cache.checkup import verify_installs
+from llama_proc.provision.cache.inventory import list_installs, prune, remove
 from llama_proc.provision.cache.layout import tree_size, usage_by_kind
 
 if TYPE_CHECKING:

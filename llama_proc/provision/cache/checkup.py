@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from llama_proc.provision.cache.file_record import FileProblem, scan_tree
 from llama_proc.provision.cache.layout import (
     INSTALL_JSON,
+    build_number,
+    list_dir,
     servers_dir,
 )
 from llama_proc.provision.cache.record import check_install
@@ -133,25 +135,13 @@ def verify_installs(settings: CacheView) -> list[Verification]:
     """
     root = servers_dir(settings)
     found: list[Path] = []
-    for build_dir in _iterdir(root):
+    for build_dir in list_dir(root):
         if not build_dir.is_dir() or build_dir.name.startswith("."):
             continue
         found.extend(
             entry
-            for entry in _iterdir(build_dir)
+            for entry in list_dir(build_dir)
             if not entry.name.startswith(".") and (entry / INSTALL_JSON).is_file()
         )
-    found.sort(key=lambda p: (-_build_number(p.parent.name), p.name))
+    found.sort(key=lambda p: (-build_number(p.parent.name), p.name))
     return [verify_install(path) for path in found]
-
-
-def _build_number(build: str) -> int:
-    digits = build.removeprefix("b")
-    return int(digits) if digits.isdigit() else -1
-
-
-def _iterdir(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError:
-        return []

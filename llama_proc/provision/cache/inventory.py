@@ -14,17 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_proc.errors import ManifestError, ProvisionError
-from llama_proc.provision.cache.checkup import (
-    Verification,
-    _build_number,
-    _iterdir,
-    verify_install,
-    verify_installs,
-)
 from llama_proc.provision.cache.layout import (
     INSTALL_JSON,
     WORK_DIRS,
+    build_number,
     downloads_dir,
+    list_dir,
     servers_dir,
 )
 from llama_proc.provision.cache.locking import (
@@ -45,7 +40,7 @@ if TYPE_CHECKING:
     from llama_proc.config import Settings
     from llama_proc.provision.views import CacheView
 
-__all__ = ["Verification", "list_installs", "prune", "remove", "verify_install", "verify_installs"]
+__all__ = ["list_installs", "prune", "remove"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +78,7 @@ def list_installs(
                 continue
             if variant_id is None or install.variant_id == variant_id:
                 out.append(install)
-    return sorted(out, key=lambda i: (-_build_number(i.build), i.path.name))
+    return sorted(out, key=lambda i: (-build_number(i.build), i.path.name))
 
 
 def _resolve_id(settings: CacheView, ident: str) -> Path:
@@ -215,9 +210,9 @@ def prune(
     running = _running_executables()
     removed: list[Path] = []
     root = servers_dir(settings)
-    build_dirs = sorted(p for p in _iterdir(root) if p.is_dir())
+    build_dirs = sorted(p for p in list_dir(root) if p.is_dir())
     for build_dir in build_dirs:
-        entries = _iterdir(build_dir)
+        entries = list_dir(build_dir)
         targets = {p for p in entries if p.is_dir() and not p.name.startswith(".")}
         for entry in entries:
             if entry.name.startswith(".") and (
@@ -300,7 +295,7 @@ def _prune_work(settings: CacheView, in_use: set[Path], *, dry_run: bool) -> lis
     out: list[Path] = []
     for name in WORK_DIRS:
         root = settings.cache_dir / name
-        for folder in sorted(p for p in _iterdir(root) if p.is_dir() and p not in in_use):
+        for folder in sorted(p for p in list_dir(root) if p.is_dir() and p not in in_use):
             lock = lock_path(folder)
             held = try_lock(lock)
             if held is None:
@@ -334,7 +329,7 @@ def _prune_downloads(settings: CacheView, *, dry_run: bool) -> list[Path]:
     folder = downloads_dir(settings)
     names = {
         p.name.removesuffix(PART_SUFFIX).removesuffix(LOCK_SUFFIX)
-        for p in _iterdir(folder)
+        for p in list_dir(folder)
         if not p.name.startswith(".")
     }
     out: list[Path] = []

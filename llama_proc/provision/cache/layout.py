@@ -49,9 +49,11 @@ __all__ = [
     "TOOLKITS_DIR",
     "WORK_DIRS",
     "KindUsage",
+    "build_number",
     "check_private",
     "downloads_dir",
     "install_dir",
+    "list_dir",
     "models_dir",
     "servers_dir",
     "tree_size",
@@ -242,3 +244,17 @@ def tree_size(path: Path) -> int:
         except OSError:
             continue
     return total
+
+
+def build_number(build: str) -> int:
+    """``b11434`` -> 11434, for ordering builds (-1 for a name that is not ``b<digits>``)."""
+    digits = build.removeprefix("b")
+    return int(digits) if digits.isdigit() else -1
+
+
+def list_dir(folder: Path) -> list[Path]:
+    """A folder's entries, sorted; none when it is missing or unreadable."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []

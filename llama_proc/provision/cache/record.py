@@ -8,7 +8,7 @@ is :mod:`~llama_proc.provision.cache.layout`'s.
 size, mtime_ns and sha256, or the target of a symlink). :meth:`Install.problems` compares the
 cheap facts (one ``lstat`` per file, no reading): a truncated binary, a deleted or replaced
 library makes the install broken, and the installer replaces it. Re-hashing everything is
-``llama-proc cache verify``'s job (:func:`~llama_proc.provision.cache.inventory.verify_installs`).
+``llama-proc cache verify``'s job (:func:`~llama_proc.provision.cache.checkup.verify_installs`).
 Installs made before file records existed have none: only their binaries are checked.
 Every path ``install.json`` names must stay inside the install folder, lexically and after
 following symlinks; one that leaves it makes the install broken, never followed.
