@@ -56,7 +56,7 @@ from llama_proc.proxy.scheduler import (
     too_large_message,
     waiting_entries,
 )
-from llama_proc.proxy.serve_options import (
+from llama_proc.proxy.serve_flags import (
     DEFAULT_IDLE_TTL,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_SERVERS,

@@ -29,7 +29,6 @@ from llama_proc.proxy.serve_flags import (
     DEFAULT_QUEUE_TIMEOUT,
     DEFAULT_RESIDENCY_WAIT,
     OPTION_FLAGS,
-    add_serve_flags,
     flag_dest,
     is_loopback,
 )
@@ -40,23 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
     from pathlib import Path
 
-__all__ = [
-    "ADMIN_KEYS_ENV",
-    "API_KEYS_ENV",
-    "DEFAULT_DRAIN_TIMEOUT",
-    "DEFAULT_HOST",
-    "DEFAULT_IDLE_TTL",
-    "DEFAULT_MAX_QUEUE",
-    "DEFAULT_MAX_SERVERS",
-    "DEFAULT_MIN_RESIDENCY",
-    "DEFAULT_PORT",
-    "DEFAULT_QUEUE_TIMEOUT",
-    "DEFAULT_RESIDENCY_WAIT",
-    "ServeOptions",
-    "add_serve_flags",
-    "is_loopback",
-    "read_api_keys",
-]
+__all__ = ["ServeOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,7 +23,8 @@ from llama_proc.proxy.gate import run_proxy
 from llama_proc.proxy.options import event_loop_factory, pool_limits_of, proxy_options_of
 from llama_proc.proxy.pool import ServerPool
 from llama_proc.proxy.prompt_cache import POOLED_CACHE_RAM_MIB, with_prompt_cache
-from llama_proc.proxy.serve_options import ServeOptions, is_loopback
+from llama_proc.proxy.serve_flags import is_loopback
+from llama_proc.proxy.serve_options import ServeOptions
 from llama_proc.proxy.servers import LlamaServerFactory
 from llama_proc.proxy.threads import split_threads, usable_cpus
 from llama_proc.runtime.args import ServerArgs
