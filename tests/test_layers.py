@@ -70,3 +70,47 @@ def test_cache_object_names_every_folder_and_finds_leftovers(tmp_path: Path) -> 
     assert [p.name for p in left.locks] == ["linux-x86_64-cpu.lock"]
     sizes = {u.kind: u.size for u in cache.usage()}
     assert sizes["downloads"] == 5
+
+
+def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """The project modules ``path`` imports, type-only and function-level imports included."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            for alias in node.names:
+                name = f"{base}.{alias.name}"
+                found.add(name if name in modules else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {m for m in found if m in modules and m != module}
+
+
+def test_no_import_cycle_type_only_imports_included() -> None:
+    paths = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        paths[name.removesuffix(".__init__")] = path
+    graph = {m: _imports(p, m, set(paths)) for m, p in paths.items()}
+    # A package's __init__ names its members for lazy loading; an edge into it is not a cycle.
+    packages = {m for m, p in paths.items() if p.name == "__init__.py"}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node] - packages):
+            if state.get(nxt) == 1:
+                cycles.append([*trail[trail.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
