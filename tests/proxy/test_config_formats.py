@@ -163,11 +163,26 @@ def test_preset_only_keys_and_pool_owned_flags_warn_once(
         config = load_preset_ini(ini)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    for key in ("[*] load-on-startup", "[m] stop-timeout", "[m] --port"):
+    for key in ("[m] stop-timeout", "[m] --port"):
         assert key in warnings[0]
+    assert "load-on-startup" not in warnings[0]  # it has an equivalent: preload
     spec = config.resolve("m")
     assert spec is not None
     assert "port" not in spec.options
+    assert spec.preload  # from [*]
+
+
+def test_preset_load_on_startup_is_preload_and_a_section_overrides_it(tmp_path: Path) -> None:
+    ini = write(
+        tmp_path / "p.ini",
+        "[*]\nload-on-startup = true\n[a]\nmodel = a.gguf\n"
+        "[b]\nmodel = b.gguf\nload-on-startup = false\n",
+    )
+    config = load_preset_ini(ini)
+    assert [(s.id, s.preload) for s in config] == [("a", True), ("b", False)]
+    bad = write(tmp_path / "bad.ini", "[a]\nmodel = a.gguf\nload-on-startup = soon\n")
+    with pytest.raises(ConfigError, match=r"bad\.ini:3: load-on-startup: 'soon' is not true"):
+        load_preset_ini(bad)
 
 
 # -- models folders ----------------------------------------------------------------------------
@@ -584,3 +599,25 @@ def test_every_llama_arg_variable_of_the_binary_names_its_own_flag(llama_server_
         assert flag_for_key(found.group(1)) in spellings, (found.group(1), entry[0])
         checked += 1
     assert checked > 100
+
+
+def test_preset_and_models_dir_together_as_the_router_reads_them(tmp_path: Path) -> None:
+    """A preset section named like a folder's model sets that model's flags (the router's
+    --models-dir + --models-preset); [*] reaches the folder's other models too."""
+    root = tmp_path / "models"
+    write(root / "alpha.gguf", "x")
+    write(root / "vision/model.gguf", "x")
+    write(root / "vision/mmproj-model-f16.gguf", "x")
+    preset = write(tmp_path / "preset.ini", "[*]\nc = 2048\n[alpha]\nc = 4096\nt = 2\n")
+    models = load_models(models_dir=root, preset=preset, env={})
+    alpha, vision = models.models.get("alpha"), models.models.get("vision")
+    assert alpha is not None
+    assert vision is not None
+    assert alpha.path == root / "alpha.gguf"
+    assert (alpha.options["ctx_size"], alpha.options["threads"]) == (4096, 2)
+    assert vision.options["ctx_size"] == 2048
+    assert vision.options["mmproj"] == str(root / "vision/mmproj-model-f16.gguf")
+    assert "vision/model" in vision.aliases  # the folder's other name is kept
+    # Without the folder the same preset names a model it cannot find: one line, with the fix.
+    with pytest.raises(ConfigError, match=r"preset\.ini:3: \[alpha\]: no model.*--models-dir"):
+        load_models(preset=preset, env={})

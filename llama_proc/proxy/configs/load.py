@@ -96,15 +96,26 @@ def load_models(
         raise ConfigError(msg)
     models: dict[str, ModelSpec] = {}
     defaults: Mapping[str, Any] = {}
-    for source in (config, preset):
-        if source is not None:
-            for spec in load_config(source, caps=caps, body_caps=body_caps):
-                models.setdefault(spec.id, spec)
     if config is not None and config_format(config) == "toml":
         defaults = _read_defaults(config)
+    scanned: Mapping[str, ModelSpec] = {}
     if models_dir is not None:
-        for spec in scan_models_dir(models_dir, defaults=defaults, caps=caps, body_caps=body_caps):
+        scanned = scan_models_dir(
+            models_dir, defaults=defaults, caps=caps, body_caps=body_caps
+        ).models
+    for source in (config, preset):
+        if source is None:
+            continue
+        if config_format(source) == "ini":
+            # As llama.cpp's router reads them together: a preset section may name a folder's
+            # model, and [*] applies to the folder's models.
+            found = load_preset_ini(source, caps=caps, body_caps=body_caps, known=scanned)
+        else:
+            found = load_config(source, caps=caps, body_caps=body_caps)
+        for spec in found:
             models.setdefault(spec.id, spec)
+    for spec in scanned.values():
+        models.setdefault(spec.id, spec)
     if not models:
         msg = "no models configured: the config, preset and models directory list none"
         raise ConfigError(msg)

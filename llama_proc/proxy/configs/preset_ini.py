@@ -16,14 +16,15 @@
 
 A model section's keys win over ``[*]``. Each section becomes the table a TOML
 ``[models.<id>]`` holds (:func:`~llama_proc.proxy.configs.server_flags.model_table`), then goes
-through the TOML path and its caps. ``load-on-startup`` and ``stop-timeout`` have no
-equivalent here (servers start on first request and stop within the drain timeout): they are
-named in one warning.
+through the TOML path and its caps. ``load-on-startup = true`` is the model's ``preload`` (it
+starts with the proxy); ``stop-timeout`` has no equivalent here (servers stop within the drain
+timeout) and is named in one warning.
 """
 
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import logging
 import re
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Final
 from llama_proc.errors import ConfigError, ModelFileError
 from llama_proc.models.hub import ModelRef
 from llama_proc.proxy.configs.server_flags import (
+    FALSE_WORDS,
+    TRUE_WORDS,
     FlagGroup,
     flag_for_key,
     model_table,
@@ -42,7 +45,7 @@ from llama_proc.proxy.model_spec import ModelsConfig, ModelSpec
 from llama_proc.proxy.models_config import models_from_mapping
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from llama_proc.proxy.body_policy import BodyCaps
@@ -55,15 +58,24 @@ logger = logging.getLogger(__name__)
 
 GLOBAL_SECTION: Final = "*"
 """The section whose keys apply to every model."""
-PRESET_ONLY_KEYS: Final = frozenset({"load-on-startup", "stop-timeout"})
+PRESET_ONLY_KEYS: Final = frozenset({"stop-timeout"})
+STARTUP_KEY: Final = "load-on-startup"
+"""Start the model with the proxy (the model's ``preload``)."""
 _SECTION_RE: Final = re.compile(r"\s*\[(?P<name>[^\]]*)\]")
 _KEY_LINE_RE: Final = re.compile(r"\s*(?P<key>[^=:\s;#][^=:]*?)\s*[=:]")
 
 
 def load_preset_ini(
-    path: Path, *, caps: FlagCaps | None = None, body_caps: BodyCaps | None = None
+    path: Path,
+    *,
+    caps: FlagCaps | None = None,
+    body_caps: BodyCaps | None = None,
+    known: Mapping[str, ModelSpec] | None = None,
 ) -> ModelsConfig:
     """Read a llama.cpp ``--models-preset`` INI file.
+
+    With ``known`` (the models of a ``--models-dir``), a section named like one of them sets
+    that model's flags, and ``[*]`` applies to every one of them, as in llama.cpp's router.
 
     Raises:
         ConfigError: the file cannot be read or parsed, or a key or model is invalid or beyond
@@ -81,22 +93,27 @@ def load_preset_ini(
     lines = _key_lines(text)
     names = FlagNames()
     ignored: list[str] = []
-    base = _section_flags(parser, GLOBAL_SECTION, path, lines, names, ignored)
+    startup: dict[str, bool] = {}
+    base = _section_flags(parser, GLOBAL_SECTION, path, lines, names, ignored, startup)
     models: dict[str, ModelSpec] = {}
     for section in parser.sections():
         if section == GLOBAL_SECTION:
             continue
         where = f"{path}:{lines.get((section, ''), 0)}"
-        own = _section_flags(parser, section, path, lines, names, ignored)
+        own = _section_flags(parser, section, path, lines, names, ignored, startup)
         merged = {**base, **own}  # a model's keys win over [*]
         flags = model_table(list(merged.values()), names)
+        found = (known or {}).get(section)
+        if flags.path is None and flags.model is None and found is not None:
+            _take_files(flags, found)
         if flags.path is None and flags.model is None:
             # As in the router, a section named like a Hugging Face model is that model.
             flags.model = section if _is_hf_ref(section) else None
         if flags.model is None and flags.path is None:
             msg = (
                 f"{where}: [{section}]: no model; add model = FILE.gguf or hf-repo = "
-                "org/repo:QUANT, or name the section org/repo:QUANT"
+                "org/repo:QUANT, name the section org/repo:QUANT, or serve a --models-dir "
+                "holding a model of that name"
             )
             raise ConfigError(msg)
         ignored += [f"[{section}] {flag}" for flag in flags.dropped]
@@ -110,10 +127,31 @@ def load_preset_ini(
                 body_caps=body_caps,
             )
 
+        table = flags.table()
+        if startup.get(section, startup.get(GLOBAL_SECTION, False)):
+            table["preload"] = True
         try:
-            models.update(build(flags.table(), where).models)
+            built = build(table, where).models
         except ConfigError:
             raise _pin_to_key(list(merged.values()), flags, names, build) from None
+        models.update(_as_found(built, found))
+    for model_id, found in (known or {}).items():
+        if model_id in models:
+            continue
+        # A folder's model without a section of its own takes the [*] flags.
+        flags = model_table(list(base.values()), names)
+        _take_files(flags, found)
+        table = flags.table()
+        if startup.get(GLOBAL_SECTION, False):
+            table["preload"] = True
+        built = models_from_mapping(
+            {"models": {model_id: table}},
+            base=path.parent,
+            where=f"{path}: [*] for {found.source or model_id}",
+            caps=caps,
+            body_caps=body_caps,
+        ).models
+        models.update(_as_found(built, found))
     if ignored:
         logger.warning(
             "%s: ignoring what llama-proc sets itself or has no equivalent for: %s",
@@ -125,6 +163,25 @@ def load_preset_ini(
     except ConfigError as err:
         msg = f"{path}: {err}"
         raise ConfigError(msg) from None
+
+
+def _take_files(flags: ModelFlags, found: ModelSpec) -> None:
+    """A folder's model's files (its GGUF, its projector) for a preset entry that names none."""
+    flags.path = str(found.path)
+    if "mmproj" in found.options and "mmproj" not in flags.options:
+        flags.options["mmproj"] = found.options["mmproj"]
+
+
+def _as_found(built: Mapping[str, ModelSpec], found: ModelSpec | None) -> dict[str, ModelSpec]:
+    """Keep a folder model's other names and where it came from."""
+    if found is None:
+        return dict(built)
+    return {
+        key: dataclasses.replace(
+            spec, aliases=(*spec.aliases, *found.aliases), source=f"{spec.source} + {found.source}"
+        )
+        for key, spec in built.items()
+    }
 
 
 def _pin_to_key(
@@ -162,13 +219,24 @@ def _section_flags(
     lines: dict[tuple[str, str], int],
     names: FlagNames,
     ignored: list[str],
+    startup: dict[str, bool],
 ) -> dict[str, FlagGroup]:
-    """Option identity -> its words, for one section (empty for a missing ``[*]``)."""
+    """Option identity -> its words, for one section (empty for a missing ``[*]``).
+
+    ``load-on-startup`` goes to ``startup`` (by section) instead.
+    """
     if not parser.has_section(section):
         return {}
     groups: dict[str, FlagGroup] = {}
     for key, value in parser.items(section):
         where = f"{path}:{lines.get((section, key), 0)}: {key}"
+        if key == STARTUP_KEY:
+            word = value.strip().lower()
+            if word not in TRUE_WORDS | FALSE_WORDS:
+                msg = f"{where}: {value!r} is not true or false"
+                raise ConfigError(msg)
+            startup[section] = word in TRUE_WORDS
+            continue
         if key in PRESET_ONLY_KEYS:
             ignored.append(f"[{section}] {key}")
             continue
