@@ -52,6 +52,7 @@ from llama_proc.proxy.servers import (
     PoolClosedError,
     PoolQueueFullError,
 )
+from llama_proc.proxy.stream_repair import MESSAGES_PATH, MessagesStreamRepair
 from llama_proc.proxy.tenant import tenant_reason
 from llama_proc.proxy.upstream import UpstreamConnectionError, UpstreamConnections
 
@@ -245,8 +246,13 @@ class Forwarder:
                 await response.prepare(request)
                 stall = options.stall_timeout
                 first = 0.0
+                repair = MessagesStreamRepair(spec.id) if request.path == MESSAGES_PATH else None
                 while True:
                     chunk = await upstream.readany()
+                    if repair is not None:
+                        chunk = repair.feed(chunk) if chunk else repair.flush()
+                        if not chunk and not upstream.at_eof:
+                            continue  # the first event is still arriving
                     if not chunk:
                         self.state.complete.add(id(request))
                         break

@@ -196,3 +196,30 @@ def test_every_api_needs_the_key(proxy: ProxyThread) -> None:
             urllib.request.urlopen(request, timeout=30)
         err.value.close()
         assert err.value.code == 401
+
+
+def test_every_messages_stream_starts_with_message_start(proxy: ProxyThread) -> None:
+    """llama-server b11434 drops message_start from some sampled Messages streams (about 1 in
+    20 direct, more with the prompt cache warm); through the proxy every stream has it."""
+    body = {
+        "model": "smol",
+        "max_tokens": 6,
+        "stream": True,
+        "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
+    for attempt in range(24):
+        request = urllib.request.Request(
+            proxy.base_url + "/v1/messages",
+            data=json.dumps({**body, "seed": attempt}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            events = [
+                line.split(b": ", 1)[1].strip()
+                for line in resp.read().splitlines()
+                if line.startswith(b"event: ")
+            ]
+        assert events[0] == b"message_start", (attempt, events[:3])
+        assert events.count(b"message_start") == 1
+        assert events[-1] == b"message_stop"
