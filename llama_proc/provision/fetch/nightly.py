@@ -20,17 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from llama_proc.config import is_build_tag
 from llama_proc.errors import DownloadError, OfflineError, ProvisionError
 from llama_proc.provision.fetch.download import fetch_page
 from llama_proc.provision.fetch.listing import ReleaseAsset, parse_listing
 from llama_proc.provision.fetch.releases import (
-    GITHUB_ACCEPT,
-    GITHUB_API_VERSION,
     api_base,
     check_repo_tag,
+    fetch_api_json,
     fetch_release_assets,
     listing_cache_path,
     write_json_atomically,
@@ -123,19 +122,12 @@ def _resolve_latest(repo: str, settings: FetchView, session: requests.Session | 
         )
         raise OfflineError(msg)
     url = f"{origin}/repos/{repo}/releases/latest"
-    page = fetch_page(
+    data = fetch_api_json(
         url,
         settings,
         session=session,
-        accept=GITHUB_ACCEPT,
-        headers={"X-GitHub-Api-Version": GITHUB_API_VERSION},
         hints={404: f"{repo} has no latest release; pass --build bNNNN"},
     )
-    try:
-        data: Any = json.loads(page.text)
-    except json.JSONDecodeError as err:
-        msg = f"{url} did not return JSON ({err}); is LLAMA_PROC_MIRROR a release mirror?"
-        raise ProvisionError(msg) from err
     tag = data.get("tag_name") if isinstance(data, dict) else None
     if not isinstance(tag, str):
         msg = f"{url} names no tag_name; is LLAMA_PROC_MIRROR a release mirror?"

@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import ManifestError, NoMatchingVariantError, ProvisionError
-from llama_proc.provision.fetch.download import fetch_page, make_session, plain_remote
+from llama_proc.provision.fetch.download import make_session, plain_remote
 from llama_proc.provision.fetch.listing import match_one, parse_listing
 from llama_proc.provision.fetch.nightly import resolve_build
 from llama_proc.provision.fetch.releases import (
-    GITHUB_ACCEPT,
-    GITHUB_API_VERSION,
     api_base,
     check_repo_tag,
+    fetch_api_json,
 )
 from llama_proc.provision.manifest import load_manifest, parse_manifest
 
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 
     from llama_proc.config import Settings
     from llama_proc.provision.manifest import Manifest
-    from llama_proc.provision.views import NetView
 
 __all__ = ["PinnedAsset", "ReleasePins", "pin_manifest_text", "pin_release"]
 
@@ -90,6 +88,12 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)
 
 
+_PIN_HINTS: Final = {
+    404: "check the build tag and LLAMA_PROC_MIRROR",
+    403: "GitHub API rate limit or access denied; set LLAMA_PROC_GITHUB_TOKEN",
+}
+
+
 def pin_release(
     build: str | None,
     settings: Settings,
@@ -134,8 +138,12 @@ def pin_release(
     try:
         # A release tag (vX.Y.Z) or latest names the b build whose assets are pinned.
         build = resolve_build(build, repo, settings, sess)
-        data = _fetch_json(f"{origin}/repos/{repo}/releases/tags/{build}", settings, sess)
-        commit_data = _fetch_json(f"{origin}/repos/{repo}/commits/{build}", settings, sess)
+        data = fetch_api_json(
+            f"{origin}/repos/{repo}/releases/tags/{build}", settings, session=sess, hints=_PIN_HINTS
+        )
+        commit_data = fetch_api_json(
+            f"{origin}/repos/{repo}/commits/{build}", settings, session=sess, hints=_PIN_HINTS
+        )
     finally:
         if own:
             sess.close()
@@ -172,25 +180,6 @@ def pin_release(
             unmatched[variant.id] = str(err)
     pinned = sorted(PinnedAsset(a.name, a.size, a.require_sha256()) for a in assets)
     return ReleasePins(repo, build, commit, origin, tuple(pinned), variants, unmatched)
-
-
-def _fetch_json(url: str, settings: NetView, session: requests.Session) -> Any:
-    page = fetch_page(
-        url,
-        settings,
-        session=session,
-        accept=GITHUB_ACCEPT,
-        headers={"X-GitHub-Api-Version": GITHUB_API_VERSION},
-        hints={
-            404: "check the build tag and LLAMA_PROC_MIRROR",
-            403: "GitHub API rate limit or access denied; set LLAMA_PROC_GITHUB_TOKEN",
-        },
-    )
-    try:
-        return json.loads(page.text)
-    except json.JSONDecodeError as err:
-        msg = f"{url} did not return JSON ({err}); is LLAMA_PROC_MIRROR a release mirror?"
-        raise ProvisionError(msg) from err
 
 
 _HEADER_RE: Final = re.compile(r"^\s*\[")

@@ -41,6 +41,8 @@ from llama_proc.provision.fetch.download import fetch_page, plain_remote
 from llama_proc.provision.fetch.listing import GITHUB_API, ReleaseAsset, parse_listing
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import requests
 
     from llama_proc.provision.manifest import Variant
@@ -51,6 +53,7 @@ __all__ = [
     "GITHUB_API_VERSION",
     "api_base",
     "check_repo_tag",
+    "fetch_api_json",
     "fetch_release_assets",
     "listing_cache_path",
     "require_trusted_mirror",
@@ -187,28 +190,50 @@ def fetch_release_assets(
         403: "GitHub API rate limit or access denied; set LLAMA_PROC_GITHUB_TOKEN",
     }
     try:
-        page = fetch_page(
-            url,
-            settings,
-            session=session,
-            accept=GITHUB_ACCEPT,
-            headers={"X-GitHub-Api-Version": GITHUB_API_VERSION},
-            hints=hints,
-        )
+        data = fetch_api_json(url, settings, session=session, hints=hints)
     except DownloadError as err:
         data, came_from = _read_cached(cached)
         if data is not None and came_from == origin:
             logger.warning("%s; using the cached release listing %s", err, cached)
             return parse_listing(data, repo, tag, settings.mirror)
         raise
-    try:
-        data = json.loads(page.text)
-    except json.JSONDecodeError as err:
-        msg = f"{url} did not return JSON ({err}); is LLAMA_PROC_MIRROR a release mirror?"
-        raise ProvisionError(msg) from err
     assets = parse_listing(data, repo, tag, settings.mirror)  # checked before it is cached
     write_json_atomically(cached, {**data, _ORIGIN_KEY: origin})
     return assets
+
+
+def fetch_api_json(
+    url: str,
+    settings: NetView,
+    *,
+    session: requests.Session | None,
+    hints: Mapping[int, str],
+) -> Any:
+    """One GitHub release-API answer (or a mirror's), parsed.
+
+    Args:
+        url: the API URL.
+        settings: mirror, offline flag, timeout, token.
+        session: the session to reuse (None = a new one).
+        hints: per HTTP status, what the error message tells the user to do.
+
+    Raises:
+        DownloadError: the request failed.
+        ProvisionError: the answer is not JSON.
+    """
+    page = fetch_page(
+        url,
+        settings,
+        session=session,
+        accept=GITHUB_ACCEPT,
+        headers={"X-GitHub-Api-Version": GITHUB_API_VERSION},
+        hints=hints,
+    )
+    try:
+        return json.loads(page.text)
+    except json.JSONDecodeError as err:
+        msg = f"{url} did not return JSON ({err}); is LLAMA_PROC_MIRROR a release mirror?"
+        raise ProvisionError(msg) from err
 
 
 def _read_cached(path: Path) -> tuple[Any, str | None]:
