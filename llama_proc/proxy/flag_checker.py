@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from llama_proc.errors import InvalidArgumentError
 from llama_proc.proxy.flag_caps import CAPPED, FlagCaps
-from llama_proc.proxy.flag_names import FlagNames
+from llama_proc.proxy.flag_names import FlagNames, is_flag
 from llama_proc.runtime.args import allowed_untrusted_flags, validate_extra_args
 from llama_proc.runtime.flags import normalize_flag
 
@@ -208,7 +208,7 @@ class FlagChecker:
         i = 0
         while i < len(args):
             token = args[i]
-            if not _is_flag(token):
+            if not is_flag(token):
                 i += 1
                 continue
             name, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
@@ -255,16 +255,6 @@ def _parse_number(flag: str, value: str, number: Number) -> float:
 # -- normalization ---------------------------------------------------------------------------
 
 
-def _is_flag(token: str) -> bool:
-    if len(token) < 2 or not token.startswith("-"):
-        return False
-    try:
-        float(token)
-    except ValueError:
-        return True
-    return False  # a negative number is a value
-
-
 def normalize_flags(flags: Sequence[str], names: FlagNames | None = None) -> tuple[str, ...]:
     """Canonical form of a checked flag list: one spelling per option, sorted by option.
 
@@ -283,7 +273,7 @@ def normalize_flags(flags: Sequence[str], names: FlagNames | None = None) -> tup
     groups: list[tuple[str, list[str]]] = []
     seen: dict[str, str] = {}
     for token in flags:
-        if _is_flag(token):
+        if is_flag(token):
             name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
             key = names.key(name)
             if key in seen:

@@ -21,7 +21,18 @@ if TYPE_CHECKING:
 
     from llama_proc.runtime.flags import BinaryFlags
 
-__all__ = ["Bounds", "FlagNames", "Number", "show_number"]
+__all__ = ["Bounds", "FlagNames", "Number", "is_flag", "show_number"]
+
+
+def is_flag(token: str) -> bool:
+    """Whether a command-line word names a flag (a negative number is a value)."""
+    if len(token) < 2 or not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
 
 
 def show_number(value: float) -> str:

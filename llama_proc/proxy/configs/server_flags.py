@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from llama_proc.errors import ConfigError
 from llama_proc.proxy.configs.llama_arg_env import LLAMA_ARG_FLAGS
-from llama_proc.proxy.flag_names import FlagNames
+from llama_proc.proxy.flag_names import FlagNames, is_flag
 from llama_proc.runtime.args import ServerArgs
 from llama_proc.runtime.flags import normalize_flag
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-__all__ = ["ENV_PREFIX", "FlagGroup", "ModelFlags", "flag_for_key", "is_flag", "model_table"]
+__all__ = ["ENV_PREFIX", "FlagGroup", "ModelFlags", "flag_for_key", "model_table"]
 
 ENV_PREFIX: Final = "LLAMA_ARG_"
 """llama-server reads each flag from an environment variable of this prefix too."""
@@ -66,17 +66,6 @@ class ModelFlags:
         if self.extra_args:
             table["extra_args"] = list(self.extra_args)
         return table
-
-
-def is_flag(token: str) -> bool:
-    """Whether ``token`` names a flag (a negative number is a value)."""
-    if len(token) < 2 or not token.startswith("-"):
-        return False
-    try:
-        float(token)
-    except ValueError:
-        return True
-    return False
 
 
 @functools.cache
