@@ -21,6 +21,10 @@ from llama_proc.proxy.device_budget import HOST, placement_from_args, split_clai
 from llama_proc.runtime.args import ServerArgs
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from llama_proc.models.gguf_info import MemoryEstimate as ModelMemory
+    from llama_proc.models.gguf_info import ModelInfo
     from llama_proc.proxy.device_budget import DeviceMemory
     from llama_proc.proxy.models_config import ModelSpec
 
@@ -69,15 +73,8 @@ def estimate_server_claims(
     path = spec.path
     if path is None or not gpus:
         return {HOST: host_total}
-    chosen = _estimate_options(spec, flags)
     try:
-        info = cached_model_info(path)
-        ctx = int(chosen.get("ctx_size", 0))
-        parallel = int(chosen.get("parallel", -1))
-        slots = AUTO_PARALLEL if parallel < 1 else parallel
-        kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
-        estimate = max((estimate_memory(info, ctx, slots, kv) for kv in kv_types),
-                       key=lambda e: e.total)  # fmt: skip
+        info, estimate = _header_estimate(spec, path, flags)
     except (ModelFileError, InvalidArgumentError, ValueError):
         return {HOST: host_total}
     placement = placement_from_args(_placement_words(spec, flags))
@@ -85,6 +82,30 @@ def estimate_server_claims(
     on_gpus = sum(size for name, size in claim.items() if name != HOST)
     claim[HOST] = max(0, host_total - on_gpus)
     return claim
+
+
+def _header_estimate(
+    spec: ModelSpec, path: Path, flags: Sequence[str]
+) -> tuple[ModelInfo, ModelMemory]:
+    """The model's header and the server's estimate from it.
+
+    The context size, slots and KV cache type it gets (see :func:`estimate_server_memory`);
+    the larger cache type counts when K and V differ.
+
+    Raises:
+        ModelFileError: the header cannot be read.
+        InvalidArgumentError: an option is out of range.
+        ValueError: an option is not a number.
+    """
+    chosen = _estimate_options(spec, flags)
+    info = cached_model_info(path)
+    ctx = int(chosen.get("ctx_size", 0))
+    parallel = int(chosen.get("parallel", -1))
+    slots = AUTO_PARALLEL if parallel < 1 else parallel
+    kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
+    estimate = max((estimate_memory(info, ctx, slots, kv) for kv in kv_types),
+                   key=lambda e: e.total)  # fmt: skip
+    return info, estimate
 
 
 def _placement_words(spec: ModelSpec, flags: Sequence[str]) -> list[str]:
@@ -117,14 +138,8 @@ def estimate_server_memory(spec: ModelSpec, flags: tuple[str, ...] = ()) -> int:
     path = spec.path
     if path is None:  # a Hugging Face reference not fetched yet: size unknown
         return 0
-    chosen = _estimate_options(spec, flags)
     try:
-        info = cached_model_info(path)
-        ctx = int(chosen.get("ctx_size", 0))
-        parallel = int(chosen.get("parallel", -1))
-        slots = AUTO_PARALLEL if parallel < 1 else parallel
-        kv_types = {str(chosen.get(k, "f16")) for k in ("cache_type_k", "cache_type_v")}
-        return max(estimate_memory(info, ctx, slots, kv).total for kv in kv_types)
+        return _header_estimate(spec, path, flags)[1].total
     except (ModelFileError, InvalidArgumentError, ValueError) as err:
         logger.debug("memory estimate of %s from its file size: %s", spec.id, err)
     try:
