@@ -6,7 +6,7 @@ import platform as pyplatform
 import shutil
 import sys
 import sysconfig
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import llama_proc.provision.host.platform as host_platform
 import llama_proc.provision.host.selection as host_selection
@@ -106,13 +106,6 @@ def _cache_lines(settings: Settings) -> list[str]:
     lines.append(f"  lock files: {len(left.locks)}")
     lines.extend("  " + line for line in kind_lines(settings.cache_dir)[1:])
     return lines
-
-
-def _children(folder: Any) -> list[Any]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError:
-        return []
 
 
 def _cpu_off_line(host: HostInfo, manifest: Manifest, settings: Settings) -> str:

@@ -98,20 +98,15 @@ class Cache:
     def leftovers(self) -> Leftovers:
         """What interrupted installs and downloads left behind."""
         in_builds = [
-            p for build in _children(self.cache_dir / layout.SERVERS_DIR) for p in _children(build)
+            p
+            for build in layout.list_dir(self.cache_dir / layout.SERVERS_DIR)
+            for p in layout.list_dir(build)
         ]
         return Leftovers(
             staging=tuple(p for p in in_builds if STAGING_MARK in p.name or OLD_MARK in p.name),
             parts=tuple(
-                p for p in _children(self.cache_dir / layout.DOWNLOADS_DIR)
+                p for p in layout.list_dir(self.cache_dir / layout.DOWNLOADS_DIR)
                 if p.name.endswith(PART_SUFFIX)
             ),
             locks=tuple(p for p in in_builds if p.name.endswith(LOCK_SUFFIX)),
         )  # fmt: skip
-
-
-def _children(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError:
-        return []
